@@ -1,0 +1,1 @@
+"""Training and evaluation of overlock models (`overlock train`, `overlock eval`)."""
