@@ -1,0 +1,32 @@
+"""builder: compiles a validated spec into a `torch.nn.Module`.
+
+`build()` is the one way from anything `archspec.load` accepts to a model; `load_official()` reads
+the published checkpoints' layout; `count_flops()` measures cost with fvcore.
+"""
+
+from __future__ import annotations
+
+from ..archspec import Spec, SpecSource, load
+from ..errors import SpecError
+from .network import OverLoCK
+from .official import convert_official, load_official, official_to_overlock
+
+__all__ = ["OverLoCK", "build", "convert_official", "load_official", "official_to_overlock"]
+
+
+def build(
+    spec: SpecSource, deploy: bool = False, *, features_only: bool = False, overrides: list[str] | None = None
+) -> OverLoCK:
+    """Build the model a spec describes.
+
+    `deploy=True` builds the re-parameterised form (every DilatedRepConv as one conv with bias),
+    the layout of the published `_deploy` checkpoints. `features_only=True` drops the heads and
+    returns the four pyramid levels for detection/segmentation.
+    """
+    resolved: Spec = load(spec, overrides)
+    if resolved.head.num_classes is None and not features_only:
+        raise SpecError(
+            "head.num_classes is open (null): set it in the spec or with --set head.num_classes=N "
+            "(`overlock train` takes it from the data)"
+        )
+    return OverLoCK(resolved, deploy=deploy, features_only=features_only)
