@@ -16,3 +16,25 @@ class SpecError(OverlockError, ValueError):
 
 class CheckpointError(OverlockError, ValueError):
     """A state dict or checkpoint that does not match the model it is loaded into."""
+
+
+def exit_on_user_error(func):
+    """Decorate a CLI command: an OverlockError becomes a one-screen message and exit status 2.
+
+    Used on every command (ours and `overlock train`), so that `main()` and typer's test runner
+    behave alike: no traceback for a user's mistake, a traceback for a bug.
+    """
+    import functools
+
+    import typer
+    from rich.console import Console
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except OverlockError as exc:
+            Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {exc}", markup=True)
+            raise typer.Exit(2) from None
+
+    return wrapper

@@ -1,0 +1,110 @@
+"""Run checkpoints: atomic writes, `weights_only` loads, and the random state a resume needs.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads with
+`torch.load(weights_only=True)` (no pickled code runs when a file from elsewhere is opened).
+Writes go to a temporary file in the same directory and are moved over the old file with
+`os.replace`, which is atomic on POSIX and Windows: a save killed half-way leaves the previous
+checkpoint untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError
+
+#: Marks our run checkpoints (as opposed to a bare state dict); bump when the layout changes.
+FORMAT = "overlock-run"
+FORMAT_VERSION = 1
+
+
+def save_atomic(state: dict[str, Any], path: Path) -> None:
+    """Write `state` to `path` so that readers see either the old file or the complete new one."""
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def load(path: Path | str) -> Any:
+    """`torch.load(weights_only=True)` on CPU, with unreadable files reported as CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated zip, foreign pickle with code, not a torch file at all
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"cannot load checkpoint {path}: {reason}") from None
+
+
+def is_run_checkpoint(state: Any) -> bool:
+    return isinstance(state, dict) and state.get("format") == FORMAT
+
+
+def model_state(state: Any, use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """The model weights in a run checkpoint or a plain state dict (also {'state_dict': ...} wrappers)."""
+    if is_run_checkpoint(state):
+        if use_ema:
+            if state.get("ema") is None:
+                raise CheckpointError("--ema: this run was trained without --ema, so its checkpoint holds no EMA weights")
+            return state["ema"]["module"]
+        return state["model"]
+    if use_ema:
+        raise CheckpointError("--ema needs a checkpoint written by `overlock train --ema`; this file is a plain state dict")
+    if isinstance(state, dict):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+        if state and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+            return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    raise CheckpointError("the file holds neither an overlock run checkpoint nor a state dict (name -> tensor)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Random state: everything that draws random numbers in the training process
+
+
+def capture_rng() -> dict[str, Any]:
+    """The state of torch (CPU and CUDA), numpy and Python's `random`, as weights_only-safe values."""
+    np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "key": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": {"version": py_version, "internal": list(py_internal), "gauss": py_gauss},
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Inverse of `capture_rng`."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np_state = state["numpy"]
+    np.random.set_state(
+        ("MT19937", np_state["key"].numpy().astype(np.uint32), np_state["pos"], np_state["has_gauss"], np_state["cached_gaussian"])
+    )
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["internal"]), python["gauss"]))

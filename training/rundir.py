@@ -1,0 +1,102 @@
+"""The run directory: what a training run leaves behind, and the rules for reusing one.
+
+    RUN/spec.yaml      resolved spec (stands alone: presets, `extends` and --set applied)
+    RUN/config.json    the training options
+    RUN/metrics.jsonl  one JSON object per logged step ("kind": "step") and per epoch ("kind": "epoch")
+    RUN/last.pt        checkpoint after the latest epoch (or interruption): what --resume reads
+    RUN/best.pt        checkpoint with the best validation top-1 so far
+    RUN/curves.png     loss and accuracy curves
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import RunDirError
+
+RUN_FILES = ("spec.yaml", "config.json", "metrics.jsonl", "last.pt", "best.pt", "curves.png")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` in one step (readers never see a partial file)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunDir:
+    """Paths and files of one run."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    spec = property(lambda self: self.root / "spec.yaml")
+    config = property(lambda self: self.root / "config.json")
+    metrics = property(lambda self: self.root / "metrics.jsonl")
+    last = property(lambda self: self.root / "last.pt")
+    best = property(lambda self: self.root / "best.pt")
+    plot = property(lambda self: self.root / "curves.png")
+
+    def existing_run_files(self) -> list[str]:
+        return [name for name in RUN_FILES if (self.root / name).exists()]
+
+    def check_new(self, overwrite: bool) -> None:
+        """Refuse to start a new run on top of an old one unless told to (checked before writing)."""
+        if self.root.exists() and not self.root.is_dir():
+            raise RunDirError(f"--out {self.root} is a file; give a directory")
+        found = self.existing_run_files()
+        if found and not overwrite:
+            raise RunDirError(
+                f"{self.root} already holds a run ({', '.join(found)}).\n"
+                f"Continue it with --resume {self.root}, replace it with --overwrite, or choose another --out."
+            )
+
+    def create(self, overwrite: bool) -> None:
+        """Make the directory; with `overwrite`, remove the previous run's files (and only those)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            for name in RUN_FILES:
+                (self.root / name).unlink(missing_ok=True)
+
+    def write_header(self, spec_yaml: str, config: dict[str, Any]) -> None:
+        write_text_atomic(self.spec, spec_yaml)
+        write_text_atomic(self.config, json.dumps(config, indent=2) + "\n")
+
+
+class MetricsLog:
+    """Append-only JSON lines, one record per logged step or epoch."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def append(self, record: dict[str, Any]) -> None:
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        records = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a kill: drop it
+                continue
+        return records
+
+    def truncate_after(self, step: int) -> None:
+        """Forget records beyond `step` (logged after the checkpoint a resume starts from).
+
+        Without this, steps between the last checkpoint and a crash would appear twice.
+        """
+        kept = [r for r in self.read() if r.get("step", 0) <= step and r.get("kind") != "stopped"]
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))

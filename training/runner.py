@@ -1,0 +1,224 @@
+"""The Python API behind `overlock train` and `overlock eval`: validate, build, run, summarise.
+
+Both functions take the options a user gave (a dict of field -> value, see `config.py`) so the
+CLI stays a thin typer layer and tests can call the same code with plain dicts.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from torch import nn
+
+from .. import archspec
+from ..errors import CheckpointError, OverlockError
+from . import checkpoint, distributed
+from .config import EvalConfig, TrainConfig, validated
+from .data import EvalView, default_workers, load_data
+from .distributed import Dist
+from .errors import ConfigError, RunDirError
+from .evaluate import EvalResult, evaluate
+from .loop import Outcome, Trainer, seed_everything, use_deterministic_algorithms
+from .progress import Reporter, summary_table
+from .rundir import MetricsLog, RunDir
+from .sampler import ShardSampler
+from .setup import Plan, fit_spec_to_data, plan_training, resume_config
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) `train` call leaves for its caller."""
+
+    run_dir: Path | None
+    outcome: Outcome
+    model: nn.Module
+    best_top1: float
+    best_epoch: int
+    step: int
+    total_steps: int
+
+
+def build_model(spec: archspec.Spec) -> nn.Module:
+    """The builder's module for a spec (imported late: the training code only needs its contract)."""
+    from ..builder import build
+
+    return build(spec)
+
+
+def default_out(spec: archspec.Spec, source: str) -> Path:
+    name = spec.name or Path(source).stem
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def train(
+    options: dict[str, Any],
+    *,
+    out: Path | None = None,
+    resume: Path | None = None,
+    overwrite: bool = False,
+    console: Console | None = None,
+) -> TrainResult:
+    """Run `overlock train` with the given options (None values mean "not given").
+
+    Validation (options, spec, data, output directory) happens on every process before any file
+    is written; if any process fails it, all stop with an error.
+    """
+    console = console or Console()
+    given = {key: value for key, value in options.items() if value is not None}
+    state = None
+    if resume is not None:
+        if out is not None or overwrite:
+            raise ConfigError("--resume continues a run in its own directory; drop --out and --overwrite")
+        run = RunDir(resume)
+        if not run.last.is_file():
+            raise RunDirError(f"nothing to resume in {resume}: no last.pt there (a run writes it after each epoch)")
+        state = checkpoint.load(run.last)
+        config, stored_spec = resume_config(state, given, str(run.last))
+    else:
+        if "spec" not in given:
+            raise ConfigError("missing SPEC: give a preset name (pico, xt, t, s, b) or a spec YAML file, or --resume RUN_DIR")
+        config, stored_spec = validated(TrainConfig, given), None
+    if config.deterministic:
+        use_deterministic_algorithms()
+    dist = distributed.setup(config.device)
+    try:
+        return _train(config, stored_spec, state, dist, out, resume, overwrite, console)
+    finally:
+        dist.close()
+
+
+def _train(config: TrainConfig, spec: archspec.Spec | None, state: dict | None, dist: Dist, out: Path | None, resume: Path | None, overwrite: bool, console: Console) -> TrainResult:
+    error: OverlockError | None = None
+    try:
+        plan = plan_training(config, dist, spec)
+        if state is not None and state["world_size"] != dist.world_size:
+            raise ConfigError(
+                f"the run was trained with {state['world_size']} process(es) and is resumed with {dist.world_size}; "
+                "resume with the same number (the data order and global batch depend on it)"
+            )
+        run = RunDir(resume) if resume is not None else RunDir(out or default_out(plan.spec, config.spec))
+        if resume is None and dist.is_main:
+            run.check_new(overwrite)
+        torch.manual_seed(config.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+        model = build_model(plan.spec)
+    except OverlockError as caught:
+        error = caught
+    if not dist.all_agree(error is None):
+        raise error or OverlockError("another training process failed its checks; see the first process's message")
+
+    reporter = Reporter(console, enabled=dist.is_main)
+    trainer = Trainer(plan, model, dist, run, reporter)
+    if state is not None:
+        trainer.load_state_dict(state)
+        if dist.is_main:
+            MetricsLog(run.metrics).truncate_after(trainer.step)
+            reporter.line(f"resuming {run.root} at step {trainer.step}/{plan.total_steps} (epoch {trainer.epoch + 1})")
+    else:
+        if dist.is_main:
+            run.create(overwrite)
+            run.write_header(plan.spec.to_yaml(), config.model_dump(mode="json"))
+        seed_everything(config.seed + dist.rank)
+    if dist.is_main:
+        _announce(plan, trainer, dist, run, reporter, model)
+        trainer.log({"kind": "start", "step": trainer.step, "world_size": dist.world_size, "global_batch": config.batch_size * dist.world_size})
+    outcome = trainer.run_loop()
+    if dist.is_main:
+        console.print(_summary(plan, trainer, outcome, run, dist, model))
+    return TrainResult(run.root if dist.is_main else None, outcome, trainer.model, trainer.best_top1, trainer.best_epoch, trainer.step, plan.total_steps)
+
+
+def _announce(plan: Plan, trainer: Trainer, dist: Dist, run: RunDir, reporter: Reporter, model: nn.Module) -> None:
+    config, data = plan.config, plan.data
+    where = f"{dist.world_size} processes ({dist.device.type})" if dist.distributed else str(dist.device)
+    reporter.line(
+        f"[bold]{plan.spec.name or config.spec}[/] ({_params(model) / 1e6:.2f}M params) on {data.name}: "
+        f"{len(data.train)} train / {len(data.val)} val images, {data.num_classes} classes, {data.img_size}px, "
+        f"{plan.epochs} epochs x {plan.steps_per_epoch} steps, batch {config.batch_size * dist.world_size}, {where} -> {run.root}"
+    )
+
+
+def _summary(plan: Plan, trainer: Trainer, outcome: Outcome, run: RunDir, dist: Dist, model: nn.Module) -> Any:
+    rows = [
+        ("run", str(run.root)),
+        ("status", "finished" if outcome.finished else "; ".join(outcome.notes) or "stopped"),
+        ("steps", f"{trainer.step}/{plan.total_steps} ({outcome.steps_this_run} in this run)"),
+        ("epochs", f"{trainer.epoch}/{plan.epochs}"),
+        ("parameters", f"{_params(model):,}"),
+    ]
+    if outcome.last_eval is not None:
+        ev = outcome.last_eval
+        rows += [("val top-1", f"{100 * ev.top1:.2f}%"), ("val top-5", f"{100 * ev.top5:.2f}%"), ("val loss", f"{ev.loss:.4f}")]
+    if outcome.last_ema_eval is not None:
+        rows.append(("EMA val top-1", f"{100 * outcome.last_ema_eval.top1:.2f}%"))
+    if trainer.best_epoch:
+        rows.append(("best val top-1", f"{100 * trainer.best_top1:.2f}% (epoch {trainer.best_epoch}) -> {run.best}"))
+    rows += [
+        ("time", f"{outcome.seconds:.1f} s"),
+        ("throughput", f"{outcome.images / max(outcome.seconds, 1e-9):,.0f} images/s (incl. evaluation)"),
+        ("processes", f"{dist.world_size} on {dist.device.type}"),
+    ]
+    return summary_table("overlock train", rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# eval
+
+
+def _load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load with a readable list of what does not fit."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    shapes = [f"{k}: file {tuple(weights[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items() if k in weights and weights[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        lines = [f"the weights in {source} do not fit this spec:"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+            if items:
+                more = f" ... and {len(items) - 5} more" if len(items) > 5 else ""
+                lines.append(f"  {title} ({len(items)}): {', '.join(items[:5])}{more}")
+        lines.append("check that SPEC (and --set) are the ones the weights were trained with")
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(weights)
+
+
+def evaluate_weights(options: dict[str, Any], console: Console | None = None) -> EvalResult:
+    """Run `overlock eval`: top-1, top-5 and loss of a checkpoint on a source's validation split."""
+    console = console or Console()
+    config: EvalConfig = validated(EvalConfig, {k: v for k, v in options.items() if v is not None})
+    state = checkpoint.load(config.weights)
+    run_ckpt = checkpoint.is_run_checkpoint(state)
+    weights = checkpoint.model_state(state, use_ema=config.ema)
+    img_size = config.img_size or (state["img_size"] if run_ckpt else None)
+    channels = config.channels or (state["channels"] if run_ckpt else 3)
+    data = load_data(config.data, img_size, channels)
+    spec = fit_spec_to_data(archspec.load(config.spec, list(config.overrides)), data, config.spec)
+    model = build_model(spec)
+    _load_weights(model, weights, config.weights)
+    dist = Dist(device=distributed.pick_device(config.device))
+    model.to(dist.device).eval()
+    workers = config.workers if config.workers is not None else default_workers(data)
+    loader = torch.utils.data.DataLoader(
+        EvalView(data.val, data.eval_transform), batch_size=config.batch_size, sampler=ShardSampler(len(data.val)), num_workers=workers
+    )
+    started = time.perf_counter()
+    result = evaluate(model, loader, dist, amp=config.amp)
+    seconds = time.perf_counter() - started
+    rows = [
+        ("weights", config.weights + (" (EMA)" if config.ema else "")),
+        ("data", f"{data.name} validation split, {result.images} images, {data.img_size}px"),
+        ("top-1", f"{100 * result.top1:.2f}%"),
+        ("top-5", f"{100 * result.top5:.2f}%"),
+        ("loss", f"{result.loss:.4f}"),
+        ("time", f"{seconds:.1f} s ({result.images / max(seconds, 1e-9):,.0f} images/s)"),
+    ]
+    console.print(summary_table("overlock eval", rows))
+    return result
