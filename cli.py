@@ -170,7 +170,7 @@ def schema(
 
 def spec_json_schema() -> dict:
     document = archspec.Spec.model_json_schema()
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "overlock spec", **document}
+    return {**document, "$schema": "https://json-schema.org/draft/2020-12/schema", "title": "overlock spec"}
 
 
 @app.command()

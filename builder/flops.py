@@ -8,6 +8,7 @@ not counted (fvcore counts no element-wise ops either).
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from math import prod
@@ -55,7 +56,9 @@ def count_flops(model: OverLoCK, input_size: tuple[int, int] = (224, 224), batch
     analysis.uncalled_modules_warnings(False)
     analysis.tracer_warnings("none")
     try:
-        total = int(analysis.total())
+        with warnings.catch_warnings():  # fvcore traces with torch.jit, which now warns on every use
+            warnings.simplefilter("ignore", DeprecationWarning)
+            total = int(analysis.total())
         report = FlopReport(total, dict(analysis.by_module()), dict(analysis.by_operator()), input_size)
     finally:
         model.train(was_training)
