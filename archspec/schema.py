@@ -176,19 +176,19 @@ class Spec(StrictModel):
         None, description="Preset name or path (relative to this file) to start from; this file overrides it."
     )
     in_channels: PosInt = Field(3, description="Channels of the input image.")
-    stem: Stem = Field(default_factory=Stem)
-    base: BaseNet
+    stem: Stem = Field(default_factory=Stem, description="The /4 stem (see `stem`).")
+    base: BaseNet = Field(description="Base-Net: `stages`, a list of at least one stage (see `base.stages[i]`).")
     overview: BlockStage = Field(description="Overview-Net: one /2 downsample then blocks; gives the context.")
-    focus: FocusNet
-    context: Context = Field(default_factory=Context)
-    head: Head = Field(default_factory=Head)
+    focus: FocusNet = Field(description="Focus-Net: `stages`, a list of at least one stage (see `focus.stages[i]`).")
+    context: Context = Field(default_factory=Context, description="Context prior flow (see `context`).")
+    head: Head = Field(default_factory=Head, description="Classifier heads (see `head`).")
     drop_path_rate: float = Field(
         0.0, ge=0, lt=1, description="Stochastic depth, linear over all blocks (Base, Overview, Focus in order)."
     )
     residual_scaling: bool = Field(
         True, description="Blocks compute LS(x) + f(x) (reference) instead of x + LS(f(x))."
     )
-    norm: Norm = Field(default_factory=Norm)
+    norm: Norm = Field(default_factory=Norm, description="Normalisation choices (see `norm`).")
 
     @model_validator(mode="after")
     def _rules(self) -> Spec:

@@ -199,3 +199,17 @@ def test_bad_override_paths():
 
 def test_unknown_source():
     assert "neither a spec file nor a preset" in error_of("no-such-spec")
+
+
+def test_readme_field_tables_are_generated_from_the_models():
+    from overlock.archspec.docs import fields_markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- spec-fields:start -->\n")[1].split("<!-- spec-fields:end -->")[0]
+    assert block == fields_markdown(), "regenerate with: python -m overlock.archspec.docs"
+
+
+def test_the_worked_example_variant_is_valid():
+    example = Path(__file__).resolve().parents[1] / "examples" / "xt-wide-focus.yaml"
+    spec = archspec.load(example)
+    assert spec.focus.stages[0].groups == 8 and spec.context_width == 112 and spec.base.stages[0].width == 56
