@@ -11,10 +11,10 @@ from torch import nn
 from .. import kernels
 from ..archspec import BlockStage, FocusStage
 from .layers import (
+    GRN,
     ConvMLP,
     DilatedRepConv,
     DropPath,
-    GRN,
     LayerScale,
     ResDWConv,
     SqueezeExcite,
