@@ -1,8 +1,8 @@
 """ContMix operators: the neighbourhood aggregation NA and the fused softmax + NA.
 
 Layering (see STYLE.md): these functions check shapes and arguments and give clear errors ->
-`ops` (torch.library custom ops with autograd and fake implementations) -> a backend
-(`reference`, and the fast ones) -> kernels.
+`ops` (torch.library custom ops with autograd and fake implementations, and the backend
+dispatch) -> a backend (`reference`, `cpu`, `triton_kernels`; `unfold` as a baseline) -> kernels.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from .ops import BACKENDS
 
 __all__ = ["BACKENDS", "aggregate", "contmix", "reference"]
 
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
 
 def _check_backend(backend: str) -> None:
     if backend != "auto" and backend not in BACKENDS:
@@ -21,8 +23,18 @@ def _check_backend(backend: str) -> None:
         raise ValueError(f"backend={backend!r} is not known; valid: {valid}")
 
 
-def _resolve(backend: str, tensor: torch.Tensor) -> str:
-    return "reference" if backend == "auto" else backend
+def _check_kernel_size(kernel_size: int) -> None:
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be an odd positive int, got {kernel_size!r}")
+
+
+def _check_tensor(name: str, tensor: torch.Tensor, device: torch.device) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {tensor.dtype}")
+    if tensor.device != device:
+        raise ValueError(f"{name} is on {tensor.device} but value is on {device}: all tensors must share a device")
 
 
 def _check_map(name: str, tensor: torch.Tensor, kernel_size: int, last: int | None) -> None:
@@ -33,33 +45,55 @@ def _check_map(name: str, tensor: torch.Tensor, kernel_size: int, last: int | No
         raise ValueError(f"{name}: H and W must be >= kernel_size={kernel_size}, got H={height}, W={width}")
     if last is not None and tensor.shape[-1] != last:
         raise ValueError(f"{name}: last dimension must be kernel_size**2={last}, got {tensor.shape[-1]}")
-
-
-def _check_kernel_size(kernel_size: int) -> None:
-    if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be an odd positive int, got {kernel_size!r}")
+    if tensor.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(tensor.shape)})")
 
 
 def aggregate(probs: torch.Tensor, value: torch.Tensor, kernel_size: int, *, backend: str = "auto") -> torch.Tensor:
-    """Neighbourhood aggregation: probs (B, h, H, W, K*K), value (B, h, H, W, c) -> (B, h, H, W, c)."""
+    """Neighbourhood aggregation NA(probs, value, K) over clamped K x K windows.
+
+    probs (B, heads, H, W, K*K), value (B, heads, H, W, c) -> (B, heads, H, W, c) in value's dtype.
+    Differentiable in probs and value. Use `contmix` when the probabilities come from a softmax:
+    it never materialises them.
+    """
     _check_backend(backend)
     _check_kernel_size(kernel_size)
+    _check_tensor("value", value, value.device if isinstance(value, torch.Tensor) else None)
+    _check_tensor("probs", probs, value.device)
     _check_map("probs", probs, kernel_size, kernel_size * kernel_size)
     _check_map("value", value, kernel_size, None)
     if probs.shape[:4] != value.shape[:4]:
-        raise ValueError(f"probs and value disagree on (B, heads, H, W): {tuple(probs.shape[:4])} vs {tuple(value.shape[:4])}")
-    return ops.aggregate_op(probs, value, kernel_size, _resolve(backend, value))
+        raise ValueError(
+            f"probs and value disagree on (B, heads, H, W): {tuple(probs.shape[:4])} vs {tuple(value.shape[:4])}"
+        )
+    return ops.aggregate(probs, value, kernel_size, backend)
 
 
-def contmix(logits: torch.Tensor, rpb: torch.Tensor, value: torch.Tensor, kernel_size: int, *, backend: str = "auto") -> torch.Tensor:
-    """NA(softmax(logits + rpb at the clamped windows), value), without keeping the probability map."""
+def contmix(
+    logits: torch.Tensor, rpb: torch.Tensor, value: torch.Tensor, kernel_size: int, *, backend: str = "auto"
+) -> torch.Tensor:
+    """ContMix's mixing step: NA(softmax(logits + rpb at the clamped windows), value, K).
+
+    logits (B, heads, H, W, K*K), rpb (heads, 2K-1, 2K-1), value (B, heads, H, W, c) ->
+    (B, heads, H, W, c) in value's dtype; accumulates in float32 for half inputs. Differentiable
+    in all three tensors; the fast backends recompute the softmax in the backward instead of
+    keeping the (B, heads, H, W, K*K) probability map. `backend`: "auto" (Triton on CUDA, the CPU
+    path otherwise), "triton", "cpu", "reference", or the "unfold" baseline.
+    """
     _check_backend(backend)
     _check_kernel_size(kernel_size)
+    _check_tensor("value", value, value.device if isinstance(value, torch.Tensor) else None)
+    _check_tensor("logits", logits, value.device)
+    _check_tensor("rpb", rpb, value.device)
     _check_map("logits", logits, kernel_size, kernel_size * kernel_size)
     _check_map("value", value, kernel_size, None)
     if logits.shape[:4] != value.shape[:4]:
-        raise ValueError(f"logits and value disagree on (B, heads, H, W): {tuple(logits.shape[:4])} vs {tuple(value.shape[:4])}")
+        raise ValueError(
+            f"logits and value disagree on (B, heads, H, W): {tuple(logits.shape[:4])} vs {tuple(value.shape[:4])}"
+        )
     span = 2 * kernel_size - 1
     if rpb.dim() != 3 or tuple(rpb.shape) != (logits.shape[1], span, span):
-        raise ValueError(f"rpb must have shape (heads, 2K-1, 2K-1)=({logits.shape[1]}, {span}, {span}), got {tuple(rpb.shape)}")
-    return ops.contmix_op(logits, rpb, value, kernel_size, _resolve(backend, value))
+        raise ValueError(
+            f"rpb must have shape (heads, 2K-1, 2K-1)=({logits.shape[1]}, {span}, {span}), got {tuple(rpb.shape)}"
+        )
+    return ops.contmix(logits, rpb, value, kernel_size, backend)

@@ -1,36 +1,116 @@
-"""ContMix as `torch.library` custom ops: one opaque node for torch.compile and fvcore.
+"""ContMix as `torch.library` custom ops, and the one place where a backend name becomes code.
 
 Registering the operators (rather than calling backend code directly) buys three things: the
 tracer sees a single `overlock::contmix` node, so `torch.compile(fullgraph=True)` never breaks
 the graph on Triton or on our CPU loops; fvcore's jit counter can give that node a FLOP handle;
-and autograd saves only the inputs (the backward recomputes the softmax).
+and autograd saves only the inputs (the backward recomputes the softmax). The backward passes are
+custom ops too (`overlock::contmix_backward`, `overlock::aggregate_backward`), so that
+AOTAutograd traces them as opaque nodes instead of tracing into backend code.
+
+Backends (`BACKENDS`): every one implements the same four functions, `contmix_forward`,
+`contmix_backward`, `aggregate_forward`, `aggregate_backward`:
+- "reference": `reference.py`, the obviously-correct gather of every window (tests compare to it);
+- "cpu": `cpu.py`, tiled dense products (pure PyTorch, so it also runs on other devices);
+- "triton": `triton_kernels.py`, fused kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1;
+- "unfold": `unfold.py`, the authors' fallback, a benchmark baseline. It bypasses the custom op
+  and runs under plain autograd, exactly like the code it stands in for.
+"auto" is Triton for CUDA tensors and the CPU path for everything else.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+import os
+from types import ModuleType
+
 import torch
 
-from . import reference
+from . import cpu, reference, unfold
 
-BACKENDS = ("reference",)
+BACKENDS = ("reference", "cpu", "triton", "unfold")
 
-
-def _run_contmix(logits, rpb, value, kernel_size, backend):
-    return reference.contmix(logits, rpb, value, kernel_size)
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _run_aggregate(probs, value, kernel_size, backend):
-    return reference.aggregate(probs, value, kernel_size).to(value.dtype)
+def _triton() -> ModuleType:
+    """Import the Triton kernels on first use: Triton reads TRITON_INTERPRET when a kernel is defined."""
+    try:
+        return importlib.import_module(f"{__package__}.triton_kernels")
+    except ImportError as exc:  # triton missing or broken
+        raise ValueError(f"backend='triton' needs the triton package, which failed to import: {exc}") from exc
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    """True when the Triton kernels can be imported (whether or not a GPU is present)."""
+    try:
+        _triton()
+    except ValueError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, tensors: tuple[torch.Tensor, ...]) -> str:
+    """Turn "auto" into a concrete backend and check that it can run on these tensors.
+
+    Raises ValueError naming `backend` when the choice cannot work (Triton on CPU tensors without
+    the interpreter, Triton with float64).
+    """
+    device = tensors[0].device
+    if backend == "auto":
+        if device.type == "cuda" and triton_available():
+            return "triton"
+        return "cpu"
+    if backend == "triton":
+        module = _triton()
+        if device.type != "cuda" and not (device.type == "cpu" and module.INTERPRETED):
+            hint = ""
+            if device.type == "cpu":
+                state = "set" if os.environ.get("TRITON_INTERPRET") else "not set"
+                hint = (
+                    f"; to run the kernels on CPU through Triton's interpreter, set TRITON_INTERPRET=1 before "
+                    f"the first Triton call (it is {state} now, and the kernels were defined without it)"
+                )
+            raise ValueError(f"backend='triton' needs CUDA tensors, got tensors on {device}{hint}")
+        bad = [t.dtype for t in tensors if t.dtype not in _TRITON_DTYPES]
+        if bad:
+            raise ValueError(f"backend='triton' supports float16, bfloat16 and float32, got {bad[0]}")
+    return backend
+
+
+def _implementation(backend: str) -> ModuleType:
+    if backend == "triton":
+        return _triton()
+    return {"reference": reference, "cpu": cpu}[backend]
+
+
+# --- the fused op -------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("overlock::contmix", mutates_args=())
-def contmix_op(logits: torch.Tensor, rpb: torch.Tensor, value: torch.Tensor, kernel_size: int, backend: str) -> torch.Tensor:
-    return _run_contmix(logits, rpb, value, kernel_size, backend)
+def contmix_op(
+    logits: torch.Tensor, rpb: torch.Tensor, value: torch.Tensor, kernel_size: int, backend: str
+) -> torch.Tensor:
+    return _implementation(backend).contmix_forward(logits, rpb, value, kernel_size)
 
 
 @contmix_op.register_fake
 def _(logits, rpb, value, kernel_size, backend):
     return value.new_empty(value.shape)
+
+
+@torch.library.custom_op("overlock::contmix_backward", mutates_args=())
+def contmix_backward_op(
+    grad: torch.Tensor, logits: torch.Tensor, rpb: torch.Tensor, value: torch.Tensor, kernel_size: int, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dlogits, drpb, dvalue = _implementation(backend).contmix_backward(grad, logits, rpb, value, kernel_size)
+    return dlogits, drpb, dvalue
+
+
+@contmix_backward_op.register_fake
+def _(grad, logits, rpb, value, kernel_size, backend):
+    return logits.new_empty(logits.shape), rpb.new_empty(rpb.shape), value.new_empty(value.shape)
 
 
 def _contmix_setup(ctx, inputs, output):
@@ -42,19 +122,19 @@ def _contmix_setup(ctx, inputs, output):
 
 def _contmix_backward(ctx, grad_out):
     logits, rpb, value = ctx.saved_tensors
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() for t in (logits, rpb, value)]
-        out = reference.contmix(*leaves, ctx.kernel_size)
-        grads = torch.autograd.grad(out, leaves, grad_out)
-    return grads[0], grads[1], grads[2], None, None
+    dlogits, drpb, dvalue = contmix_backward_op(grad_out, logits, rpb, value, ctx.kernel_size, ctx.backend)
+    return dlogits, drpb, dvalue, None, None
 
 
 contmix_op.register_autograd(_contmix_backward, setup_context=_contmix_setup)
 
 
+# --- the aggregation alone ----------------------------------------------------------------------
+
+
 @torch.library.custom_op("overlock::aggregate", mutates_args=())
 def aggregate_op(probs: torch.Tensor, value: torch.Tensor, kernel_size: int, backend: str) -> torch.Tensor:
-    return _run_aggregate(probs, value, kernel_size, backend)
+    return _implementation(backend).aggregate_forward(probs, value, kernel_size)
 
 
 @aggregate_op.register_fake
@@ -62,19 +142,51 @@ def _(probs, value, kernel_size, backend):
     return value.new_empty(value.shape)
 
 
+@torch.library.custom_op("overlock::aggregate_backward", mutates_args=())
+def aggregate_backward_op(
+    grad: torch.Tensor, probs: torch.Tensor, value: torch.Tensor, kernel_size: int, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    dprobs, dvalue = _implementation(backend).aggregate_backward(grad, probs, value, kernel_size)
+    return dprobs, dvalue
+
+
+@aggregate_backward_op.register_fake
+def _(grad, probs, value, kernel_size, backend):
+    return probs.new_empty(probs.shape), value.new_empty(value.shape)
+
+
 def _aggregate_setup(ctx, inputs, output):
     probs, value, kernel_size, backend = inputs
     ctx.save_for_backward(probs, value)
     ctx.kernel_size = kernel_size
+    ctx.backend = backend
 
 
 def _aggregate_backward(ctx, grad_out):
     probs, value = ctx.saved_tensors
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() for t in (probs, value)]
-        out = reference.aggregate(*leaves, ctx.kernel_size)
-        grads = torch.autograd.grad(out, leaves, grad_out)
-    return grads[0], grads[1], None, None
+    dprobs, dvalue = aggregate_backward_op(grad_out, probs, value, ctx.kernel_size, ctx.backend)
+    return dprobs, dvalue, None, None
 
 
 aggregate_op.register_autograd(_aggregate_backward, setup_context=_aggregate_setup)
+
+
+# --- dispatch -----------------------------------------------------------------------------------
+
+
+def contmix(
+    logits: torch.Tensor, rpb: torch.Tensor, value: torch.Tensor, kernel_size: int, backend: str
+) -> torch.Tensor:
+    """Run the fused operator on the backend `backend` names (arguments already checked)."""
+    backend = resolve_backend(backend, (logits, rpb, value))
+    if backend == "unfold":
+        return unfold.contmix(logits, rpb, value, kernel_size)
+    return contmix_op(logits, rpb, value, kernel_size, backend)
+
+
+def aggregate(probs: torch.Tensor, value: torch.Tensor, kernel_size: int, backend: str) -> torch.Tensor:
+    """Run the aggregation on the backend `backend` names (arguments already checked)."""
+    backend = resolve_backend(backend, (probs, value))
+    if backend == "unfold":
+        return unfold.aggregate(probs, value, kernel_size)
+    return aggregate_op(probs, value, kernel_size, backend)

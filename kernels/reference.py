@@ -2,11 +2,20 @@
 
 Every fast backend is tested against these functions. They gather the K*K clamped windows
 explicitly, so they cost K*K copies of the values: fine for tests, never for training.
+
+The backward functions are written out (rather than left to autograd) because the `reference`
+backend runs them inside a custom op, where autograd does not record; the tests check them
+against autograd of the forward functions, which themselves pass `gradcheck` in float64.
 """
 
 from __future__ import annotations
 
 import torch
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float32 for half/bfloat16/float32 inputs (accumulate in fp32), float64 if any input is."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def window_starts(length: int, kernel_size: int, device: torch.device | None = None) -> torch.Tensor:
@@ -23,6 +32,14 @@ def _window_index(length: int, kernel_size: int, device: torch.device | None) ->
     """(length, K) absolute indices of the window of each position."""
     offsets = torch.arange(kernel_size, device=device)
     return window_starts(length, kernel_size, device)[:, None] + offsets[None, :]
+
+
+def neighbour_index(height: int, width: int, kernel_size: int, device: torch.device | None = None) -> torch.Tensor:
+    """(H, W, K*K) flat index (row * W + col) of the neighbour in every window slot."""
+    rows = _window_index(height, kernel_size, device)  # (H, K)
+    cols = _window_index(width, kernel_size, device)  # (W, K)
+    flat = rows[:, None, :, None] * width + cols[None, :, None, :]
+    return flat.reshape(height, width, kernel_size * kernel_size)
 
 
 def rpb_index(height: int, width: int, kernel_size: int, device: torch.device | None = None) -> torch.Tensor:
@@ -46,25 +63,78 @@ def gather_rpb(rpb: torch.Tensor, height: int, width: int, kernel_size: int) -> 
     return rpb.flatten(1)[:, index]
 
 
+def _windows(value: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """(B, h, H, W, c) -> (B, h, H, W, K*K, c): every position's clamped window, copied out."""
+    batch, heads, height, width, channels = value.shape
+    index = neighbour_index(height, width, kernel_size, value.device)
+    return value.reshape(batch, heads, height * width, channels)[:, :, index]
+
+
 def aggregate(probs: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """NA(p, v, K): out[b,g,i,j] = sum_{a,b'} p[b,g,i,j,a*K+b'] * v[b,g,si+a,sj+b'].
 
-    probs (B, heads, H, W, K*K), value (B, heads, H, W, c) -> (B, heads, H, W, c).
+    probs (B, heads, H, W, K*K), value (B, heads, H, W, c) -> (B, heads, H, W, c) in value's dtype.
     """
-    batch, heads, height, width, channels = value.shape
-    k = kernel_size
-    rows = _window_index(height, k, value.device)  # (H, K)
-    cols = _window_index(width, k, value.device)  # (W, K)
-    windows = value[:, :, rows]  # (B, g, H, K, W, c)
-    windows = windows[:, :, :, :, cols]  # (B, g, H, K, W, K, c)
-    windows = windows.permute(0, 1, 2, 4, 3, 5, 6)  # (B, g, H, W, K, K, c)
-    weights = probs.reshape(batch, heads, height, width, k, k, 1).to(windows.dtype)
-    return (weights * windows).sum(dim=(4, 5))
+    dtype = compute_dtype(probs, value)
+    windows = _windows(value.to(dtype), kernel_size)
+    out = (probs.to(dtype).unsqueeze(-1) * windows).sum(dim=-2)
+    return out.to(value.dtype)
+
+
+def probabilities(logits: torch.Tensor, rpb: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """softmax(logits + rpb at the clamped windows) in the compute dtype: the map the fused op avoids."""
+    height, width = logits.shape[2:4]
+    dtype = compute_dtype(logits, rpb)
+    biased = logits.to(dtype) + gather_rpb(rpb.to(dtype), height, width, kernel_size)
+    return biased.softmax(dim=-1)
 
 
 def contmix(logits: torch.Tensor, rpb: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """NA(softmax(logits + rpb at the clamped windows), value): the whole ContMix mixing step."""
-    height, width = logits.shape[2:4]
-    biased = logits.float() + gather_rpb(rpb.float(), height, width, kernel_size)
-    probs = biased.softmax(dim=-1)
-    return aggregate(probs, value.float(), kernel_size).to(value.dtype)
+    dtype = compute_dtype(logits, rpb, value)
+    probs = probabilities(logits.to(dtype), rpb.to(dtype), kernel_size)
+    return aggregate(probs, value.to(dtype), kernel_size).to(value.dtype)
+
+
+def aggregate_backward(
+    grad: torch.Tensor, probs: torch.Tensor, value: torch.Tensor, kernel_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of `aggregate` w.r.t. probs and value, in their dtypes.
+
+    d probs[x, s] = grad[x] . v[n(x, s)]; d value[y] = sum of probs[x, s] * grad[x] over the
+    (x, s) whose neighbour n(x, s) is y (a scatter-add: near borders y sits in more windows).
+    """
+    batch, heads, height, width, channels = value.shape
+    dtype = compute_dtype(grad, probs, value)
+    grad = grad.to(dtype)
+    windows = _windows(value.to(dtype), kernel_size)
+    dprobs = (windows * grad.unsqueeze(-2)).sum(-1)
+    contributions = probs.to(dtype).unsqueeze(-1) * grad.unsqueeze(-2)  # (B, h, H, W, K*K, c)
+    index = neighbour_index(height, width, kernel_size, value.device).flatten()
+    dvalue = torch.zeros(batch, heads, height * width, channels, dtype=dtype, device=value.device)
+    dvalue.index_add_(2, index, contributions.reshape(batch, heads, -1, channels))
+    return dprobs.to(probs.dtype), dvalue.view(value.shape).to(value.dtype)
+
+
+def contmix_backward(
+    grad: torch.Tensor, logits: torch.Tensor, rpb: torch.Tensor, value: torch.Tensor, kernel_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `contmix` w.r.t. logits, rpb and value, in their dtypes.
+
+    Softmax backward: d logits = p * (dp - sum(p * dp)); the bias gradient sums d logits over the
+    batch and over every (position, slot) that reads the same table entry.
+    """
+    heads, height, width = logits.shape[1:4]
+    dtype = compute_dtype(grad, logits, rpb, value)
+    probs = probabilities(logits.to(dtype), rpb.to(dtype), kernel_size)
+    dprobs, dvalue = aggregate_backward(grad.to(dtype), probs, value.to(dtype), kernel_size)
+    dlogits = probs * (dprobs - (probs * dprobs).sum(-1, keepdim=True))
+    index = rpb_index(height, width, kernel_size, rpb.device).flatten()
+    drpb = torch.zeros(heads, rpb[0].numel(), dtype=dtype, device=rpb.device)
+    drpb.index_add_(1, index, dlogits.sum(0).reshape(heads, -1))
+    return dlogits.to(logits.dtype), drpb.view(rpb.shape).to(rpb.dtype), dvalue.to(value.dtype)
+
+
+# The backend interface of `ops` (every backend has these four names).
+contmix_forward = contmix
+aggregate_forward = aggregate
