@@ -85,6 +85,17 @@ def _implementation(backend: str) -> ModuleType:
     return {"reference": reference, "cpu": cpu}[backend]
 
 
+def _run(backend: str, function: str, *args):
+    """Call a backend function with autocast off.
+
+    Backends set their own precision (float32 accumulation, output in the input's dtype). Autocast
+    is thread-local and stays active inside custom ops, so without this it would re-cast their
+    internal products (a bf16 bmm writing into a float32 buffer under CPU autocast).
+    """
+    with torch.autocast(device_type=args[0].device.type, enabled=False):
+        return getattr(_implementation(backend), function)(*args)
+
+
 # --- the fused op -------------------------------------------------------------------------------
 
 
@@ -92,7 +103,7 @@ def _implementation(backend: str) -> ModuleType:
 def contmix_op(
     logits: torch.Tensor, rpb: torch.Tensor, value: torch.Tensor, kernel_size: int, backend: str
 ) -> torch.Tensor:
-    return _implementation(backend).contmix_forward(logits, rpb, value, kernel_size)
+    return _run(backend, "contmix_forward", logits, rpb, value, kernel_size)
 
 
 @contmix_op.register_fake
@@ -104,7 +115,7 @@ def _(logits, rpb, value, kernel_size, backend):
 def contmix_backward_op(
     grad: torch.Tensor, logits: torch.Tensor, rpb: torch.Tensor, value: torch.Tensor, kernel_size: int, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dlogits, drpb, dvalue = _implementation(backend).contmix_backward(grad, logits, rpb, value, kernel_size)
+    dlogits, drpb, dvalue = _run(backend, "contmix_backward", grad, logits, rpb, value, kernel_size)
     return dlogits, drpb, dvalue
 
 
@@ -134,7 +145,7 @@ contmix_op.register_autograd(_contmix_backward, setup_context=_contmix_setup)
 
 @torch.library.custom_op("overlock::aggregate", mutates_args=())
 def aggregate_op(probs: torch.Tensor, value: torch.Tensor, kernel_size: int, backend: str) -> torch.Tensor:
-    return _implementation(backend).aggregate_forward(probs, value, kernel_size)
+    return _run(backend, "aggregate_forward", probs, value, kernel_size)
 
 
 @aggregate_op.register_fake
@@ -146,7 +157,7 @@ def _(probs, value, kernel_size, backend):
 def aggregate_backward_op(
     grad: torch.Tensor, probs: torch.Tensor, value: torch.Tensor, kernel_size: int, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    dprobs, dvalue = _implementation(backend).aggregate_backward(grad, probs, value, kernel_size)
+    dprobs, dvalue = _run(backend, "aggregate_backward", grad, probs, value, kernel_size)
     return dprobs, dvalue
 
 

@@ -336,3 +336,19 @@ def test_model_focus_net_backends_agree():
         outs[backend] = out["main"] if isinstance(out, dict) else out
     torch.testing.assert_close(outs["cpu"], outs["reference"], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(outs["unfold"], outs["reference"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_ops_keep_their_own_precision_under_cpu_autocast(backend):
+    """Autocast stays active inside custom ops; the backends must not be re-cast by it."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 4, 9, 11, 25, generator=gen, requires_grad=True)
+    rpb = torch.randn(4, 9, 9, generator=gen, requires_grad=True)
+    value = torch.randn(2, 4, 9, 11, 6, generator=gen, requires_grad=True)
+    expected = kernels.contmix(logits, rpb, value, 5, backend="reference")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = kernels.contmix(logits, rpb, value, 5, backend=backend)
+    out.sum().backward()
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert all(torch.isfinite(t.grad).all() for t in (logits, rpb, value))
