@@ -1,55 +1,27 @@
-"""Run checkpoints: atomic writes, `weights_only` loads, and the random state a resume needs.
+"""Run checkpoints: what they hold, how to find the weights in one, and the random state of a run.
 
-A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads with
+A run checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads with
 `torch.load(weights_only=True)` (no pickled code runs when a file from elsewhere is opened).
-Writes go to a temporary file in the same directory and are moved over the old file with
-`os.replace`, which is atomic on POSIX and Windows: a save killed half-way leaves the previous
-checkpoint untouched.
+Writing and reading go through `overlock.checkpoint.save_atomic` / `load_file` (temporary file in
+the same directory, then `os.replace`: a save killed half-way leaves the previous file intact).
 """
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..checkpoint import load_file, save_atomic
 from ..errors import CheckpointError
+
+__all__ = ["capture_rng", "is_run_checkpoint", "load_file", "model_state", "restore_rng", "save_atomic"]
 
 #: Marks our run checkpoints (as opposed to a bare state dict); bump when the layout changes.
 FORMAT = "overlock-run"
 FORMAT_VERSION = 1
-
-
-def save_atomic(state: dict[str, Any], path: Path) -> None:
-    """Write `state` to `path` so that readers see either the old file or the complete new one."""
-    path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-
-
-def load(path: Path | str) -> Any:
-    """`torch.load(weights_only=True)` on CPU, with unreadable files reported as CheckpointError."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated zip, foreign pickle with code, not a torch file at all
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"cannot load checkpoint {path}: {reason}") from None
 
 
 def is_run_checkpoint(state: Any) -> bool:

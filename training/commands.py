@@ -12,6 +12,7 @@ from typing import Any
 
 import typer
 
+from ..errors import exit_on_user_error
 from .config import EvalConfig, TrainConfig, option_help
 
 
@@ -23,12 +24,12 @@ def _eval_opt(field: str, *flags: str, **extra: Any) -> Any:
     return typer.Option(None, *flags, help=option_help(EvalConfig, field), show_default=False, **extra)
 
 
-TRAIN_HELP = """Train SPEC (a preset name or a spec YAML file) on a data source.
-
-Writes a run directory (resolved spec, metrics.jsonl, last.pt, best.pt, curves.png). Without
-options it trains on scikit-learn's bundled digits for a few minutes on CPU. Under
-`torchrun --nproc-per-node N -m overlock.cli train ...` it trains with DistributedDataParallel.
-"""
+TRAIN_HELP = (
+    "Train SPEC (a preset name or a spec YAML file) on a data source.\n\n"
+    "Writes a run directory: resolved spec, metrics.jsonl, last.pt, best.pt, curves.png. Without options it "
+    "trains on scikit-learn's bundled digits for a few minutes on CPU. Under "
+    "`torchrun --nproc-per-node N -m overlock.cli train ...` it trains with DistributedDataParallel."
+)
 
 EVAL_HELP = "Evaluate weights (a run's last.pt/best.pt or a plain state dict) on a source's validation split: top-1, top-5, loss."
 
@@ -57,6 +58,7 @@ def train_command(
     deterministic: bool | None = _train_opt("deterministic", "--deterministic/--no-deterministic"),
     workers: int | None = _train_opt("workers", "--workers"),
     device: str | None = _train_opt("device", "--device"),
+    contmix_backend: str | None = _train_opt("contmix_backend", "--contmix-backend"),
     eval_every: int | None = _train_opt("eval_every", "--eval-every"),
     log_every: int | None = _train_opt("log_every", "--log-every"),
     stop_after: int | None = _train_opt("stop_after", "--stop-after"),
@@ -83,6 +85,7 @@ def eval_command(
     amp: bool | None = _eval_opt("amp", "--amp/--no-amp"),
     workers: int | None = _eval_opt("workers", "--workers"),
     device: str | None = _eval_opt("device", "--device"),
+    contmix_backend: str | None = _eval_opt("contmix_backend", "--contmix-backend"),
     overrides: list[str] | None = _eval_opt("overrides", "--set", metavar="KEY=VALUE"),
 ) -> None:
     options = dict(locals())
@@ -94,5 +97,5 @@ def eval_command(
 
 def register(app: typer.Typer) -> None:
     """Add the training commands to `app`."""
-    app.command("train", help=TRAIN_HELP)(train_command)
-    app.command("eval", help=EVAL_HELP)(eval_command)
+    app.command("train", help=TRAIN_HELP)(exit_on_user_error(train_command))
+    app.command("eval", help=EVAL_HELP)(exit_on_user_error(eval_command))

@@ -15,11 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .errors import ConfigError
 
 #: Epochs when neither --epochs nor --steps is given: enough for pico on digits to pass 95%.
-DEFAULT_EPOCHS = 15
+DEFAULT_EPOCHS = 6
 
 #: Options that may differ between an interrupted run and its resumption: they change how the run
 #: is executed or where it stops, not what it computes.
-RUNTIME_FIELDS = frozenset({"workers", "stop_after", "compile", "device"})
+RUNTIME_FIELDS = frozenset({"workers", "stop_after", "compile", "device", "contmix_backend"})
 
 
 class TrainConfig(BaseModel):
@@ -39,7 +39,7 @@ class TrainConfig(BaseModel):
     img_size: int | None = Field(None, ge=32, le=1024, description="Training and evaluation image size (default: 32 for digits/synthetic, 224 for directories).")
     epochs: int | None = Field(None, ge=1, description=f"Epochs to train (default {DEFAULT_EPOCHS} unless --steps is given).")
     steps: int | None = Field(None, ge=1, description="Optimizer steps to train instead of --epochs.")
-    batch_size: int = Field(64, ge=1, description="Images per step and process (global batch = this x number of processes).")
+    batch_size: int = Field(32, ge=1, description="Images per step and process (global batch = this x number of processes).")
     lr: float = Field(2e-3, gt=0, le=10, description="Peak learning rate of AdamW (after warm-up).")
     min_lr: float = Field(1e-6, ge=0, description="Learning rate at the end of the cosine decay.")
     weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (never applied to norms, biases, layer scales, position biases).")
@@ -56,6 +56,7 @@ class TrainConfig(BaseModel):
     deterministic: bool = Field(False, description="Use deterministic algorithms only (slower on GPU; CPU runs are deterministic anyway).")
     workers: int | None = Field(None, ge=0, description="Data loading processes per training process (default: 0 for in-memory data, 2 for directories).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train: auto picks CUDA when available.")
+    contmix_backend: str = Field("auto", description="ContMix implementation (auto, or one of overlock.kernels.BACKENDS, e.g. reference) for speed comparisons.")
     eval_every: int = Field(1, ge=1, description="Evaluate on the validation split every N epochs (and always at the end).")
     log_every: int = Field(1, ge=1, description="Write a step record to metrics.jsonl every N steps.")
     stop_after: int | None = Field(
@@ -94,6 +95,7 @@ class EvalConfig(BaseModel):
     amp: bool = Field(False, description="Mixed precision (bfloat16 on CPU, float16 on CUDA).")
     workers: int | None = Field(None, ge=0, description="Data loading processes (default: 0 for in-memory data, 2 for directories).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to evaluate.")
+    contmix_backend: str = Field("auto", description="ContMix implementation (auto, or one of overlock.kernels.BACKENDS).")
 
 
 def _option_name(loc: tuple[Any, ...]) -> str:
@@ -124,4 +126,4 @@ def option_help(model: type[BaseModel], field: str) -> str:
     default = info.get_default(call_default_factory=True)
     if isinstance(default, bool) or default in (None, []):
         return text
-    return f"{text} [default: {default}]"
+    return f"{text} (default: {default})"

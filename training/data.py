@@ -244,18 +244,19 @@ def _scan_split(split_dir: Path, classes: list[str]) -> list[tuple[str, int]]:
 
 def _folder(root: Path, size: int, channels: int) -> DataSplits:
     classes = _class_folders(root / "train")
+    train = _scan_split(root / "train", classes)
     val_classes = _class_folders(root / "val")
     if val_classes != classes:
         missing, extra = sorted(set(classes) - set(val_classes)), sorted(set(val_classes) - set(classes))
-        detail = "; ".join(
-            part for part in (f"missing in val/: {', '.join(missing)}" if missing else "", f"only in val/: {', '.join(extra)}" if extra else "") if part
-        )
+        parts = [f"missing in val/: {', '.join(missing)}"] if missing else []
+        parts += [f"only in val/: {', '.join(extra)}"] if extra else []
+        detail = "; ".join(parts)
         raise DataError(f"{root}: train/ and val/ must hold the same class folders ({detail})")
     mean = IMAGENET_MEAN if channels == 3 else (sum(IMAGENET_MEAN) / 3,)
     std = IMAGENET_STD if channels == 3 else (sum(IMAGENET_STD) / 3,)
     return DataSplits(
         name=str(root),
-        train=FolderImages(_scan_split(root / "train", classes), channels),
+        train=FolderImages(train, channels),
         val=FolderImages(_scan_split(root / "val", classes), channels),
         classes=classes,
         channels=channels,

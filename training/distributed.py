@@ -62,6 +62,17 @@ class Dist:
         dist.all_gather_object(out, value)
         return out
 
+    def broadcast_buffers(self, module: torch.nn.Module) -> None:
+        """Give every rank rank 0's buffers (BatchNorm running statistics).
+
+        DDP broadcasts them at the start of each forward, so after the last step of an epoch
+        each rank holds statistics of its own last batch; evaluating and checkpointing after this
+        call makes all ranks agree, down to the last bit of the state dict.
+        """
+        if self.distributed:
+            for buffer in module.buffers():
+                dist.broadcast(buffer, src=0)
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()

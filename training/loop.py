@@ -31,7 +31,7 @@ from .checkpoint import FORMAT, FORMAT_VERSION
 from .data import EvalView, TrainView
 from .distributed import Dist
 from .ema import ModelEma
-from .errors import DataError, DivergenceError
+from .errors import ConfigError, DataError, DivergenceError
 from .evaluate import EvalResult, autocast, evaluate
 from .loss import OverlockLoss
 from .optim import build_optimizer
@@ -50,12 +50,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def use_deterministic_algorithms() -> None:
-    """Trade speed for bitwise repeatability on GPUs (CPU kernels are deterministic already)."""
+@contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """Trade speed for bitwise repeatability on GPUs (CPU kernels are deterministic already).
+
+    The switches are process-wide, so they are restored on exit: a caller of the Python API
+    (a notebook, a test) keeps its own settings after the run.
+    """
+    if not enabled:
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    cudnn = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = cudnn
 
 
 @dataclass
@@ -76,6 +90,9 @@ class Running:
         self.correct += correct
         self.images += images
         self.seconds += seconds
+
+    def as_list(self) -> list[float]:
+        return [self.loss, self.main, self.aux, self.correct, self.images, self.seconds]
 
     def mean(self, total: float) -> float:
         return total / max(self.images, 1.0)
@@ -114,6 +131,15 @@ def stop_on_sigint(flag: list[bool]) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+def _ignore_sigint(worker_id: int) -> None:
+    """Loader workers leave Ctrl-C to the main process, which stops at a step boundary and saves.
+
+    A terminal sends SIGINT to the whole process group; a worker killed by it would make the
+    main process fail on its next batch instead of saving.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _clean_worker_error(error: DataError) -> DataError:
     """A DataError raised in a loader worker arrives wrapped in worker traceback text; keep the message."""
     text = str(error)
@@ -147,7 +173,7 @@ class Trainer:
         self.sampler = ResumableSampler(len(data.train), config.batch_size, config.seed, dist.rank, dist.world_size)
         loader_args: dict[str, Any] = {"num_workers": plan.workers, "pin_memory": dist.device.type == "cuda"}
         if plan.workers > 0:
-            loader_args["persistent_workers"] = True
+            loader_args.update(persistent_workers=True, worker_init_fn=_ignore_sigint)
         self.train_loader = DataLoader(
             TrainView(data.train, data.train_transform, data.eval_transform, config.seed),
             batch_size=config.batch_size,
@@ -175,6 +201,47 @@ class Trainer:
         self.window = Running()  # sums since the last step record
 
     # -----------------------------------------------------------------------------------------
+    # torch.compile
+
+    def compile_now(self) -> None:
+        """Compile the training and evaluation graphs before the run starts (with --compile).
+
+        torch.compile works lazily, at the first call; a compiler failure would otherwise surface
+        in the middle of a run, after the run directory was written. One forward/backward on a
+        real batch (then undone: weights, BatchNorm statistics, gradients and random state are
+        restored) moves that failure here, where it becomes a clear error.
+        """
+        if not self.config.compile:
+            return
+        from torch._dynamo.exc import TorchDynamoException
+
+        saved = {name: value.clone() for name, value in self.model.state_dict().items()}
+        rng = checkpoint.capture_rng()
+        self.sampler.set_epoch(0)
+        images, labels = next(iter(self.train_loader))
+        images, labels = images.to(self.dist.device), labels.to(self.dist.device)
+        try:
+            with autocast(self.dist.device, self.config.amp):
+                output = self.train_forward(images)
+                parts = self.loss(output, labels)
+            self.scaler.scale(parts.total).backward()
+            self.model.eval()
+            with torch.no_grad(), autocast(self.dist.device, self.config.amp):
+                self.eval_forward(images)
+        except TorchDynamoException as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise ConfigError(
+                f"--compile: torch.compile cannot compile this model at {tuple(images.shape[-2:])} px "
+                f"({type(error).__name__}: {first_line[:300]}).\nTrain without --compile; at small image sizes, where "
+                "Focus-Net maps are resized to the ContMix kernel, a larger --img-size may also help."
+            ) from None
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.model.train()
+            self.model.load_state_dict(saved)
+            checkpoint.restore_rng(rng)
+
+    # -----------------------------------------------------------------------------------------
     # checkpoints
 
     def state_dict(self) -> dict[str, Any]:
@@ -197,7 +264,8 @@ class Trainer:
                 "step": self.step,
                 "epoch": self.epoch,
                 "batch_in_epoch": self.batch_in_epoch,
-                "epoch_sums": [sums.loss, sums.main, sums.aux, sums.correct, sums.images, sums.seconds],
+                "epoch_sums": sums.as_list(),
+                "window_sums": self.window.as_list(),
                 "best_top1": self.best_top1,
                 "best_epoch": self.best_epoch,
             },
@@ -213,6 +281,7 @@ class Trainer:
         progress = state["progress"]
         self.step, self.epoch, self.batch_in_epoch = progress["step"], progress["epoch"], progress["batch_in_epoch"]
         self.epoch_sums = Running(*progress["epoch_sums"])
+        self.window = Running(*progress["window_sums"])
         self.best_top1, self.best_epoch = progress["best_top1"], progress["best_epoch"]
         self.saved_step = self.step
         checkpoint.restore_rng(state["rng"][self.dist.rank])
@@ -324,6 +393,7 @@ class Trainer:
             "train_acc": self.epoch_sums.mean(self.epoch_sums.correct),
         }
         best = False
+        self.dist.broadcast_buffers(self.model)
         if evaluated:
             result = self._evaluate(self.eval_forward, self.model)
             record.update(result.as_dict())
@@ -362,7 +432,6 @@ class Trainer:
         total = self.plan.total_steps
         self.reporter.start(total, self.step, f"train {self.plan.spec.name or 'model'}")
         started, first_step = time.perf_counter(), self.step
-        self.window = Running()
         stop_flag = [False]
         outcome = Outcome(finished=False, steps_this_run=0, seconds=0.0, images=0.0)
         self.model.train()
@@ -387,9 +456,11 @@ class Trainer:
                         outcome.last_eval, outcome.last_ema_eval = self._end_epoch(final=self.step >= total)
                     if stop and self.step < total:
                         if not epoch_done:
+                            self.dist.broadcast_buffers(self.model)
                             self.save()
                             self._plot()
                         reason = "interrupted (Ctrl-C)" if stop_flag[0] else f"stopped after {self.step - first_step} steps (--stop-after)"
+                        self.log({"kind": "stopped", "step": self.step, "reason": reason})
                         outcome.notes.append(f"{reason} at step {self.step}/{total}; continue with --resume")
                         break
                 else:

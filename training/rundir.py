@@ -25,6 +25,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Replace `path` with `text` in one step (readers never see a partial file)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp creates 0600; a run's text files are meant to be shared
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
         os.replace(tmp, path)
@@ -98,5 +99,5 @@ class MetricsLog:
 
         Without this, steps between the last checkpoint and a crash would appear twice.
         """
-        kept = [r for r in self.read() if r.get("step", 0) <= step and r.get("kind") != "stopped"]
+        kept = [r for r in self.read() if r.get("step", 0) <= step]
         write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))

@@ -7,9 +7,10 @@ CLI stays a thin typer layer and tests can call the same code with plain dicts.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from rich.console import Console
@@ -23,7 +24,7 @@ from .data import EvalView, default_workers, load_data
 from .distributed import Dist
 from .errors import ConfigError, RunDirError
 from .evaluate import EvalResult, evaluate
-from .loop import Outcome, Trainer, seed_everything, use_deterministic_algorithms
+from .loop import Outcome, Trainer, deterministic_algorithms, seed_everything
 from .progress import Reporter, summary_table
 from .rundir import MetricsLog, RunDir
 from .sampler import ShardSampler
@@ -43,11 +44,23 @@ class TrainResult:
     total_steps: int
 
 
-def build_model(spec: archspec.Spec) -> nn.Module:
-    """The builder's module for a spec (imported late: the training code only needs its contract)."""
+def convert_official(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    from ..builder import convert_official as convert
+
+    return convert(model, weights)
+
+
+def build_model(spec: archspec.Spec, contmix_backend: str = "auto") -> nn.Module:
+    """The builder's module for a spec, with the requested ContMix implementation."""
+    from .. import kernels
     from ..builder import build
 
-    return build(spec)
+    if contmix_backend != "auto" and contmix_backend not in kernels.BACKENDS:
+        raise ConfigError(f"--contmix-backend {contmix_backend!r} is not known; valid: auto, {', '.join(kernels.BACKENDS)}")
+    model = build(spec)
+    if contmix_backend != "auto":
+        model.set_contmix_backend(contmix_backend)
+    return model
 
 
 def default_out(spec: archspec.Spec, source: str) -> Path:
@@ -81,24 +94,33 @@ def train(
         run = RunDir(resume)
         if not run.last.is_file():
             raise RunDirError(f"nothing to resume in {resume}: no last.pt there (a run writes it after each epoch)")
-        state = checkpoint.load(run.last)
+        state = checkpoint.load_file(run.last)
         config, stored_spec = resume_config(state, given, str(run.last))
     else:
         if "spec" not in given:
             raise ConfigError("missing SPEC: give a preset name (pico, xt, t, s, b) or a spec YAML file, or --resume RUN_DIR")
         config, stored_spec = validated(TrainConfig, given), None
-    if config.deterministic:
-        use_deterministic_algorithms()
     dist = distributed.setup(config.device)
     try:
-        return _train(config, stored_spec, state, dist, out, resume, overwrite, console)
+        with deterministic_algorithms(config.deterministic):
+            return _train(config, stored_spec, state, dist, out, resume, overwrite, console)
     finally:
         dist.close()
 
 
-def _train(config: TrainConfig, spec: archspec.Spec | None, state: dict | None, dist: Dist, out: Path | None, resume: Path | None, overwrite: bool, console: Console) -> TrainResult:
-    error: OverlockError | None = None
-    try:
+def _train(
+    config: TrainConfig,
+    spec: archspec.Spec | None,
+    state: dict | None,
+    dist: Dist,
+    out: Path | None,
+    resume: Path | None,
+    overwrite: bool,
+    console: Console,
+) -> TrainResult:
+    """Check everything, agree across ranks, then (and only then) create the run and train."""
+
+    def prepare() -> tuple[Plan, RunDir, nn.Module]:
         plan = plan_training(config, dist, spec)
         if state is not None and state["world_size"] != dist.world_size:
             raise ConfigError(
@@ -109,14 +131,17 @@ def _train(config: TrainConfig, spec: archspec.Spec | None, state: dict | None, 
         if resume is None and dist.is_main:
             run.check_new(overwrite)
         torch.manual_seed(config.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
-        model = build_model(plan.spec)
-    except OverlockError as caught:
-        error = caught
-    if not dist.all_agree(error is None):
-        raise error or OverlockError("another training process failed its checks; see the first process's message")
+        return plan, run, build_model(plan.spec, config.contmix_backend)
 
+    plan, run, model = _on_every_rank(dist, prepare)
     reporter = Reporter(console, enabled=dist.is_main)
-    trainer = Trainer(plan, model, dist, run, reporter)
+
+    def make_trainer() -> Trainer:
+        trainer = Trainer(plan, model, dist, run, reporter)  # wraps DDP: a collective, hence after the first check
+        trainer.compile_now()
+        return trainer
+
+    trainer = _on_every_rank(dist, make_trainer)
     if state is not None:
         trainer.load_state_dict(state)
         if dist.is_main:
@@ -128,31 +153,62 @@ def _train(config: TrainConfig, spec: archspec.Spec | None, state: dict | None, 
             run.write_header(plan.spec.to_yaml(), config.model_dump(mode="json"))
         seed_everything(config.seed + dist.rank)
     if dist.is_main:
-        _announce(plan, trainer, dist, run, reporter, model)
+        _announce(plan, trainer, dist, run, reporter)
         trainer.log({"kind": "start", "step": trainer.step, "world_size": dist.world_size, "global_batch": config.batch_size * dist.world_size})
     outcome = trainer.run_loop()
     if dist.is_main:
-        console.print(_summary(plan, trainer, outcome, run, dist, model))
+        console.print(_summary(plan, trainer, outcome, run, dist))
     return TrainResult(run.root if dist.is_main else None, outcome, trainer.model, trainer.best_top1, trainer.best_epoch, trainer.step, plan.total_steps)
 
 
-def _announce(plan: Plan, trainer: Trainer, dist: Dist, run: RunDir, reporter: Reporter, model: nn.Module) -> None:
+T = TypeVar("T")
+
+
+def _on_every_rank(dist: Dist, check: Callable[[], T]) -> T:
+    """Run a checking step on every process; if it fails on any, all stop with an error.
+
+    Without the agreement, the processes that passed would wait forever in the next collective
+    for the one that stopped.
+    """
+    error: OverlockError | None = None
+    result = None
+    try:
+        result = check()
+    except OverlockError as caught:
+        error = caught
+    if not dist.all_agree(error is None):
+        raise error or OverlockError("another training process failed its checks; see the first process's message")
+    return result  # type: ignore[return-value]
+
+
+def _announce(plan: Plan, trainer: Trainer, dist: Dist, run: RunDir, reporter: Reporter) -> None:
     config, data = plan.config, plan.data
     where = f"{dist.world_size} processes ({dist.device.type})" if dist.distributed else str(dist.device)
     reporter.line(
-        f"[bold]{plan.spec.name or config.spec}[/] ({_params(model) / 1e6:.2f}M params) on {data.name}: "
+        f"[bold]{plan.spec.name or config.spec}[/] ({_params(trainer.model) / 1e6:.2f}M params) on {data.name}: "
         f"{len(data.train)} train / {len(data.val)} val images, {data.num_classes} classes, {data.img_size}px, "
         f"{plan.epochs} epochs x {plan.steps_per_epoch} steps, batch {config.batch_size * dist.world_size}, {where} -> {run.root}"
     )
 
 
-def _summary(plan: Plan, trainer: Trainer, outcome: Outcome, run: RunDir, dist: Dist, model: nn.Module) -> Any:
+def _peak_memory(dist: Dist) -> str:
+    """Peak GPU memory of this process on CUDA, else its peak resident set size."""
+    if dist.device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(dist.device) / 2**30:.2f} GiB (CUDA, allocated)"
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return "n/a"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process RSS)"
+
+
+def _summary(plan: Plan, trainer: Trainer, outcome: Outcome, run: RunDir, dist: Dist) -> Any:
     rows = [
         ("run", str(run.root)),
         ("status", "finished" if outcome.finished else "; ".join(outcome.notes) or "stopped"),
         ("steps", f"{trainer.step}/{plan.total_steps} ({outcome.steps_this_run} in this run)"),
         ("epochs", f"{trainer.epoch}/{plan.epochs}"),
-        ("parameters", f"{_params(model):,}"),
+        ("parameters", f"{_params(trainer.model):,}"),
     ]
     if outcome.last_eval is not None:
         ev = outcome.last_eval
@@ -165,6 +221,7 @@ def _summary(plan: Plan, trainer: Trainer, outcome: Outcome, run: RunDir, dist: 
         ("time", f"{outcome.seconds:.1f} s"),
         ("throughput", f"{outcome.images / max(outcome.seconds, 1e-9):,.0f} images/s (incl. evaluation)"),
         ("processes", f"{dist.world_size} on {dist.device.type}"),
+        ("peak memory", _peak_memory(dist)),
     ]
     return summary_table("overlock train", rows)
 
@@ -194,14 +251,19 @@ def evaluate_weights(options: dict[str, Any], console: Console | None = None) ->
     """Run `overlock eval`: top-1, top-5 and loss of a checkpoint on a source's validation split."""
     console = console or Console()
     config: EvalConfig = validated(EvalConfig, {k: v for k, v in options.items() if v is not None})
-    state = checkpoint.load(config.weights)
+    state = checkpoint.load_file(config.weights)
     run_ckpt = checkpoint.is_run_checkpoint(state)
     weights = checkpoint.model_state(state, use_ema=config.ema)
     img_size = config.img_size or (state["img_size"] if run_ckpt else None)
     channels = config.channels or (state["channels"] if run_ckpt else 3)
     data = load_data(config.data, img_size, channels)
     spec = fit_spec_to_data(archspec.load(config.spec, list(config.overrides)), data, config.spec)
-    model = build_model(spec)
+    model = build_model(spec, config.contmix_backend)
+    if set(weights) != set(model.state_dict()) and not run_ckpt:
+        try:  # a published checkpoint (reference layout)?
+            weights = convert_official(model, weights)
+        except CheckpointError:
+            pass  # report the mismatch in our own layout below
     _load_weights(model, weights, config.weights)
     dist = Dist(device=distributed.pick_device(config.device))
     model.to(dist.device).eval()

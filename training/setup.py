@@ -107,6 +107,7 @@ def resume_config(state: Any, given: dict[str, Any], source: str) -> tuple[Train
             f"Only {', '.join('--' + f.replace('_', '-') for f in sorted(RUNTIME_FIELDS))} may change; "
             "start a new run (--out) to train differently"
         )
+    stored["stop_after"] = None  # a stop request belongs to the invocation that made it
     stored.update({key: value for key, value in given.items() if key in RUNTIME_FIELDS})
     config = validated(TrainConfig, stored)
     return config, archspec.load(yaml.safe_load(state["spec"]))
