@@ -27,13 +27,7 @@ from overlock.training import checkpoint, loss
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models gain nothing from a second thread, and one avoids oversubscribing shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 SYNTH = "synthetic:classes=3,train=24,val=12"
 FAST = ["--data", SYNTH, "--batch-size", "8", "--workers", "0"]

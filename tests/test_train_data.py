@@ -14,14 +14,7 @@ from overlock.cli import app
 from overlock.training.data import EvalView, TrainView, load_data
 from overlock.training.errors import DataError
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models gain nothing from a second thread, and one avoids oversubscribing shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_image_folder(root: Path, classes=("cat", "dog", "owl"), train_per_class=4, val_per_class=2, mode="RGB") -> Path:
