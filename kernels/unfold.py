@@ -1,6 +1,6 @@
-"""The reference's fallback without natten ("unfold" backend): a baseline to measure against, not to use.
+"""The reference's fallback without a neighbourhood-attention extension ("unfold" backend): a baseline to measure against, not to use.
 
-The authors' code, when natten is missing, unfolds the *valid* K x K windows of the value map with
+The authors' code, when its neighbourhood-attention extension is missing, unfolds the *valid* K x K windows of the value map with
 `F.unfold` (no padding: (H-K+1) x (W-K+1) windows), then replicate-pads the unfolded tensor by K//2
 on each side, which hands every border position the window of its nearest valid neighbour: exactly
 the clamped windows of ARCHITECTURE.md section 5. It materialises K*K copies of the values and keeps
