@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -19,10 +20,12 @@ from .errors import CheckpointError
 MODEL_FORMAT = "overlock-model"
 
 
-def save_atomic(obj: Any, path: str | Path) -> Path:
-    """torch.save through a temporary file in the same folder, then an atomic rename.
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Write a file through a temporary file in the same folder, then an atomic rename.
 
-    A crash or a full disk while writing leaves the previous file at `path` untouched.
+    Everything overlock writes that a user owns (checkpoints, model files, a run's text files)
+    goes through here: a crash or a full disk while writing leaves the previous file untouched,
+    and readers never see a partial file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -33,7 +36,7 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -41,6 +44,11 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def save_atomic(obj: Any, path: str | Path) -> Path:
+    """torch.save through `write_atomic`."""
+    return write_atomic(path, lambda handle: torch.save(obj, handle))
 
 
 def load_file(path: str | Path) -> Any:

@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import archspec
-from .errors import OverlockError, SpecError, exit_on_user_error
+from .errors import OverlockError, exit_on_user_error
 
 app = typer.Typer(
     name="overlock",
@@ -216,11 +216,7 @@ def _split_input_size(argv: list[str]) -> list[str]:
 
 def main() -> None:
     """Console-script entry point."""
-    try:
-        app(args=_split_input_size(sys.argv[1:]), prog_name="overlock")
-    except SpecError as exc:  # raised outside a command (e.g. while registering); same treatment
-        Console(stderr=True).print(f"error: {exc}")
-        raise SystemExit(2) from None
+    app(args=_split_input_size(sys.argv[1:]), prog_name="overlock")
 
 
 if __name__ == "__main__":

@@ -266,8 +266,7 @@ class OverLoCK(nn.Module):
 
     def set_contmix_backend(self, backend: str) -> None:
         """Pick the ContMix implementation of every Focus-Net block (see `kernels.BACKENDS`)."""
-        if backend != "auto" and backend not in kernels.BACKENDS:
-            raise ValueError(f"backend={backend!r} is not known; valid: auto, {', '.join(kernels.BACKENDS)}")
+        kernels.check_backend(backend)
         for module in self.modules():
             if isinstance(module, ContMix):
                 module.contmix_backend = backend

@@ -12,12 +12,13 @@ import torch
 from . import ops, reference
 from .ops import BACKENDS
 
-__all__ = ["BACKENDS", "aggregate", "contmix", "reference"]
+__all__ = ["BACKENDS", "check_backend", "aggregate", "contmix", "reference"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _check_backend(backend: str) -> None:
+def check_backend(backend: str) -> None:
+    """Raise ValueError naming `backend` unless it is "auto" or one of BACKENDS."""
     if backend != "auto" and backend not in BACKENDS:
         valid = ", ".join(repr(b) for b in ("auto", *BACKENDS))
         raise ValueError(f"backend={backend!r} is not known; valid: {valid}")
@@ -56,7 +57,7 @@ def aggregate(probs: torch.Tensor, value: torch.Tensor, kernel_size: int, *, bac
     Differentiable in probs and value. Use `contmix` when the probabilities come from a softmax:
     it never materialises them.
     """
-    _check_backend(backend)
+    check_backend(backend)
     _check_kernel_size(kernel_size)
     _check_tensor("value", value, value.device if isinstance(value, torch.Tensor) else None)
     _check_tensor("probs", probs, value.device)
@@ -80,7 +81,7 @@ def contmix(
     keeping the (B, heads, H, W, K*K) probability map. `backend`: "auto" (Triton on CUDA, the CPU
     path otherwise), "triton", "cpu", "reference", or the "unfold" baseline.
     """
-    _check_backend(backend)
+    check_backend(backend)
     _check_kernel_size(kernel_size)
     _check_tensor("value", value, value.device if isinstance(value, torch.Tensor) else None)
     _check_tensor("logits", logits, value.device)

@@ -11,11 +11,10 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import write_atomic
 from .errors import RunDirError
 
 RUN_FILES = ("spec.yaml", "config.json", "metrics.jsonl", "last.pt", "best.pt", "curves.png")
@@ -23,15 +22,7 @@ RUN_FILES = ("spec.yaml", "config.json", "metrics.jsonl", "last.pt", "best.pt", 
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Replace `path` with `text` in one step (readers never see a partial file)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp creates 0600; a run's text files are meant to be shared
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 class RunDir:
