@@ -19,6 +19,14 @@ CPU: there is no allocator counter, so the process's resident-set high-water mar
 call: the peak *physical* memory the call added, outputs and gradients included. It is noisy by
 a few MiB (allocator caching, thread stacks); tiny shapes read as ~0.
 
+Bandwidth. ContMix moves far more bytes than it computes on, so each call is also reported as
+the bandwidth its *compulsory* traffic implies: bytes that any implementation must move (forward:
+read the logits and the values, write the output; backward: read the gradient, the logits and the
+values, write the logit and value gradients; the bias table is negligible) divided by the time.
+The count is the same for every method, so the column ranks them like the time does, and it is
+compared with the device's copy bandwidth, measured here with one large tensor copy, and on CUDA
+also with the peak the device properties imply (memory clock x bus width) where torch exposes them.
+
 Results go to benchmarks/results/contmix_<device>.{json,md}, with the machine, the device, the
 torch/triton versions and the load average before and after (other processes skew CPU timings).
 Both are taken after a warm-up call; time is the median over the repetitions.
@@ -213,6 +221,37 @@ def make_inputs(case: Case, device: torch.device, dtype: torch.dtype):
     return logits, rpb, value, grad
 
 
+def compulsory_bytes(case: Case, itemsize: int) -> dict[str, int]:
+    """Bytes any implementation must move, forward and forward+backward (see the module docstring)."""
+    positions = case.batch * case.heads * case.height * case.width
+    logits = positions * case.kernel_size**2 * itemsize
+    maps = positions * case.channels * itemsize  # value, output, gradient, value gradient: one each
+    forward = logits + 2 * maps
+    backward = 2 * logits + 3 * maps
+    return {"fwd": forward, "fwd_bwd": forward + backward}
+
+
+def copy_bandwidth(device: torch.device, mib: int, reps: int = 10) -> float:
+    """GB/s of the best of `reps` copies of a `mib` MiB float32 tensor (read + write counted)."""
+    source = torch.ones(mib * 2**20 // 4, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    seconds = min(timed(lambda: target.copy_(source), device, reps, budget=float("inf")))
+    return 2 * source.numel() * 4 / seconds / 1e9
+
+
+def peak_bandwidth(device: torch.device) -> float | None:
+    """GB/s from the CUDA device properties (DDR: 2 transfers per clock), when this torch exposes them."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    clock_khz = getattr(props, "memory_clock_rate", None)
+    bus_bits = getattr(props, "memory_bus_width", None)
+    if not clock_khz or not bus_bits:
+        return None
+    return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9
+
+
 def measure_case(case: Case, method: Method, device, dtype, memory: PeakMemory, reps: int, budget: float) -> dict:
     logits, rpb, value, grad = make_inputs(case, device, dtype)
     leaves = [t.detach().requires_grad_() for t in (logits, rpb, value)]
@@ -228,13 +267,15 @@ def measure_case(case: Case, method: Method, device, dtype, memory: PeakMemory, 
         for leaf in leaves:
             leaf.grad = None
 
+    moved = compulsory_bytes(case, logits.element_size())
     result = {}
     for name, fn in (("fwd", forward), ("fwd_bwd", forward_backward)):
         fn()  # warm-up: lazy library initialisation and cached index plans stay out of the numbers
         peak = memory.measure(fn)
         times = timed(fn, device, reps, budget)
-        result[name] = {"median_ms": statistics.median(times) * 1e3, "min_ms": min(times) * 1e3, "reps": len(times)}
-        result[name]["peak_mib"] = peak
+        median = statistics.median(times)
+        result[name] = {"median_ms": median * 1e3, "min_ms": min(times) * 1e3, "reps": len(times)}
+        result[name].update(peak_mib=peak, bytes=moved[name], gb_per_s=moved[name] / median / 1e9)
     return result
 
 
@@ -307,7 +348,9 @@ def machine_info(device: torch.device) -> dict:
     except ImportError:
         info["triton"] = None
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        commit = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=True, cwd=RESULTS.parent
+        )
         info["git_commit"] = commit.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         info["git_commit"] = None
@@ -328,6 +371,7 @@ def goal_summary(cases: list[Case], results: dict, fast: str, preset: str, resol
     rows = []
     for resolution in resolutions:
         total: dict[str, float] = {}
+        moved: dict[str, float] = {}
         mem_ratio = []
         for case in cases:
             for use in case.uses:
@@ -335,6 +379,7 @@ def goal_summary(cases: list[Case], results: dict, fast: str, preset: str, resol
                     continue
                 for method, res in results[case.label].items():
                     total[method] = total.get(method, 0.0) + use["blocks"] * res["fwd_bwd"]["median_ms"]
+                    moved[method] = moved.get(method, 0.0) + use["blocks"] * res["fwd_bwd"]["bytes"]
                 ours, base = results[case.label].get(fast), results[case.label].get("unfold")
                 if ours and base and ours["fwd_bwd"]["peak_mib"] and base["fwd_bwd"]["peak_mib"]:
                     mem_ratio.append(ours["fwd_bwd"]["peak_mib"] / base["fwd_bwd"]["peak_mib"])
@@ -347,6 +392,7 @@ def goal_summary(cases: list[Case], results: dict, fast: str, preset: str, resol
             "unfold_ms": total["unfold"],
             "speedup_vs_unfold": total["unfold"] / total[fast],
             "worst_peak_memory_ratio": max(mem_ratio) if mem_ratio else None,
+            f"{fast}_gb_per_s": moved[fast] / total[fast] / 1e6,
         }
         if "natten" in total:
             row["speedup_vs_natten"] = total["natten"] / total[fast]
@@ -358,7 +404,7 @@ def fmt(value: float | None, spec: str = ".2f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def op_rows(cases: list[Case], results: dict, methods: list[str]) -> list[list[str]]:
+def op_rows(cases: list[Case], results: dict, methods: list[str], copy_gb_per_s: float) -> list[list[str]]:
     rows = []
     for case in cases:
         uses = sorted({f"{u['preset']}@{u['resolution']}" for u in case.uses})
@@ -378,6 +424,8 @@ def op_rows(cases: list[Case], results: dict, methods: list[str]) -> list[list[s
                     fmt(speed, ".1f") + "x" if speed else "n/a",
                     fmt(res["fwd"]["peak_mib"], ".1f"),
                     fmt(res["fwd_bwd"]["peak_mib"], ".1f"),
+                    fmt(res["fwd_bwd"]["gb_per_s"], ".1f"),
+                    fmt(100 * res["fwd_bwd"]["gb_per_s"] / copy_gb_per_s, ".0f") + "%",
                 ]
             )
     return rows
@@ -392,6 +440,8 @@ OP_HEADER = [
     "fwd+bwd vs unfold",
     "fwd MiB",
     "fwd+bwd MiB",
+    "fwd+bwd GB/s",
+    "of copy bw",
 ]
 
 
@@ -407,6 +457,10 @@ def markdown(report: dict, rows: list[list[str]]) -> str:
         f"Batch {report['settings']['batch']}, {report['settings']['dtype']}; time = median of up to "
         f"{report['settings']['reps']} calls after a warm-up; peak memory = {report['memory_method']}.",
         "",
+        f"GB/s = compulsory bytes (see benchmarks/contmix.py) / time; copy bandwidth of this device "
+        f"{report['bandwidth']['copy_gb_per_s']:.1f} GB/s (one {report['bandwidth']['copy_mib']} MiB tensor copy), "
+        f"peak from the device properties {fmt(report['bandwidth']['peak_gb_per_s'], '.0f')} GB/s.",
+        "",
         "| " + " | ".join(OP_HEADER) + " |",
         "|" + "---|" * len(OP_HEADER),
     ]
@@ -418,14 +472,19 @@ def markdown(report: dict, rows: list[list[str]]) -> str:
             "",
             "## Focus-Net ContMix of one training step (forward+backward, both calls of every block, one batch)",
             "",
-            "| preset | input | ours ms | unfold ms | speed-up | worst peak-memory ratio (ours / unfold) |",
-            "|---|---|---|---|---|---|",
+            "| preset | input | ours ms | unfold ms | speed-up | vs natten | worst peak-memory ratio (ours / unfold) "
+            "| ours GB/s | of copy bw |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         fast = report["fast_backend"]
+        copy = report["bandwidth"]["copy_gb_per_s"]
         for g in report["goals"]:
+            natten = g.get("speedup_vs_natten")
             lines.append(
                 f"| {g['preset']} | {g['resolution']} | {g[f'{fast}_ms']:.1f} | {g['unfold_ms']:.1f} | "
-                f"{g['speedup_vs_unfold']:.1f}x | {fmt(g['worst_peak_memory_ratio'], '.3f')} |"
+                f"{g['speedup_vs_unfold']:.1f}x | {fmt(natten, '.1f') + 'x' if natten else 'n/a'} | "
+                f"{fmt(g['worst_peak_memory_ratio'], '.3f')} | {g[f'{fast}_gb_per_s']:.1f} | "
+                f"{100 * g[f'{fast}_gb_per_s'] / copy:.0f}% |"
             )
     if report.get("models"):
         lines += [
@@ -493,8 +552,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     info = machine_info(device)
     load_before = [round(x, 2) for x in os.getloadavg()]
+    copy_mib = 1024 if device.type == "cuda" else 256
+    bandwidth = {
+        "copy_mib": copy_mib,
+        "copy_gb_per_s": copy_bandwidth(device, copy_mib),
+        "peak_gb_per_s": peak_bandwidth(device),
+    }
     console.print(f"[bold]ContMix benchmark[/] on {info['device_name']} ({device}), torch {info['torch']}")
     console.print(f"methods: {', '.join(methods)}; peak memory: {memory.method}")
+    console.print(
+        f"copy bandwidth {bandwidth['copy_gb_per_s']:.1f} GB/s; peak from device properties "
+        f"{fmt(bandwidth['peak_gb_per_s'], '.0f')} GB/s"
+    )
     for name, note in notes.items():
         console.print(f"  [yellow]{name}[/]: {note}")
 
@@ -511,7 +580,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"({time.perf_counter() - started:.0f}s)"
             )
 
-    rows = op_rows(cases, results, list(methods))
+    rows = op_rows(cases, results, list(methods), bandwidth["copy_gb_per_s"])
     table = Table(title=f"ContMix, batch {args.batch}, {args.dtype}, {info['device_name']}")
     for column in OP_HEADER:
         table.add_column(column, justify="left" if column in ("shape (B=batch)", "used by", "method") else "right")
@@ -526,7 +595,8 @@ def main(argv: list[str] | None = None) -> dict:
         console.print(
             f"[bold]T @ {g['resolution']}[/]: Focus-Net ContMix fwd+bwd per batch {g[f'{fast}_ms']:.1f} ms vs unfold "
             f"{g['unfold_ms']:.1f} ms = {g['speedup_vs_unfold']:.1f}x; worst peak-memory ratio "
-            f"{fmt(g['worst_peak_memory_ratio'], '.3f')}"
+            f"{fmt(g['worst_peak_memory_ratio'], '.3f')}; {g[f'{fast}_gb_per_s']:.1f} GB/s = "
+            f"{100 * g[f'{fast}_gb_per_s'] / bandwidth['copy_gb_per_s']:.0f}% of the copy bandwidth"
         )
 
     report = {
@@ -540,6 +610,7 @@ def main(argv: list[str] | None = None) -> dict:
             "model_resolution": args.model_resolution,
         },
         "memory_method": memory.method,
+        "bandwidth": bandwidth,
         "fast_backend": fast,
         "notes": notes,
         "cases": [dict(asdict(c), label=c.label, results=results[c.label]) for c in cases],

@@ -61,13 +61,20 @@ def main() -> None:
             times[backend].append(step())
 
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    table = Table(title=f"{args.preset} training step, {args.img_size}px, batch {args.batch_size}, {name}, torch {torch.__version__}")
+    table = Table(
+        title=f"{args.preset} training step, {args.img_size}px, batch {args.batch_size}, {name}, torch {torch.__version__}"
+    )
     for column in ("ContMix backend", "median s/step", "images/s", "vs first"):
         table.add_column(column, justify="left" if column == "ContMix backend" else "right")
     first = statistics.median(times[backends[0]])
     for backend, samples in times.items():
         median = statistics.median(samples)
-        table.add_row(backend, f"{median:.2f}", f"{args.batch_size / median:.2f}", f"{first / median:.2f}x" if backend != backends[0] else "1.00x")
+        table.add_row(
+            backend,
+            f"{median:.2f}",
+            f"{args.batch_size / median:.2f}",
+            f"{first / median:.2f}x" if backend != backends[0] else "1.00x",
+        )
     Console().print(table)
 
 

@@ -77,8 +77,9 @@ def contmix(
 
     logits (B, heads, H, W, K*K), rpb (heads, 2K-1, 2K-1), value (B, heads, H, W, c) ->
     (B, heads, H, W, c) in value's dtype; accumulates in float32 for half inputs. Differentiable
-    in all three tensors; the fast backends recompute the softmax in the backward instead of
-    keeping the (B, heads, H, W, K*K) probability map. `backend`: "auto" (Triton on CUDA, the CPU
+    in all three tensors; the fast backends rebuild the softmax in the backward from the saved
+    log-sum-exp (one float per position) instead of keeping the (B, heads, H, W, K*K) probability
+    map. The output is saved for the backward, so edit it in place only after the backward. `backend`: "auto" (Triton on CUDA, the CPU
     path otherwise), "triton", "cpu", "reference", or the "unfold" baseline.
     """
     check_backend(backend)

@@ -17,8 +17,8 @@ K=7) the best tile is the whole map, i.e. one dense (HW x HW) product per head.
 
 Memory: the work is chunked over the (batch * heads) axis so that the transient buffers (the
 probability map of the chunk, the dense tile matrices, the gathered regions) stay under
-`CHUNK_BYTES`. The backward of `contmix` recomputes the softmax chunk by chunk: the full
-probability map is never held, in the forward or the backward.
+`CHUNK_BYTES`. The backward of `contmix` rebuilds the probabilities chunk by chunk from the
+forward's log-sum-exp: the full probability map is never held, in the forward or the backward.
 
 The functions only use PyTorch tensor ops, so they run on any device; `auto` picks them for CPU
 tensors (and for CUDA tensors only when Triton is missing).
@@ -186,15 +186,37 @@ class _Shapes:
     def chunks(self):
         return range(0, self.rows, self.chunk)
 
+    def new_output(self, value: torch.Tensor) -> torch.Tensor:
+        """An uninitialised (B, h, H, W, c) result in the compute dtype; `flat` of it is the view to fill.
 
-def _biased_logits(logits: torch.Tensor, bias: torch.Tensor, start: int, stop: int, shapes: _Shapes) -> torch.Tensor:
-    """softmax(logits + bias) of rows [start, stop) in the compute dtype, as one fresh (n, HW, K*K) tensor."""
+        Allocated in its final shape so that what a forward returns is never a view: autograd
+        forbids in-place edits of views returned from custom ops, even where they are harmless.
+        """
+        return torch.empty(value.shape, dtype=self.dtype, device=value.device)
+
+
+def _softmax_rows(
+    logits: torch.Tensor, bias: torch.Tensor, start: int, stop: int, shapes: _Shapes
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(logits + bias) of rows [start, stop) as one fresh (n, HW, K*K) tensor, and its (n, HW) log-sum-exp."""
     probs = bias.index_select(0, shapes.head_of_row[start:stop])
     probs += logits[start:stop]
-    probs -= probs.amax(dim=-1, keepdim=True)
+    peak = probs.amax(dim=-1, keepdim=True)
+    probs -= peak
     probs.exp_()
-    probs /= probs.sum(dim=-1, keepdim=True)
-    return probs
+    total = probs.sum(dim=-1, keepdim=True)
+    probs /= total
+    return probs, (peak + total.log_()).squeeze(-1)
+
+
+def _saved_softmax_rows(
+    logits: torch.Tensor, bias: torch.Tensor, lse: torch.Tensor, start: int, stop: int, shapes: _Shapes
+) -> torch.Tensor:
+    """The same probabilities rebuilt from the forward's log-sum-exp: exp(logits + bias - lse), one pass."""
+    probs = bias.index_select(0, shapes.head_of_row[start:stop])
+    probs += logits[start:stop]
+    probs -= lse[start:stop].unsqueeze(-1)
+    return probs.exp_()
 
 
 def _flat_bias(rpb: torch.Tensor, shapes: _Shapes, kernel_size: int) -> torch.Tensor:
@@ -213,23 +235,29 @@ def _aggregate_rows(probs: torch.Tensor, value: torch.Tensor, plan: _Plan, out: 
 def aggregate_forward(probs: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.Tensor:
     shapes = _Shapes(value, kernel_size, probs)
     p, v = shapes.flat(probs), shapes.flat(value).to(shapes.dtype)
-    out = torch.empty(shapes.rows, shapes.positions, shapes.channels, dtype=shapes.dtype, device=value.device)
+    result = shapes.new_output(value)
+    out = shapes.flat(result)
     for start in shapes.chunks():
         stop = min(start + shapes.chunk, shapes.rows)
         _aggregate_rows(p[start:stop].to(shapes.dtype), v[start:stop], shapes.plan, out[start:stop])
-    return out.view(value.shape).to(value.dtype)
+    return result.to(value.dtype)
 
 
-def contmix_forward(logits: torch.Tensor, rpb: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.Tensor:
+def contmix_forward(
+    logits: torch.Tensor, rpb: torch.Tensor, value: torch.Tensor, kernel_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     shapes = _Shapes(value, kernel_size, logits, rpb)
     bias = _flat_bias(rpb, shapes, kernel_size)
     z, v = shapes.flat(logits), shapes.flat(value).to(shapes.dtype)
-    out = torch.empty(shapes.rows, shapes.positions, shapes.channels, dtype=shapes.dtype, device=value.device)
+    result = shapes.new_output(value)
+    out = shapes.flat(result)
+    lse = torch.empty(value.shape[:4], dtype=shapes.dtype, device=value.device)
+    lse_rows = lse.view(shapes.rows, shapes.positions)
     for start in shapes.chunks():
         stop = min(start + shapes.chunk, shapes.rows)
-        probs = _biased_logits(z, bias, start, stop, shapes)
+        probs, lse_rows[start:stop] = _softmax_rows(z, bias, start, stop, shapes)
         _aggregate_rows(probs, v[start:stop], shapes.plan, out[start:stop])
-    return out.view(value.shape).to(value.dtype)
+    return result.to(value.dtype), lse
 
 
 def _backward_rows(
@@ -272,31 +300,38 @@ def aggregate_backward(
 
 
 def contmix_backward(
-    grad: torch.Tensor, logits: torch.Tensor, rpb: torch.Tensor, value: torch.Tensor, kernel_size: int
+    grad: torch.Tensor,
+    logits: torch.Tensor,
+    rpb: torch.Tensor,
+    value: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    kernel_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Recomputes the softmax per chunk; d logits = p * (dp - sum(p * dp)) per position.
+    """Rebuilds the probabilities per chunk from the saved log-sum-exp; d logits = p * (dp - D).
 
-    The bias gradient first sums d logits per head over the batch (an (h, HW, K*K) buffer, 1/B of
-    the logits), then folds that into the (2K-1)^2 table once at the end.
+    D = sum_s p_s dp_s equals grad . out (out = sum_s p_s v_s), a c-long dot product per position
+    instead of a K*K one. The bias gradient first sums d logits per head over the batch (an
+    (h, HW, K*K) buffer, 1/B of the logits), then folds that into the (2K-1)^2 table once at the end.
     """
     shapes = _Shapes(value, kernel_size, logits, rpb, grad)
     bias = _flat_bias(rpb, shapes, kernel_size)
-    g, z, v = shapes.flat(grad), shapes.flat(logits), shapes.flat(value)
+    g, z, v, o = shapes.flat(grad), shapes.flat(logits), shapes.flat(value), shapes.flat(out)
+    lse = lse.reshape(shapes.rows, shapes.positions)
     plan = shapes.plan
     dvalue = torch.zeros(shapes.rows, shapes.positions, shapes.channels, dtype=shapes.dtype, device=value.device)
     dlogits = torch.empty(shapes.rows, shapes.positions, shapes.kk, dtype=shapes.dtype, device=value.device)
     dbias = torch.zeros_like(bias)
     for start in shapes.chunks():
         stop = min(start + shapes.chunk, shapes.rows)
-        probs = _biased_logits(z, bias, start, stop, shapes)
-        dprobs = _backward_rows(
-            g[start:stop].to(shapes.dtype), probs, v[start:stop].to(shapes.dtype), plan, dvalue[start:stop]
-        )
+        grad_rows = g[start:stop].to(shapes.dtype)
+        probs = _saved_softmax_rows(z, bias, lse, start, stop, shapes)
+        dprobs = _backward_rows(grad_rows, probs, v[start:stop].to(shapes.dtype), plan, dvalue[start:stop])
         _untile(dprobs, plan, dlogits[start:stop])
         del dprobs
         dz = dlogits[start:stop]
-        # softmax backward in place: dz = p * (dp - sum(p * dp))
-        dz -= (probs * dz).sum(-1, keepdim=True)
+        # softmax backward in place: dz = p * (dp - D), D = grad . out
+        dz -= torch.linalg.vecdot(grad_rows, o[start:stop].to(shapes.dtype)).unsqueeze(-1)
         dz *= probs
         del probs
         dbias.index_add_(0, shapes.head_of_row[start:stop], dz)

@@ -3,12 +3,20 @@
 Registering the operators (rather than calling backend code directly) buys three things: the
 tracer sees a single `overlock::contmix` node, so `torch.compile(fullgraph=True)` never breaks
 the graph on Triton or on our CPU loops; fvcore's jit counter can give that node a FLOP handle;
-and autograd saves only the inputs (the backward recomputes the softmax). The backward passes are
+and autograd saves what the backward needs and no probability map. The backward passes are
 custom ops too (`overlock::contmix_backward`, `overlock::aggregate_backward`), so that
 AOTAutograd traces them as opaque nodes instead of tracing into backend code.
 
-Backends (`BACKENDS`): every one implements the same four functions, `contmix_forward`,
-`contmix_backward`, `aggregate_forward`, `aggregate_backward`:
+What the fused op saves, and why: the inputs, the output and the softmax's log-sum-exp per
+position (B, heads, H, W). With those the backward rebuilds every probability in one pass as
+exp(logit + bias - lse), and gets the softmax-backward term D = sum_s p_s dp_s as grad . out (the
+same identity FlashAttention uses), so it never re-reads the logits just for the softmax
+statistics. The log-sum-exp is a second output of `overlock::contmix`, marked non-differentiable;
+`kernels.contmix` returns the first.
+
+Backends (`BACKENDS`): every one implements the same four functions, `contmix_forward` (returning
+the output and the log-sum-exp), `contmix_backward` (taking them), `aggregate_forward`,
+`aggregate_backward`:
 - "reference": `reference.py`, the obviously-correct gather of every window (tests compare to it);
 - "cpu": `cpu.py`, tiled dense products (pure PyTorch, so it also runs on other devices);
 - "triton": `triton_kernels.py`, fused kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1;
@@ -102,38 +110,49 @@ def _run(backend: str, function: str, *args):
 @torch.library.custom_op("overlock::contmix", mutates_args=())
 def contmix_op(
     logits: torch.Tensor, rpb: torch.Tensor, value: torch.Tensor, kernel_size: int, backend: str
-) -> torch.Tensor:
-    return _run(backend, "contmix_forward", logits, rpb, value, kernel_size)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = _run(backend, "contmix_forward", logits, rpb, value, kernel_size)
+    return out, lse
 
 
 @contmix_op.register_fake
 def _(logits, rpb, value, kernel_size, backend):
-    return value.new_empty(value.shape)
+    lse_dtype = reference.compute_dtype(logits, rpb, value)
+    return value.new_empty(value.shape), logits.new_empty(logits.shape[:4], dtype=lse_dtype)
 
 
 @torch.library.custom_op("overlock::contmix_backward", mutates_args=())
 def contmix_backward_op(
-    grad: torch.Tensor, logits: torch.Tensor, rpb: torch.Tensor, value: torch.Tensor, kernel_size: int, backend: str
+    grad: torch.Tensor,
+    logits: torch.Tensor,
+    rpb: torch.Tensor,
+    value: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    kernel_size: int,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dlogits, drpb, dvalue = _run(backend, "contmix_backward", grad, logits, rpb, value, kernel_size)
+    dlogits, drpb, dvalue = _run(backend, "contmix_backward", grad, logits, rpb, value, out, lse, kernel_size)
     return dlogits, drpb, dvalue
 
 
 @contmix_backward_op.register_fake
-def _(grad, logits, rpb, value, kernel_size, backend):
+def _(grad, logits, rpb, value, out, lse, kernel_size, backend):
     return logits.new_empty(logits.shape), rpb.new_empty(rpb.shape), value.new_empty(value.shape)
 
 
 def _contmix_setup(ctx, inputs, output):
     logits, rpb, value, kernel_size, backend = inputs
-    ctx.save_for_backward(logits, rpb, value)
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(logits, rpb, value, out, lse)
     ctx.kernel_size = kernel_size
     ctx.backend = backend
 
 
-def _contmix_backward(ctx, grad_out):
-    logits, rpb, value = ctx.saved_tensors
-    dlogits, drpb, dvalue = contmix_backward_op(grad_out, logits, rpb, value, ctx.kernel_size, ctx.backend)
+def _contmix_backward(ctx, grad_out, grad_lse):
+    logits, rpb, value, out, lse = ctx.saved_tensors
+    dlogits, drpb, dvalue = contmix_backward_op(grad_out, logits, rpb, value, out, lse, ctx.kernel_size, ctx.backend)
     return dlogits, drpb, dvalue, None, None
 
 
@@ -192,7 +211,7 @@ def contmix(
     backend = resolve_backend(backend, (logits, rpb, value))
     if backend == "unfold":
         return unfold.contmix(logits, rpb, value, kernel_size)
-    return contmix_op(logits, rpb, value, kernel_size, backend)
+    return contmix_op(logits, rpb, value, kernel_size, backend)[0]
 
 
 def aggregate(probs: torch.Tensor, value: torch.Tensor, kernel_size: int, backend: str) -> torch.Tensor:

@@ -81,12 +81,16 @@ def aggregate(probs: torch.Tensor, value: torch.Tensor, kernel_size: int) -> tor
     return out.to(value.dtype)
 
 
-def probabilities(logits: torch.Tensor, rpb: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """softmax(logits + rpb at the clamped windows) in the compute dtype: the map the fused op avoids."""
+def biased_logits(logits: torch.Tensor, rpb: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """logits + rpb at the clamped windows, in the compute dtype: what the softmax normalises."""
     height, width = logits.shape[2:4]
     dtype = compute_dtype(logits, rpb)
-    biased = logits.to(dtype) + gather_rpb(rpb.to(dtype), height, width, kernel_size)
-    return biased.softmax(dim=-1)
+    return logits.to(dtype) + gather_rpb(rpb.to(dtype), height, width, kernel_size)
+
+
+def probabilities(logits: torch.Tensor, rpb: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """softmax(logits + rpb at the clamped windows) in the compute dtype: the map the fused op avoids."""
+    return biased_logits(logits, rpb, kernel_size).softmax(dim=-1)
 
 
 def contmix(logits: torch.Tensor, rpb: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -116,7 +120,7 @@ def aggregate_backward(
     return dprobs.to(probs.dtype), dvalue.view(value.shape).to(value.dtype)
 
 
-def contmix_backward(
+def contmix_gradients(
     grad: torch.Tensor, logits: torch.Tensor, rpb: torch.Tensor, value: torch.Tensor, kernel_size: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `contmix` w.r.t. logits, rpb and value, in their dtypes.
@@ -135,6 +139,28 @@ def contmix_backward(
     return dlogits.to(logits.dtype), drpb.view(rpb.shape).to(rpb.dtype), dvalue.to(value.dtype)
 
 
-# The backend interface of `ops` (every backend has these four names).
-contmix_forward = contmix
+# --- the backend interface of `ops` (every backend has these four names) ----------------------
+
+
+def contmix_forward(
+    logits: torch.Tensor, rpb: torch.Tensor, value: torch.Tensor, kernel_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`contmix` and the softmax's log-sum-exp per position (B, heads, H, W), which the op saves."""
+    lse = biased_logits(logits, rpb, kernel_size).logsumexp(dim=-1)
+    return contmix(logits, rpb, value, kernel_size), lse
+
+
+def contmix_backward(
+    grad: torch.Tensor,
+    logits: torch.Tensor,
+    rpb: torch.Tensor,
+    value: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    kernel_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`contmix_gradients`, which recomputes everything: the saved out and lse are only for the fast backends."""
+    return contmix_gradients(grad, logits, rpb, value, kernel_size)
+
+
 aggregate_forward = aggregate

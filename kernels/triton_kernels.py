@@ -10,21 +10,23 @@ c values, c = 8..16 in OverLoCK, so the logits dominate):
   tile of logits (contiguous per position), adds the bias, and folds it into an online softmax
   (running max and sum, rescaling the accumulator), then accumulates p * v over a
   (BLOCK_J, K, BLOCK_C) tile of values. Window clamping is two min/max per program and lane.
-- The fused forward writes only the output: no probability map, no statistics.
-- Backward, kernel 1 (per output position, like the forward): pass 1 recomputes the softmax
-  statistics (max, sum) and D = sum_s p_s dp_s with dp_s = grad . v_s; pass 2 recomputes p and
-  writes d logits = p (dp - D). It stores the log-sum-exp (B, h, H, W) floats for kernel 2 and
-  accumulates the bias gradient: inside a row segment every interior position maps a slot to the
-  same bias entry, so interior lanes are reduced in registers first and added with K atomics per
-  window row; only the K//2 border columns add per lane.
+- The fused forward writes the output and the log-sum-exp per position (B, h, H, W floats, 1/K^2
+  of the logits); no probability map. The op saves both for the backward.
+- Backward, kernel 1 (per output position, like the forward): D = sum_s p_s dp_s is grad . out (a
+  c-long dot product, the FlashAttention identity), and p = exp(logit + bias - lse), so a single
+  pass over the logits writes d logits = p (dp - D), with dp_s = grad . v_s. It accumulates the
+  bias gradient: inside a row segment every interior position maps a slot to the same bias entry,
+  so interior lanes are reduced in registers first and added with K atomics per window row; only
+  the K//2 border columns add per lane.
 - Backward, kernel 2 (per *value* position y): d v[y] = sum of p[x, s] grad[x] over the (x, s)
   whose neighbour is y, a gather over the inverse neighbourhood, so no atomics on d v and the
   result is deterministic. Window starts are monotonic in the query position, so the query rows
   whose window holds row r form one contiguous range (K rows in the interior, up to K + K//2 next
-  to a clamped border), and per lane so do the query columns. It recomputes p from the logits,
-  the bias and the stored log-sum-exp.
-- The backward thus reads the logits three times (two passes, then kernel 2): the op has a single
-  output, so the forward cannot hand the log-sum-exp over.
+  to a clamped border), and per lane so do the query columns. It rebuilds p from the logits, the
+  bias and the saved log-sum-exp.
+- Traffic per position, fused op: the forward reads K*K logits and the window's values and writes c
+  outputs; the backward reads the logits twice (once per kernel) and writes K*K d logits. The values
+  of a window are shared by neighbouring lanes and mostly come from cache.
 - Everything accumulates in float32; inputs may be float16/bfloat16/float32 and any strides.
 """
 
@@ -56,7 +58,7 @@ _MAX_BLOCK_C = 32
 
 @triton.jit
 def _na_forward(
-    w_ptr, rpb_ptr, v_ptr, out_ptr,
+    w_ptr, rpb_ptr, v_ptr, out_ptr, lse_ptr,
     heads, H, W, C, n_jblocks,
     sw_b, sw_g, sw_h, sw_w, sw_k,
     sr_g, sr_u, sr_v,
@@ -106,6 +108,8 @@ def _na_forward(
         acc += tl.sum(x[:, :, None] * v, axis=1)
     if SOFTMAX:
         acc = acc / total[:, None]
+        if tl.program_id(2) == 0:  # every channel block has the same statistics; the first one stores them
+            tl.store(lse_ptr + bg.to(tl.int64) * H * W + i * W + j, m + tl.log(total), mask=jmask)
     out = out_ptr + b * so_b + g * so_g + i * so_h + j[:, None] * so_w + cc[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=jmask[:, None] & cmask[None, :])
 
@@ -136,12 +140,13 @@ def _slot_grad(
 
 @triton.jit
 def _na_backward_weights(
-    w_ptr, rpb_ptr, v_ptr, go_ptr, dw_ptr, drpb_ptr, lse_ptr,
+    w_ptr, rpb_ptr, v_ptr, go_ptr, out_ptr, lse_ptr, dw_ptr, drpb_ptr,
     heads, H, W, C, n_jblocks,
     sw_b, sw_g, sw_h, sw_w, sw_k,
     sr_g, sr_u, sr_v,
     sv_b, sv_g, sv_h, sv_w, sv_c,
     sg_b, sg_g, sg_h, sg_w, sg_c,
+    so_b, so_g, so_h, so_w, so_c,
     sd_b, sd_g, sd_h, sd_w,
     K: tl.constexpr, SOFTMAX: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, ONE_C_BLOCK: tl.constexpr,
@@ -172,31 +177,19 @@ def _na_backward_weights(
     go = tl.load(go_tile, mask=jmask[:, None] & (cc < C)[None, :], other=0.0).to(tl.float32) if ONE_C_BLOCK else None
 
     if SOFTMAX:
-        # pass 1: softmax statistics and D = sum_s p_s dp_s (online, like the forward)
-        m = tl.full([BLOCK_J], float("-inf"), tl.float32)
-        total = tl.zeros([BLOCK_J], tl.float32)
-        dot = tl.zeros([BLOCK_J], tl.float32)
-        for a in range(K):
-            row = si + a
-            x = tl.load(w_tile + a * K * sw_k, mask=mask2, other=0.0).to(tl.float32)
-            x += tl.load(bias_tile + (K - 1 + row - i) * sr_u, mask=mask2, other=0.0).to(tl.float32)
-            x = tl.where(kmask[None, :], x, float("-inf"))
-            m_new = tl.maximum(m, tl.max(x, axis=1))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(x - m_new[:, None])
-            dp = _slot_grad(
-                v_tile, row, sv_h, sv_c, go, go_tile, sg_c, mask2, jmask, C, BLOCK_J, BLOCK_K, BLOCK_C, ONE_C_BLOCK
-            )
-            total = total * alpha + tl.sum(p, axis=1)
-            dot = dot * alpha + tl.sum(p * dp, axis=1)
-            m = m_new
-        lse = m + tl.log(total)
-        d = dot / total
-        tl.store(lse_ptr + bg.to(tl.int64) * H * W + i * W + j, lse, mask=jmask)
+        # D = sum_s p_s dp_s = grad . out, and p = exp(logit + bias - lse) from the forward's statistics:
+        # one pass over the logits writes d logits = p (dp - D) and the bias gradient.
+        o_tile = out_ptr + b * so_b + g * so_g + i * so_h + j[:, None] * so_w + cc[None, :] * so_c
+        d = tl.zeros([BLOCK_J], tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cmask = jmask[:, None] & ((c0 + cc) < C)[None, :]
+            o = tl.load(o_tile + c0 * so_c, mask=cmask, other=0.0).to(tl.float32)
+            go_c = tl.load(go_tile + c0 * sg_c, mask=cmask, other=0.0).to(tl.float32)
+            d += tl.sum(o * go_c, axis=1)
+        lse = tl.load(lse_ptr + bg.to(tl.int64) * H * W + i * W + j, mask=jmask, other=0.0)
         interior = jmask & (j >= half) & (j < W - half)
         has_border = (jb * BLOCK_J < half) | ((jb + 1) * BLOCK_J > W - half)
         drpb_head = drpb_ptr + g * span * span
-        # pass 2: d logits = p (dp - D), and the bias gradient
         for a in range(K):
             row = si + a
             x = tl.load(w_tile + a * K * sw_k, mask=mask2, other=0.0).to(tl.float32)
@@ -207,6 +200,8 @@ def _na_backward_weights(
             )
             dz = p * (dp - d[:, None])
             tl.store(dw_tile + a * K, dz.to(dw_ptr.dtype.element_ty), mask=mask2)
+            # inside a row segment every interior lane maps a slot to the same bias entry: reduce the
+            # interior in registers (K atomics per window row); only border lanes add one by one
             bias_row = drpb_head + (K - 1 + row - i) * span
             inner = tl.sum(tl.where(interior[:, None], dz, 0.0), axis=0)
             tl.atomic_add(bias_row + half + kk, inner, mask=kmask)
@@ -284,76 +279,111 @@ def _blocks(width: int, kernel_size: int, channels: int) -> tuple[int, int, int]
     return block_j, block_k, block_c
 
 
+def launch_configs(width: int, kernel_size: int, channels: int, softmax: bool) -> dict[str, dict]:
+    """The compile-time parameters of the three kernels for one call shape, keyed by kernel name.
+
+    The launchers below use exactly these, and `triton_aot` compiles exactly these ahead of time.
+    """
+    block_j, block_k, block_c = _blocks(width, kernel_size, channels)
+    common = dict(K=kernel_size, SOFTMAX=softmax, BLOCK_J=block_j, BLOCK_C=block_c)
+    return {
+        "_na_forward": dict(common, BLOCK_K=block_k),
+        "_na_backward_weights": dict(common, BLOCK_K=block_k, ONE_C_BLOCK=channels <= block_c),
+        "_na_backward_value": dict(common, BLOCK_D=block_k),
+    }
+
+
 def _launch_forward(
     weights: torch.Tensor, rpb: torch.Tensor | None, value: torch.Tensor, kernel_size: int
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output, and with a bias (the fused softmax) the log-sum-exp per position, float32."""
     batch, heads, height, width, channels = value.shape
     out = torch.empty(value.shape, dtype=value.dtype, device=value.device)
-    block_j, block_k, block_c = _blocks(width, kernel_size, channels)
-    n_jblocks = triton.cdiv(width, block_j)
-    grid = (height * n_jblocks, batch * heads, triton.cdiv(channels, block_c))
     softmax = rpb is not None
+    lse = torch.empty((batch, heads, height, width), dtype=torch.float32, device=value.device) if softmax else None
+    config = launch_configs(width, kernel_size, channels, softmax)["_na_forward"]
+    n_jblocks = triton.cdiv(width, config["BLOCK_J"])
+    grid = (height * n_jblocks, batch * heads, triton.cdiv(channels, config["BLOCK_C"]))
     rpb_arg = rpb if softmax else weights
     rpb_strides = rpb.stride() if softmax else (0, 0, 0)
     _na_forward[grid](
-        weights, rpb_arg, value, out,
+        weights, rpb_arg, value, out, lse if softmax else out,
         heads, height, width, channels, n_jblocks,
         *weights.stride(), *rpb_strides, *value.stride(), *out.stride()[:4],
-        K=kernel_size, SOFTMAX=softmax, BLOCK_J=block_j, BLOCK_K=block_k, BLOCK_C=block_c,
+        **config,
     )  # fmt: skip
-    return out
+    return out, lse
 
 
 def _launch_backward(
-    grad: torch.Tensor, weights: torch.Tensor, rpb: torch.Tensor | None, value: torch.Tensor, kernel_size: int
+    grad: torch.Tensor,
+    weights: torch.Tensor,
+    rpb: torch.Tensor | None,
+    value: torch.Tensor,
+    out: torch.Tensor | None,
+    lse: torch.Tensor | None,
+    kernel_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     batch, heads, height, width, channels = value.shape
     softmax = rpb is not None
     dweights = torch.empty(weights.shape, dtype=weights.dtype, device=value.device)
     dvalue = torch.empty(value.shape, dtype=value.dtype, device=value.device)
-    lse = torch.empty((batch, heads, height, width), dtype=torch.float32, device=value.device)
     span = 2 * kernel_size - 1
     drpb = torch.zeros((heads, span, span), dtype=torch.float32, device=value.device)
+    if softmax:
+        assert out is not None and lse is not None
+        lse = lse.to(torch.float32).contiguous()
+    else:  # no softmax: the pointers are never read
+        out, lse = grad, grad
     rpb_arg = rpb if softmax else weights
     rpb_strides = rpb.stride() if softmax else (0, 0, 0)
-    block_j, block_k, block_c = _blocks(width, kernel_size, channels)
-    n_jblocks = triton.cdiv(width, block_j)
+    configs = launch_configs(width, kernel_size, channels, softmax)
+    n_jblocks = triton.cdiv(width, configs["_na_forward"]["BLOCK_J"])
     # kernel 1 needs all channels of a position for dp: one program per position block, channels looped
     _na_backward_weights[(height * n_jblocks, batch * heads)](
-        weights, rpb_arg, value, grad, dweights, drpb, lse,
+        weights, rpb_arg, value, grad, out, lse, dweights, drpb,
         heads, height, width, channels, n_jblocks,
-        *weights.stride(), *rpb_strides, *value.stride(), *grad.stride(), *dweights.stride()[:4],
-        K=kernel_size, SOFTMAX=softmax, BLOCK_J=block_j, BLOCK_K=block_k, BLOCK_C=block_c,
-        ONE_C_BLOCK=channels <= block_c,
+        *weights.stride(), *rpb_strides, *value.stride(), *grad.stride(), *out.stride(), *dweights.stride()[:4],
+        **configs["_na_backward_weights"],
     )  # fmt: skip
-    grid = (height * n_jblocks, batch * heads, triton.cdiv(channels, block_c))
+    grid = (height * n_jblocks, batch * heads, triton.cdiv(channels, configs["_na_backward_value"]["BLOCK_C"]))
     _na_backward_value[grid](
         weights, rpb_arg, lse, grad, dvalue,
         heads, height, width, channels, n_jblocks,
         *weights.stride(), *rpb_strides, *grad.stride(), *dvalue.stride()[:4],
-        K=kernel_size, SOFTMAX=softmax, BLOCK_J=block_j, BLOCK_D=block_k, BLOCK_C=block_c,
+        **configs["_na_backward_value"],
     )  # fmt: skip
     return dweights, (drpb.to(rpb.dtype) if softmax else None), dvalue
 
 
-def contmix_forward(logits: torch.Tensor, rpb: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    return _launch_forward(logits, rpb, value, kernel_size)
+def contmix_forward(
+    logits: torch.Tensor, rpb: torch.Tensor, value: torch.Tensor, kernel_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = _launch_forward(logits, rpb, value, kernel_size)
+    assert lse is not None
+    return out, lse
 
 
 def contmix_backward(
-    grad: torch.Tensor, logits: torch.Tensor, rpb: torch.Tensor, value: torch.Tensor, kernel_size: int
+    grad: torch.Tensor,
+    logits: torch.Tensor,
+    rpb: torch.Tensor,
+    value: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    kernel_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dlogits, drpb, dvalue = _launch_backward(grad, logits, rpb, value, kernel_size)
+    dlogits, drpb, dvalue = _launch_backward(grad, logits, rpb, value, out, lse, kernel_size)
     assert drpb is not None
     return dlogits, drpb, dvalue
 
 
 def aggregate_forward(probs: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    return _launch_forward(probs, None, value, kernel_size)
+    return _launch_forward(probs, None, value, kernel_size)[0]
 
 
 def aggregate_backward(
     grad: torch.Tensor, probs: torch.Tensor, value: torch.Tensor, kernel_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    dprobs, _, dvalue = _launch_backward(grad, probs, None, value, kernel_size)
+    dprobs, _, dvalue = _launch_backward(grad, probs, None, value, None, None, kernel_size)
     return dprobs, dvalue

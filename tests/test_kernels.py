@@ -93,7 +93,7 @@ def test_reference_backward_formulas_match_autograd():
     logits, rpb, value, grad = make_inputs(2, 2, 7, 9, 3, 5, dtype=torch.float64)
     rpb = rpb.double()
     _, expected = grads_of(lambda a, b, c: reference.contmix(a, b, c, 5), (logits, rpb, value), grad)
-    for got, want in zip(reference.contmix_backward(grad, logits, rpb, value, 5), expected, strict=True):
+    for got, want in zip(reference.contmix_gradients(grad, logits, rpb, value, 5), expected, strict=True):
         torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
     probs = reference.probabilities(logits, rpb, 5)
     _, expected = grads_of(lambda p, v: reference.aggregate(p, v, 5), (probs, value), grad)
@@ -127,6 +127,25 @@ def test_contmix_matches_reference_forward_and_gradients(shape, backend):
     assert_close(out, ref_out, atol=2e-6)
     for name, got, want in zip(("logits", "rpb", "value"), grads, ref_grads, strict=True):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_contmix_op_saves_the_log_sum_exp_of_the_biased_logits(backend):
+    """The second output of overlock::contmix: what the backward rebuilds the probabilities from."""
+    logits, rpb, value, _ = make_inputs(*SHAPES["K5_non_square_c_odd"])
+    out, lse = torch.ops.overlock.contmix(logits, rpb, value, 5, backend)
+    assert lse.shape == value.shape[:4] and lse.dtype == torch.float32
+    torch.testing.assert_close(lse, reference.biased_logits(logits, rpb, 5).logsumexp(-1), atol=1e-6, rtol=0)
+    assert_close(out, reference.contmix(logits, rpb, value, 5), atol=2e-6)
+
+
+def test_contmix_output_is_saved_for_backward_so_in_place_edits_are_caught():
+    """The backward reads the output (D = grad . out): editing it in place must fail loudly, not silently."""
+    logits, rpb, value, grad = make_inputs(1, 2, 6, 6, 3, 3)
+    out = kernels.contmix(logits.requires_grad_(), rpb, value, 3, backend="cpu")
+    out.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward(grad)
 
 
 @pytest.mark.parametrize("shape", [SHAPES["K5_non_square_c_odd"], SHAPES["K13_W_eq_K"]], ids=["K5", "K13"])
@@ -280,11 +299,13 @@ def test_triton_backend_rejects_float64(monkeypatch):
 def test_ops_are_registered_with_fake_implementations():
     logits, rpb, value, _ = _good()
     fake = [t.to("meta") for t in (logits, rpb, value)]
-    out = torch.ops.overlock.contmix(*fake, 3, "cpu")
+    out, lse = torch.ops.overlock.contmix(*fake, 3, "cpu")
     assert out.shape == value.shape and out.device.type == "meta"
-    grads = torch.ops.overlock.contmix_backward(out, *fake, 3, "cpu")
+    assert lse.shape == value.shape[:4] and lse.dtype == torch.float32
+    grads = torch.ops.overlock.contmix_backward(out, *fake, out, lse, 3, "cpu")
     assert [g.shape for g in grads] == [logits.shape, rpb.shape, value.shape]
     torch.library.opcheck(torch.ops.overlock.contmix.default, (logits, rpb, value, 3, "cpu"))
+    torch.library.opcheck(torch.ops.overlock.contmix.default, (logits.requires_grad_(), rpb, value, 3, "cpu"))
     probs = reference.probabilities(logits, rpb, 3)
     torch.library.opcheck(torch.ops.overlock.aggregate.default, (probs, value, 3, "cpu"))
 

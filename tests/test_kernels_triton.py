@@ -3,7 +3,10 @@ Triton's interpreter. Shapes stay small because the interpreter runs every progr
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -128,3 +131,34 @@ def test_triton_tiles_split_rows_and_channels(triton_module, monkeypatch):
     assert triton_module._blocks(11, k, 6) == (4, 4, 4)
     logits, rpb, value, grad = make_inputs(1, 2, 4, 11, 6, k)
     check_contmix(logits, rpb, value, grad, k)
+
+
+def test_triton_forward_saves_the_log_sum_exp_once_per_position(triton_module, monkeypatch):
+    """The statistics the backward rebuilds p from, also with several channel blocks per position."""
+    monkeypatch.setattr(triton_module, "_MAX_BLOCK_C", 4)
+    k = 5
+    logits, rpb, value, _ = make_inputs(2, 2, 6, 9, 7, k)
+    out, lse = torch.ops.overlock.contmix(logits, rpb, value, k, "triton")
+    assert lse.shape == value.shape[:4] and lse.dtype == torch.float32
+    torch.testing.assert_close(lse, reference.biased_logits(logits, rpb, k).logsumexp(-1), atol=2e-6, rtol=0)
+    torch.testing.assert_close(out, reference.contmix(logits, rpb, value, k), atol=2e-6, rtol=0)
+
+
+def test_kernels_compile_for_h100_without_spilling():
+    """The interpreter checks numbers, not compilation: compile every launched variant for sm_90 with
+    ptxas (no GPU needed), at the T preset's Focus-Net shapes and one with several channel blocks."""
+    pytest.importorskip("triton.backends.nvidia")
+    shapes = ["14:13:16", "14:5:16", "7:7:16", "7:5:16", "56:17:48"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    compiled = []
+    for extra in (["--dtype", "float32"], ["--dtype", "bfloat16"], ["--aggregate"]):
+        command = [sys.executable, "-m", "overlock.kernels.triton_aot", *shapes, *extra]
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        compiled += [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(compiled) == 3 * len(shapes) * 3
+    assert {c["kernel"] for c in compiled} == {"_na_forward", "_na_backward_weights", "_na_backward_value"}
+    assert {c["config"]["ONE_C_BLOCK"] for c in compiled if c["kernel"] == "_na_backward_weights"} == {True, False}
+    spilling = [c for c in compiled if c["spill_bytes"] > 0]
+    assert not spilling, spilling
+    assert max(c["registers"] for c in compiled) <= 255
