@@ -8,6 +8,8 @@ with `weights_only=True` and rebuilt without the YAML it came from.
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, OverlockError
 
 MODEL_FORMAT = "overlock-model"
 
@@ -25,11 +27,17 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
 
     Everything overlock writes that a user owns (checkpoints, model files, a run's text files)
     goes through here: a crash or a full disk while writing leaves the previous file untouched,
-    and readers never see a partial file.
+    and readers never see a partial file. A path that cannot be written (a directory, a parent
+    that is a file, no permission) is an `OverlockError` naming it, not a traceback.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise OverlockError(f"cannot write {path}: it is a directory; give a file path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise OverlockError(f"cannot write {path}: {_os_reason(path, exc)}") from None
     try:
         # mkstemp creates 0600; give the file the permissions a plain open() would (umask applies).
         umask = os.umask(0)
@@ -40,10 +48,24 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise OverlockError(
+                f"cannot write {path}: {_os_reason(path, exc)} (a previous {path.name}, if any, is unchanged)"
+            ) from None
         raise
     return path
+
+
+def _os_reason(path: Path, exc: OSError) -> str:
+    """Why `path` cannot be written, in words (a parent that is a file says more than errno 17)."""
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{parent} is a file, not a directory"
+            break
+    return exc.strerror or str(exc)
 
 
 def save_atomic(obj: Any, path: str | Path) -> Path:
@@ -53,15 +75,42 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
 
 def load_file(path: str | Path) -> Any:
     """torch.load with weights_only=True, turning unreadable files into a clear error."""
+    if str(path).strip() == "":
+        raise CheckpointError("no checkpoint given: the path is empty")
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory; give the checkpoint file (e.g. {path / 'last.pt'})")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
+        with path.open("rb") as handle:
+            magic = handle.read(4)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+    # torch.save writes a zip archive (legacy files: a pickle, protocol 2+ starts with 0x80).
+    if not (magic.startswith(b"PK\x03\x04") or magic.startswith(b"\x80")):
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (a file written by torch.save, e.g. .pt or .pth)")
+    try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is the user's file, not our bug
+    except pickle.UnpicklingError as exc:
+        if "weights only" not in str(exc).lower():
+            raise CheckpointError(f"cannot read {path}: the file is corrupt ({_first_line(exc)})") from None
+        found = re.search(r"WeightsUnpickler error: (.*?)(?:\. |\n|$)", str(exc))
+        detail = f" ({found.group(1).rstrip('.')})" if found else ""
         raise CheckpointError(
-            f"cannot read {path} as a weights-only torch checkpoint: {str(exc).splitlines()[0]}"
+            f"{path} holds Python objects that overlock does not load{detail}: checkpoints are read with "
+            "torch.load(weights_only=True), which constructs only tensors, numbers, strings, lists and dicts, so "
+            "no code from a file ever runs. Re-save it as a plain state dict (name -> tensor), or check that "
+            "the file is complete."
         ) from None
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is the user's file, not our bug
+        raise CheckpointError(f"cannot read {path}: the file is truncated or corrupt ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first sentence of an exception message (torch's run on for several lines)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text.split(". ")[0].rstrip(".")
 
 
 def model_file(model: torch.nn.Module, deploy: bool) -> dict[str, Any]:

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from . import archspec
 from .errors import OverlockError, exit_on_user_error
+from .training.progress import make_console
 
 app = typer.Typer(
     name="overlock",
@@ -27,12 +27,18 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 # Piped output is not squeezed into 80 columns (tables are read in logs and CI output too).
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+console = make_console()
 
-SpecArg = Annotated[str, typer.Argument(help="A preset name (xt, t, s, b, pico) or a path to a YAML spec.", show_default=False)]
+SpecArg = Annotated[
+    str, typer.Argument(help="A preset name (xt, t, s, b, pico) or a path to a YAML spec.", show_default=False)
+]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", help="Override a field: dotted KEY=VALUE, e.g. focus.stages.0.groups=8 (repeatable).", show_default=False),
+    typer.Option(
+        "--set",
+        help="Override a field: dotted KEY=VALUE, e.g. focus.stages.0.groups=8 (repeatable).",
+        show_default=False,
+    ),
 ]
 DeployOpt = Annotated[bool, typer.Option("--deploy", help="Build the re-parameterised (inference) form.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
@@ -42,6 +48,16 @@ def _build(spec: str, overrides: list[str] | None, deploy: bool):
     from .builder import build
 
     return build(spec, deploy=deploy, overrides=overrides)
+
+
+def _refuse_overwriting_an_input(output: Path, flag: str, **inputs: str | Path) -> None:
+    """An output that names one of the command's own input files would replace the user's original."""
+    for what, source in inputs.items():
+        source = Path(source)
+        if output.is_file() and source.is_file() and output.resolve() == source.resolve():
+            raise OverlockError(
+                f"{flag} {output} is the {what} file this command reads; give another file name so it is kept"
+            )
 
 
 def _fmt(n: int) -> str:
@@ -67,12 +83,16 @@ def build(
     deploy: DeployOpt = False,
     set_: SetOpt = None,
     as_json: JsonOpt = False,
-    save: Annotated[Path | None, typer.Option("--save", help="Write the built model (spec + weights) to this file.")] = None,
+    save: Annotated[
+        Path | None, typer.Option("--save", help="Write the built model (spec + weights) to this file.")
+    ] = None,
 ) -> None:
     """Validate and build a spec; print widths, depths, kernels, groups and parameters per stage."""
     from .builder.summary import summarize
     from .checkpoint import model_file, save_atomic
 
+    if save is not None:
+        _refuse_overwriting_an_input(save, "--save", spec=spec)
     model = _build(spec, set_, deploy)
     summary = summarize(model)
     if save is not None:
@@ -81,19 +101,22 @@ def build(
         print(json.dumps(summary))
         return
     form = "deploy (re-parameterised)" if deploy else "training"
-    table = Table(title=f"{summary['name'] or spec}: {form} form", title_justify="left")
+    title = f"{summary['name'] or spec}: {form} form"
+    table = Table(title=escape(title), title_justify="left", min_width=len(title))
     for column in ("subnet", "stage", "width", "depth", "kernel", "groups", "params"):
         table.add_column(column, justify="right" if column in ("depth", "params") else "left", no_wrap=True)
     for row in summary["stages"]:
         depth = str(row["depth"]) if row["depth"] else "-"
-        table.add_row(row["subnet"], row["stage"], row["width"], depth, row["kernels"], row["groups"], _fmt(row["params"]))
+        table.add_row(
+            row["subnet"], row["stage"], row["width"], depth, row["kernels"], row["groups"], _fmt(row["params"])
+        )
     table.add_section()
     for name, count in summary["subnetworks"].items():
         table.add_row(f"[bold]{name}[/]", "", "", "", "", "", _fmt(count))
     table.add_row("[bold]total[/]", "", "", "", "", "", f"[bold]{_fmt(summary['params'])}[/]")
     console.print(table)
     if save is not None:
-        console.print(f"saved {save}")
+        console.print(f"saved {escape(str(save))}")
 
 
 def _parse_input_size(text: str) -> tuple[int, int]:
@@ -103,7 +126,9 @@ def _parse_input_size(text: str) -> tuple[int, int]:
     height = int(match.group(1))
     width = int(match.group(2) or height)
     if height < 32 or width < 32:
-        raise OverlockError(f"--input-size {height}x{width}: each side must be at least 32 (the network downsamples 32x)")
+        raise OverlockError(
+            f"--input-size {height}x{width}: each side must be at least 32 (the network downsamples 32x)"
+        )
     return height, width
 
 
@@ -122,16 +147,38 @@ def flops(
 
     size = _parse_input_size(input_size)
     model = _build(spec, set_, deploy)
-    report = count_flops(model, size)
+    try:
+        report = count_flops(model, size)
+    except (MemoryError, RuntimeError) as exc:  # torch reports a failed CPU allocation as RuntimeError
+        if not isinstance(exc, MemoryError) and "allocate" not in str(exc):
+            raise
+        raise OverlockError(
+            f"--input-size {size[0]}x{size[1]}: not enough memory to trace the model at this size; give a smaller size"
+        ) from None
     by_module = report.by_module
-    subnets = {name: int(by_module.get(name, 0)) for name in ("base", "overview", "context", "focus_input", "focus", "head", "aux_head")}
+    subnets = {
+        name: int(by_module.get(name, 0))
+        for name in ("base", "overview", "context", "focus_input", "focus", "head", "aux_head")
+    }
     subnets = {k: v for k, v in subnets.items() if v or k in ("base", "overview", "focus", "head")}
     params = count_params(model)
     if as_json:
-        print(json.dumps({"name": model.spec.name, "input_size": list(size), "deploy": deploy, "flops": report.total,
-                          "params": params, "subnetworks": subnets, "operators": {k: int(v) for k, v in report.by_operator.items()}}))
+        print(
+            json.dumps(
+                {
+                    "name": model.spec.name,
+                    "input_size": list(size),
+                    "deploy": deploy,
+                    "flops": report.total,
+                    "params": params,
+                    "subnetworks": subnets,
+                    "operators": {k: int(v) for k, v in report.by_operator.items()},
+                }
+            )
+        )
         return
-    table = Table(title=f"{model.spec.name or spec}: {size[0]}x{size[1]}, {'deploy' if deploy else 'training'} form", title_justify="left")
+    title = f"{model.spec.name or spec}: {size[0]}x{size[1]}, {'deploy' if deploy else 'training'} form"
+    table = Table(title=escape(title), title_justify="left", min_width=len(title))
     table.add_column("sub-network")
     table.add_column("GFLOPs", justify="right")
     table.add_column("share", justify="right")
@@ -157,15 +204,18 @@ def presets() -> None:
 
 
 @app.command()
+@exit_on_user_error
 def schema(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to a file instead of stdout.")] = None,
 ) -> None:
     """Print the JSON Schema of a spec (point YAML-aware editors at it for completion and checks)."""
+    from .checkpoint import write_atomic
+
     text = json.dumps(spec_json_schema(), indent=2) + "\n"
     if output is None:
         sys.stdout.write(text)
     else:
-        output.write_text(text)
+        write_atomic(output, lambda handle: handle.write(text.encode("utf-8")))
 
 
 def spec_json_schema() -> dict:
@@ -184,15 +234,23 @@ def convert(
 ) -> None:
     """Import a published OverLoCK checkpoint into overlock's own model format (strict)."""
     from .builder import load_official
-    from .checkpoint import load_file, model_file, save_atomic
+    from .checkpoint import MODEL_FORMAT, load_file, model_file, save_atomic
 
+    _refuse_overwriting_an_input(output, "OUTPUT", checkpoint=checkpoint, spec=spec)
     state = load_file(checkpoint)
     if not isinstance(state, dict):
         raise OverlockError(f"{checkpoint} holds a {type(state).__name__}, not a state dict")
+    if state.get("format") in (MODEL_FORMAT, "overlock-run"):
+        raise OverlockError(
+            f"{checkpoint} is already an overlock file (written by overlock build --save, convert or train), "
+            "not a published checkpoint: there is nothing to convert; `overlock eval` reads it as it is"
+        )
     model = _build(spec, set_, deploy)
     load_official(model, state)
     save_atomic(model_file(model, deploy), output)
-    console.print(f"converted {checkpoint} -> {output} ({model.spec.name}, {'deploy' if deploy else 'training'} form)")
+    console.print(
+        escape(f"converted {checkpoint} -> {output} ({model.spec.name}, {'deploy' if deploy else 'training'} form)")
+    )
 
 
 def _register_training() -> None:

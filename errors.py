@@ -28,13 +28,17 @@ def exit_on_user_error(func):
 
     import typer
     from rich.console import Console
+    from rich.markup import escape
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
         except OverlockError as exc:
-            Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {exc}", markup=True)
+            # The message quotes user input (paths, --set values, spec names): never read it as markup.
+            Console(stderr=True, highlight=False, soft_wrap=True).print(
+                f"[bold red]error:[/] {escape(str(exc))}", markup=True
+            )
             raise typer.Exit(2) from None
 
     return wrapper

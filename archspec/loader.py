@@ -73,9 +73,13 @@ class RawSpec:
 
 def _read_yaml(path: Path) -> RawSpec:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise SpecError(f"cannot read spec {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise SpecError(
+            f"{path} is not a text file (not UTF-8): a spec is a YAML file; presets: {', '.join(preset_names())}"
+        ) from None
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
@@ -112,7 +116,9 @@ def _record_lines(node: yaml.Node, path: Path_, file: str, where: dict[Path_, st
         for key_node, value_node in node.value:
             key = key_node.value
             if key in seen:
-                raise SpecError(f"{file}:{key_node.start_mark.line + 1}: key {format_path((*path, key))!r} is written twice")
+                raise SpecError(
+                    f"{file}:{key_node.start_mark.line + 1}: key {format_path((*path, key))!r} is written twice"
+                )
             seen.add(key)
             _record_lines(value_node, (*path, key), file, where)
             where[(*path, key)] = f"{file}:{key_node.start_mark.line + 1}"
@@ -134,6 +140,8 @@ def _resolve_target(target: str, relative_to: Path | None) -> Path:
         return candidate.resolve()
     if target in preset_names():
         return (preset_dir() / f"{target}.yaml").resolve()
+    if target.strip() and candidate.is_dir():
+        raise SpecError(f"{target!r} is a directory; give a spec .yaml file or a preset ({', '.join(preset_names())})")
     raise SpecError(
         f"{target!r} is neither a spec file nor a preset.\n  Presets: {', '.join(preset_names())}; "
         "or give a path to a .yaml file" + (f" (relative to {relative_to})" if relative_to else "")
@@ -196,7 +204,7 @@ def parse_override(text: str) -> tuple[Path_, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise SpecError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. focus.stages.0.groups=8")
-    path = tuple(int(p) if p.isdigit() else p for p in key.strip().split("."))
+    path = tuple(int(p) if p.lstrip("-").isdigit() else p for p in key.strip().split("."))
     try:
         parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError:
@@ -207,25 +215,34 @@ def parse_override(text: str) -> tuple[Path_, Any]:
 def apply_override(raw: RawSpec, text: str) -> None:
     path, value = parse_override(text)
     node: Any = raw.data
+    parts = list(path)  # negative list indices made positive, so errors locate this --set
     for depth, part in enumerate(path[:-1]):
         here = format_path(path[: depth + 1])
         if isinstance(part, int):
             if not isinstance(node, list) or not -len(node) <= part < len(node):
                 size = len(node) if isinstance(node, list) else 0
                 raise SpecError(f"--set {text}: {here} does not exist ({format_path(path[:depth])} has {size} entries)")
+            parts[depth] = part % len(node)
             node = node[part]
         else:
             if not isinstance(node, dict):
-                raise SpecError(f"--set {text}: {format_path(path[:depth])} is not a mapping")
+                raise SpecError(f"--set {text}: {_not_a_mapping(path[:depth], node)}")
             node = node.setdefault(part, {})
     last = path[-1]
     if isinstance(last, int):
         if not isinstance(node, list) or not -len(node) <= last < len(node):
             raise SpecError(f"--set {text}: {format_path(path)} does not exist")
+        parts[-1] = last % len(node)
     elif not isinstance(node, dict):
-        raise SpecError(f"--set {text}: {format_path(path[:-1])} is not a mapping")
+        raise SpecError(f"--set {text}: {_not_a_mapping(path[:-1], node)}")
     node[last] = value
-    raw.where[path] = f"--set {text}"
+    raw.where[tuple(parts)] = f"--set {text}"
+
+
+def _not_a_mapping(path: Path_, node: Any) -> str:
+    if isinstance(node, list):
+        return f"{format_path(path)} is a list: index it by number, 0 to {len(node) - 1} (e.g. {path[-1]}.0)"
+    return f"{format_path(path)} is not a mapping"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,7 +290,9 @@ def _describe(error: dict[str, Any], raw: RawSpec) -> str:
     elif kind == "missing":
         model = _model_at(loc)
         message = "required field is missing" + (
-            f" ({model.__name__}: {', '.join(k for k, f in model.model_fields.items() if f.is_required())})" if model else ""
+            f" ({model.__name__}: {', '.join(k for k, f in model.model_fields.items() if f.is_required())})"
+            if model
+            else ""
         )
     else:
         shown = error.get("input")
@@ -320,4 +339,3 @@ def load(source: SpecSource, overrides: list[str] | None = None) -> Spec:
         apply_override(raw, text)
     raw.data.pop("extends", None)
     return _validate(raw)
-

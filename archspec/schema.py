@@ -41,7 +41,9 @@ def _check_odd_kernel(field: str, value: int, minimum: int = 3) -> None:
     if value < minimum:
         raise rule_error(field, f"{field}={value} is too small: kernels must be odd and at least {minimum}")
     if value % 2 == 0:
-        raise rule_error(field, f"{field}={value} is even: kernels must be odd (centred), e.g. {value - 1} or {value + 1}")
+        raise rule_error(
+            field, f"{field}={value} is even: kernels must be odd (centred), e.g. {value - 1} or {value + 1}"
+        )
 
 
 def _check_large_kernel(field: str, value: int) -> None:
@@ -54,7 +56,9 @@ def _check_large_kernel(field: str, value: int) -> None:
 
 def _check_mlp(width: int, ratio: float) -> None:
     if int(width * ratio) < 1:
-        raise rule_error("mlp_ratio", f"mlp_ratio={ratio} gives an empty MLP for width {width}: need width x mlp_ratio >= 1")
+        raise rule_error(
+            "mlp_ratio", f"mlp_ratio={ratio} gives an empty MLP for width {width}: need width x mlp_ratio >= 1"
+        )
 
 
 class StrictModel(BaseModel):
@@ -153,7 +157,9 @@ class Context(StrictModel):
 class Head(StrictModel):
     """Classifier heads: main (on cat(x, P)) and the auxiliary one on the Overview-Net output."""
 
-    num_classes: PosInt | None = Field(None, description="Classes; null leaves it open (training takes it from the data).")
+    num_classes: PosInt | None = Field(
+        None, description="Classes; null leaves it open (training takes it from the data)."
+    )
     projection: PosInt = Field(1024, description="Width of the conv1x1 + BN + SiLU before pooling.")
     aux_head: bool = Field(True, description="Auxiliary classifier on the Overview-Net output (training only).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout before the final classifier conv.")
@@ -163,7 +169,8 @@ class Norm(StrictModel):
     """Normalisation choices the reference exposes."""
 
     block: Literal["layernorm", "batchnorm"] = Field(
-        "layernorm", description="Norm before the token mixer and the MLP of every block (reference: channels-only LayerNorm)."
+        "layernorm",
+        description="Norm before the token mixer and the MLP of every block (reference: channels-only LayerNorm).",
     )
 
 
@@ -185,9 +192,7 @@ class Spec(StrictModel):
     drop_path_rate: float = Field(
         0.0, ge=0, lt=1, description="Stochastic depth, linear over all blocks (Base, Overview, Focus in order)."
     )
-    residual_scaling: bool = Field(
-        True, description="Blocks compute LS(x) + f(x) (reference) instead of x + LS(f(x))."
-    )
+    residual_scaling: bool = Field(True, description="Blocks compute LS(x) + f(x) (reference) instead of x + LS(f(x)).")
     norm: Norm = Field(default_factory=Norm, description="Normalisation choices (see `norm`).")
 
     @model_validator(mode="after")

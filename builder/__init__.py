@@ -6,6 +6,8 @@ the published checkpoints' layout; `count_flops()` measures cost with fvcore.
 
 from __future__ import annotations
 
+import re
+
 from ..archspec import Spec, SpecSource, load
 from ..errors import SpecError
 from .network import OverLoCK
@@ -29,4 +31,21 @@ def build(
             "head.num_classes is open (null): set it in the spec or with --set head.num_classes=N "
             "(`overlock train` takes it from the data)"
         )
-    return OverLoCK(resolved, deploy=deploy, features_only=features_only)
+    try:
+        return OverLoCK(resolved, deploy=deploy, features_only=features_only)
+    except (MemoryError, RuntimeError) as exc:  # torch reports a failed CPU allocation as RuntimeError
+        if not isinstance(exc, MemoryError) and "allocate" not in str(exc):
+            raise
+        raise SpecError(
+            f"the model of spec {resolved.name or '<unnamed>'} does not fit in memory: {_allocation(exc)}; "
+            "reduce widths, depths or mlp_ratio"
+        ) from None
+
+
+def _allocation(exc: BaseException) -> str:
+    """torch's "you tried to allocate N bytes", shortened to what a user needs."""
+    text = str(exc)
+    found = re.search(r"tried to allocate (\d+) bytes", text)
+    if found:
+        return f"one weight tensor alone needs {int(found.group(1)) / 2**30:,.1f} GiB"
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__

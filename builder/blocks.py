@@ -23,7 +23,9 @@ from .layers import (
 )
 
 
-def residual(skip: torch.Tensor, branch: torch.Tensor, scale: nn.Module | None, drop: DropPath, res_scale: bool) -> torch.Tensor:
+def residual(
+    skip: torch.Tensor, branch: torch.Tensor, scale: nn.Module | None, drop: DropPath, res_scale: bool
+) -> torch.Tensor:
     """LS(skip) + drop(branch) with residual scaling (reference), else skip + drop(LS(branch))."""
     if scale is None:
         return skip + drop(branch)
@@ -73,9 +75,16 @@ class ContMix(nn.Module):
         self.contmix_backend = "auto"
         self.query = conv_bn(width, width // 2)
         # Keys: the SxS region centres of the context part.
-        self.key = nn.Sequential(OrderedDict(pool=nn.AdaptiveAvgPool2d(stage.region_centers), **dict(conv_bn(context_width, width // 2).named_children())))
+        self.key = nn.Sequential(
+            OrderedDict(
+                pool=nn.AdaptiveAvgPool2d(stage.region_centers),
+                **dict(conv_bn(context_width, width // 2).named_children()),
+            )
+        )
         self.kernel_proj = nn.Conv2d(stage.region_centers**2, self.small_kernel_size**2 + self.kernel_size**2, 1)
-        self.rpb_small = nn.Parameter(torch.zeros(self.heads, 2 * self.small_kernel_size - 1, 2 * self.small_kernel_size - 1))
+        self.rpb_small = nn.Parameter(
+            torch.zeros(self.heads, 2 * self.small_kernel_size - 1, 2 * self.small_kernel_size - 1)
+        )
         self.rpb_large = nn.Parameter(torch.zeros(self.heads, 2 * self.kernel_size - 1, 2 * self.kernel_size - 1))
 
     def mixing_size(self, height: int, width: int) -> tuple[int, int]:
@@ -104,7 +113,9 @@ class ContMix(nn.Module):
         logits = logits.permute(0, 2, 3, 1).reshape(batch, heads, h, w, -1)
         small, large = logits.split([self.small_kernel_size**2, self.kernel_size**2], dim=-1)
         value = z.reshape(batch, 2, heads, d // (2 * heads), h, w).permute(1, 0, 2, 4, 5, 3)
-        out_small = kernels.contmix(small, self.rpb_small, value[0], self.small_kernel_size, backend=self.contmix_backend)
+        out_small = kernels.contmix(
+            small, self.rpb_small, value[0], self.small_kernel_size, backend=self.contmix_backend
+        )
         out_large = kernels.contmix(large, self.rpb_large, value[1], self.kernel_size, backend=self.contmix_backend)
         out = torch.cat([out_small, out_large], dim=1).permute(0, 1, 4, 2, 3).reshape(batch, d, h, w)
         if size != (height, width):

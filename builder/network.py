@@ -34,7 +34,9 @@ def stem(in_channels: int, hidden: int, out_channels: int) -> nn.Sequential:
 class BlockStageModule(nn.Module):
     """Optional /2 downsample (conv3x3 s2 + BN) followed by basic blocks."""
 
-    def __init__(self, stage: BlockStage, in_channels: int | None, rates: list[float], spec: Spec, deploy: bool) -> None:
+    def __init__(
+        self, stage: BlockStage, in_channels: int | None, rates: list[float], spec: Spec, deploy: bool
+    ) -> None:
         super().__init__()
         self.downsample = conv_bn(in_channels, stage.width, 3, 2) if in_channels is not None else None
         self.blocks = nn.Sequential(
@@ -217,7 +219,9 @@ class OverLoCK(nn.Module):
         self.context = nn.Module()
         self.context.proj = nn.Conv2d(spec.overview.width, c, 1)  # P0 = conv1x1(ctx)
         # Without Base-Net features, Focus-Net starts from the upsampled overview (top-down only).
-        self.focus_input = None if spec.context.base_features else conv_bn(spec.overview.width, spec.focus.stages[0].width)
+        self.focus_input = (
+            None if spec.context.base_features else conv_bn(spec.overview.width, spec.focus.stages[0].width)
+        )
         self.focus = FocusNet(spec, rates[len(rates) - n_focus :], deploy)
         last = spec.focus.stages[-1].width + c
         if features_only:

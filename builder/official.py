@@ -134,9 +134,13 @@ def convert_official(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -
         deploy_model = any(k.endswith(".lk.bias") for k in target)
         if deploy_ckpt != deploy_model:
             form = "re-parameterised (deploy)" if deploy_ckpt else "training"
-            parts.append(f"  hint: the checkpoint is in {form} form; build the model {'with' if deploy_ckpt else 'without'} --deploy")
+            parts.append(
+                f"  hint: the checkpoint is in {form} form; build the model {'with' if deploy_ckpt else 'without'} --deploy"
+            )
         else:
-            parts.append("  hint: is this the checkpoint of another variant? Build from the matching preset (xt, t, s, b).")
+            parts.append(
+                "  hint: is this the checkpoint of another variant? Build from the matching preset (xt, t, s, b)."
+            )
         raise CheckpointError("\n".join(parts))
     return converted
 

@@ -31,12 +31,44 @@ class Row:
 def summarize(model: OverLoCK) -> dict:
     spec = model.spec
     c = spec.context_width
-    rows: list[Row] = [Row("base", "stem", f"{spec.in_channels}->{spec.stem_width}->{spec.base.stages[0].width}", 4, "3", "-", count_params(model.base.stem))]
+    rows: list[Row] = [
+        Row(
+            "base",
+            "stem",
+            f"{spec.in_channels}->{spec.stem_width}->{spec.base.stages[0].width}",
+            4,
+            "3",
+            "-",
+            count_params(model.base.stem),
+        )
+    ]
     for i, (stage, module) in enumerate(zip(spec.base.stages, model.base.stages, strict=True)):
-        rows.append(Row("base", f"stage {i + 1}", str(stage.width), stage.depth, str(stage.kernel_size), "-", count_params(module)))
+        rows.append(
+            Row(
+                "base",
+                f"stage {i + 1}",
+                str(stage.width),
+                stage.depth,
+                str(stage.kernel_size),
+                "-",
+                count_params(module),
+            )
+        )
     ov = spec.overview
-    rows.append(Row("overview", "stage", str(ov.width), ov.depth, str(ov.kernel_size), "-", count_params(model.overview)))
-    rows.append(Row("context", "prior P0", f"{ov.width}->{c}", 0, "1", "-", count_params(model.context) + count_params(model.focus_input)))
+    rows.append(
+        Row("overview", "stage", str(ov.width), ov.depth, str(ov.kernel_size), "-", count_params(model.overview))
+    )
+    rows.append(
+        Row(
+            "context",
+            "prior P0",
+            f"{ov.width}->{c}",
+            0,
+            "1",
+            "-",
+            count_params(model.context) + count_params(model.focus_input),
+        )
+    )
     for i, (stage, module) in enumerate(zip(spec.focus.stages, model.focus.stages, strict=True)):
         rows.append(
             Row(
@@ -50,9 +82,21 @@ def summarize(model: OverLoCK) -> dict:
             )
         )
     if not model.features_only:
-        rows.append(Row("head", "main", f"{spec.head.projection}->{spec.head.num_classes}", 0, "1", "-", count_params(model.head)))
+        rows.append(
+            Row(
+                "head",
+                "main",
+                f"{spec.head.projection}->{spec.head.num_classes}",
+                0,
+                "1",
+                "-",
+                count_params(model.head),
+            )
+        )
         if model.aux_head is not None:
-            rows.append(Row("head", "aux", f"{ov.width}->{spec.head.num_classes}", 0, "1", "-", count_params(model.aux_head)))
+            rows.append(
+                Row("head", "aux", f"{ov.width}->{spec.head.num_classes}", 0, "1", "-", count_params(model.aux_head))
+            )
     else:
         rows.append(Row("pyramid", "outputs", "-", 0, "-", "-", count_params(model.pyramid)))
     subnets: dict[str, int] = {}

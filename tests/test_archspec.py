@@ -43,7 +43,10 @@ def test_presets_follow_table_1_as_the_reference_code_builds_it(variant):
     assert [s.width for s in spec.focus.stages] == [widths[-1], overview]
     assert [s.depth for s in spec.focus.stages] == focus_depths
     assert [s.groups for s in spec.focus.stages] == groups
-    assert [(s.kernel_size, s.small_kernel_size, s.region_centers) for s in spec.focus.stages] == [(13, 5, 7), (7, 5, 7)]
+    assert [(s.kernel_size, s.small_kernel_size, s.region_centers) for s in spec.focus.stages] == [
+        (13, 5, 7),
+        (7, 5, 7),
+    ]
     assert [s.layer_scale for s in spec.base.stages] == [None, None, 1.0]
     assert spec.context_width == overview // 4
     assert (spec.head.num_classes, spec.head.projection, spec.head.aux_head) == (1000, 1024, True)
@@ -66,7 +69,11 @@ def test_extends_overrides_only_what_differs_and_mappings_merge(tmp_path):
 
 
 def test_extends_relative_path_chain_and_lists_replace(tmp_path):
-    write(tmp_path, "parent.yaml", "extends: pico\nfocus:\n  stages:\n    - {width: 64, depth: 1, kernel_size: 13, groups: 4}\n")
+    write(
+        tmp_path,
+        "parent.yaml",
+        "extends: pico\nfocus:\n  stages:\n    - {width: 64, depth: 1, kernel_size: 13, groups: 4}\n",
+    )
     child = write(tmp_path, "child.yaml", "extends: parent.yaml\ndrop_path_rate: 0.1\n")
     spec = archspec.load(child)
     assert len(spec.focus.stages) == 1 and spec.focus.stages[0].groups == 4
@@ -117,7 +124,11 @@ def test_top_level_must_be_a_mapping(tmp_path):
 
 
 def test_unknown_key_gets_did_you_mean_and_line(tmp_path):
-    path = write(tmp_path, "typo.yaml", "extends: pico\nfocus:\n  stages:\n    - {width: 64, depth: 1, kernel_size: 13, grups: 2}\n")
+    path = write(
+        tmp_path,
+        "typo.yaml",
+        "extends: pico\nfocus:\n  stages:\n    - {width: 64, depth: 1, kernel_size: 13, grups: 2}\n",
+    )
     message = error_of(path)
     assert "focus.stages[0].grups" in message
     assert "did you mean 'groups'" in message
@@ -129,7 +140,9 @@ def test_duplicate_keys_are_rejected(tmp_path):
 
 
 def test_wrong_types_and_non_positive_sizes(tmp_path):
-    path = write(tmp_path, "types.yaml", "extends: pico\nbase:\n  stages:\n    - {width: -16, depth: two, kernel_size: 17}\n")
+    path = write(
+        tmp_path, "types.yaml", "extends: pico\nbase:\n  stages:\n    - {width: -16, depth: two, kernel_size: 17}\n"
+    )
     message = error_of(path)
     assert "base.stages[0].width" in message and "greater than 0" in message
     assert "base.stages[0].depth" in message and "valid integer" in message
@@ -197,8 +210,22 @@ def test_bad_override_paths():
     assert "unknown key 'widht'" in error_of("pico", ["overview.widht=3"])
 
 
+def test_override_paths_take_negative_list_indices_and_say_when_a_list_needs_one():
+    assert archspec.load("pico", ["focus.stages.-1.groups=4"]).focus.stages[-1].groups == 4
+    message = error_of("pico", ["focus.stages.-1.groups=0"])
+    assert "focus.stages[1].groups (--set focus.stages.-1.groups=0)" in message
+    assert "focus.stages is a list: index it by number, 0 to 1" in error_of("pico", ["focus.stages.last.groups=2"])
+
+
 def test_unknown_source():
     assert "neither a spec file nor a preset" in error_of("no-such-spec")
+
+
+def test_a_binary_file_or_a_directory_as_spec_is_a_spec_error(tmp_path):
+    binary = tmp_path / "weights.pt"
+    binary.write_bytes(b"PK\x03\x04\xff\xfe\x00\x80 binary")
+    assert "not a text file" in error_of(binary)
+    assert "is a directory" in error_of(tmp_path)
 
 
 def test_readme_field_tables_are_generated_from_the_models():

@@ -67,7 +67,10 @@ def test_official_key_table_covers_every_published_key(reference_dir):
         for deploy in (False, True):
             suffix = "_deploy" if deploy else ""
             lines = (reference_dir / "keys" / f"overlock_{variant}{suffix}.keys.tsv").read_text().splitlines()[1:]
-            published = {k: () if s == "scalar" else tuple(int(d) for d in s.split("x")) for k, s in (ln.split("\t") for ln in lines)}
+            published = {
+                k: () if s == "scalar" else tuple(int(d) for d in s.split("x"))
+                for k, s in (ln.split("\t") for ln in lines)
+            }
             ours = {k: tuple(v.shape) for k, v in build(variant, deploy=deploy).state_dict().items()}
             mapped = {official_to_overlock(k): shape for k, shape in published.items()}
             assert mapped == ours

@@ -56,7 +56,13 @@ def test_input_size_forms():
     assert _parse_input_size("224") == (224, 224)
     assert _parse_input_size("160x192") == (160, 192)
     assert _parse_input_size("160 192") == (160, 192)
-    assert _split_input_size(["flops", "b", "--input-size", "160", "192", "--json"]) == ["flops", "b", "--input-size", "160x192", "--json"]
+    assert _split_input_size(["flops", "b", "--input-size", "160", "192", "--json"]) == [
+        "flops",
+        "b",
+        "--input-size",
+        "160x192",
+        "--json",
+    ]
     with pytest.raises(OverlockError, match="at least 32"):
         _parse_input_size("16")
     result = run("flops", "pico", "--input-size", "big")
@@ -98,7 +104,7 @@ def test_convert_rejects_unreadable_files(tmp_path):
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
     result = run("convert", "pico", str(junk), str(tmp_path / "out.pt"))
-    assert result.exit_code == 2 and "cannot read" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 2 and "not a PyTorch checkpoint" in result.output and "Traceback" not in result.output
     missing = run("convert", "pico", str(tmp_path / "nope.pth"), str(tmp_path / "out.pt"))
     assert missing.exit_code == 2 and "does not exist" in missing.output
 
@@ -107,3 +113,102 @@ def test_help_everywhere():
     for command in ("build", "flops", "validate", "presets", "schema", "convert"):
         result = run(command, "--help")
         assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_help_of_every_command_shows_no_internal_placeholders():
+    for command in ("train", "eval"):
+        result = run(command, "--help")
+        assert result.exit_code == 0 and "Usage" in result.output
+        assert "PydanticUndefined" not in result.output
+
+
+def test_error_messages_quoting_user_text_are_not_read_as_markup():
+    result = run("validate", "[/x]")  # rich markup that closes nothing: used to raise MarkupError
+    assert result.exit_code == 2 and "'[/x]' is neither a spec file nor a preset" in result.output
+    assert "Traceback" not in result.output
+    named = run("build", "pico", "--set", 'name="[/x] [bold]net"')
+    assert named.exit_code == 0, named.output
+    assert "[/x] [bold]net: training form" in named.output
+
+
+def test_a_spec_that_is_not_a_text_file_or_is_a_directory_is_a_clear_error(tmp_path):
+    png = tmp_path / "photo.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    result = run("validate", str(png))
+    assert result.exit_code == 2 and "not a text file" in result.output and "Traceback" not in result.output
+    folder = run("build", str(tmp_path))
+    assert folder.exit_code == 2 and "is a directory" in folder.output
+
+
+def test_outputs_that_cannot_be_written_are_clear_errors(tmp_path, reference_dir):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("mine")
+    golden = str(reference_dir / "golden" / "pico.official_state_dict.pt")
+    cases = [
+        (("build", "pico", "--save", str(tmp_path)), "is a directory"),
+        (("build", "pico", "--save", str(a_file / "model.pt")), "file.txt is a file, not a directory"),
+        (("schema", "-o", str(tmp_path)), "is a directory"),
+        (("schema", "-o", str(a_file / "schema.json")), "file.txt is a file, not a directory"),
+        (("convert", "pico", golden, str(a_file / "out.pt")), "file.txt is a file, not a directory"),
+    ]
+    for args, fragment in cases:
+        result = run(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert fragment in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert a_file.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+
+
+def test_build_save_never_overwrites_the_spec_it_reads(tmp_path):
+    spec = tmp_path / "net.yaml"
+    spec.write_text("extends: pico\n")
+    result = run("build", str(spec), "--save", str(spec))
+    assert result.exit_code == 2 and "is the spec file this command reads" in result.output
+    assert spec.read_text() == "extends: pico\n"
+
+
+def test_schema_output_file_is_written(tmp_path):
+    out = tmp_path / "sub" / "schema.json"
+    assert run("schema", "-o", str(out)).exit_code == 0
+    assert json.loads(out.read_text())["title"] == "overlock spec"
+
+
+def test_convert_never_overwrites_its_input_and_refuses_overlock_files(tmp_path, reference_dir):
+    source = tmp_path / "official.pth"
+    source.write_bytes((reference_dir / "golden" / "pico.official_state_dict.pt").read_bytes())
+    before = source.read_bytes()
+    same = run("convert", "pico", str(source), str(tmp_path / "." / "official.pth"))
+    assert same.exit_code == 2 and "is the checkpoint file this command reads" in same.output
+    assert source.read_bytes() == before
+    assert run("convert", "pico", str(source), str(tmp_path / "model.pt")).exit_code == 0
+    again = run("convert", "pico", str(tmp_path / "model.pt"), str(tmp_path / "again.pt"))
+    assert again.exit_code == 2 and "already an overlock file" in again.output
+    assert not (tmp_path / "again.pt").exists()
+
+
+def test_flops_out_of_memory_is_a_clear_error(monkeypatch):
+    from overlock.builder import flops
+
+    def no_memory(model, size, *args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(flops, "count_flops", no_memory)
+    result = run("flops", "pico", "--input-size", "20000")
+    assert result.exit_code == 2 and "not enough memory" in result.output and "20000x20000" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_flops_title_is_not_wrapped():
+    result = run("flops", "pico")
+    assert "overlock-pico: 224x224, training form" in result.output
+
+
+def test_a_spec_too_large_for_memory_is_a_clear_error(monkeypatch):
+    import overlock.builder
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 36000000000000 bytes.")
+
+    monkeypatch.setattr(overlock.builder, "OverLoCK", no_memory)
+    result = run("build", "pico", "--set", "base.stages.0.width=2000000")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "does not fit in memory: one weight tensor alone needs 33,527.6 GiB" in " ".join(result.output.split())

@@ -37,7 +37,10 @@ FAST = ["--data", SYNTH, "--batch-size", "8", "--workers", "0"]
 def tiny_spec(tmp_path_factory) -> Path:
     """pico with 5x5 kernels everywhere and an open class count (the data decides)."""
     kernels = ["base.stages.0", "base.stages.1", "base.stages.2", "overview", "focus.stages.0", "focus.stages.1"]
-    overrides = [f"{k}.kernel_size=5" for k in kernels] + ["focus.stages.0.small_kernel_size=3", "focus.stages.1.small_kernel_size=3"]
+    overrides = [f"{k}.kernel_size=5" for k in kernels] + [
+        "focus.stages.0.small_kernel_size=3",
+        "focus.stages.1.small_kernel_size=3",
+    ]
     overrides += ["head.num_classes=null", "head.projection=32", "name=tiny"]
     path = tmp_path_factory.mktemp("spec") / "tiny.yaml"
     path.write_text(archspec.load("pico", overrides).to_yaml())
@@ -75,7 +78,14 @@ def test_train_writes_a_complete_run_directory(tiny_spec, tmp_path):
     run = tmp_path / "run"
     result = train(tiny_spec, *FAST, "--epochs", "2", "--out", run, "--ema", "0.9", "--drop-path", "0.1")
     assert result.exit_code == 0, result.output
-    assert {p.name for p in run.iterdir()} == {"spec.yaml", "config.json", "metrics.jsonl", "last.pt", "best.pt", "curves.png"}
+    assert {p.name for p in run.iterdir()} == {
+        "spec.yaml",
+        "config.json",
+        "metrics.jsonl",
+        "last.pt",
+        "best.pt",
+        "curves.png",
+    }
     spec = archspec.load(run / "spec.yaml")
     assert spec.head.num_classes == 3 and spec.drop_path_rate == 0.1  # from the data / --drop-path
     steps, epochs = records(run, "step"), records(run, "epoch")
@@ -128,7 +138,10 @@ def test_resumed_run_logs_exactly_the_losses_of_an_uninterrupted_one(tiny_spec, 
     assert len(losses(tmp_path / "whole")) == 9
 
     def evals(run):
-        return [(r["epoch"], r["train_loss"], r["val_loss"], r["val_top1"], r["ema_val_loss"]) for r in records(run, "epoch")]
+        return [
+            (r["epoch"], r["train_loss"], r["val_loss"], r["val_top1"], r["ema_val_loss"])
+            for r in records(run, "epoch")
+        ]
 
     assert evals(tmp_path / "split") == evals(tmp_path / "whole")
     whole = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
@@ -141,11 +154,38 @@ def test_resume_refuses_changed_options_and_missing_checkpoints(tiny_spec, tmp_p
     assert train(tiny_spec, *FAST, "--steps", "3", "--out", tmp_path / "r").exit_code == 0
     assert_user_error(train("--resume", tmp_path / "r", "--lr", "0.5"), "cannot change --lr")
     assert_user_error(train("--resume", tmp_path / "nothing"), "nothing to resume")
+    assert_user_error(
+        train("--resume", tmp_path / "r" / "last.pt"), "takes a run directory, not a file", f"--resume {tmp_path / 'r'}"
+    )
+    assert_user_error(train("--resume", ""), "--resume is empty")
+    (tmp_path / "old").mkdir()
+    torch.save({"format": checkpoint.FORMAT, "model": {}}, tmp_path / "old" / "last.pt")
+    assert_user_error(train("--resume", tmp_path / "old"), "format version None")
+
+
+def test_resuming_a_finished_run_changes_nothing(tiny_spec, tmp_path):
+    assert train(tiny_spec, *FAST, "--steps", "2", "--out", tmp_path / "r").exit_code == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir()}
+    again = train("--resume", tmp_path / "r")
+    assert again.exit_code == 0, again.output
+    assert "already finished (2/2 steps): nothing to resume" in flat(again.stdout)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir()} == before
 
 
 def test_ctrl_c_saves_a_resumable_checkpoint_at_the_next_step(tiny_spec, tmp_path):
     run = tmp_path / "r"
-    command = [sys.executable, "-m", "overlock.cli", "train", str(tiny_spec), *FAST, "--epochs", "200", "--out", str(run)]
+    command = [
+        sys.executable,
+        "-m",
+        "overlock.cli",
+        "train",
+        str(tiny_spec),
+        *FAST,
+        "--epochs",
+        "200",
+        "--out",
+        str(run),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -170,7 +210,9 @@ def test_mixed_precision_training_runs_on_cpu(tiny_spec, tmp_path, backend):
     assert all(math.isfinite(r["loss"]) for r in records(tmp_path / "r", "step"))
 
 
-@pytest.mark.skipif(not os.environ.get("OVERLOCK_SLOW_TESTS"), reason="torch.compile takes minutes on CPU; set OVERLOCK_SLOW_TESTS=1")
+@pytest.mark.skipif(
+    not os.environ.get("OVERLOCK_SLOW_TESTS"), reason="torch.compile takes minutes on CPU; set OVERLOCK_SLOW_TESTS=1"
+)
 def test_compiled_training_matches_eager(tiny_spec, tmp_path):
     # 160 px: at smaller sizes Focus-Net maps are resized to the ContMix kernel, a pattern that
     # torch 2.13's CPU inductor fails to compile (train then reports a clear --compile error).
@@ -234,7 +276,9 @@ def test_existing_run_is_refused_unless_overwrite(tiny_spec, tmp_path):
     run = tmp_path / "r"
     assert train(tiny_spec, *FAST, "--steps", "1", "--out", run).exit_code == 0
     before = (run / "metrics.jsonl").read_text()
-    assert_user_error(train(tiny_spec, *FAST, "--steps", "1", "--out", run), "already holds a run", f"--resume {run}", "--overwrite")
+    assert_user_error(
+        train(tiny_spec, *FAST, "--steps", "1", "--out", run), "already holds a run", f"--resume {run}", "--overwrite"
+    )
     assert (run / "metrics.jsonl").read_text() == before
     again = train(tiny_spec, *FAST, "--steps", "2", "--out", run, "--overwrite")
     assert again.exit_code == 0, again.output
@@ -258,9 +302,45 @@ def test_bad_input_is_a_one_screen_error_and_writes_nothing(tiny_spec, tmp_path,
     assert not (tmp_path / "run").exists()
 
 
+def test_an_out_that_cannot_be_a_run_directory_is_refused_before_anything_is_written(tiny_spec, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert_user_error(train(tiny_spec, *FAST, "--steps", "1", "--out", ""), "--out is empty")
+    (tmp_path / "notes.txt").write_text("mine")
+    result = train(tiny_spec, *FAST, "--steps", "1", "--out", tmp_path / "notes.txt" / "run")
+    assert_user_error(result, "notes.txt is a file, not a directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_run_that_stopped_before_its_first_checkpoint_is_not_offered_for_resume(tiny_spec, tmp_path):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "spec.yaml").write_text("name: tiny\n")
+    result = train(tiny_spec, *FAST, "--steps", "1", "--out", tmp_path / "r")
+    assert_user_error(result, "already holds a run (spec.yaml)", "nothing to resume", "--overwrite")
+    assert "--resume" not in result.stderr
+
+
+def test_run_output_is_not_squeezed_and_user_text_is_not_markup(tiny_spec, tmp_path):
+    run = tmp_path / "r[/b]"  # rich closing-tag syntax in a path: printed as is, never parsed
+    result = train(tiny_spec, *FAST, "--steps", "1", "--set", 'name="[/x]"', "--out", run)
+    assert result.exit_code == 0, result.output
+    announce = [line for line in result.stdout.splitlines() if "24 train / 12 val images" in line]
+    assert announce and "1 epochs x 3 steps" in announce[0] and announce[0].startswith("[/x]")
+    assert f"-> {run}" in flat(result.stdout) and (run / "last.pt").exists()
+
+
 def test_the_installed_command_reports_bad_input_without_traceback(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "overlock.cli", "train", "pico", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "run")],
+        [
+            sys.executable,
+            "-m",
+            "overlock.cli",
+            "train",
+            "pico",
+            "--data",
+            str(tmp_path / "missing"),
+            "--out",
+            str(tmp_path / "run"),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -294,8 +374,28 @@ def test_eval_reports_top1_top5_and_loss_of_run_checkpoints_and_state_dicts(tiny
 def test_eval_of_weights_for_another_spec_is_a_checkpoint_error(tiny_spec, tmp_path):
     run = tmp_path / "r"
     assert train(tiny_spec, *FAST, "--steps", "1", "--out", run).exit_code == 0
-    result = runner.invoke(app, ["eval", "pico", "-w", str(run / "last.pt"), "--data", "synthetic:classes=10,train=16,val=8"])
-    assert_user_error(result, "do not fit this spec", "wrong shape")
+    result = runner.invoke(
+        app, ["eval", "pico", "-w", str(run / "last.pt"), "--data", "synthetic:classes=10,train=16,val=8"]
+    )
+    assert_user_error(result, "do not fit this spec", "wrong shape", "this run trained 'tiny'")
+
+
+def test_eval_of_a_run_checkpoint_defaults_to_the_runs_data(tiny_spec, tmp_path):
+    run = tmp_path / "r"
+    assert train(tiny_spec, *FAST, "--steps", "1", "--out", run).exit_code == 0
+    result = runner.invoke(app, ["eval", str(tiny_spec), "-w", str(run / "last.pt")])  # no --data: not digits
+    assert result.exit_code == 0, result.output
+    assert "synthetic validation split, 12 images, 32px" in flat(result.stdout)
+
+
+def test_eval_reads_a_deploy_form_model_file(tiny_spec, tmp_path):
+    model_file = tmp_path / "deploy.pt"
+    build = ["build", str(tiny_spec), "--set", "head.num_classes=3", "--deploy", "--save", str(model_file)]
+    saved = runner.invoke(app, build)
+    assert saved.exit_code == 0, saved.output
+    result = runner.invoke(app, ["eval", str(tiny_spec), "-w", str(model_file), "--data", SYNTH])
+    assert result.exit_code == 0, result.output
+    assert "top-1" in result.stdout
 
 
 def test_eval_accepts_a_published_layout_state_dict(reference_dir):

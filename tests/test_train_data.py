@@ -17,7 +17,9 @@ from overlock.training.errors import DataError
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def make_image_folder(root: Path, classes=("cat", "dog", "owl"), train_per_class=4, val_per_class=2, mode="RGB") -> Path:
+def make_image_folder(
+    root: Path, classes=("cat", "dog", "owl"), train_per_class=4, val_per_class=2, mode="RGB"
+) -> Path:
     """A small ImageFolder tree of random images in assorted sizes and formats."""
     rng = np.random.default_rng(0)
     for split, count in (("train", train_per_class), ("val", val_per_class)):
@@ -87,6 +89,14 @@ def test_image_folder_ignores_non_image_files(tmp_path):
     root = make_image_folder(tmp_path / "pets")
     (root / "train" / "cat" / "notes.txt").write_text("not an image")
     assert len(load_data(str(root)).train) == 12
+
+
+@pytest.mark.parametrize("source", ["", "  "])
+def test_an_empty_source_is_a_data_error_not_the_current_directory(source, tmp_path, monkeypatch):
+    make_image_folder(tmp_path)  # the current directory even looks like a data set
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="--data is empty"):
+        load_data(source)
 
 
 def test_missing_data_directory_is_a_data_error(tmp_path):
@@ -175,7 +185,9 @@ def _grey_for_rgb_spec(root: Path) -> str:
 def test_bad_data_is_a_one_screen_error_and_writes_nothing(tmp_path, make_source, extra, fragments):
     source = make_source(tmp_path)
     out = tmp_path / "run"
-    result = CliRunner().invoke(app, ["train", "pico", "--set", "head.num_classes=null", "--data", source, *extra, "--out", str(out)])
+    result = CliRunner().invoke(
+        app, ["train", "pico", "--set", "head.num_classes=null", "--data", source, *extra, "--out", str(out)]
+    )
     assert result.exit_code == 2, result.output
     message = " ".join(result.stderr.split())
     for fragment in fragments:

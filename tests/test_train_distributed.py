@@ -25,7 +25,18 @@ def free_port() -> int:
 
 
 def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
 
@@ -33,7 +44,10 @@ def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def tiny_spec(tmp_path_factory) -> Path:
     kernels = ["base.stages.0", "base.stages.1", "base.stages.2", "overview", "focus.stages.0", "focus.stages.1"]
-    overrides = [f"{k}.kernel_size=5" for k in kernels] + ["focus.stages.0.small_kernel_size=3", "focus.stages.1.small_kernel_size=3"]
+    overrides = [f"{k}.kernel_size=5" for k in kernels] + [
+        "focus.stages.0.small_kernel_size=3",
+        "focus.stages.1.small_kernel_size=3",
+    ]
     overrides += ["head.num_classes=null", "head.projection=32", "name=tiny", "drop_path_rate=0.1"]
     path = tmp_path_factory.mktemp("spec") / "tiny.yaml"
     path.write_text(archspec.load("pico", overrides).to_yaml())
@@ -72,8 +86,29 @@ def test_two_gloo_processes_train_to_identical_weights(tiny_spec, tmp_path):
 
 def test_the_cli_under_torchrun_writes_one_run_from_rank_zero(tiny_spec, tmp_path):
     run = tmp_path / "run"
-    proc = torchrun("-m", "overlock.cli", "train", str(tiny_spec), "--data", SYNTH, "--batch-size", "4", "--steps", "3", "--out", str(run), cwd=tmp_path)
+    proc = torchrun(
+        "-m",
+        "overlock.cli",
+        "train",
+        str(tiny_spec),
+        "--data",
+        SYNTH,
+        "--batch-size",
+        "4",
+        "--steps",
+        "3",
+        "--out",
+        str(run),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("overlock train") == 1  # one summary table, printed by rank 0
     assert "2 processes" in " ".join(proc.stdout.split())
-    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.json", "curves.png", "last.pt", "metrics.jsonl", "spec.yaml"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        "best.pt",
+        "config.json",
+        "curves.png",
+        "last.pt",
+        "metrics.jsonl",
+        "spec.yaml",
+    ]

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from overlock.errors import CheckpointError
+from overlock.errors import CheckpointError, OverlockError
 from overlock.training import checkpoint
 from overlock.training.augment import random_resized_crop_box, sample_rng
 from overlock.training.config import TrainConfig, validated
@@ -50,7 +50,9 @@ def test_loss_label_smoothing_applies_to_both_heads():
     main, aux = torch.randn(4, 3), torch.randn(4, 3)
     target = torch.tensor([0, 1, 2, 1])
     parts = OverlockLoss(aux_weight=0.4, label_smoothing=0.1)({"main": main, "aux": aux}, target)
-    expected = F.cross_entropy(main, target, label_smoothing=0.1) + 0.4 * F.cross_entropy(aux, target, label_smoothing=0.1)
+    expected = F.cross_entropy(main, target, label_smoothing=0.1) + 0.4 * F.cross_entropy(
+        aux, target, label_smoothing=0.1
+    )
     assert torch.equal(parts.total, expected)
 
 
@@ -79,7 +81,9 @@ def test_schedule_warms_up_linearly_then_decays_by_cosine():
 
 def test_schedule_without_warmup_starts_at_peak():
     sched = WarmupCosine(peak_lr=0.5, total_steps=4)
-    assert [sched(s) for s in range(5)] == pytest.approx([0.5, 0.5 * (1 + math.cos(math.pi / 4)) / 2, 0.25, 0.5 * (1 + math.cos(3 * math.pi / 4)) / 2, 0.0])
+    assert [sched(s) for s in range(5)] == pytest.approx(
+        [0.5, 0.5 * (1 + math.cos(math.pi / 4)) / 2, 0.25, 0.5 * (1 + math.cos(3 * math.pi / 4)) / 2, 0.0]
+    )
 
 
 def test_schedule_rejects_warmup_longer_than_run():
@@ -108,7 +112,12 @@ def test_optimizer_puts_no_weight_decay_names_in_a_zero_decay_group():
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert [id(p) for p in decay["params"]] == [id(model.conv.weight)]
-    assert {id(p) for p in no_decay["params"]} == {id(model.conv.bias), id(model.norm.weight), id(model.norm.bias), id(model.scale)}
+    assert {id(p) for p in no_decay["params"]} == {
+        id(model.conv.bias),
+        id(model.norm.weight),
+        id(model.norm.bias),
+        id(model.scale),
+    }
 
 
 def test_optimizer_falls_back_to_low_rank_params_without_model_hint():
@@ -136,6 +145,13 @@ def test_optimizer_uses_the_real_models_no_weight_decay_set():
 def test_config_rejects_epochs_and_steps_together_naming_the_flags():
     with pytest.raises(ConfigError, match="--epochs or --steps"):
         validated(TrainConfig, {"spec": "pico", "epochs": 2, "steps": 3})
+
+
+def test_help_of_a_required_option_shows_no_default():
+    from overlock.training.config import EvalConfig, option_help
+
+    assert "PydanticUndefined" not in option_help(EvalConfig, "weights")
+    assert option_help(EvalConfig, "batch_size").endswith("(default: 128)")
 
 
 def test_config_names_the_flag_of_an_out_of_range_value():
@@ -226,7 +242,7 @@ def test_a_save_that_dies_half_way_leaves_the_previous_checkpoint_intact(tmp_pat
         raise OSError("disk full")  # ... then the writer dies
 
     monkeypatch.setattr(torch, "save", dying_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OverlockError, match="disk full"):  # a clear message, not a traceback
         checkpoint.save_atomic({"model": {"w": torch.zeros(3)}, "step": 2}, path)
     monkeypatch.undo()
     state = torch.load(path, weights_only=True)
@@ -252,3 +268,35 @@ def test_loading_a_corrupt_checkpoint_is_a_checkpoint_error(tmp_path):
     bad.write_bytes(b"not a zip file")
     with pytest.raises(CheckpointError, match="bad.pt"):
         checkpoint.load_file(bad)
+
+
+def test_unreadable_checkpoints_say_what_the_file_is(tmp_path):
+    import argparse
+
+    def error(path) -> str:
+        with pytest.raises(CheckpointError) as info:
+            checkpoint.load_file(path)
+        return str(info.value)
+
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.zeros(64)}, good)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:300])
+    assert "truncated or corrupt" in error(truncated)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: x\n")
+    assert "is not a PyTorch checkpoint" in error(spec)
+    assert "is a directory" in error(tmp_path)
+    assert "the path is empty" in error("")
+    pickled_object = tmp_path / "object.pt"
+    torch.save({"args": argparse.Namespace(lr=1)}, pickled_object)
+    message = error(pickled_object)
+    assert "argparse.Namespace" in message and "weights_only=True" in message
+    assert "weights_only` set to `False`" not in message  # never advise loading untrusted code
+
+
+def test_an_incomplete_run_checkpoint_is_a_checkpoint_error():
+    with pytest.raises(CheckpointError, match="format version 7"):
+        checkpoint.check_run_checkpoint({"format": checkpoint.FORMAT, "version": 7}, "old.pt")
+    with pytest.raises(CheckpointError, match="incomplete run checkpoint .*model"):
+        checkpoint.check_run_checkpoint({"format": checkpoint.FORMAT, "version": checkpoint.FORMAT_VERSION}, "x.pt")

@@ -94,7 +94,9 @@ class PilTrainTransform:
 class PilEvalTransform:
     """Resize the shorter side to size / crop ratio, centre crop `size`, normalise."""
 
-    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float], crop_ratio: float = EVAL_CROP_RATIO) -> None:
+    def __init__(
+        self, size: int, mean: Sequence[float], std: Sequence[float], crop_ratio: float = EVAL_CROP_RATIO
+    ) -> None:
         self.size, self.mean, self.std, self.crop_ratio = size, tuple(mean), tuple(std), crop_ratio
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
@@ -119,9 +121,13 @@ class TensorTrainTransform:
     large enough to keep the whole glyph recognisable.
     """
 
-    def __init__(self, size: int, scale: tuple[float, float] = (0.7, 1.0), ratio: tuple[float, float] = (0.85, 1.18)) -> None:
+    def __init__(
+        self, size: int, scale: tuple[float, float] = (0.7, 1.0), ratio: tuple[float, float] = (0.85, 1.18)
+    ) -> None:
         self.size, self.scale, self.ratio = size, scale, ratio
 
     def __call__(self, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-        top, left, crop_h, crop_w = random_resized_crop_box(image.shape[-2], image.shape[-1], rng, self.scale, self.ratio)
+        top, left, crop_h, crop_w = random_resized_crop_box(
+            image.shape[-2], image.shape[-1], rng, self.scale, self.ratio
+        )
         return resize_tensor(image[:, top : top + crop_h, left : left + crop_w], self.size)

@@ -17,15 +17,51 @@ import torch
 from ..checkpoint import load_file, save_atomic
 from ..errors import CheckpointError
 
-__all__ = ["capture_rng", "is_run_checkpoint", "load_file", "model_state", "restore_rng", "save_atomic"]
+__all__ = [
+    "capture_rng",
+    "check_run_checkpoint",
+    "is_run_checkpoint",
+    "load_file",
+    "model_state",
+    "restore_rng",
+    "save_atomic",
+]
 
 #: Marks our run checkpoints (as opposed to a bare state dict); bump when the layout changes.
 FORMAT = "overlock-run"
 FORMAT_VERSION = 1
 
 
+#: What a run checkpoint holds (`Trainer.state_dict`); a file missing any of them cannot be used.
+RUN_KEYS = (
+    "config",
+    "spec",
+    "classes",
+    "img_size",
+    "channels",
+    "world_size",
+    "model",
+    "optimizer",
+    "scaler",
+    "ema",
+    "progress",
+    "rng",
+)
+
+
 def is_run_checkpoint(state: Any) -> bool:
     return isinstance(state, dict) and state.get("format") == FORMAT
+
+
+def check_run_checkpoint(state: dict[str, Any], source: str) -> None:
+    """A clear error for a run checkpoint of another format version or with parts missing."""
+    if state.get("version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{source} is a run checkpoint of format version {state.get('version')!r}; this overlock reads version {FORMAT_VERSION}"
+        )
+    missing = [key for key in RUN_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"{source} is an incomplete run checkpoint (no {', '.join(missing)}); it cannot be used")
 
 
 def model_state(state: Any, use_ema: bool = False) -> dict[str, torch.Tensor]:
@@ -33,11 +69,15 @@ def model_state(state: Any, use_ema: bool = False) -> dict[str, torch.Tensor]:
     if is_run_checkpoint(state):
         if use_ema:
             if state.get("ema") is None:
-                raise CheckpointError("--ema: this run was trained without --ema, so its checkpoint holds no EMA weights")
+                raise CheckpointError(
+                    "--ema: this run was trained without --ema, so its checkpoint holds no EMA weights"
+                )
             return state["ema"]["module"]
         return state["model"]
     if use_ema:
-        raise CheckpointError("--ema needs a checkpoint written by `overlock train --ema`; this file is a plain state dict")
+        raise CheckpointError(
+            "--ema needs a checkpoint written by `overlock train --ema`; this file is a plain state dict"
+        )
     if isinstance(state, dict):
         for key in ("state_dict", "model", "model_state_dict"):
             if isinstance(state.get(key), dict):
@@ -76,7 +116,13 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
     np_state = state["numpy"]
     np.random.set_state(
-        ("MT19937", np_state["key"].numpy().astype(np.uint32), np_state["pos"], np_state["has_gauss"], np_state["cached_gaussian"])
+        (
+            "MT19937",
+            np_state["key"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
     )
     python = state["python"]
     random.setstate((python["version"], tuple(python["internal"]), python["gauss"]))

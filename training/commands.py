@@ -14,6 +14,8 @@ import typer
 
 from ..errors import exit_on_user_error
 from .config import EvalConfig, TrainConfig, option_help
+from .errors import ConfigError
+from .progress import make_console
 
 
 def _train_opt(field: str, *flags: str, **extra: Any) -> Any:
@@ -35,7 +37,9 @@ EVAL_HELP = "Evaluate weights (a run's last.pt/best.pt or a plain state dict) on
 
 
 def train_command(
-    spec: str | None = typer.Argument(None, help="Preset name (pico, xt, t, s, b) or spec YAML file; optional with --resume.", show_default=False),
+    spec: str | None = typer.Argument(
+        None, help="Preset name (pico, xt, t, s, b) or spec YAML file; optional with --resume.", show_default=False
+    ),
     data: str | None = _train_opt("data", "--data"),
     epochs: int | None = _train_opt("epochs", "--epochs"),
     steps: int | None = _train_opt("steps", "--steps"),
@@ -63,15 +67,26 @@ def train_command(
     log_every: int | None = _train_opt("log_every", "--log-every"),
     stop_after: int | None = _train_opt("stop_after", "--stop-after"),
     overrides: list[str] | None = _train_opt("overrides", "--set", metavar="KEY=VALUE"),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<spec name>-<date-time>).", show_default=False),
-    resume: Path | None = typer.Option(None, "--resume", help="Continue the run in this directory from its last.pt.", show_default=False),
+    # str, not Path: typer turns an empty string into Path("."), and --out "" must not mean "here".
+    out: str | None = typer.Option(
+        None, "--out", "-o", help="Run directory (default: runs/<spec name>-<date-time>).", show_default=False
+    ),
+    resume: str | None = typer.Option(
+        None, "--resume", help="Continue the run in this directory from its last.pt.", show_default=False
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --out instead of refusing."),
 ) -> None:
     options = {key: value for key, value in locals().items() if key not in ("out", "resume", "overwrite")}
     options["overrides"] = overrides or None
     from .runner import train
 
-    train(options, out=out, resume=resume, overwrite=overwrite)
+    train(
+        options,
+        out=_directory(out, "--out"),
+        resume=_directory(resume, "--resume"),
+        overwrite=overwrite,
+        console=make_console(),
+    )
 
 
 def eval_command(
@@ -92,7 +107,13 @@ def eval_command(
     options["overrides"] = overrides or None
     from .runner import evaluate_weights
 
-    evaluate_weights(options)
+    evaluate_weights(options, console=make_console())
+
+
+def _directory(value: str | None, flag: str) -> Path | None:
+    if value is not None and not value.strip():
+        raise ConfigError(f"{flag} is empty; give a directory")
+    return None if value is None else Path(value)
 
 
 def register(app: typer.Typer) -> None:

@@ -73,7 +73,9 @@ class DataSplits:
 class TrainView(Dataset):
     """Training samples, indexed by (index, epoch) so augmentation is reproducible anywhere."""
 
-    def __init__(self, images: ImageSet, transform: TrainTransform | None, eval_transform: EvalTransform | None, seed: int) -> None:
+    def __init__(
+        self, images: ImageSet, transform: TrainTransform | None, eval_transform: EvalTransform | None, seed: int
+    ) -> None:
         self.images, self.transform, self.eval_transform, self.seed = images, transform, eval_transform, seed
 
     def __len__(self) -> int:
@@ -216,7 +218,9 @@ def _check_image(path: str) -> None:
 
 def _class_folders(split_dir: Path) -> list[str]:
     if not split_dir.is_dir():
-        raise DataError(f"{split_dir} is missing: a data directory needs train/ and val/, each with one folder per class")
+        raise DataError(
+            f"{split_dir} is missing: a data directory needs train/ and val/, each with one folder per class"
+        )
     classes = sorted(entry.name for entry in split_dir.iterdir() if entry.is_dir() and not entry.name.startswith("."))
     if not classes:
         raise DataError(f"{split_dir} has no class folders: put each class's images in {split_dir}/<class name>/")
@@ -294,6 +298,8 @@ def default_img_size(source: str) -> int:
 
 def load_data(source: str, img_size: int | None = None, channels: int = 3) -> DataSplits:
     """Resolve and validate a data source (see SOURCE_FORMS); raises DataError on any problem."""
+    if not source.strip():
+        raise DataError(f"--data is empty; use {SOURCE_FORMS}")
     size = img_size or default_img_size(source)
     kind, _, options = source.partition(":")
     if kind == "synthetic":

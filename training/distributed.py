@@ -105,5 +105,7 @@ def setup(device_choice: str = "auto") -> Dist:
     try:
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=10))
     except Exception as error:
-        raise OverlockError(f"cannot join the {backend} process group (RANK/WORLD_SIZE/MASTER_ADDR from torchrun): {error}") from None
+        raise OverlockError(
+            f"cannot join the {backend} process group (RANK/WORLD_SIZE/MASTER_ADDR from torchrun): {error}"
+        ) from None
     return Dist(rank=dist.get_rank(), world_size=world_size, local_rank=local_rank, device=device, initialized=True)

@@ -162,7 +162,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.amp and dist.device.type == "cuda")
         module: nn.Module = self.model
         if dist.distributed:
-            module = DistributedDataParallel(self.model, device_ids=[dist.device] if dist.device.type == "cuda" else None)
+            module = DistributedDataParallel(
+                self.model, device_ids=[dist.device] if dist.device.type == "cuda" else None
+            )
         self.train_forward = torch.compile(module) if config.compile else module
         self.eval_forward = torch.compile(self.model) if config.compile else self.model
         self.loss = OverlockLoss(config.aux_weight, config.label_smoothing)
@@ -288,7 +290,9 @@ class Trainer:
 
     def _weights_finite(self) -> bool:
         modules = [self.model] + ([self.ema.module] if self.ema is not None else [])
-        local = all(bool(torch.isfinite(t).all()) for m in modules for t in m.state_dict().values() if t.is_floating_point())
+        local = all(
+            bool(torch.isfinite(t).all()) for m in modules for t in m.state_dict().values() if t.is_floating_point()
+        )
         return self.dist.all_agree(local)
 
     def save(self, best: bool = False) -> None:
@@ -336,7 +340,15 @@ class Trainer:
         # One reduction per step carries the metrics, the divergence check and stop requests, so
         # all ranks see the same numbers and take the same decisions (no rank left in a collective).
         loss_sum, main_sum, aux_sum, correct_sum, count, bad, stop = self.dist.all_sum(
-            [total * n if finite else 0.0, parts.main.item() * n, aux * n, correct, n, 0.0 if finite else 1.0, float(stop_requested)]
+            [
+                total * n if finite else 0.0,
+                parts.main.item() * n,
+                aux * n,
+                correct,
+                n,
+                0.0 if finite else 1.0,
+                float(stop_requested),
+            ]
         )
         if bad:
             what = f"the loss is {total}" if not finite else "the loss of another process is not finite"
@@ -372,7 +384,9 @@ class Trainer:
         }
         if has_aux:
             record["loss_aux"] = window.mean(window.aux)
-        record.update({"acc": window.mean(window.correct), "lr": lr, "images_per_s": window.images / max(window.seconds, 1e-9)})
+        record.update(
+            {"acc": window.mean(window.correct), "lr": lr, "images_per_s": window.images / max(window.seconds, 1e-9)}
+        )
         self.log(record)
         self.window = Running()
 
@@ -443,7 +457,8 @@ class Trainer:
                     try:
                         for images, labels in self.train_loader:
                             stop_here = stop_flag[0] or (
-                                self.config.stop_after is not None and self.step - first_step + 1 >= self.config.stop_after
+                                self.config.stop_after is not None
+                                and self.step - first_step + 1 >= self.config.stop_after
                             )
                             stop = self._train_step(images, labels, stop_here)
                             outcome.images += len(labels) * self.dist.world_size
@@ -459,7 +474,11 @@ class Trainer:
                             self.dist.broadcast_buffers(self.model)
                             self.save()
                             self._plot()
-                        reason = "interrupted (Ctrl-C)" if stop_flag[0] else f"stopped after {self.step - first_step} steps (--stop-after)"
+                        reason = (
+                            "interrupted (Ctrl-C)"
+                            if stop_flag[0]
+                            else f"stopped after {self.step - first_step} steps (--stop-after)"
+                        )
                         self.log({"kind": "stopped", "step": self.step, "reason": reason})
                         outcome.notes.append(f"{reason} at step {self.step}/{total}; continue with --resume")
                         break

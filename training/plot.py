@@ -20,7 +20,14 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
     epochs = [r for r in records if r.get("kind") == "epoch"]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
     if steps:
-        ax_loss.plot([r["epoch_progress"] for r in steps], [r["loss"] for r in steps], color="tab:blue", alpha=0.3, lw=0.8, label="train loss (step)")
+        ax_loss.plot(
+            [r["epoch_progress"] for r in steps],
+            [r["loss"] for r in steps],
+            color="tab:blue",
+            alpha=0.3,
+            lw=0.8,
+            label="train loss (step)",
+        )
     if epochs:
         x = [r["epoch"] for r in epochs]
         ax_loss.plot(x, [r["train_loss"] for r in epochs], "o-", color="tab:blue", label="train loss (epoch)")

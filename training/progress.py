@@ -6,9 +6,11 @@ so a torchrun job prints one bar, not one per process.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -36,7 +38,9 @@ class Reporter:
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}  lr {task.fields[lr]}  {task.fields[ips]} img/s"),
+            TextColumn(
+                "loss {task.fields[loss]}  acc {task.fields[acc]}  lr {task.fields[lr]}  {task.fields[ips]} img/s"
+            ),
             TimeElapsedColumn(),
             TextColumn("ETA"),
             TimeRemainingColumn(),
@@ -44,13 +48,20 @@ class Reporter:
             transient=False,
         )
         self.progress.start()
-        self.task = self.progress.add_task(description, total=total_steps, completed=completed, loss="-", acc="-", lr="-", ips="-")
+        self.task = self.progress.add_task(
+            escape(description), total=total_steps, completed=completed, loss="-", acc="-", lr="-", ips="-"
+        )
 
     def step(self, completed: int, loss: float, acc: float, lr: float, images_per_s: float) -> None:
         if self.progress is None or self.task is None:
             return
         self.progress.update(
-            self.task, completed=completed, loss=f"{loss:.4f}", acc=f"{100 * acc:5.1f}%", lr=f"{lr:.2e}", ips=f"{images_per_s:,.0f}"
+            self.task,
+            completed=completed,
+            loss=f"{loss:.4f}",
+            acc=f"{100 * acc:5.1f}%",
+            lr=f"{lr:.2e}",
+            ips=f"{images_per_s:,.0f}",
         )
 
     def line(self, text: str) -> None:
@@ -70,5 +81,10 @@ def summary_table(title: str, rows: Iterable[tuple[str, str]]) -> Table:
     table.add_column(style="bold")
     table.add_column()
     for key, value in rows:
-        table.add_row(key, value)
+        table.add_row(key, escape(value))  # values quote paths and names a user chose: not markup
     return table
+
+
+def make_console() -> Console:
+    """The console of the `overlock` commands: piped output (logs, CI) is not squeezed into 80 columns."""
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 120)

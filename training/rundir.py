@@ -1,16 +1,17 @@
 """The run directory: what a training run leaves behind, and the rules for reusing one.
 
-    RUN/spec.yaml      resolved spec (stands alone: presets, `extends` and --set applied)
-    RUN/config.json    the training options
-    RUN/metrics.jsonl  one JSON object per logged step ("kind": "step") and per epoch ("kind": "epoch")
-    RUN/last.pt        checkpoint after the latest epoch (or interruption): what --resume reads
-    RUN/best.pt        checkpoint with the best validation top-1 so far
-    RUN/curves.png     loss and accuracy curves
+RUN/spec.yaml      resolved spec (stands alone: presets, `extends` and --set applied)
+RUN/config.json    the training options
+RUN/metrics.jsonl  one JSON object per logged step ("kind": "step") and per epoch ("kind": "epoch")
+RUN/last.pt        checkpoint after the latest epoch (or interruption): what --resume reads
+RUN/best.pt        checkpoint with the best validation top-1 so far
+RUN/curves.png     loss and accuracy curves
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -45,19 +46,40 @@ class RunDir:
         """Refuse to start a new run on top of an old one unless told to (checked before writing)."""
         if self.root.exists() and not self.root.is_dir():
             raise RunDirError(f"--out {self.root} is a file; give a directory")
+        for parent in (self.root, *self.root.parents):  # the deepest part that exists must take a new directory
+            if parent.exists():
+                if not parent.is_dir():
+                    raise RunDirError(f"--out {self.root}: {parent} is a file, not a directory")
+                if not os.access(parent, os.W_OK | os.X_OK):
+                    raise RunDirError(f"--out {self.root}: no permission to write in {parent}; choose another --out")
+                break
         found = self.existing_run_files()
         if found and not overwrite:
-            raise RunDirError(
-                f"{self.root} already holds a run ({', '.join(found)}).\n"
-                f"Continue it with --resume {self.root}, replace it with --overwrite, or choose another --out."
-            )
+            if self.last.exists():
+                hint = f"Continue it with --resume {self.root}, replace it with --overwrite, or choose another --out."
+            else:
+                hint = "It stopped before its first checkpoint (no last.pt), so there is nothing to resume: replace it with --overwrite, or choose another --out."
+            raise RunDirError(f"{self.root} already holds a run ({', '.join(found)}).\n{hint}")
 
     def create(self, overwrite: bool) -> None:
         """Make the directory; with `overwrite`, remove the previous run's files (and only those)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        if overwrite:
-            for name in RUN_FILES:
-                (self.root / name).unlink(missing_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if overwrite:
+                for name in RUN_FILES:
+                    (self.root / name).unlink(missing_ok=True)
+        except OSError as exc:
+            raise RunDirError(f"cannot create the run directory {self.root}: {exc.strerror or exc}") from None
+
+    def check_resumable(self) -> None:
+        """--resume needs a run directory with a last.pt (checked before anything is read or written)."""
+        if not self.root.exists():
+            raise RunDirError(f"nothing to resume: {self.root} does not exist (--resume takes a run directory)")
+        if self.root.is_file():
+            hint = f"; use --resume {self.root.parent}" if self.root.suffix in (".pt", ".pth") else ""
+            raise RunDirError(f"--resume takes a run directory, not a file ({self.root}){hint}")
+        if not self.last.is_file():
+            raise RunDirError(f"nothing to resume in {self.root}: no last.pt there (a run writes it after each epoch)")
 
     def write_header(self, spec_yaml: str, config: dict[str, Any]) -> None:
         write_text_atomic(self.spec, spec_yaml)

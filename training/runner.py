@@ -13,16 +13,19 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+import yaml
 from rich.console import Console
+from rich.markup import escape
 from torch import nn
 
 from .. import archspec
+from ..checkpoint import MODEL_FORMAT
 from ..errors import CheckpointError, OverlockError
 from . import checkpoint, distributed
 from .config import EvalConfig, TrainConfig, validated
 from .data import EvalView, default_workers, load_data
 from .distributed import Dist
-from .errors import ConfigError, RunDirError
+from .errors import ConfigError
 from .evaluate import EvalResult, evaluate
 from .loop import Outcome, Trainer, deterministic_algorithms, seed_everything
 from .progress import Reporter, summary_table
@@ -50,14 +53,16 @@ def convert_official(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict
     return convert(model, weights)
 
 
-def build_model(spec: archspec.Spec, contmix_backend: str = "auto") -> nn.Module:
-    """The builder's module for a spec, with the requested ContMix implementation."""
+def build_model(spec: archspec.Spec, contmix_backend: str = "auto", deploy: bool = False) -> nn.Module:
+    """The builder's module for a spec (re-parameterised with `deploy`), with the requested ContMix implementation."""
     from .. import kernels
     from ..builder import build
 
     if contmix_backend != "auto" and contmix_backend not in kernels.BACKENDS:
-        raise ConfigError(f"--contmix-backend {contmix_backend!r} is not known; valid: auto, {', '.join(kernels.BACKENDS)}")
-    model = build(spec)
+        raise ConfigError(
+            f"--contmix-backend {contmix_backend!r} is not known; valid: auto, {', '.join(kernels.BACKENDS)}"
+        )
+    model = build(spec, deploy=deploy)
     if contmix_backend != "auto":
         model.set_contmix_backend(contmix_backend)
     return model
@@ -92,13 +97,14 @@ def train(
         if out is not None or overwrite:
             raise ConfigError("--resume continues a run in its own directory; drop --out and --overwrite")
         run = RunDir(resume)
-        if not run.last.is_file():
-            raise RunDirError(f"nothing to resume in {resume}: no last.pt there (a run writes it after each epoch)")
+        run.check_resumable()
         state = checkpoint.load_file(run.last)
         config, stored_spec = resume_config(state, given, str(run.last))
     else:
         if "spec" not in given:
-            raise ConfigError("missing SPEC: give a preset name (pico, xt, t, s, b) or a spec YAML file, or --resume RUN_DIR")
+            raise ConfigError(
+                "missing SPEC: give a preset name (pico, xt, t, s, b) or a spec YAML file, or --resume RUN_DIR"
+            )
         config, stored_spec = validated(TrainConfig, given), None
     dist = distributed.setup(config.device)
     try:
@@ -142,11 +148,25 @@ def _train(
         return trainer
 
     trainer = _on_every_rank(dist, make_trainer)
+
+    def result(outcome: Outcome) -> TrainResult:
+        root = run.root if dist.is_main else None
+        return TrainResult(
+            root, outcome, trainer.model, trainer.best_top1, trainer.best_epoch, trainer.step, plan.total_steps
+        )
+
     if state is not None:
         trainer.load_state_dict(state)
+        if trainer.step >= plan.total_steps:  # nothing left: leave the finished run exactly as it is
+            reporter.line(
+                f"{escape(str(run.root))} is already finished ({trainer.step}/{plan.total_steps} steps): nothing to resume"
+            )
+            return result(Outcome(finished=True, steps_this_run=0, seconds=0.0, images=0.0))
         if dist.is_main:
             MetricsLog(run.metrics).truncate_after(trainer.step)
-            reporter.line(f"resuming {run.root} at step {trainer.step}/{plan.total_steps} (epoch {trainer.epoch + 1})")
+            reporter.line(
+                f"resuming {escape(str(run.root))} at step {trainer.step}/{plan.total_steps} (epoch {trainer.epoch + 1})"
+            )
     else:
         if dist.is_main:
             run.create(overwrite)
@@ -154,11 +174,18 @@ def _train(
         seed_everything(config.seed + dist.rank)
     if dist.is_main:
         _announce(plan, trainer, dist, run, reporter)
-        trainer.log({"kind": "start", "step": trainer.step, "world_size": dist.world_size, "global_batch": config.batch_size * dist.world_size})
+        trainer.log(
+            {
+                "kind": "start",
+                "step": trainer.step,
+                "world_size": dist.world_size,
+                "global_batch": config.batch_size * dist.world_size,
+            }
+        )
     outcome = trainer.run_loop()
     if dist.is_main:
         console.print(_summary(plan, trainer, outcome, run, dist))
-    return TrainResult(run.root if dist.is_main else None, outcome, trainer.model, trainer.best_top1, trainer.best_epoch, trainer.step, plan.total_steps)
+    return result(outcome)
 
 
 T = TypeVar("T")
@@ -185,9 +212,9 @@ def _announce(plan: Plan, trainer: Trainer, dist: Dist, run: RunDir, reporter: R
     config, data = plan.config, plan.data
     where = f"{dist.world_size} processes ({dist.device.type})" if dist.distributed else str(dist.device)
     reporter.line(
-        f"[bold]{plan.spec.name or config.spec}[/] ({_params(trainer.model) / 1e6:.2f}M params) on {data.name}: "
+        f"[bold]{escape(plan.spec.name or config.spec)}[/] ({_params(trainer.model) / 1e6:.2f}M params) on {escape(data.name)}: "
         f"{len(data.train)} train / {len(data.val)} val images, {data.num_classes} classes, {data.img_size}px, "
-        f"{plan.epochs} epochs x {plan.steps_per_epoch} steps, batch {config.batch_size * dist.world_size}, {where} -> {run.root}"
+        f"{plan.epochs} epochs x {plan.steps_per_epoch} steps, batch {config.batch_size * dist.world_size}, {where} -> {escape(str(run.root))}"
     )
 
 
@@ -212,7 +239,11 @@ def _summary(plan: Plan, trainer: Trainer, outcome: Outcome, run: RunDir, dist: 
     ]
     if outcome.last_eval is not None:
         ev = outcome.last_eval
-        rows += [("val top-1", f"{100 * ev.top1:.2f}%"), ("val top-5", f"{100 * ev.top5:.2f}%"), ("val loss", f"{ev.loss:.4f}")]
+        rows += [
+            ("val top-1", f"{100 * ev.top1:.2f}%"),
+            ("val top-5", f"{100 * ev.top5:.2f}%"),
+            ("val loss", f"{ev.loss:.4f}"),
+        ]
     if outcome.last_ema_eval is not None:
         rows.append(("EMA val top-1", f"{100 * outcome.last_ema_eval.top1:.2f}%"))
     if trainer.best_epoch:
@@ -230,19 +261,23 @@ def _summary(plan: Plan, trainer: Trainer, outcome: Outcome, run: RunDir, dist: 
 # eval
 
 
-def _load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+def _load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: str, hint: str) -> None:
     """Strict load with a readable list of what does not fit."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]
-    shapes = [f"{k}: file {tuple(weights[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items() if k in weights and weights[k].shape != v.shape]
+    shapes = [
+        f"{k}: file {tuple(weights[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in weights and weights[k].shape != v.shape
+    ]
     if missing or unexpected or shapes:
         lines = [f"the weights in {source} do not fit this spec:"]
         for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
             if items:
                 more = f" ... and {len(items) - 5} more" if len(items) > 5 else ""
                 lines.append(f"  {title} ({len(items)}): {', '.join(items[:5])}{more}")
-        lines.append("check that SPEC (and --set) are the ones the weights were trained with")
+        lines.append(hint)
         raise CheckpointError("\n".join(lines))
     model.load_state_dict(weights)
 
@@ -253,23 +288,35 @@ def evaluate_weights(options: dict[str, Any], console: Console | None = None) ->
     config: EvalConfig = validated(EvalConfig, {k: v for k, v in options.items() if v is not None})
     state = checkpoint.load_file(config.weights)
     run_ckpt = checkpoint.is_run_checkpoint(state)
+    hint = "check that SPEC (and --set) are the ones the weights were trained with"
+    if run_ckpt:
+        checkpoint.check_run_checkpoint(state, config.weights)
+        trained = yaml.safe_load(state["spec"]).get("name") or state["config"]["spec"]
+        hint += f"; this run trained {trained!r} (its resolved spec is the run's spec.yaml)"
     weights = checkpoint.model_state(state, use_ema=config.ema)
+    # A run checkpoint knows its data, image size and channels; a plain state dict does not.
+    source = config.data or (state["config"]["data"] if run_ckpt else "digits")
     img_size = config.img_size or (state["img_size"] if run_ckpt else None)
     channels = config.channels or (state["channels"] if run_ckpt else 3)
-    data = load_data(config.data, img_size, channels)
+    data = load_data(source, img_size, channels)
     spec = fit_spec_to_data(archspec.load(config.spec, list(config.overrides)), data, config.spec)
-    model = build_model(spec, config.contmix_backend)
+    # `overlock build --save` / `convert --deploy` files say which form their weights are in.
+    deploy = isinstance(state, dict) and state.get("format") == MODEL_FORMAT and bool(state.get("deploy"))
+    model = build_model(spec, config.contmix_backend, deploy=deploy)
     if set(weights) != set(model.state_dict()) and not run_ckpt:
         try:  # a published checkpoint (reference layout)?
             weights = convert_official(model, weights)
         except CheckpointError:
             pass  # report the mismatch in our own layout below
-    _load_weights(model, weights, config.weights)
+    _load_weights(model, weights, config.weights, hint)
     dist = Dist(device=distributed.pick_device(config.device))
     model.to(dist.device).eval()
     workers = config.workers if config.workers is not None else default_workers(data)
     loader = torch.utils.data.DataLoader(
-        EvalView(data.val, data.eval_transform), batch_size=config.batch_size, sampler=ShardSampler(len(data.val)), num_workers=workers
+        EvalView(data.val, data.eval_transform),
+        batch_size=config.batch_size,
+        sampler=ShardSampler(len(data.val)),
+        num_workers=workers,
     )
     started = time.perf_counter()
     result = evaluate(model, loader, dist, amp=config.amp)

@@ -19,7 +19,9 @@ class ResumableSampler(Sampler[tuple[int, int]]):
 
     def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
         self.batch_size = batch_size
-        self.order = DistributedSampler(range(size), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.order = DistributedSampler(
+            range(size), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
         self.epoch, self.skip = 0, 0
 
     @property

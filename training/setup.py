@@ -15,7 +15,7 @@ import yaml
 
 from .. import archspec
 from ..archspec import Spec
-from .checkpoint import is_run_checkpoint
+from .checkpoint import check_run_checkpoint, is_run_checkpoint
 from .config import RUNTIME_FIELDS, TrainConfig, validated
 from .data import DataSplits, default_workers, load_data
 from .distributed import Dist
@@ -96,9 +96,12 @@ def resume_config(state: Any, given: dict[str, Any], source: str) -> tuple[Train
     """
     if not is_run_checkpoint(state):
         raise RunDirError(f"{source} is not a checkpoint written by `overlock train`; it cannot be resumed")
+    check_run_checkpoint(state, source)
     stored = dict(state["config"])
     changed = sorted(
-        key for key, value in given.items() if key not in RUNTIME_FIELDS and key in stored and stored[key] != _plain(value)
+        key
+        for key, value in given.items()
+        if key not in RUNTIME_FIELDS and key in stored and stored[key] != _plain(value)
     )
     if changed:
         flags = ", ".join("--" + key.replace("_", "-") for key in changed)
