@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from overlock import archspec
+
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO.parent / "shared" / "reference"
 
@@ -26,3 +28,28 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def write_tiny_spec(directory: Path, *extra: str) -> Path:
+    """pico with 5x5 kernels everywhere and an open class count (the data decides), as a YAML file."""
+    kernels = ["base.stages.0", "base.stages.1", "base.stages.2", "overview", "focus.stages.0", "focus.stages.1"]
+    overrides = [f"{k}.kernel_size=5" for k in kernels] + [
+        "focus.stages.0.small_kernel_size=3",
+        "focus.stages.1.small_kernel_size=3",
+    ]
+    overrides += ["head.num_classes=null", "head.projection=32", "name=tiny", *extra]
+    path = directory / "tiny.yaml"
+    path.write_text(archspec.load("pico", overrides).to_yaml())
+    return path
+
+
+@pytest.fixture(scope="session")
+def make_tiny_spec():
+    """`write_tiny_spec`, for test modules that want a variant of the tiny spec."""
+    return write_tiny_spec
+
+
+@pytest.fixture(scope="session")
+def tiny_spec(tmp_path_factory) -> Path:
+    """The tiny training spec (see `write_tiny_spec`), written once per session."""
+    return write_tiny_spec(tmp_path_factory.mktemp("spec"))

@@ -33,20 +33,6 @@ SYNTH = "synthetic:classes=3,train=24,val=12"
 FAST = ["--data", SYNTH, "--batch-size", "8", "--workers", "0"]
 
 
-@pytest.fixture(scope="session")
-def tiny_spec(tmp_path_factory) -> Path:
-    """pico with 5x5 kernels everywhere and an open class count (the data decides)."""
-    kernels = ["base.stages.0", "base.stages.1", "base.stages.2", "overview", "focus.stages.0", "focus.stages.1"]
-    overrides = [f"{k}.kernel_size=5" for k in kernels] + [
-        "focus.stages.0.small_kernel_size=3",
-        "focus.stages.1.small_kernel_size=3",
-    ]
-    overrides += ["head.num_classes=null", "head.projection=32", "name=tiny"]
-    path = tmp_path_factory.mktemp("spec") / "tiny.yaml"
-    path.write_text(archspec.load("pico", overrides).to_yaml())
-    return path
-
-
 def train(*args: str | Path):
     return runner.invoke(app, ["train", *map(str, args)])
 

@@ -13,8 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from overlock import archspec
-
 SYNTH = "synthetic:classes=3,train=32,val=13"
 
 
@@ -42,16 +40,9 @@ def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def tiny_spec(tmp_path_factory) -> Path:
-    kernels = ["base.stages.0", "base.stages.1", "base.stages.2", "overview", "focus.stages.0", "focus.stages.1"]
-    overrides = [f"{k}.kernel_size=5" for k in kernels] + [
-        "focus.stages.0.small_kernel_size=3",
-        "focus.stages.1.small_kernel_size=3",
-    ]
-    overrides += ["head.num_classes=null", "head.projection=32", "name=tiny", "drop_path_rate=0.1"]
-    path = tmp_path_factory.mktemp("spec") / "tiny.yaml"
-    path.write_text(archspec.load("pico", overrides).to_yaml())
-    return path
+def tiny_spec(tmp_path_factory, make_tiny_spec) -> Path:
+    """The shared tiny spec with stochastic depth on, so the ranks' drop-path draws must agree too."""
+    return make_tiny_spec(tmp_path_factory.mktemp("spec"), "drop_path_rate=0.1")
 
 
 def test_two_gloo_processes_train_to_identical_weights(tiny_spec, tmp_path):
