@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import archspec
-from .errors import OverlockError, exit_on_user_error
+from .errors import OverlockError, exit_on_user_error, is_out_of_memory
 from .training.progress import make_console
 
 app = typer.Typer(
@@ -149,8 +149,8 @@ def flops(
     model = _build(spec, set_, deploy)
     try:
         report = count_flops(model, size)
-    except (MemoryError, RuntimeError) as exc:  # torch reports a failed CPU allocation as RuntimeError
-        if not isinstance(exc, MemoryError) and "allocate" not in str(exc):
+    except (MemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
             raise
         raise OverlockError(
             f"--input-size {size[0]}x{size[1]}: not enough memory to trace the model at this size; give a smaller size"

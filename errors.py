@@ -18,6 +18,11 @@ class CheckpointError(OverlockError, ValueError):
     """A state dict or checkpoint that does not match the model it is loaded into."""
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A failed allocation: MemoryError, or the RuntimeError torch raises when a CPU allocation fails."""
+    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "allocate" in str(exc))
+
+
 def exit_on_user_error(func):
     """Decorate a CLI command: an OverlockError becomes a one-screen message and exit status 2.
 

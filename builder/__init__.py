@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 from ..archspec import Spec, SpecSource, load
-from ..errors import SpecError
+from ..errors import SpecError, is_out_of_memory
 from .network import OverLoCK
 from .official import convert_official, load_official, official_to_overlock
 
@@ -33,8 +33,8 @@ def build(
         )
     try:
         return OverLoCK(resolved, deploy=deploy, features_only=features_only)
-    except (MemoryError, RuntimeError) as exc:  # torch reports a failed CPU allocation as RuntimeError
-        if not isinstance(exc, MemoryError) and "allocate" not in str(exc):
+    except (MemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
             raise
         raise SpecError(
             f"the model of spec {resolved.name or '<unnamed>'} does not fit in memory: {_allocation(exc)}; "
