@@ -384,6 +384,8 @@ def profile_step(model: nn.Module, step: Callable[[], object]) -> dict:
     subnets["<model itself>"] = per_module.get("<model>", {"forward": 0.0, "backward": 0.0})
     parts: dict[str, dict[str, float]] = defaultdict(lambda: {"forward": 0.0, "backward": 0.0, "count": 0})
     for name, module in modules.items():
+        if isinstance(module, (nn.ModuleList, nn.ModuleDict)):  # containers only repeat their children
+            continue
         if not name or not any(k == name or k.startswith(name + ".") for k in per_module):
             continue
         times = inclusive(name)
@@ -400,3 +402,57 @@ def profile_step(model: nn.Module, step: Callable[[], object]) -> dict:
         "unattributed_s": sum(per_module.get(k, {}).get("backward", 0.0) for k in ("<unattributed>",))
         + sum(per_module.get(k, {}).get("forward", 0.0) for k in ("<outside modules>",)),
     }
+
+
+def render(result: BenchResult) -> list:
+    """Rich tables of a result: the timing summary, and with a profile the three breakdowns."""
+    from rich.table import Table
+
+    s = result.settings
+    form = "training step" if s["train"] else ("inference, deploy form" if s["deploy"] else "inference")
+    extras = [flag for flag in ("amp", "compile", "channels_last", "grad_checkpoint") if s[flag]]
+    title = (
+        f"{result.name}: {form}, batch {s['batch_size']}, {s['img_size']}x{s['img_size']}, {result.device_name}, "
+        f"{result.threads} thread(s)" + (f", {', '.join(extras)}" if extras else "")
+    )
+    summary = Table(title=title, title_justify="left")
+    for column in ("images/s", "median ms", "min ms", "max ms", "IQR ms", "reps", "peak MiB"):
+        summary.add_column(column, justify="right")
+    peak = "n/a" if result.peak_memory_mib is None else f"{result.peak_memory_mib:,.0f}"
+    summary.add_row(
+        f"{result.images_per_s:.2f}",
+        *(f"{1e3 * v:.1f}" for v in (result.median_s, result.min_s, result.max_s, result.iqr_s)),
+        str(result.reps),
+        peak,
+    )
+    tables = [summary]
+    if not result.profile:
+        return tables
+    profile = result.profile
+    total = max(profile["total_s"], 1e-12)
+
+    def breakdown(title: str, rows: dict[str, dict], limit: int | None = None) -> Table:
+        table = Table(title=title, title_justify="left")
+        for column in ("", "forward ms", "backward ms", "share"):
+            table.add_column(column, justify="left" if not column else "right")
+        ordered = sorted(rows.items(), key=lambda kv: -(kv[1]["forward"] + kv[1]["backward"]))
+        for name, times in ordered[:limit]:
+            both = times["forward"] + times["backward"]
+            label = f"{name} x{times['count']}" if times.get("count", 1) > 1 else name
+            table.add_row(
+                label, f"{1e3 * times['forward']:.1f}", f"{1e3 * times['backward']:.1f}", f"{100 * both / total:.1f}%"
+            )
+        return table
+
+    tables.append(
+        breakdown(f"profile: one call, {1e3 * total:.0f} ms of operators; by sub-network", profile["subnetworks"])
+    )
+    tables.append(breakdown("by part (inclusive; nested parts overlap)", profile["parts"], limit=30))
+    ops = Table(title="by operator (forward ops, and backward nodes)", title_justify="left")
+    ops.add_column("")
+    ops.add_column("ms", justify="right")
+    ops.add_column("share", justify="right")
+    for name, seconds in list(profile["operators"].items())[:15]:
+        ops.add_row(name, f"{1e3 * seconds:.1f}", f"{100 * seconds / total:.1f}%")
+    tables.append(ops)
+    return tables
