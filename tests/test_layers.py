@@ -32,9 +32,12 @@ def test_layer_scale_is_the_depthwise_1x1_conv_of_the_reference():
     assert scale.weight.shape == (6, 1, 1, 1) and scale.bias.shape == (6,)
 
 
-def test_grn_is_the_convnext_v2_formula():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_grn_is_the_convnext_v2_formula(channels_last):
     grn = _randomise(GRN(5))
     x = torch.randn(3, 5, 6, 4)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     energy = torch.norm(x, p=2, dim=(-1, -2), keepdim=True)
     normed = energy / (energy.mean(dim=1, keepdim=True) + 1e-6)
     torch.testing.assert_close(grn(x), x + torch.addcmul(grn.beta, grn.gamma, x * normed))
