@@ -161,7 +161,10 @@ def run(args) -> dict:
     for mode in args.modes:
         contenders = []
         for name, (model, flops) in models.items():
-            used = deploy_form(model) if mode == "deploy" else model
+            used = model
+            if mode == "deploy":  # FLOPs of the deploy form itself (OverLoCK's merged kernels count less)
+                used = deploy_form(model)
+                flops = fvcore_flops(used, args.img_size)
             contenders.append(Contender(name, used, mode, args.batch_size, args.img_size, flops))
         for contender in contenders:  # warm-up, then the peak memory of one more call
             contender.step()
