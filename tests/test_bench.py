@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from overlock.bench import BenchSettings, attribute, bench, module_scopes, spread
 from overlock.builder import build
 from overlock.cli import app
+from overlock.errors import OverlockError
 
 SMALL = ["--batch-size", "2", "--img-size", "64", "--threads", "1", "--reps", "3"]
 
@@ -68,3 +69,22 @@ def test_deploy_and_inference_run_and_bad_flags_are_clear_errors():
 def test_spread_of_times():
     stats = spread([3.0, 1.0, 2.0, 10.0])
     assert stats["median_s"] == 2.5 and stats["min_s"] == 1.0 and stats["max_s"] == 10.0 and stats["iqr_s"] > 0
+
+
+class _Checkpointable(nn.Sequential):
+    def __init__(self) -> None:
+        super().__init__(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+        self.checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.checkpointing = enable
+
+
+def test_grad_checkpoint_is_switched_on_where_the_model_has_it_and_refused_where_not():
+    model = _Checkpointable()
+    settings = BenchSettings(batch_size=2, img_size=16, threads=1, train=True, reps=3, grad_checkpoint=True)
+    result = bench(model, settings, num_classes=10)
+    assert model.checkpointing and result.images_per_s > 0
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    with pytest.raises(OverlockError, match="set_grad_checkpointing"):
+        bench(plain, settings, num_classes=10)
