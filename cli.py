@@ -267,6 +267,56 @@ def convert(
     )
 
 
+@app.command()
+@exit_on_user_error
+def bench(
+    spec: SpecArg,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per call.")] = 8,
+    img_size: Annotated[int, typer.Option("--img-size", min=32, help="Square input side.")] = 224,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU intra-op threads.")] = None,
+    train: Annotated[bool, typer.Option("--train", help="Time a training step (fwd, loss, bwd, AdamW).")] = False,
+    deploy: DeployOpt = False,
+    amp: Annotated[bool, typer.Option("--amp", help="bfloat16 autocast.")] = False,
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the model first.")] = False,
+    channels_last: Annotated[bool, typer.Option("--channels-last", help="Model and input in channels_last.")] = False,
+    grad_checkpoint: Annotated[
+        bool, typer.Option("--grad-checkpoint", help="Gradient checkpointing per block (with --train).")
+    ] = False,
+    profile: Annotated[bool, typer.Option("--profile", help="Time per sub-network, block part and operator.")] = False,
+    reps: Annotated[int, typer.Option("--reps", min=1, help="Timed calls after the warm-up.")] = 10,
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Images/s, latency (median, spread) and peak memory of a spec; --profile: where the time goes."""
+    from .bench import BenchSettings, render
+    from .bench import bench as run_bench
+
+    if device not in ("cpu", "cuda"):
+        raise OverlockError(f"--device {device!r}: valid devices are cpu and cuda")
+    settings = BenchSettings(
+        batch_size=batch_size,
+        img_size=img_size,
+        device=device,
+        threads=threads,
+        train=train,
+        deploy=deploy,
+        amp=amp,
+        compile=compile_,
+        channels_last=channels_last,
+        grad_checkpoint=grad_checkpoint,
+        profile=profile,
+        reps=reps,
+    )
+    model = _build(spec, set_, False)
+    result = run_bench(model, settings, name=model.spec.name or spec)
+    if as_json:
+        print(json.dumps(result.to_dict()))
+        return
+    for table in render(result):
+        console.print(table)
+
+
 def _register_training() -> None:
     from .training.commands import register
 

@@ -35,7 +35,6 @@ Both are taken after a warm-up call; time is the median over the repetitions.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
 import json
 import os
@@ -55,6 +54,7 @@ from rich.table import Table
 
 from overlock import kernels
 from overlock.archspec import load
+from overlock.bench import PeakMemory  # shared with `overlock bench`
 from overlock.kernels import ops, reference
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -146,53 +146,6 @@ def methods_for(device: torch.device, wanted: list[str]) -> tuple[dict[str, Meth
 
 
 # --- measurement --------------------------------------------------------------------------------
-
-
-class PeakMemory:
-    """Peak memory added by a call: CUDA allocator stats, or the RSS high-water mark on Linux CPUs."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.libc = None
-        if device.type == "cpu":
-            try:
-                self.libc = ctypes.CDLL("libc.so.6")
-                with open("/proc/self/clear_refs", "w") as handle:
-                    handle.write("5")
-            except OSError:
-                self.libc = None
-
-    @property
-    def method(self) -> str:
-        if self.device.type == "cuda":
-            return "torch.cuda.max_memory_allocated() above the allocation before the call"
-        if self.libc is None:
-            return "unavailable (needs Linux /proc/self/clear_refs)"
-        return "peak resident set (VmHWM after malloc_trim + clear_refs) above the resident set before the call"
-
-    @staticmethod
-    def _status(key: str) -> int:
-        text = Path("/proc/self/status").read_text()
-        return int(re.search(rf"{key}:\s+(\d+) kB", text).group(1)) * 1024
-
-    def measure(self, fn: Callable[[], object]) -> float | None:
-        """MiB added at the peak of fn()."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            fn()
-            torch.cuda.synchronize()
-            return (torch.cuda.max_memory_allocated() - before) / 2**20
-        if self.libc is None:
-            fn()
-            return None
-        self.libc.malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        before = self._status("VmRSS")
-        fn()
-        return max(0, self._status("VmHWM") - before) / 2**20
 
 
 def timed(fn: Callable[[], object], device: torch.device, reps: int, budget: float) -> list[float]:

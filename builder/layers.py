@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..archspec import DILATED_REPCONV_BRANCHES
+from ..kernels.depthwise import depthwise_conv2d
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -40,17 +41,31 @@ class GRN(nn.Module):
         self.gamma = nn.Parameter(torch.zeros(1, channels, 1, 1))
         self.beta = nn.Parameter(torch.zeros(1, channels, 1, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        energy = torch.norm(x, p=2, dim=(-1, -2), keepdim=True)
+    def coefficients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift) with GRN(x) = x * scale + shift; scale (B, C, 1, 1), shift (1, C, 1, 1)."""
+        if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+            energy = torch.linalg.vector_norm(x, ord=2, dim=(-1, -2), keepdim=True)
+        else:
+            # vector_norm over H, W of channels_last data is 3-25x slower than a sum of squares; the
+            # floor keeps sqrt's gradient finite for an all-zero map (its energy stays ~1e-15, not 0).
+            energy = x.square().sum(dim=(-1, -2), keepdim=True).clamp_min(1e-30).sqrt()
         normed = energy / (energy.mean(dim=1, keepdim=True) + 1e-6)
-        return x + torch.addcmul(self.beta, self.gamma, x * normed)
+        return torch.addcmul(torch.ones_like(normed), self.gamma, normed), self.beta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x + beta + gamma * x * normed, written as x * (1 + gamma * normed) + beta: one pass over x
+        # instead of three (the per-channel factor is tiny).
+        scale, shift = self.coefficients(x)
+        return torch.addcmul(shift, x, scale)
 
 
 class LayerScale(nn.Module):
     """Per-channel affine scale, w * x + b, stored as a depthwise 1x1 conv like the reference.
 
-    The conv form keeps the published checkpoints' parameter shapes ((C, 1, 1, 1) and (C,)) and
-    is what fvcore counts in the reference FLOPs.
+    The parameters keep the published checkpoints' shapes ((C, 1, 1, 1) and (C,)), but the forward
+    is one element-wise multiply-add: PyTorch's CPU backend runs a depthwise 1x1 conv through a
+    slow per-channel path (it cost 5-8% of an XT step). fvcore counts no element-wise op, so the
+    FLOP count drops by C*H*W per layer scale (well under 0.1% of a preset).
     """
 
     def __init__(self, channels: int, init_value: float) -> None:
@@ -59,17 +74,27 @@ class LayerScale(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.weight, self.bias, groups=x.shape[1])
+        return torch.addcmul(self.bias.view(1, -1, 1, 1), x, self.weight.view(1, -1, 1, 1))
 
 
 class ResDWConv(nn.Conv2d):
-    """x + depthwise conv(x): the cheap local mixing in front of every block and inside MLPs."""
+    """x + depthwise conv(x): the cheap local mixing in front of every block and inside MLPs.
+
+    In float32/float64 the identity is folded into the kernel's centre tap (one conv, no extra
+    pass over x for the sum); in half precision (autocast) the sum stays outside, so the residual
+    stream keeps full precision (1 + w in bf16 would round w away).
+    """
 
     def __init__(self, channels: int, kernel_size: int = 3) -> None:
         super().__init__(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + super().forward(x)
+        if x.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled(x.device.type):
+            return x + super().forward(x)
+        centre = self.kernel_size[0] // 2
+        weight = self.weight.clone()
+        weight[:, :, centre, centre] += 1.0
+        return self._conv_forward(x, weight, self.bias)
 
 
 class SqueezeExcite(nn.Module):
@@ -173,17 +198,23 @@ class DilatedRepConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.deployed:
-            return self.lk(x)
-        out = self.lk_bn(self.lk(x))
+            return depthwise_conv2d(x, self.lk.weight, self.lk.bias)
+        if not any(bn.training for bn in self._norms()) and not torch.jit.is_tracing():
+            # Eval-mode BNs are affine maps: fold them and the branches on the fly (as reparameterize
+            # does), so the training form infers at the cost of the deploy form. Not while tracing:
+            # fvcore's FLOP count of the training form counts every branch, as the published one.
+            kernel, bias = self.merged_kernel()
+            return depthwise_conv2d(x, kernel, bias)
+        out = self.lk_bn(depthwise_conv2d(x, self.lk.weight))
         for branch in self.branches.values():
-            out = out + branch(x)
+            out = out + branch.bn(depthwise_conv2d(x, branch.conv.weight, dilation=branch.conv.dilation[0]))
         return out
 
-    @torch.no_grad()
-    def reparameterize(self) -> None:
-        """Fold every BN and every dilated branch into `lk` (in place)."""
-        if self.deployed:
-            return
+    def _norms(self) -> list[nn.BatchNorm2d]:
+        return [self.lk_bn, *(branch.bn for branch in self.branches.values())]
+
+    def merged_kernel(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The single KxK kernel and bias equal to the eval-mode training form (differentiable)."""
         kernel, bias = fuse_bn(self.lk.weight, self.lk_bn)
         for branch in self.branches.values():
             small, small_bias = fuse_bn(branch.conv.weight, branch.bn)
@@ -194,6 +225,14 @@ class DilatedRepConv(nn.Module):
             pad = (self.kernel_size - span) // 2
             kernel = kernel + F.pad(spread, [pad] * 4)
             bias = bias + small_bias
+        return kernel, bias
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Fold every BN and every dilated branch into `lk` (in place)."""
+        if self.deployed:
+            return
+        kernel, bias = self.merged_kernel()
         merged = nn.Conv2d(
             kernel.shape[0], kernel.shape[0], self.kernel_size, padding=self.kernel_size // 2, groups=kernel.shape[0]
         ).to(kernel.device, kernel.dtype)

@@ -20,6 +20,18 @@ probability map of the chunk, the dense tile matrices, the gathered regions) sta
 `CHUNK_BYTES`. The backward of `contmix` rebuilds the probabilities chunk by chunk from the
 forward's log-sum-exp: the full probability map is never held, in the forward or the backward.
 
+Threads. Each chunk is ~15 small ops; with PyTorch's intra-op threading every one of them is its
+own parallel region, in which all threads meet at a barrier. That scales badly (most of the ops
+are index copies and element-wise passes too small to split well) and collapses under contention:
+when another process holds one core, every region waits for the descheduled thread. So with more
+than one thread (`torch.get_num_threads()`) and CPU tensors the chunks themselves are the unit of
+parallelism: a pool of that many worker threads, each running whole chunks with one intra-op
+thread, takes chunks from a shared queue. One parallel region per call instead of ~15 per chunk,
+and a stalled worker only delays its own chunk while the others keep taking work. Chunks are sized
+so that every worker gets at least `CHUNKS_PER_THREAD` of them (load balance) within the same total
+memory budget. Results do not depend on the thread count except for the summation order of the
+bias gradient across chunks.
+
 The functions only use PyTorch tensor ops, so they run on any device; `auto` picks them for CPU
 tensors (and for CUDA tensors only when Triton is missing).
 """
@@ -27,6 +39,9 @@ tensors (and for CUDA tensors only when Triton is missing).
 from __future__ import annotations
 
 import functools
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +55,7 @@ from . import reference
 CHUNK_BYTES = 32 * 2**20
 MIN_CHUNK_BYTES = 2 * 2**20
 INPUT_MULTIPLE = 4
+CHUNKS_PER_THREAD = 2
 
 
 @dataclass(frozen=True, eq=False)  # identity hash: plans are cached, and tensors have no == for dicts
@@ -138,16 +154,78 @@ def _plan_on(plan: _Plan, device: torch.device) -> _Plan:
     return _Plan(plan.tile, plan.region, **moved)
 
 
-def _chunk_rows(rows: int, plan: _Plan, height: int, width: int, kernel_size: int, channels: int, itemsize: int) -> int:
-    """How many (batch * heads) rows fit the transient budget (at least one)."""
+def _chunk_rows(
+    rows: int, plan: _Plan, height: int, width: int, kernel_size: int, channels: int, itemsize: int, workers: int = 1
+) -> int:
+    """How many (batch * heads) rows fit the transient budget (at least one).
+
+    With several workers the budget is shared (each holds one chunk's buffers at a time) and
+    every worker gets at least CHUNKS_PER_THREAD chunks where there are enough rows.
+    """
     tiles, tile_rows = plan.out_index.shape
     kk = kernel_size * kernel_size
     per_row = tiles * tile_rows * plan.region * 2  # dense tile matrix and its gradient
     per_row += tiles * plan.region * channels * 2  # gathered regions and their gradient
     per_row += height * width * kk * 3 + tiles * tile_rows * (kk * 2 + channels * 2)  # probabilities, tile copies
     inputs = rows * height * width * (kk + channels) * itemsize
-    budget = min(CHUNK_BYTES, max(MIN_CHUNK_BYTES, INPUT_MULTIPLE * inputs))
-    return max(1, min(rows, budget // (per_row * itemsize)))
+    budget = min(CHUNK_BYTES, max(MIN_CHUNK_BYTES, INPUT_MULTIPLE * inputs)) // workers
+    chunk = max(1, min(rows, budget // (per_row * itemsize)))
+    if workers > 1:
+        chunk = min(chunk, max(1, -(-rows // (workers * CHUNKS_PER_THREAD))))
+    return chunk
+
+
+_POOL_LOCK = threading.Lock()
+_POOL: ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """The shared worker pool, (re)built when the thread count changes."""
+    global _POOL, _POOL_SIZE
+    with _POOL_LOCK:
+        if _POOL is None or _POOL_SIZE != workers:
+            if _POOL is not None:
+                _POOL.shutdown(wait=True)
+            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="overlock-contmix")
+            _POOL_SIZE = workers
+        return _POOL
+
+
+def _workers(device: torch.device) -> int:
+    """Worker threads for the chunk loop: torch's intra-op thread count on CPU, else 1 (sequential).
+
+    Nested calls (from inside a worker, or from a thread that is itself inside a parallel region)
+    run sequentially.
+    """
+    if device.type != "cpu" or threading.current_thread().name.startswith("overlock-contmix"):
+        return 1
+    return max(1, torch.get_num_threads())
+
+
+def _run_chunks(work: Callable[[int, int], object], shapes: _Shapes) -> list[object]:
+    """work(start, stop) for every chunk of rows; in the worker pool when shapes.workers > 1.
+
+    Workers run with one intra-op thread each (set per task: OpenMP's thread count is per
+    thread, MKL's is global) and in the caller's grad/inference mode; the caller's thread count
+    is restored afterwards.
+    """
+    bounds = [(start, min(start + shapes.chunk, shapes.rows)) for start in range(0, shapes.rows, shapes.chunk)]
+    if shapes.workers == 1 or len(bounds) == 1:
+        return [work(start, stop) for start, stop in bounds]
+    threads = torch.get_num_threads()
+    # Grad and inference mode are thread-local: the workers run in the caller's.
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def task(bound: tuple[int, int]) -> object:
+        torch.set_num_threads(1)
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            return work(*bound)
+
+    try:
+        return list(_pool(shapes.workers).map(task, bounds))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _dense_tiles(probs: torch.Tensor, plan: _Plan) -> torch.Tensor:
@@ -176,15 +254,15 @@ class _Shapes:
         self.dtype = reference.compute_dtype(value, *others)
         self.plan = _plan(self.height, self.width, kernel_size, self.channels, value.device)
         itemsize = torch.finfo(self.dtype).bits // 8
-        self.chunk = _chunk_rows(self.rows, self.plan, self.height, self.width, kernel_size, self.channels, itemsize)
+        self.workers = min(_workers(value.device), self.rows)
+        self.chunk = _chunk_rows(
+            self.rows, self.plan, self.height, self.width, kernel_size, self.channels, itemsize, self.workers
+        )
         self.head_of_row = torch.arange(self.rows, device=value.device) % self.heads
 
     def flat(self, tensor: torch.Tensor) -> torch.Tensor:
         """(B, h, H, W, d) -> (B*h, HW, d); a copy only where the layout or dtype requires one."""
         return tensor.reshape(self.rows, self.positions, tensor.shape[-1])
-
-    def chunks(self):
-        return range(0, self.rows, self.chunk)
 
     def new_output(self, value: torch.Tensor) -> torch.Tensor:
         """An uninitialised (B, h, H, W, c) result in the compute dtype; `flat` of it is the view to fill.
@@ -237,9 +315,12 @@ def aggregate_forward(probs: torch.Tensor, value: torch.Tensor, kernel_size: int
     p, v = shapes.flat(probs), shapes.flat(value).to(shapes.dtype)
     result = shapes.new_output(value)
     out = shapes.flat(result)
-    for start in shapes.chunks():
-        stop = min(start + shapes.chunk, shapes.rows)
-        _aggregate_rows(p[start:stop].to(shapes.dtype), v[start:stop], shapes.plan, out[start:stop])
+    _run_chunks(
+        lambda start, stop: _aggregate_rows(
+            p[start:stop].to(shapes.dtype), v[start:stop], shapes.plan, out[start:stop]
+        ),
+        shapes,
+    )
     return result.to(value.dtype)
 
 
@@ -253,10 +334,12 @@ def contmix_forward(
     out = shapes.flat(result)
     lse = torch.empty(value.shape[:4], dtype=shapes.dtype, device=value.device)
     lse_rows = lse.view(shapes.rows, shapes.positions)
-    for start in shapes.chunks():
-        stop = min(start + shapes.chunk, shapes.rows)
+
+    def work(start: int, stop: int) -> None:
         probs, lse_rows[start:stop] = _softmax_rows(z, bias, start, stop, shapes)
         _aggregate_rows(probs, v[start:stop], shapes.plan, out[start:stop])
+
+    _run_chunks(work, shapes)
     return result.to(value.dtype), lse
 
 
@@ -286,8 +369,8 @@ def aggregate_backward(
     g, p, v = (shapes.flat(t) for t in (grad, probs, value))
     dvalue = torch.zeros(shapes.rows, shapes.positions, shapes.channels, dtype=shapes.dtype, device=value.device)
     dprobs = torch.empty(shapes.rows, shapes.positions, shapes.kk, dtype=probs.dtype, device=value.device)
-    for start in shapes.chunks():
-        stop = min(start + shapes.chunk, shapes.rows)
+
+    def work(start: int, stop: int) -> None:
         dp = _backward_rows(
             g[start:stop].to(shapes.dtype),
             p[start:stop].to(shapes.dtype),
@@ -296,6 +379,8 @@ def aggregate_backward(
             dvalue[start:stop],
         )
         _untile(dp.to(probs.dtype), shapes.plan, dprobs[start:stop])
+
+    _run_chunks(work, shapes)
     return dprobs.view(probs.shape), dvalue.view(value.shape).to(value.dtype)
 
 
@@ -321,9 +406,9 @@ def contmix_backward(
     plan = shapes.plan
     dvalue = torch.zeros(shapes.rows, shapes.positions, shapes.channels, dtype=shapes.dtype, device=value.device)
     dlogits = torch.empty(shapes.rows, shapes.positions, shapes.kk, dtype=shapes.dtype, device=value.device)
-    dbias = torch.zeros_like(bias)
-    for start in shapes.chunks():
-        stop = min(start + shapes.chunk, shapes.rows)
+
+    def work(start: int, stop: int) -> torch.Tensor:
+        """The chunk's rows of dlogits and dvalue; returns its (h, HW, K*K) share of the bias gradient."""
         grad_rows = g[start:stop].to(shapes.dtype)
         probs = _saved_softmax_rows(z, bias, lse, start, stop, shapes)
         dprobs = _backward_rows(grad_rows, probs, v[start:stop].to(shapes.dtype), plan, dvalue[start:stop])
@@ -334,7 +419,12 @@ def contmix_backward(
         dz -= torch.linalg.vecdot(grad_rows, o[start:stop].to(shapes.dtype)).unsqueeze(-1)
         dz *= probs
         del probs
-        dbias.index_add_(0, shapes.head_of_row[start:stop], dz)
+        return torch.zeros_like(bias).index_add_(0, shapes.head_of_row[start:stop], dz)
+
+    partial = _run_chunks(work, shapes)
+    dbias = partial[0]
+    for share in partial[1:]:
+        dbias += share
     index = reference.rpb_index(shapes.height, shapes.width, kernel_size, rpb.device).flatten()
     drpb = torch.zeros(shapes.heads, rpb[0].numel(), dtype=shapes.dtype, device=rpb.device)
     drpb.index_add_(1, index, dbias.reshape(shapes.heads, -1))

@@ -1,0 +1,458 @@
+"""Speed and memory of a built model: what `overlock bench` measures (images/s, latency, peak memory, profile).
+
+FLOPs do not predict the speed of this family (large depthwise kernels, dynamic convolutions and
+many element-wise layers cost far more per FLOP than 1x1 convolutions), so variants are compared
+on measured time too. Everything here works on any `nn.Module` that maps an image batch to logits
+(or to the dict/list the OverLoCK forward returns), so benchmarks can run timm models through it.
+
+Timing: `warmup` untimed calls, then up to `reps` timed calls (stopping early once `budget_s` is
+spent, after at least three); median and spread (min, max, interquartile range) per call.
+
+Peak memory (`PeakMemory`): CUDA allocator statistics, or on Linux CPUs the resident-set
+high-water mark, reset before the call (glibc malloc_trim, then 5 into /proc/self/clear_refs) and
+read back (VmHWM) after it: the peak physical memory the call added above what was resident.
+
+Profile (`profile_step`): torch.profiler with one `record_function` range per module (forward
+hooks, so any module tree works). Forward time goes to the innermost module range around each op;
+backward time to the module whose forward op created the autograd node (matched by the autograd
+sequence number the profiler records for both). Reported per sub-network (the model's children),
+per part (modules grouped by their attribute name and class, e.g. `large_kernel (DilatedRepConv)`,
+inclusive time, so nested parts overlap) and per operator (ContMix's `overlock::` ops included).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import re
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import OverlockError
+
+_SCOPE = "module::"
+
+
+@dataclass
+class BenchSettings:
+    """What to measure; the defaults are the issue's CPU measurement (batch 8, 224, inference)."""
+
+    batch_size: int = 8
+    img_size: int = 224
+    device: str = "cpu"
+    threads: int | None = None
+    train: bool = False
+    deploy: bool = False
+    amp: bool = False
+    compile: bool = False
+    channels_last: bool = False
+    grad_checkpoint: bool = False
+    profile: bool = False
+    warmup: int = 2
+    reps: int = 10
+    budget_s: float = 60.0
+
+
+@dataclass
+class BenchResult:
+    name: str
+    settings: dict
+    device_name: str
+    threads: int
+    median_s: float
+    min_s: float
+    max_s: float
+    iqr_s: float
+    reps: int
+    images_per_s: float
+    peak_memory_mib: float | None
+    peak_memory_method: str
+    profile: dict | None = field(default=None)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class PeakMemory:
+    """Peak memory added by a call: CUDA allocator stats, or the RSS high-water mark on Linux CPUs."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = torch.device(device)
+        self.libc = None
+        if self.device.type == "cpu":
+            try:
+                self.libc = ctypes.CDLL("libc.so.6")
+                with open("/proc/self/clear_refs", "w") as handle:
+                    handle.write("5")
+            except OSError:
+                self.libc = None
+
+    @property
+    def method(self) -> str:
+        if self.device.type == "cuda":
+            return "torch.cuda.max_memory_allocated() above the allocation before the call"
+        if self.libc is None:
+            return "unavailable (needs Linux /proc/self/clear_refs)"
+        return "peak resident set (VmHWM after malloc_trim + clear_refs) above the resident set before the call"
+
+    @staticmethod
+    def _status(key: str) -> int:
+        text = Path("/proc/self/status").read_text()
+        return int(re.search(rf"{key}:\s+(\d+) kB", text).group(1)) * 1024
+
+    def measure(self, fn: Callable[[], object]) -> float | None:
+        """MiB added at the peak of fn()."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            fn()
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - before) / 2**20
+        if self.libc is None:
+            fn()
+            return None
+        self.libc.malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        before = self._status("VmRSS")
+        fn()
+        return max(0, self._status("VmHWM") - before) / 2**20
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], device: torch.device, reps: int, budget_s: float) -> list[float]:
+    """Seconds per call over up to `reps` calls (at least 3), stopping early once `budget_s` is spent."""
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < reps and (len(times) < 3 or time.perf_counter() - start < budget_s):
+        _sync(device)
+        tick = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - tick)
+    return times
+
+
+def spread(times: list[float]) -> dict[str, float]:
+    """Median, min, max and interquartile range of per-call times."""
+    ordered = sorted(times)
+    q = statistics.quantiles(ordered, n=4) if len(ordered) >= 2 else [ordered[0]] * 3
+    return {"median_s": statistics.median(ordered), "min_s": ordered[0], "max_s": ordered[-1], "iqr_s": q[2] - q[0]}
+
+
+def _loss(output: torch.Tensor | dict | list, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy on the main logits, plus 0.4 x the aux head's when present (OverLoCK's training loss)."""
+    if isinstance(output, dict):
+        loss = nn.functional.cross_entropy(output["main"], target)
+        if "aux" in output:
+            loss = loss + 0.4 * nn.functional.cross_entropy(output["aux"], target)
+        return loss
+    if isinstance(output, (list, tuple)):  # features_only: a stand-in loss that touches every level
+        return sum(level.float().square().mean() for level in output)
+    return nn.functional.cross_entropy(output, target)
+
+
+def make_step(model: nn.Module, settings: BenchSettings, num_classes: int) -> Callable[[], object]:
+    """One inference forward (no grad), or one training step (forward, loss, backward, AdamW)."""
+    device = torch.device(settings.device)
+    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randn(settings.batch_size, 3, settings.img_size, settings.img_size, generator=gen)
+    image = image.to(device).contiguous(memory_format=memory_format)
+    target = torch.randint(0, num_classes, (settings.batch_size,), generator=gen).to(device)
+    runner = torch.compile(model) if settings.compile else model
+
+    def autocast():
+        if not settings.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+
+    if not settings.train:
+
+        def infer() -> object:
+            with torch.inference_mode(), autocast():
+                return runner(image)
+
+        return infer
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.05)
+
+    def train_step() -> object:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            loss = _loss(runner(image), target)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return train_step
+
+
+def prepare(model: nn.Module, settings: BenchSettings) -> nn.Module:
+    """Put the model in the measured form: deploy, mode, device, layout, gradient checkpointing."""
+    if settings.device == "cuda" and not torch.cuda.is_available():
+        raise OverlockError("--device cuda: no CUDA device is available here; use --device cpu")
+    if settings.deploy and hasattr(model, "reparameterize"):
+        model.reparameterize()
+    if settings.deploy and settings.train:
+        raise OverlockError("--deploy with --train: the deploy form is for inference; drop one of the two")
+    if settings.grad_checkpoint:
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise OverlockError("--grad-checkpoint: this model has no set_grad_checkpointing(); drop the flag")
+        model.set_grad_checkpointing(True)
+    model.train(settings.train)
+    model.to(settings.device)
+    if settings.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+@contextlib.contextmanager
+def threads(count: int | None) -> Iterator[int]:
+    """Run with `count` intra-op threads (None: leave torch's setting), restoring it afterwards."""
+    before = torch.get_num_threads()
+    if count is not None:
+        if count < 1:
+            raise OverlockError(f"--threads {count}: give a positive number of threads")
+        torch.set_num_threads(count)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "CPU"
+
+
+def bench(model: nn.Module, settings: BenchSettings, name: str = "", num_classes: int | None = None) -> BenchResult:
+    """Measure `model` as `settings` say (the model is changed in place: mode, device, form).
+
+    `num_classes` (for the training targets) defaults to an OverLoCK model's head, else 1000.
+    """
+    device = torch.device(settings.device)
+    if num_classes is None:
+        head = getattr(getattr(model, "spec", None), "head", None)
+        num_classes = getattr(head, "num_classes", None) or 1000
+    with threads(settings.threads) as count:
+        model = prepare(model, settings)
+        step = make_step(model, settings, num_classes)
+        for _ in range(max(1, settings.warmup)):
+            step()
+        times = timed(step, device, settings.reps, settings.budget_s)
+        memory = PeakMemory(device)
+        peak = memory.measure(step)
+        profile = profile_step(model, step) if settings.profile else None
+    stats = spread(times)
+    return BenchResult(
+        name=name,
+        settings=asdict(settings),
+        device_name=device_name(device),
+        threads=count,
+        reps=len(times),
+        images_per_s=settings.batch_size / stats["median_s"],
+        peak_memory_mib=peak,
+        peak_memory_method=memory.method,
+        profile=profile,
+        **stats,
+    )
+
+
+# --- profile --------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def module_scopes(model: nn.Module) -> Iterator[None]:
+    """A profiler range named `module::<qualified name>` around every module's forward."""
+    handles = []
+    open_ranges: dict[int, list] = defaultdict(list)
+
+    def enter(name: str):
+        def hook(module, args):
+            open_ranges[id(module)].append(torch.ops.profiler._record_function_enter_new(_SCOPE + name, None))
+
+        return hook
+
+    def leave(module, args, output):
+        stack = open_ranges[id(module)]
+        if stack:
+            torch.ops.profiler._record_function_exit._RecordFunction(stack.pop())
+
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(enter(name or "<model>")))
+        handles.append(module.register_forward_hook(leave, always_call=True))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _innermost_scope(event) -> str | None:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith(_SCOPE):
+            return parent.name[len(_SCOPE) :]
+        parent = parent.cpu_parent
+    return None
+
+
+def _op_events(events) -> list:
+    """Top-level operator events (not module ranges, not nested inside another operator)."""
+    tops = []
+    for event in events:
+        if event.name.startswith(_SCOPE) or event.name.startswith("ProfilerStep"):
+            continue
+        parent = event.cpu_parent
+        while parent is not None and parent.name.startswith(_SCOPE):
+            parent = parent.cpu_parent
+        if parent is None:
+            tops.append(event)
+    return tops
+
+
+def attribute(events) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """Seconds per innermost module ({name: {"forward", "backward"}}) and per top-level operator."""
+    per_module: dict[str, dict[str, float]] = defaultdict(lambda: {"forward": 0.0, "backward": 0.0})
+    per_op: dict[str, float] = defaultdict(float)
+    owner_of_sequence: dict[int, str] = {}
+    backward_prefix = "autograd::engine::evaluate_function: "
+    for event in events:  # forward ops (nested ones too) name the owner of each autograd sequence number
+        if event.name.startswith(backward_prefix) or getattr(event, "sequence_nr", -1) < 0:
+            continue
+        scope = _innermost_scope(event)
+        if scope is not None:
+            owner_of_sequence.setdefault(event.sequence_nr, scope)
+    tops = _op_events(events)
+    for event in tops:
+        seconds = event.cpu_time_total / 1e6
+        if event.name.startswith(backward_prefix):
+            node = event.name[len(backward_prefix) :]
+            per_op[f"{node} (backward)"] += seconds
+            owner = owner_of_sequence.get(event.sequence_nr, "<unattributed>")
+            per_module[owner]["backward"] += seconds
+        else:
+            per_op[event.name] += seconds
+            per_module[_innermost_scope(event) or "<outside modules>"]["forward"] += seconds
+    return dict(per_module), dict(per_op)
+
+
+def _part_key(name: str, module: nn.Module) -> str:
+    """`mlp (ConvMLP)`: the module's last non-numeric attribute name and its class."""
+    parts = [p for p in name.split(".") if not p.isdigit()]
+    return f"{parts[-1] if parts else '<model>'} ({type(module).__name__})"
+
+
+def profile_step(model: nn.Module, step: Callable[[], object]) -> dict:
+    """Profile one call of `step`; seconds per sub-network, per part and per operator (see module doc)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with module_scopes(model), profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    per_module, per_op = attribute(prof.events())
+    modules = dict(model.named_modules())
+
+    def inclusive(prefix: str) -> dict[str, float]:
+        total = {"forward": 0.0, "backward": 0.0}
+        for name, times in per_module.items():
+            if name == prefix or name.startswith(prefix + "."):
+                for key in total:
+                    total[key] += times[key]
+        return total
+
+    subnets = {name: inclusive(name) for name, _ in model.named_children()}
+    subnets["<model itself>"] = per_module.get("<model>", {"forward": 0.0, "backward": 0.0})
+    parts: dict[str, dict[str, float]] = defaultdict(lambda: {"forward": 0.0, "backward": 0.0, "count": 0})
+    for name, module in modules.items():
+        if isinstance(module, (nn.ModuleList, nn.ModuleDict)):  # containers only repeat their children
+            continue
+        if not name or not any(k == name or k.startswith(name + ".") for k in per_module):
+            continue
+        times = inclusive(name)
+        entry = parts[_part_key(name, module)]
+        entry["forward"] += times["forward"]
+        entry["backward"] += times["backward"]
+        entry["count"] += 1
+    total = sum(t["forward"] + t["backward"] for t in per_module.values())
+    return {
+        "total_s": total,
+        "subnetworks": subnets,
+        "parts": dict(parts),
+        "operators": dict(sorted(per_op.items(), key=lambda kv: -kv[1])),
+        "unattributed_s": sum(per_module.get(k, {}).get("backward", 0.0) for k in ("<unattributed>",))
+        + sum(per_module.get(k, {}).get("forward", 0.0) for k in ("<outside modules>",)),
+    }
+
+
+def render(result: BenchResult) -> list:
+    """Rich tables of a result: the timing summary, and with a profile the three breakdowns."""
+    from rich.table import Table
+
+    s = result.settings
+    form = "training step" if s["train"] else ("inference, deploy form" if s["deploy"] else "inference")
+    extras = [flag for flag in ("amp", "compile", "channels_last", "grad_checkpoint") if s[flag]]
+    title = (
+        f"{result.name}: {form}, batch {s['batch_size']}, {s['img_size']}x{s['img_size']}, {result.device_name}, "
+        f"{result.threads} thread(s)" + (f", {', '.join(extras)}" if extras else "")
+    )
+    summary = Table(title=title, title_justify="left")
+    for column in ("images/s", "median ms", "min ms", "max ms", "IQR ms", "reps", "peak MiB"):
+        summary.add_column(column, justify="right")
+    peak = "n/a" if result.peak_memory_mib is None else f"{result.peak_memory_mib:,.0f}"
+    summary.add_row(
+        f"{result.images_per_s:.2f}",
+        *(f"{1e3 * v:.1f}" for v in (result.median_s, result.min_s, result.max_s, result.iqr_s)),
+        str(result.reps),
+        peak,
+    )
+    tables = [summary]
+    if not result.profile:
+        return tables
+    profile = result.profile
+    total = max(profile["total_s"], 1e-12)
+
+    def breakdown(title: str, rows: dict[str, dict], limit: int | None = None) -> Table:
+        table = Table(title=title, title_justify="left")
+        for column in ("", "forward ms", "backward ms", "share"):
+            table.add_column(column, justify="left" if not column else "right")
+        ordered = sorted(rows.items(), key=lambda kv: -(kv[1]["forward"] + kv[1]["backward"]))
+        for name, times in ordered[:limit]:
+            both = times["forward"] + times["backward"]
+            label = f"{name} x{times['count']}" if times.get("count", 1) > 1 else name
+            table.add_row(
+                label, f"{1e3 * times['forward']:.1f}", f"{1e3 * times['backward']:.1f}", f"{100 * both / total:.1f}%"
+            )
+        return table
+
+    tables.append(
+        breakdown(f"profile: one call, {1e3 * total:.0f} ms of operators; by sub-network", profile["subnetworks"])
+    )
+    tables.append(breakdown("by part (inclusive; nested parts overlap)", profile["parts"], limit=30))
+    ops = Table(title="by operator (forward ops, and backward nodes)", title_justify="left")
+    ops.add_column("")
+    ops.add_column("ms", justify="right")
+    ops.add_column("share", justify="right")
+    for name, seconds in list(profile["operators"].items())[:15]:
+        ops.add_row(name, f"{1e3 * seconds:.1f}", f"{100 * seconds / total:.1f}%")
+    tables.append(ops)
+    return tables

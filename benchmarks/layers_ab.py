@@ -1,0 +1,114 @@
+"""What each cheaper layer formulation of issue 10 gains, measured by switching it off in one process.
+
+    python benchmarks/layers_ab.py                     # XT, batch 8, 224, one thread, inference + training step
+    python benchmarks/layers_ab.py --preset t --modes train --rounds 3
+
+Every variant runs the same model with one formulation put back to the reference's form (the
+original forward of that layer class, kept here), interleaved call by call; "all old" puts all of
+them back at once. The ratio old/new of the median time is what the formulation gains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from overlock.builder import build, layers
+from overlock.kernels import depthwise
+
+
+def old_layer_scale(self, x):
+    return F.conv2d(x, self.weight, self.bias, groups=x.shape[1])
+
+
+def old_grn(self, x):
+    energy = torch.norm(x, p=2, dim=(-1, -2), keepdim=True)
+    normed = energy / (energy.mean(dim=1, keepdim=True) + 1e-6)
+    return x + torch.addcmul(self.beta, self.gamma, x * normed)
+
+
+def old_res_dw_conv(self, x):
+    return x + torch.nn.Conv2d.forward(self, x)
+
+
+def old_dilated_rep_conv(self, x):
+    if self.deployed:
+        return self.lk(x)
+    out = self.lk_bn(self.lk(x))
+    for branch in self.branches.values():
+        out = out + branch(x)
+    return out
+
+
+def plain_depthwise(x, weight, bias=None, dilation=1):
+    padding = dilation * (weight.shape[-1] - 1) // 2
+    return F.conv2d(x, weight, bias, padding=padding, dilation=dilation, groups=x.shape[1])
+
+
+OLD = {
+    "LayerScale as conv": [(layers.LayerScale, "forward", old_layer_scale)],
+    "GRN unfused": [(layers.GRN, "forward", old_grn)],
+    "ResDWConv x + conv": [(layers.ResDWConv, "forward", old_res_dw_conv)],
+    "DilatedRepConv branch sum": [(layers.DilatedRepConv, "forward", old_dilated_rep_conv)],
+    "no custom depthwise op": [(layers, "depthwise_conv2d", plain_depthwise)],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="xt")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--modes", default="infer,train")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = build(args.preset)
+    image = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
+    target = torch.randint(0, 1000, (args.batch_size,))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    variants = {"new": [], **OLD, "all old": [patch for patches in OLD.values() for patch in patches]}
+    saved = {(owner, name): getattr(owner, name) for patches in OLD.values() for owner, name, _ in patches}
+    assert depthwise  # the op the last variant replaces lives there
+
+    def step(mode: str) -> float:
+        tick = time.perf_counter()
+        if mode == "infer":
+            model.eval()
+            with torch.inference_mode():
+                model(image)
+        else:
+            model.train()
+            optimizer.zero_grad(set_to_none=True)
+            out = model(image)
+            (F.cross_entropy(out["main"], target) + 0.4 * F.cross_entropy(out["aux"], target)).backward()
+            optimizer.step()
+        return time.perf_counter() - tick
+
+    for mode in args.modes.split(","):
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        for round_ in range(args.rounds + 1):
+            for name, patches in variants.items():
+                for owner, attr, fn in patches:
+                    setattr(owner, attr, fn)
+                try:
+                    seconds = step(mode)
+                finally:
+                    for (owner, attr), fn in saved.items():
+                        setattr(owner, attr, fn)
+                if round_:  # round 0 is the warm-up
+                    times[name].append(seconds)
+        new = statistics.median(times["new"])
+        print(f"{args.preset} {mode}, batch {args.batch_size}, {args.img_size}px, 1 thread, {args.rounds} rounds:")
+        for name, samples in times.items():
+            median = statistics.median(samples)
+            print(f"  {name:28} {median:8.3f} s   old/new {median / new:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

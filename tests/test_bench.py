@@ -1,0 +1,90 @@
+"""overlock.bench and `overlock bench`: timings, memory and the per-part profile (no speed assertions)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from overlock.bench import BenchSettings, attribute, bench, module_scopes, spread
+from overlock.builder import build
+from overlock.cli import app
+from overlock.errors import OverlockError
+
+SMALL = ["--batch-size", "2", "--img-size", "64", "--threads", "1", "--reps", "3"]
+
+
+def run(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def test_bench_json_reports_sane_timings_and_memory():
+    result = run("bench", "pico", *SMALL, "--train", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["name"] == "overlock-pico" and data["threads"] == 1 and data["reps"] == 3
+    assert 0 < data["min_s"] <= data["median_s"] <= data["max_s"] and data["iqr_s"] >= 0
+    assert data["images_per_s"] == pytest.approx(2 / data["median_s"])
+    assert data["settings"]["train"] is True and data["settings"]["img_size"] == 64
+    assert data["peak_memory_mib"] is None or data["peak_memory_mib"] >= 0
+    assert data["profile"] is None
+
+
+def test_profile_attributes_time_to_every_block_part_forward_and_backward():
+    result = bench(build("pico"), BenchSettings(batch_size=2, img_size=64, threads=1, train=True, reps=3, profile=True))
+    profile = result.profile
+    parts = profile["parts"]
+    for part in ("large_kernel (DilatedRepConv)", "contmix (ContMix)", "mlp (ConvMLP)", "norm1 (LayerNorm2d)"):
+        assert parts[part]["forward"] > 0 and parts[part]["backward"] > 0, part
+    assert parts["contmix (ContMix)"]["count"] == 3  # pico: one + two Focus-Net blocks
+    subnets = profile["subnetworks"]
+    assert subnets["base"]["backward"] > 0 and subnets["focus"]["backward"] > 0
+    assert any(op.startswith("overlock::contmix") for op in profile["operators"])
+    assert sum(t["forward"] + t["backward"] for t in subnets.values()) <= profile["total_s"] + 1e-9
+
+
+def test_attribution_sends_backward_time_to_the_module_that_ran_the_forward():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 8)))
+    x = torch.randn(4, 8)
+    with module_scopes(model), torch.profiler.profile() as prof:
+        model(x).sum().backward()
+    per_module, _ = attribute(prof.events())
+    assert per_module["0"]["forward"] > 0 and per_module["0"]["backward"] > 0
+    assert per_module["2.0"]["backward"] > 0  # innermost module owns its ops
+
+
+def test_deploy_and_inference_run_and_bad_flags_are_clear_errors():
+    ok = run("bench", "pico", *SMALL, "--deploy", "--json")
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.stdout)["settings"]["deploy"] is True
+    bad = run("bench", "pico", *SMALL, "--device", "tpu")
+    assert bad.exit_code == 2 and "valid devices are cpu and cuda" in bad.output
+    both = run("bench", "pico", *SMALL, "--deploy", "--train")
+    assert both.exit_code == 2 and "--deploy with --train" in both.output
+
+
+def test_spread_of_times():
+    stats = spread([3.0, 1.0, 2.0, 10.0])
+    assert stats["median_s"] == 2.5 and stats["min_s"] == 1.0 and stats["max_s"] == 10.0 and stats["iqr_s"] > 0
+
+
+class _Checkpointable(nn.Sequential):
+    def __init__(self) -> None:
+        super().__init__(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+        self.checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.checkpointing = enable
+
+
+def test_grad_checkpoint_is_switched_on_where_the_model_has_it_and_refused_where_not():
+    model = _Checkpointable()
+    settings = BenchSettings(batch_size=2, img_size=16, threads=1, train=True, reps=3, grad_checkpoint=True)
+    result = bench(model, settings, num_classes=10)
+    assert model.checkpointing and result.images_per_s > 0
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    with pytest.raises(OverlockError, match="set_grad_checkpointing"):
+        bench(plain, settings, num_classes=10)

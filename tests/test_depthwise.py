@@ -1,0 +1,75 @@
+"""kernels.depthwise: the fast CPU depthwise convolution equals F.conv2d, values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from overlock.kernels import depthwise
+from overlock.kernels.depthwise import _DepthwiseConv, depthwise_conv2d, fast_fft_size, weight_grad
+
+
+def reference(x, weight, bias, dilation):
+    padding = dilation * (weight.shape[-1] - 1) // 2
+    return F.conv2d(x, weight, bias, padding=padding, dilation=dilation, groups=x.shape[1])
+
+
+@pytest.mark.parametrize(
+    ("channels", "size", "kernel", "dilation", "channels_last"),
+    [(3, 30, 13, 1, False), (5, 29, 5, 3, True), (4, 9, 7, 1, False), (2, 12, 3, 2, True)],
+)
+def test_custom_op_matches_conv2d_values_and_gradients(channels, size, kernel, dilation, channels_last):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, channels, size, size + 1, generator=gen, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(channels, 1, kernel, kernel, generator=gen, dtype=torch.float64)
+    bias = torch.randn(channels, generator=gen, dtype=torch.float64)
+    grad = torch.randn(2, channels, size, size + 1, generator=gen, dtype=torch.float64)
+    ours = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    theirs = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    out = _DepthwiseConv.apply(*ours, dilation)
+    expected = reference(*theirs, dilation)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(
+        torch.autograd.grad(out, ours, grad), torch.autograd.grad(expected, theirs, grad), rtol=1e-9, atol=1e-9
+    )
+
+
+def test_weight_gradient_in_float32_is_as_accurate_as_pytorchs_own():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 6, 40, 40, generator=gen)
+    grad = torch.randn(4, 6, 40, 40, generator=gen)
+    w = torch.zeros(6, 1, 15, 15, dtype=torch.float64, requires_grad=True)
+    exact = torch.autograd.grad(reference(x.double(), w, None, 1), w, grad.double())[0]
+    w32 = torch.zeros(6, 1, 15, 15, requires_grad=True)
+    direct = torch.autograd.grad(reference(x, w32, None, 1), w32, grad)[0]
+    ours = weight_grad(x, grad, 15, 1)
+    scale = exact.abs().max()
+    assert (ours.double() - exact).abs().max() / scale < max(4 * (direct.double() - exact).abs().max() / scale, 1e-6)
+
+
+def test_dispatch_uses_the_custom_backward_only_for_large_kernels_on_large_maps():
+    x = torch.randn(1, 2, 28, 28, requires_grad=True)
+    large = torch.randn(2, 1, depthwise.CUSTOM_BACKWARD_MIN_KERNEL, depthwise.CUSTOM_BACKWARD_MIN_KERNEL)
+    small = torch.randn(2, 1, 3, 3)
+    assert depthwise_conv2d(x, large.requires_grad_()).grad_fn.name().startswith("_DepthwiseConv")
+    assert not depthwise_conv2d(x, small.requires_grad_()).grad_fn.name().startswith("_DepthwiseConv")
+    with torch.no_grad():
+        torch.testing.assert_close(depthwise_conv2d(x, large), reference(x, large, None, 1))
+
+
+def test_even_or_non_depthwise_kernels_are_refused():
+    with pytest.raises(ValueError, match="odd K"):
+        depthwise_conv2d(torch.randn(1, 2, 8, 8), torch.randn(2, 1, 4, 4))
+
+
+def test_fft_sizes_are_smooth_and_not_smaller():
+    for n in range(1, 200):
+        size = fast_fft_size(n)
+        m = size
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        assert size >= n and m == 1
