@@ -18,6 +18,30 @@ class CheckpointError(OverlockError, ValueError):
     """A state dict or checkpoint that does not match the model it is loaded into."""
 
 
+_CONTROL = {**{c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]}, ord("\n"): "\n"}
+
+
+def shown(text: object, limit: int = 200) -> str:
+    """User text as it may appear in a message: control characters escaped, at most `limit` characters.
+
+    Spec values, file names and `--set` arguments are quoted in messages and summaries; raw escape
+    sequences would drive the terminal, and a 1 MB value would bury the message.
+    """
+    text = str(text)
+    if len(text) > limit:
+        text = f"{text[: limit - 20]}...({len(text):,} characters)"
+    return text.translate(_CONTROL)
+
+
+def one_screen(message: str, lines: int = 40, width: int = 400) -> str:
+    """A message cut to one screen, each line `shown` (the last resort for text quoted unshortened)."""
+    rows = message.splitlines() or [""]
+    cut = [shown(row, width) for row in rows[:lines]]
+    if len(rows) > lines:
+        cut.append(f"... ({len(rows) - lines} more lines)")
+    return "\n".join(cut)
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """A failed allocation: MemoryError, or the RuntimeError torch raises when a CPU allocation fails."""
     return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "allocate" in str(exc))
@@ -42,7 +66,7 @@ def exit_on_user_error(func):
         except OverlockError as exc:
             # The message quotes user input (paths, --set values, spec names): never read it as markup.
             Console(stderr=True, highlight=False, soft_wrap=True).print(
-                f"[bold red]error:[/] {escape(str(exc))}", markup=True
+                f"[bold red]error:[/] {escape(one_screen(str(exc)))}", markup=True
             )
             raise typer.Exit(2) from None
 

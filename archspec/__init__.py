@@ -4,7 +4,7 @@
 a validated `Spec`; `builder.build()` is the one way from a Spec to a module.
 """
 
-from .loader import SpecSource, format_path, load, parse_override, preset_description, preset_dir, preset_names
+from .loader import SpecSource, format_path, load, loads, parse_override, preset_description, preset_dir, preset_names
 from .schema import (
     DILATED_REPCONV_BRANCHES,
     SUPPORTED_LARGE_KERNELS,
@@ -34,6 +34,7 @@ __all__ = [
     "Stem",
     "format_path",
     "load",
+    "loads",
     "parse_override",
     "preset_description",
     "preset_dir",
