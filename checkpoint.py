@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import stat
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -29,33 +31,80 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     goes through here: a crash or a full disk while writing leaves the previous file untouched,
     and readers never see a partial file. A path that cannot be written (a directory, a parent
     that is a file, no permission) is an `OverlockError` naming it, not a traceback.
+
+    A symlink is written through: its target gets the new content (atomically) and the link stays.
+    What is not a regular file cannot be replaced by a rename without destroying it: `-` means
+    standard output; character devices and FIFOs (`/dev/stdout`, `/dev/null`, a pipe) are written
+    directly, as a shell redirection would; anything else (a socket, a block device) is refused.
     """
+    if str(path) == "-":
+        write(_Unclosable(sys.stdout.buffer))
+        sys.stdout.flush()
+        return Path("-")
     path = Path(path)
-    if path.is_dir():
-        raise OverlockError(f"cannot write {path}: it is a directory; give a file path")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
+        target = Path(os.path.realpath(path)) if path.is_symlink() else path
+        if target.is_symlink():  # realpath stops at a loop
+            raise OverlockError(f"cannot write {path}: its symlinks form a loop")
+        existing = target.stat() if target.exists() else None
+    except OSError as exc:  # a symlink loop, a name too long
         raise OverlockError(f"cannot write {path}: {_os_reason(path, exc)}") from None
+    if existing is not None and not stat.S_ISREG(existing.st_mode):
+        return _write_special(path, target, existing.st_mode, write)
     try:
-        # mkstemp creates 0600; give the file the permissions a plain open() would (umask applies).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # A short prefix: the temporary name must fit NAME_MAX wherever the target's name does.
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name[:40]}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise OverlockError(f"cannot write {path}: {_os_reason(target, exc)}") from None
+    try:
+        if existing is not None:
+            mode = stat.S_IMODE(existing.st_mode)  # replacing a file keeps its permissions
+        else:  # mkstemp creates 0600; a new file gets what a plain open() would give (umask applies)
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise OverlockError(
-                f"cannot write {path}: {_os_reason(path, exc)} (a previous {path.name}, if any, is unchanged)"
+                f"cannot write {path}: {_os_reason(target, exc)} (a previous {path.name}, if any, is unchanged)"
             ) from None
         raise
     return path
+
+
+def _write_special(path: Path, target: Path, mode: int, write: Callable[[BinaryIO], None]) -> Path:
+    if stat.S_ISDIR(mode):
+        raise OverlockError(f"cannot write {path}: it is a directory; give a file path")
+    if not (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
+        kind = "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file"
+        raise OverlockError(f"cannot write {path}: it is {kind}; give a regular file path")
+    try:
+        with open(target, "wb") as handle:
+            write(handle)
+    except OSError as exc:
+        raise OverlockError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return path
+
+
+class _Unclosable:
+    """Standard output handed to a writer, which must not close it."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+
+    def write(self, data: bytes) -> int:
+        return self._stream.write(data)
+
+    def flush(self) -> None:
+        self._stream.flush()
 
 
 def _os_reason(path: Path, exc: OSError) -> str:

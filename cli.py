@@ -51,10 +51,18 @@ def _build(spec: str, overrides: list[str] | None, deploy: bool):
 
 
 def _refuse_overwriting_an_input(output: Path, flag: str, **inputs: str | Path) -> None:
-    """An output that names one of the command's own input files would replace the user's original."""
+    """An output that names one of the command's own inputs (a file, or the preset a name stands
+    for), or any shipped preset, would replace what the user or the installation owns."""
+    if str(output) == "-" or not output.exists():
+        return
+    target = output.resolve()
+    if target.parent == archspec.preset_dir().resolve():
+        raise OverlockError(
+            f"{flag} {output} is a shipped preset file of overlock; give a file name outside {target.parent}"
+        )
     for what, source in inputs.items():
-        source = Path(source)
-        if output.is_file() and source.is_file() and output.resolve() == source.resolve():
+        source_path = Path(source) if Path(source).is_file() else archspec.preset_dir() / f"{source}.yaml"
+        if source_path.is_file() and target == source_path.resolve():
             raise OverlockError(
                 f"{flag} {output} is the {what} file this command reads; give another file name so it is kept"
             )

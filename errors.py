@@ -1,8 +1,10 @@
 """User-facing errors: everything the CLI shows as a one-screen message instead of a traceback.
 
 Raise an `OverlockError` (or a subclass) for anything a user did wrong: a bad spec, a missing
-data directory, a checkpoint that does not fit. `cli.main` catches exactly this class, prints its
-message and exits with status 2; any other exception is a bug and keeps its traceback.
+data directory, a checkpoint that does not fit. Every command catches this class, prints its
+message and exits with status 2; so too an `OSError` that reaches a command (a file name the OS
+refuses, a full disk: the user's environment, named with the file) and a failed allocation. Any
+other exception is a bug and keeps its traceback.
 """
 
 
@@ -47,6 +49,17 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "allocate" in str(exc))
 
 
+def _os_error_message(exc: OSError) -> str:
+    names = [shown(name, 120) for name in (exc.filename, exc.filename2) if name is not None]
+    reason = exc.strerror or type(exc).__name__
+    return f"cannot use {' -> '.join(names)}: {reason}" if names else f"operating system error: {reason}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return shown(text.splitlines()[0], 160) if text else type(exc).__name__
+
+
 def exit_on_user_error(func):
     """Decorate a CLI command: an OverlockError becomes a one-screen message and exit status 2.
 
@@ -64,10 +77,22 @@ def exit_on_user_error(func):
         try:
             return func(*args, **kwargs)
         except OverlockError as exc:
-            # The message quotes user input (paths, --set values, spec names): never read it as markup.
-            Console(stderr=True, highlight=False, soft_wrap=True).print(
-                f"[bold red]error:[/] {escape(one_screen(str(exc)))}", markup=True
+            message = str(exc)
+        except OSError as exc:
+            # A file the user named that the OS refuses (a name too long, no permission, a full disk):
+            # their environment, not our bug; the filename and the OS's reason say it all.
+            message = _os_error_message(exc)
+        except (MemoryError, RuntimeError) as exc:
+            if not is_out_of_memory(exc):
+                raise
+            message = (
+                "not enough memory for this command (an allocation failed); use a smaller model, batch or "
+                f"image size ({_first_line(exc)})"
             )
-            raise typer.Exit(2) from None
+        # The message quotes user input (paths, --set values, spec names): never read it as markup.
+        Console(stderr=True, highlight=False, soft_wrap=True).print(
+            f"[bold red]error:[/] {escape(one_screen(message))}", markup=True
+        )
+        raise typer.Exit(2) from None
 
     return wrapper
