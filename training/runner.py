@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-import yaml
 from rich.console import Console
 from rich.markup import escape
 from torch import nn
@@ -156,7 +155,7 @@ def _train(
         )
 
     if state is not None:
-        trainer.load_state_dict(state)
+        trainer.load_state_dict(state, str(run.last))
         if trainer.step >= plan.total_steps:  # nothing left: leave the finished run exactly as it is
             reporter.line(
                 f"{escape(str(run.root))} is already finished ({trainer.step}/{plan.total_steps} steps): nothing to resume"
@@ -291,7 +290,9 @@ def evaluate_weights(options: dict[str, Any], console: Console | None = None) ->
     hint = "check that SPEC (and --set) are the ones the weights were trained with"
     if run_ckpt:
         checkpoint.check_run_checkpoint(state, config.weights)
-        trained = yaml.safe_load(state["spec"]).get("name") or state["config"]["spec"]
+        trained = (
+            archspec.loads(state["spec"], f"the spec recorded in {config.weights}").name or state["config"]["spec"]
+        )
         hint += f"; this run trained {trained!r} (its resolved spec is the run's spec.yaml)"
     weights = checkpoint.model_state(state, use_ema=config.ema)
     # A run checkpoint knows its data, image size and channels; a plain state dict does not.

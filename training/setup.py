@@ -11,8 +11,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
 from .. import archspec
 from ..archspec import Spec
 from .checkpoint import check_run_checkpoint, is_run_checkpoint
@@ -113,7 +111,7 @@ def resume_config(state: Any, given: dict[str, Any], source: str) -> tuple[Train
     stored["stop_after"] = None  # a stop request belongs to the invocation that made it
     stored.update({key: value for key, value in given.items() if key in RUNTIME_FIELDS})
     config = validated(TrainConfig, stored)
-    return config, archspec.load(yaml.safe_load(state["spec"]))
+    return config, archspec.loads(state["spec"], f"the spec recorded in {source}")
 
 
 def _plain(value: Any) -> Any:

@@ -1,0 +1,102 @@
+"""Hand-made and damaged run checkpoints, resumed or evaluated: clear errors, the run left as it was (issue 13)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from overlock.cli import app
+
+runner = CliRunner()
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+FAST = ["--data", "synthetic:classes=3,train=24,val=12", "--batch-size", "8", "--workers", "0"]
+
+
+def invoke(*args: str | Path):
+    return runner.invoke(app, list(map(str, args)))
+
+
+def assert_user_error(result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.stderr.split())
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory, tiny_spec) -> Path:
+    """A run of 4 steps stopped after 2: resumable."""
+    root = tmp_path_factory.mktemp("runs") / "r"
+    result = invoke("train", tiny_spec, *FAST, "--steps", "4", "--stop-after", "2", "--out", root)
+    assert result.exit_code == 0, result.output
+    return root
+
+
+def edited_copy(run: Path, tmp_path: Path, edit) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    state = torch.load(copy / "last.pt", weights_only=True)
+    edit(state)
+    torch.save(state, copy / "last.pt")
+    return copy
+
+
+def snapshot(run: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in run.iterdir()}
+
+
+def _set(path: tuple, value):
+    def edit(state):
+        node = state
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+
+    return edit
+
+
+def _wrong_shape(state):
+    name = next(k for k, v in state["model"].items() if v.dim() == 4)
+    state["model"][name] = torch.zeros(1, 1, 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("edit", "fragment"),
+    [
+        (_set(("spec",), "name: [unclosed"), "YAML syntax error"),
+        (_set(("spec",), "name: &a [*a]"), "recursive"),
+        (_set(("spec",), 42), "spec is a int"),
+        (_set(("progress", "step"), "three"), "progress.step is 'three'"),
+        (_set(("progress", "step"), 2.5), "progress.step is 2.5"),
+        (_set(("rng",), []), "random states for 0 processes"),
+        (_wrong_shape, "cannot be resumed"),
+        (_set(("config",), "lr=1"), "config is a str"),
+    ],
+    ids=["spec-not-yaml", "spec-recursive", "spec-not-text", "step-text", "step-float", "rng-empty", "shape", "config"],
+)
+def test_a_hand_made_run_checkpoint_is_a_clear_error_and_the_run_is_untouched(stopped_run, tmp_path, edit, fragment):
+    run = edited_copy(stopped_run, tmp_path, edit)
+    before = snapshot(run)
+    assert_user_error(invoke("train", "--resume", run), fragment)
+    assert snapshot(run) == before
+
+
+def test_eval_of_a_run_checkpoint_with_a_damaged_spec_is_a_clear_error(stopped_run, tmp_path, tiny_spec):
+    run = edited_copy(stopped_run, tmp_path, _set(("spec",), "name: [unclosed"))
+    assert_user_error(invoke("eval", tiny_spec, "--weights", run / "last.pt"), "YAML syntax error")
+    run = edited_copy(stopped_run, tmp_path / "b", _set(("img_size",), "big"))
+    assert_user_error(invoke("eval", tiny_spec, "--weights", run / "last.pt"), "img_size is a str")
+
+
+def test_the_untouched_run_still_resumes(stopped_run, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(stopped_run, copy)
+    result = invoke("train", "--resume", copy)
+    assert result.exit_code == 0, result.output
+    assert json.loads((copy / "metrics.jsonl").read_text().splitlines()[-1])["kind"] in ("end", "eval", "epoch")
