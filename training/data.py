@@ -190,21 +190,66 @@ def _digits(size: int, channels: int) -> DataSplits:
 
 
 class FolderImages:
-    """Image files read with Pillow on demand, converted to RGB or grayscale."""
+    """Image files read with Pillow on demand, converted to RGB or grayscale (see `open_image`)."""
 
     def __init__(self, samples: list[tuple[str, int]], channels: int) -> None:
-        self.samples, self.mode = samples, "RGB" if channels == 3 else "L"
+        self.samples, self.channels = samples, channels
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def load(self, index: int) -> tuple[Image.Image, int]:
         path, label = self.samples[index]
-        try:
-            with Image.open(path) as image:
-                return image.convert(self.mode), label
-        except (OSError, UnidentifiedImageError) as error:
-            raise DataError(f"cannot read image {path}: {error}") from None
+        return open_image(path, self.channels), label
+
+
+#: Integer modes with more than 8 bits: the full scale of the values they hold.
+_WIDE_INTEGER_SCALE = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
+
+
+def open_image(path: str, channels: int) -> Image.Image:
+    """An image file as 8-bit RGB (channels=3) or L (channels=1), whatever its Pillow mode.
+
+    Pillow's own `convert` clips wide modes instead of scaling them: a 16-bit PNG ("I;16") came out
+    almost all white and a float TIFF in [0, 1] all black. Here 16-bit (and 32-bit integer images
+    holding 16-bit values) scale by 65535 and float images in [0, 1] by 255; a mode or range that
+    has no unambiguous 8-bit reading is refused, naming the file, rather than trained on silently.
+    """
+    target, mode = "RGB" if channels == 3 else "L", "?"
+    try:
+        with Image.open(path) as image:
+            mode = image.mode
+            if mode in _WIDE_INTEGER_SCALE or mode == "F":
+                return _wide_to_8bit(image, path).convert(target)
+            return image.convert(target)
+    except DataError:
+        raise
+    except Image.DecompressionBombError as error:
+        raise DataError(f"image {path} is too large to decode safely ({error}); downscale it") from None
+    except ValueError as error:  # a mode Pillow cannot convert (e.g. LAB to L)
+        raise DataError(f"cannot convert image {path} (mode {mode}) to {target}: {error}") from None
+    except (OSError, UnidentifiedImageError) as error:
+        raise DataError(f"cannot read image {path}: {error}") from None
+
+
+def _wide_to_8bit(image: Image.Image, path: str) -> Image.Image:
+    values = np.asarray(image, dtype=np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if image.mode == "F":
+        if not (np.isfinite(values).all() and low >= 0.0 and high <= 1.0):
+            raise DataError(
+                f"image {path} is a floating-point image with values in [{low:g}, {high:g}]; only float images in "
+                "[0, 1] have an unambiguous 8-bit reading: rescale it or save it as 8- or 16-bit"
+            )
+        scale = 1.0
+    else:
+        scale = _WIDE_INTEGER_SCALE[image.mode]
+        if low < 0 or high > scale:
+            raise DataError(
+                f"image {path} is a {image.mode} integer image with values in [{low:g}, {high:g}], outside the "
+                f"16-bit range [0, {scale}]; save it as an 8- or 16-bit image"
+            )
+    return Image.fromarray(np.round(values * (255.0 / scale)).astype(np.uint8), mode="L")
 
 
 def _check_image(path: str) -> None:
@@ -212,6 +257,8 @@ def _check_image(path: str) -> None:
     try:
         with Image.open(path) as image:
             image.size  # noqa: B018 - parsing the header is the point
+    except Image.DecompressionBombError as error:
+        raise DataError(f"image {path} is too large to decode safely ({error}); downscale or remove it") from None
     except (OSError, UnidentifiedImageError) as error:
         raise DataError(f"unreadable image {path}: {error}\nremove or replace the file") from None
 
