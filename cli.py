@@ -150,10 +150,14 @@ def flops(
     as_json: JsonOpt = False,
 ) -> None:
     """FLOPs (fvcore; one multiply-add = one FLOP; ContMix counted) per sub-network and in total."""
+    from .builder.estimate import check_fits
     from .builder.flops import count_flops
     from .builder.summary import count_params
 
     size = _parse_input_size(input_size)
+    resolved = archspec.load(spec, set_)
+    if resolved.head.num_classes is not None:
+        check_fits(resolved, f"a forward of {resolved.name or spec} at {size[0]}x{size[1]}", image_size=size)
     model = _build(spec, set_, deploy)
     try:
         report = count_flops(model, size)

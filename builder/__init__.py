@@ -10,6 +10,7 @@ import re
 
 from ..archspec import Spec, SpecSource, load
 from ..errors import SpecError, is_out_of_memory
+from .estimate import check_fits
 from .network import OverLoCK
 from .official import convert_official, load_official, official_to_overlock
 
@@ -31,6 +32,7 @@ def build(
             "head.num_classes is open (null): set it in the spec or with --set head.num_classes=N "
             "(`overlock train` takes it from the data)"
         )
+    check_fits(resolved, f"the model of spec {resolved.name or '<unnamed>'}")
     try:
         return OverLoCK(resolved, deploy=deploy, features_only=features_only)
     except (MemoryError, RuntimeError) as exc:

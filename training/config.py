@@ -25,7 +25,7 @@ RUNTIME_FIELDS = frozenset({"workers", "stop_after", "compile", "device", "contm
 class TrainConfig(BaseModel):
     """Everything `overlock train` needs besides the run directory bookkeeping."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     spec: str = Field(description="Preset name (pico, xt, t, s, b) or path to a spec YAML file.")
     overrides: list[str] = Field(
@@ -118,7 +118,7 @@ class TrainConfig(BaseModel):
 class EvalConfig(BaseModel):
     """Everything `overlock eval` needs."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     spec: str = Field(description="Preset name or spec YAML file the weights belong to.")
     weights: str = Field(description="Checkpoint: a run's last.pt/best.pt or a plain state dict file.")

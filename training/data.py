@@ -129,8 +129,9 @@ class SyntheticImages:
 
     def __init__(self, classes: int, count: int, size: int, channels: int, split: int) -> None:
         self.classes, self.count, self.size, self.channels, self.split = classes, count, size, channels, split
-        patterns = torch.randn(classes, channels, 6, 6, generator=torch.Generator().manual_seed(1234))
-        self.prototypes = F.interpolate(patterns, size=(size, size), mode="bilinear", align_corners=False)
+        # 6x6 per class; upsampled per sample (holding every class at full size took classes x size^2
+        # floats: 9 GiB for 3000 classes at 512 px, before any check).
+        self.patterns = torch.randn(classes, channels, 6, 6, generator=torch.Generator().manual_seed(1234))
 
     def __len__(self) -> int:
         return self.count
@@ -139,7 +140,10 @@ class SyntheticImages:
         label = index % self.classes
         noise_gen = torch.Generator().manual_seed(1_000_003 * (self.split + 1) + index)
         noise = torch.randn(self.channels, self.size, self.size, generator=noise_gen)
-        return self.prototypes[label] + 0.8 * noise, label
+        prototype = F.interpolate(
+            self.patterns[label : label + 1], size=(self.size, self.size), mode="bilinear", align_corners=False
+        )
+        return prototype[0] + 0.8 * noise, label
 
 
 def _synthetic(options: dict[str, int], size: int, channels: int) -> DataSplits:
@@ -327,10 +331,11 @@ def _synthetic_options(text: str) -> dict[str, int]:
     for item in filter(None, text.split(",")):
         key, sep, value = item.partition("=")
         key = key.strip()
-        if not sep or key not in options or not value.strip().isdigit() or int(value) < 1:
+        value = value.strip()
+        if not (sep and key in options and value.isascii() and value.isdigit() and len(value) <= 9) or int(value) < 1:
             raise DataError(
-                f"bad synthetic option {item!r}: use positive integers for {', '.join(options)}, "
-                "e.g. synthetic:classes=4,train=64,val=32"
+                f"bad synthetic option {item!r}: use positive integers (at most 100,000,000) for "
+                f"{', '.join(options)}, e.g. synthetic:classes=4,train=64,val=32"
             )
         options[key] = int(value)
     if options["classes"] < 2:

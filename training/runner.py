@@ -18,6 +18,7 @@ from rich.markup import escape
 from torch import nn
 
 from .. import archspec
+from ..builder.estimate import check_fits
 from ..checkpoint import MODEL_FORMAT
 from ..errors import CheckpointError, OverlockError
 from . import checkpoint, distributed
@@ -301,6 +302,13 @@ def evaluate_weights(options: dict[str, Any], console: Console | None = None) ->
     channels = config.channels or (state["channels"] if run_ckpt else 3)
     data = load_data(source, img_size, channels)
     spec = fit_spec_to_data(archspec.load(config.spec, list(config.overrides)), data, config.spec)
+    check_fits(
+        spec,
+        f"evaluating {spec.name or config.spec} at batch size {config.batch_size}",
+        image_size=(data.img_size, data.img_size),
+        batch=config.batch_size,
+        device=distributed.pick_device(config.device),
+    )
     # `overlock build --save` / `convert --deploy` files say which form their weights are in.
     deploy = isinstance(state, dict) and state.get("format") == MODEL_FORMAT and bool(state.get("deploy"))
     model = build_model(spec, config.contmix_backend, deploy=deploy)

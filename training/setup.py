@@ -13,6 +13,7 @@ from typing import Any
 
 from .. import archspec
 from ..archspec import Spec
+from ..builder.estimate import check_fits
 from .checkpoint import check_run_checkpoint, is_run_checkpoint
 from .config import RUNTIME_FIELDS, TrainConfig, validated
 from .data import DataSplits, default_workers, load_data
@@ -74,6 +75,14 @@ def plan_training(config: TrainConfig, dist: Dist, spec: Spec | None = None) -> 
         )
     if len(data.val) < dist.world_size:
         raise DataError(f"the validation split has {len(data.val)} images, fewer than the {dist.world_size} processes")
+    check_fits(
+        spec,
+        f"training {spec.name or config.spec} at batch size {config.batch_size}",
+        image_size=(data.img_size, data.img_size),
+        batch=config.batch_size,
+        training=True,
+        device=dist.device,
+    )
     steps_per_epoch = per_rank // config.batch_size
     if config.steps is not None:
         total_steps = config.steps
