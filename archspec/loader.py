@@ -271,14 +271,22 @@ def _record_lines(node: yaml.Node, path: Path_, file: str, where: dict[Path_, st
 
 def _resolve_target(target: str, relative_to: Path | None) -> Path:
     """`extends:` and CLI sources accept a preset name or a path."""
+    if not isinstance(target, str):
+        raise SpecError(f"extends must be a preset name or a path, got {shown(repr(target), 80)}")
     candidate = Path(target)
     if relative_to is not None and not candidate.is_absolute():
         candidate = relative_to.parent / candidate
-    if candidate.is_file():
+    try:
+        is_file, is_dir = candidate.is_file(), candidate.is_dir()
+    except (OSError, ValueError) as exc:  # a name too long, a NUL byte
+        raise SpecError(
+            f"{shown(target, 80)!r} cannot be a spec file: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
+    if is_file:
         return candidate.resolve()
     if target in preset_names():
         return (preset_dir() / f"{target}.yaml").resolve()
-    if target.strip() and candidate.is_dir():
+    if target.strip() and is_dir:
         raise SpecError(f"{target!r} is a directory; give a spec .yaml file or a preset ({', '.join(preset_names())})")
     raise SpecError(
         f"{target!r} is neither a spec file nor a preset.\n  Presets: {', '.join(preset_names())}; "
@@ -491,7 +499,7 @@ def loads(text: str, origin: str) -> Spec:
     raw = RawSpec(data, where, origin)
     target = raw.data.pop("extends", None)
     if target is not None:
-        raw = _merge(_load_file(_resolve_target(str(target), None)), raw)
+        raw = _merge(_load_file(_resolve_target(target, None)), raw)
     return _validate(raw)
 
 
@@ -508,7 +516,7 @@ def load(source: SpecSource, overrides: list[str] | None = None) -> Spec:
         target = data.pop("extends", None)
         raw = RawSpec(data, origin="<dict>")
         if target is not None:
-            raw = _merge(_load_file(_resolve_target(str(target), None)), raw)
+            raw = _merge(_load_file(_resolve_target(target, None)), raw)
     else:
         raw = _load_file(_resolve_target(str(source), None))
     for text in overrides or []:
