@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from . import archspec
-from .errors import OverlockError, exit_on_user_error, is_out_of_memory
-from .training.progress import make_console
+from .errors import OverlockError, exit_on_user_error, is_out_of_memory, plain
+from .training.progress import HelpCommand, fit_table, make_console
 
 app = typer.Typer(
     name="overlock",
@@ -72,19 +71,19 @@ def _fmt(n: int) -> str:
     return f"{n:,}"
 
 
-@app.command()
+@app.command(cls=HelpCommand)
 @exit_on_user_error
 def validate(spec: SpecArg, set_: SetOpt = None) -> None:
     """Check a spec (schema and cross-field rules) without building anything."""
     resolved = archspec.load(spec, set_)
     blocks = resolved.total_blocks
     console.print(
-        f"[green]ok[/]: {escape(resolved.name or spec)}: {len(resolved.base.stages)} Base-Net stages, "
+        f"[green]ok[/]: {plain(resolved.name or spec)}: {len(resolved.base.stages)} Base-Net stages, "
         f"{len(resolved.focus.stages)} Focus-Net stages, {blocks} blocks, context width {resolved.context_width}"
     )
 
 
-@app.command()
+@app.command(cls=HelpCommand)
 @exit_on_user_error
 def build(
     spec: SpecArg,
@@ -110,7 +109,7 @@ def build(
         return
     form = "deploy (re-parameterised)" if deploy else "training"
     title = f"{summary['name'] or spec}: {form} form"
-    table = Table(title=escape(title), title_justify="left", min_width=len(title))
+    table = Table(title=plain(title), title_justify="left", min_width=len(title))
     for column in ("subnet", "stage", "width", "depth", "kernel", "groups", "params"):
         table.add_column(column, justify="right" if column in ("depth", "params") else "left", no_wrap=True)
     for row in summary["stages"]:
@@ -122,9 +121,9 @@ def build(
     for name, count in summary["subnetworks"].items():
         table.add_row(f"[bold]{name}[/]", "", "", "", "", "", _fmt(count))
     table.add_row("[bold]total[/]", "", "", "", "", "", f"[bold]{_fmt(summary['params'])}[/]")
-    console.print(table)
+    console.print(fit_table(table))
     if save is not None:
-        console.print(f"saved {escape(str(save))}")
+        console.print(f"saved {plain(str(save))}")
 
 
 def _parse_input_size(text: str) -> tuple[int, int]:
@@ -140,7 +139,7 @@ def _parse_input_size(text: str) -> tuple[int, int]:
     return height, width
 
 
-@app.command()
+@app.command(cls=HelpCommand)
 @exit_on_user_error
 def flops(
     spec: SpecArg,
@@ -190,7 +189,7 @@ def flops(
         )
         return
     title = f"{model.spec.name or spec}: {size[0]}x{size[1]}, {'deploy' if deploy else 'training'} form"
-    table = Table(title=escape(title), title_justify="left", min_width=len(title))
+    table = Table(title=plain(title), title_justify="left", min_width=len(title))
     table.add_column("sub-network")
     table.add_column("GFLOPs", justify="right")
     table.add_column("share", justify="right")
@@ -198,24 +197,24 @@ def flops(
         table.add_row(name, f"{count / 1e9:.3f}", f"{100 * count / max(report.total, 1):.1f}%")
     table.add_section()
     table.add_row("[bold]total[/]", f"[bold]{report.total / 1e9:.3f}[/]", "100%")
-    console.print(table)
+    console.print(fit_table(table))
     ops = ", ".join(f"{k} {v / 1e9:.3f}G" for k, v in sorted(report.by_operator.items(), key=lambda kv: -kv[1]))
     console.print(f"by operator: {ops}")
     console.print(f"params: {_fmt(params)}   (eval-mode forward of 1 image; the aux head runs only in training)")
 
 
-@app.command()
+@app.command(cls=HelpCommand)
 def presets() -> None:
     """List the shipped presets."""
     table = Table(title="presets (use the name anywhere a spec is expected)", title_justify="left")
     table.add_column("name")
     table.add_column("reproduces")
     for name in archspec.preset_names():
-        table.add_row(name, escape(archspec.preset_description(name)))
-    console.print(table)
+        table.add_row(name, plain(archspec.preset_description(name)))
+    console.print(fit_table(table))
 
 
-@app.command()
+@app.command(cls=HelpCommand)
 @exit_on_user_error
 def schema(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to a file instead of stdout.")] = None,
@@ -235,7 +234,7 @@ def spec_json_schema() -> dict:
     return {**document, "$schema": "https://json-schema.org/draft/2020-12/schema", "title": "overlock spec"}
 
 
-@app.command()
+@app.command(cls=HelpCommand)
 @exit_on_user_error
 def convert(
     spec: SpecArg,
@@ -261,7 +260,7 @@ def convert(
     load_official(model, state)
     save_atomic(model_file(model, deploy), output)
     console.print(
-        escape(f"converted {checkpoint} -> {output} ({model.spec.name}, {'deploy' if deploy else 'training'} form)")
+        plain(f"converted {checkpoint} -> {output} ({model.spec.name}, {'deploy' if deploy else 'training'} form)")
     )
 
 

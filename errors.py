@@ -35,6 +35,17 @@ def shown(text: object, limit: int = 200) -> str:
     return text.translate(_CONTROL)
 
 
+def plain(text: object, limit: int = 200) -> str:
+    """User text (spec names, paths, descriptions) for a rich console: `shown`, and never read as markup.
+
+    Every place that prints text a user chose goes through here, so an escape sequence in a spec's
+    name (YAML's "\\e[2J") is shown, not executed by the terminal.
+    """
+    from rich.markup import escape
+
+    return escape(shown(text, limit))
+
+
 def one_screen(message: str, lines: int = 40, width: int = 400) -> str:
     """A message cut to one screen, each line `shown` (the last resort for text quoted unshortened)."""
     rows = message.splitlines() or [""]

@@ -58,7 +58,9 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(
         0.05, ge=0, description="AdamW weight decay (never applied to norms, biases, layer scales, position biases)."
     )
-    warmup: float = Field(1.0, ge=0, description="Linear warm-up length in epochs (fractions allowed).")
+    warmup: float = Field(
+        1.0, ge=0, description="Linear warm-up length in epochs (fractions allowed); at most half the run."
+    )
     aux_weight: float = Field(0.4, ge=0, description="Weight of the auxiliary (Overview-Net) head's cross-entropy.")
     drop_path: float | None = Field(
         None, ge=0, lt=1, description="Stochastic depth rate; overrides the spec's drop_path_rate."

@@ -14,13 +14,12 @@ from typing import Any, TypeVar
 
 import torch
 from rich.console import Console
-from rich.markup import escape
 from torch import nn
 
 from .. import archspec
 from ..builder.estimate import check_fits
 from ..checkpoint import MODEL_FORMAT
-from ..errors import CheckpointError, OverlockError
+from ..errors import CheckpointError, OverlockError, plain
 from . import checkpoint, distributed
 from .config import EvalConfig, TrainConfig, validated
 from .data import EvalView, default_workers, load_data
@@ -159,13 +158,13 @@ def _train(
         trainer.load_state_dict(state, str(run.last))
         if trainer.step >= plan.total_steps:  # nothing left: leave the finished run exactly as it is
             reporter.line(
-                f"{escape(str(run.root))} is already finished ({trainer.step}/{plan.total_steps} steps): nothing to resume"
+                f"{plain(str(run.root))} is already finished ({trainer.step}/{plan.total_steps} steps): nothing to resume"
             )
             return result(Outcome(finished=True, steps_this_run=0, seconds=0.0, images=0.0))
         if dist.is_main:
             MetricsLog(run.metrics).truncate_after(trainer.step)
             reporter.line(
-                f"resuming {escape(str(run.root))} at step {trainer.step}/{plan.total_steps} (epoch {trainer.epoch + 1})"
+                f"resuming {plain(str(run.root))} at step {trainer.step}/{plan.total_steps} (epoch {trainer.epoch + 1})"
             )
     else:
         if dist.is_main:
@@ -212,9 +211,9 @@ def _announce(plan: Plan, trainer: Trainer, dist: Dist, run: RunDir, reporter: R
     config, data = plan.config, plan.data
     where = f"{dist.world_size} processes ({dist.device.type})" if dist.distributed else str(dist.device)
     reporter.line(
-        f"[bold]{escape(plan.spec.name or config.spec)}[/] ({_params(trainer.model) / 1e6:.2f}M params) on {escape(data.name)}: "
+        f"[bold]{plain(plan.spec.name or config.spec)}[/] ({_params(trainer.model) / 1e6:.2f}M params) on {plain(data.name)}: "
         f"{len(data.train)} train / {len(data.val)} val images, {data.num_classes} classes, {data.img_size}px, "
-        f"{plan.epochs} epochs x {plan.steps_per_epoch} steps, batch {config.batch_size * dist.world_size}, {where} -> {escape(str(run.root))}"
+        f"{plan.epochs} epochs x {plan.steps_per_epoch} steps, batch {config.batch_size * dist.world_size}, {where} -> {plain(str(run.root))}"
     )
 
 

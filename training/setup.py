@@ -90,7 +90,9 @@ def plan_training(config: TrainConfig, dist: Dist, spec: Spec | None = None) -> 
     else:
         epochs = config.resolved_epochs or 1
         total_steps = epochs * steps_per_epoch
-    warmup_steps = min(total_steps, round(config.warmup * steps_per_epoch))
+    # Warm-up is asked for in epochs; a run shorter than that (--steps below an epoch) would end at
+    # the peak learning rate without ever decaying. At most half the run warms up.
+    warmup_steps = min(total_steps // 2, round(config.warmup * steps_per_epoch))
     workers = config.workers if config.workers is not None else default_workers(data)
     return Plan(config, spec, data, steps_per_epoch, total_steps, epochs, warmup_steps, workers)
 
