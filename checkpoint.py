@@ -7,6 +7,7 @@ with `weights_only=True` and rebuilt without the YAML it came from.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import re
@@ -118,8 +119,47 @@ def _os_reason(path: Path, exc: OSError) -> str:
 
 
 def save_atomic(obj: Any, path: str | Path) -> Path:
-    """torch.save through `write_atomic`."""
+    """torch.save through `write_atomic`; a dict gets a checksum of its contents (see `checksum`)."""
+    if isinstance(obj, dict):
+        obj = {**{k: v for k, v in obj.items() if k != CHECKSUM_KEY}, CHECKSUM_KEY: checksum(obj)}
     return write_atomic(path, lambda handle: torch.save(obj, handle))
+
+
+CHECKSUM_KEY = "sha256"
+
+
+def checksum(obj: Any) -> str:
+    """SHA-256 of a checkpoint's contents: every key, value and tensor byte, in order.
+
+    torch's zip reader does not check its CRCs, so a block of a checkpoint zeroed or flipped on disk
+    would load silently as different weights; `load_file` recomputes this and refuses a mismatch.
+    """
+    digest = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}".encode())
+            if tensor.numel():
+                digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+        elif isinstance(value, dict):
+            digest.update(b"{")
+            for key, item in value.items():
+                if value is obj and key == CHECKSUM_KEY:
+                    continue
+                feed(key)
+                feed(item)
+            digest.update(b"}")
+        elif isinstance(value, list | tuple):
+            digest.update(b"[")
+            for item in value:
+                feed(item)
+            digest.update(b"]")
+        else:
+            digest.update(f"{type(value).__name__}:{value!r};".encode())
+
+    feed(obj)
+    return digest.hexdigest()
 
 
 def load_file(path: str | Path) -> Any:
@@ -140,7 +180,7 @@ def load_file(path: str | Path) -> Any:
     if not (magic.startswith(b"PK\x03\x04") or magic.startswith(b"\x80")):
         raise CheckpointError(f"{path} is not a PyTorch checkpoint (a file written by torch.save, e.g. .pt or .pth)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "weights only" not in str(exc).lower():
             raise CheckpointError(f"cannot read {path}: the file is corrupt ({_first_line(exc)})") from None
@@ -154,6 +194,14 @@ def load_file(path: str | Path) -> Any:
         ) from None
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is the user's file, not our bug
         raise CheckpointError(f"cannot read {path}: the file is truncated or corrupt ({_first_line(exc)})") from None
+    if isinstance(state, dict) and isinstance(state.get(CHECKSUM_KEY), str):
+        if checksum(state) != state[CHECKSUM_KEY]:
+            raise CheckpointError(
+                f"{path} is corrupt: its contents do not match the checksum written with them (damaged on disk "
+                "or in a copy); use another copy, or best.pt/last.pt of the run"
+            )
+        state = {k: v for k, v in state.items() if k != CHECKSUM_KEY}
+    return state
 
 
 def _first_line(exc: BaseException) -> str:

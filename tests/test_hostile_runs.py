@@ -42,6 +42,7 @@ def edited_copy(run: Path, tmp_path: Path, edit) -> Path:
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
     state = torch.load(copy / "last.pt", weights_only=True)
+    state.pop("sha256")  # made by hand: no checksum (a stale one would be reported as corruption)
     edit(state)
     torch.save(state, copy / "last.pt")
     return copy
@@ -100,3 +101,59 @@ def test_the_untouched_run_still_resumes(stopped_run, tmp_path):
     result = invoke("train", "--resume", copy)
     assert result.exit_code == 0, result.output
     assert json.loads((copy / "metrics.jsonl").read_text().splitlines()[-1])["kind"] in ("end", "eval", "epoch")
+
+
+def test_resume_removes_the_temporary_files_of_killed_saves(stopped_run, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(stopped_run, copy)
+    for name in (".last.pt.k1ll3d.tmp", ".best.pt.x9.tmp"):
+        (copy / name).write_bytes(b"half a checkpoint")
+    (copy / ".notes.tmp").write_text("not ours")
+    assert invoke("train", "--resume", copy).exit_code == 0
+    assert not list(copy.glob(".*.pt.*.tmp")) and (copy / ".notes.tmp").exists()
+
+
+def test_best_is_written_before_last_so_last_never_names_a_best_not_on_disk(tiny_spec, tmp_path, monkeypatch):
+    from overlock.training import checkpoint as training_checkpoint
+
+    written: list[str] = []
+    original = training_checkpoint.save_atomic
+    monkeypatch.setattr(
+        training_checkpoint, "save_atomic", lambda obj, path: (written.append(Path(path).name), original(obj, path))[1]
+    )
+    assert invoke("train", tiny_spec, *FAST, "--epochs", "2", "--out", tmp_path / "r").exit_code == 0
+    assert "best.pt" in written
+    for index, name in enumerate(written):
+        if name == "best.pt":
+            assert written[index + 1] == "last.pt", written
+
+
+def test_a_damaged_block_in_a_checkpoint_is_detected_by_its_checksum(stopped_run, tmp_path, tiny_spec):
+    data = bytearray((stopped_run / "last.pt").read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 4096] = bytes(4096)
+    damaged = tmp_path / "last.pt"
+    damaged.write_bytes(data)
+    from overlock.checkpoint import load_file
+    from overlock.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_file(damaged)
+    assert_user_error(invoke("eval", tiny_spec, "--weights", damaged), "corrupt")
+    assert "sha256" not in load_file(stopped_run / "last.pt"), "the checksum is checked and removed on load"
+
+
+def test_a_symlink_loop_in_a_class_folder_is_refused_not_multiplied(tmp_path):
+    from PIL import Image
+
+    from overlock.training.data import load_data
+    from overlock.training.errors import DataError
+
+    for split in ("train", "val"):
+        for name in ("cat", "dog"):
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / split / name / "a.png")
+    assert len(load_data(str(tmp_path), 32).train) == 2
+    (tmp_path / "train" / "cat" / "loop").symlink_to("..")
+    with pytest.raises(DataError, match="again"):
+        load_data(str(tmp_path), 32)

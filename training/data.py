@@ -283,7 +283,17 @@ def _scan_split(split_dir: Path, classes: list[str]) -> list[tuple[str, int]]:
     for label, name in enumerate(classes):
         class_dir = split_dir / name
         files = []
+        # Symlinked folders are followed, but each real folder is read once: a link back up the tree
+        # (`ln -s .. cat/loop`) made os.walk list the same images dozens of times.
+        visited: dict[str, str] = {}
         for folder, subdirs, names in os.walk(class_dir, followlinks=True):
+            real = os.path.realpath(folder)
+            if real in visited:
+                raise DataError(
+                    f"{folder} is the folder {visited[real]} again (through a symbolic link): its images would be "
+                    "counted more than once; remove the link"
+                )
+            visited[real] = folder
             subdirs.sort()
             files.extend(os.path.join(folder, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS))
         if not files:

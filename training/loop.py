@@ -324,9 +324,11 @@ class Trainer:
             raise DivergenceError(self._divergence_message("the weights became non-finite"))
         state = self.state_dict()  # collective (RNG gather): every rank takes part
         if self.run is not None and self.dist.is_main:
-            checkpoint.save_atomic(state, self.run.last)
+            # best.pt first: last.pt is what --resume trusts, so it must never name a best epoch that is
+            # not on disk yet. A kill between the two leaves the old last.pt, and the resume redoes the save.
             if best:
                 checkpoint.save_atomic(state, self.run.best)
+            checkpoint.save_atomic(state, self.run.last)
         self.saved_step = self.step
 
     def _divergence_message(self, what: str) -> str:

@@ -156,6 +156,8 @@ def _train(
 
     if state is not None:
         trainer.load_state_dict(state, str(run.last))
+        if dist.is_main:
+            run.remove_stale_temporaries()
         if trainer.step >= plan.total_steps:  # nothing left: leave the finished run exactly as it is
             reporter.line(
                 f"{plain(str(run.root))} is already finished ({trainer.step}/{plan.total_steps} steps): nothing to resume"
