@@ -157,3 +157,24 @@ def test_a_symlink_loop_in_a_class_folder_is_refused_not_multiplied(tmp_path):
     (tmp_path / "train" / "cat" / "loop").symlink_to("..")
     with pytest.raises(DataError, match="again"):
         load_data(str(tmp_path), 32)
+
+
+def test_a_truncated_image_found_mid_run_before_any_checkpoint_leaves_no_half_run(tiny_spec, tmp_path):
+    from PIL import Image
+
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        for name in ("cat", "dog", "eel"):
+            (data / split / name).mkdir(parents=True)
+            for i in range(4):
+                noise = torch.randint(
+                    0, 256, (64, 64, 3), generator=torch.Generator().manual_seed(i), dtype=torch.uint8
+                )
+                Image.fromarray(noise.numpy()).save(data / split / name / f"{i}.jpg", quality=95)
+    # The header is intact (the scan before the run passes it); the pixel data is cut off.
+    victim = data / "train" / "eel" / "3.jpg"
+    victim.write_bytes(victim.read_bytes()[: len(victim.read_bytes()) * 3 // 4])
+    out = tmp_path / "run"
+    result = invoke("train", tiny_spec, "--data", data, "--img-size", "32", "--batch-size", "4", "--workers", "0", "--epochs", "1", "--out", out)  # fmt: skip
+    assert_user_error(result, "3.jpg", "was removed: no checkpoint had been written")
+    assert not out.exists()

@@ -93,6 +93,16 @@ class RunDir:
                 removed.append(stale.name)
         return removed
 
+    def discard(self) -> None:
+        """Remove a run that never wrote a checkpoint: its files, and the directory if nothing else is in it."""
+        self.remove_stale_temporaries()
+        for name in RUN_FILES:
+            (self.root / name).unlink(missing_ok=True)
+        try:
+            self.root.rmdir()
+        except OSError:
+            pass  # the user's own files are in it: keep them
+
     def write_header(self, spec_yaml: str, config: dict[str, Any]) -> None:
         write_text_atomic(self.spec, spec_yaml)
         write_text_atomic(self.config, json.dumps(config, indent=2) + "\n")

@@ -24,7 +24,7 @@ from . import checkpoint, distributed
 from .config import EvalConfig, TrainConfig, validated
 from .data import EvalView, default_workers, load_data
 from .distributed import Dist
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .evaluate import EvalResult, evaluate
 from .loop import Outcome, Trainer, deterministic_algorithms, seed_everything
 from .progress import Reporter, summary_table
@@ -183,7 +183,17 @@ def _train(
                 "global_batch": config.batch_size * dist.world_size,
             }
         )
-    outcome = trainer.run_loop()
+    try:
+        outcome = trainer.run_loop()
+    except DataError as exc:
+        # Bad data found mid-run (a truncated image) before the first checkpoint: a run directory with
+        # no last.pt cannot be resumed, so a new run leaves nothing behind rather than half a run.
+        if state is None and dist.is_main and not run.last.exists():
+            run.discard()
+            raise type(exc)(
+                f"{exc}\n(the new run directory {run.root} was removed: no checkpoint had been written)"
+            ) from None
+        raise
     if dist.is_main:
         console.print(_summary(plan, trainer, outcome, run, dist))
     return result(outcome)
