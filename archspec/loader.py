@@ -195,8 +195,10 @@ def parse_yaml(text: str, origin: str) -> tuple[Any, dict[Path_, str]]:
         raise _YamlSyntaxError(f"{where_}: YAML syntax error: {problem}") from None
     except SpecError:
         raise
-    except ValueError as exc:  # e.g. an integer of more than 4300 digits
-        raise SpecError(f"{origin}: a value cannot be read: {exc}") from None
+    except (ValueError, IndexError, TypeError, ArithmeticError) as exc:
+        # PyYAML's constructors turning odd scalars into values: an integer of more than 4300 digits,
+        # an empty `!!float` (IndexError inside PyYAML), `!!timestamp` out of range, ...
+        raise SpecError(f"{origin}: a value cannot be read ({type(exc).__name__}: {shown(exc, 120)})") from None
     finally:
         loader.dispose()
     return data, where

@@ -101,6 +101,12 @@ def test_a_number_with_thousands_of_digits_is_a_spec_error(tmp_path):
     assert "--set" in error_of("pico", ["overview.depth=" + "9" * 5000])
 
 
+@pytest.mark.parametrize("value", ["!!float", "!!int", "!!timestamp 2001-13-45", "!!float 1e99999", "!!binary ==="])
+def test_odd_typed_scalars_are_spec_errors(tmp_path, value):
+    # Found by tests/test_fuzz.py: PyYAML raised IndexError for an empty `!!float`.
+    assert "spec.yaml" in error_of(write(tmp_path, "spec.yaml", f"extends: pico\nname: {value}\n"))
+
+
 def test_non_scalar_keys_are_a_spec_error(tmp_path):
     assert "keys are field names" in error_of(write(tmp_path, "k.yaml", "extends: pico\n? [a, b]\n: 1\n"))
 
