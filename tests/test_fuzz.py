@@ -187,6 +187,7 @@ def test_fuzz_set_values(overrides):
 @given(name=FILE_NAMES, command=st.sampled_from(["validate", "build", "schema", "eval"]))
 def test_fuzz_file_names(tmp_path_factory, name, command):
     folder: Path = tmp_path_factory.mktemp("f")
+    previous = os.getcwd()
     os.chdir(folder)
     try:
         if command == "schema":
@@ -196,4 +197,4 @@ def test_fuzz_file_names(tmp_path_factory, name, command):
         else:
             check_cli("file names", command, name)
     finally:
-        os.chdir(Path(__file__).parent)
+        os.chdir(previous)
