@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 
 import torch
 
+from .archspec import preset_dir
 from .errors import CheckpointError, OverlockError
 
 MODEL_FORMAT = "overlock-model"
@@ -52,6 +53,10 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
         raise OverlockError(f"cannot write {path}: {_os_reason(path, exc)}") from None
     if existing is not None and not stat.S_ISREG(existing.st_mode):
         return _write_special(path, target, existing.st_mode, write)
+    if existing is not None and target.resolve().parent == preset_dir().resolve():
+        raise OverlockError(
+            f"cannot write {path}: it is a shipped preset file of overlock; give a file name outside {target.parent}"
+        )
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         # A short prefix: the temporary name must fit NAME_MAX wherever the target's name does.

@@ -107,6 +107,7 @@ def test_build_save_never_overwrites_a_shipped_preset():
     before = preset.read_bytes()
     result = run("build", "pico", "--save", str(preset))
     assert_clear_error(result, "shipped preset")
+    assert_clear_error(run("schema", "-o", str(preset)), "shipped preset")
     assert preset.read_bytes() == before
 
 
@@ -138,3 +139,11 @@ def test_an_extends_target_longer_than_the_os_allows_is_a_clear_error(tmp_path):
     spec = tmp_path / "s.yaml"
     spec.write_text(f"extends: {TOO_LONG}\n")
     assert_clear_error(run("validate", str(spec)), "too long")
+
+
+def test_build_save_never_overwrites_the_spec_file_a_relative_name_stands_for(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = tmp_path / "mine.yaml"
+    spec.write_text("extends: pico\n")
+    assert_clear_error(run("build", "mine.yaml", "--save", str(spec)), "the spec file this command reads")
+    assert spec.read_text() == "extends: pico\n"
