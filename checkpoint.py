@@ -7,9 +7,12 @@ with `weights_only=True` and rebuilt without the YAML it came from.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import re
+import stat
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +20,7 @@ from typing import Any, BinaryIO
 
 import torch
 
+from .archspec import preset_dir
 from .errors import CheckpointError, OverlockError
 
 MODEL_FORMAT = "overlock-model"
@@ -29,33 +33,84 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     goes through here: a crash or a full disk while writing leaves the previous file untouched,
     and readers never see a partial file. A path that cannot be written (a directory, a parent
     that is a file, no permission) is an `OverlockError` naming it, not a traceback.
+
+    A symlink is written through: its target gets the new content (atomically) and the link stays.
+    What is not a regular file cannot be replaced by a rename without destroying it: `-` means
+    standard output; character devices and FIFOs (`/dev/stdout`, `/dev/null`, a pipe) are written
+    directly, as a shell redirection would; anything else (a socket, a block device) is refused.
     """
+    if str(path) == "-":
+        write(_Unclosable(sys.stdout.buffer))
+        sys.stdout.flush()
+        return Path("-")
     path = Path(path)
-    if path.is_dir():
-        raise OverlockError(f"cannot write {path}: it is a directory; give a file path")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
+        target = Path(os.path.realpath(path)) if path.is_symlink() else path
+        if target.is_symlink():  # realpath stops at a loop
+            raise OverlockError(f"cannot write {path}: its symlinks form a loop")
+        existing = target.stat() if target.exists() else None
+    except OSError as exc:  # a symlink loop, a name too long
         raise OverlockError(f"cannot write {path}: {_os_reason(path, exc)}") from None
+    if existing is not None and not stat.S_ISREG(existing.st_mode):
+        return _write_special(path, target, existing.st_mode, write)
+    if existing is not None and target.resolve().parent == preset_dir().resolve():
+        raise OverlockError(
+            f"cannot write {path}: it is a shipped preset file of overlock; give a file name outside {target.parent}"
+        )
     try:
-        # mkstemp creates 0600; give the file the permissions a plain open() would (umask applies).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # A short prefix: the temporary name must fit NAME_MAX wherever the target's name does.
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name[:40]}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise OverlockError(f"cannot write {path}: {_os_reason(target, exc)}") from None
+    try:
+        if existing is not None:
+            mode = stat.S_IMODE(existing.st_mode)  # replacing a file keeps its permissions
+        else:  # mkstemp creates 0600; a new file gets what a plain open() would give (umask applies)
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise OverlockError(
-                f"cannot write {path}: {_os_reason(path, exc)} (a previous {path.name}, if any, is unchanged)"
+                f"cannot write {path}: {_os_reason(target, exc)} (a previous {path.name}, if any, is unchanged)"
             ) from None
         raise
     return path
+
+
+def _write_special(path: Path, target: Path, mode: int, write: Callable[[BinaryIO], None]) -> Path:
+    if stat.S_ISDIR(mode):
+        raise OverlockError(f"cannot write {path}: it is a directory; give a file path")
+    if not (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
+        kind = "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file"
+        raise OverlockError(f"cannot write {path}: it is {kind}; give a regular file path")
+    try:
+        with open(target, "wb") as handle:
+            write(handle)
+    except OSError as exc:
+        raise OverlockError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return path
+
+
+class _Unclosable:
+    """Standard output handed to a writer, which must not close it."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+
+    def write(self, data: bytes) -> int:
+        return self._stream.write(data)
+
+    def flush(self) -> None:
+        self._stream.flush()
 
 
 def _os_reason(path: Path, exc: OSError) -> str:
@@ -69,8 +124,47 @@ def _os_reason(path: Path, exc: OSError) -> str:
 
 
 def save_atomic(obj: Any, path: str | Path) -> Path:
-    """torch.save through `write_atomic`."""
+    """torch.save through `write_atomic`; a dict gets a checksum of its contents (see `checksum`)."""
+    if isinstance(obj, dict):
+        obj = {**{k: v for k, v in obj.items() if k != CHECKSUM_KEY}, CHECKSUM_KEY: checksum(obj)}
     return write_atomic(path, lambda handle: torch.save(obj, handle))
+
+
+CHECKSUM_KEY = "sha256"
+
+
+def checksum(obj: Any) -> str:
+    """SHA-256 of a checkpoint's contents: every key, value and tensor byte, in order.
+
+    torch's zip reader does not check its CRCs, so a block of a checkpoint zeroed or flipped on disk
+    would load silently as different weights; `load_file` recomputes this and refuses a mismatch.
+    """
+    digest = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}".encode())
+            if tensor.numel():
+                digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+        elif isinstance(value, dict):
+            digest.update(b"{")
+            for key, item in value.items():
+                if value is obj and key == CHECKSUM_KEY:
+                    continue
+                feed(key)
+                feed(item)
+            digest.update(b"}")
+        elif isinstance(value, list | tuple):
+            digest.update(b"[")
+            for item in value:
+                feed(item)
+            digest.update(b"]")
+        else:
+            digest.update(f"{type(value).__name__}:{value!r};".encode())
+
+    feed(obj)
+    return digest.hexdigest()
 
 
 def load_file(path: str | Path) -> Any:
@@ -91,7 +185,7 @@ def load_file(path: str | Path) -> Any:
     if not (magic.startswith(b"PK\x03\x04") or magic.startswith(b"\x80")):
         raise CheckpointError(f"{path} is not a PyTorch checkpoint (a file written by torch.save, e.g. .pt or .pth)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "weights only" not in str(exc).lower():
             raise CheckpointError(f"cannot read {path}: the file is corrupt ({_first_line(exc)})") from None
@@ -105,6 +199,14 @@ def load_file(path: str | Path) -> Any:
         ) from None
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is the user's file, not our bug
         raise CheckpointError(f"cannot read {path}: the file is truncated or corrupt ({_first_line(exc)})") from None
+    if isinstance(state, dict) and isinstance(state.get(CHECKSUM_KEY), str):
+        if checksum(state) != state[CHECKSUM_KEY]:
+            raise CheckpointError(
+                f"{path} is corrupt: its contents do not match the checksum written with them (damaged on disk "
+                "or in a copy); use another copy, or best.pt/last.pt of the run"
+            )
+        state = {k: v for k, v in state.items() if k != CHECKSUM_KEY}
+    return state
 
 
 def _first_line(exc: BaseException) -> str:

@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from . import archspec
-from .errors import OverlockError, exit_on_user_error, is_out_of_memory
-from .training.progress import make_console
+from .errors import OverlockError, exit_on_user_error, is_out_of_memory, plain
+from .training.progress import HelpCommand, fit_table, make_console
 
 app = typer.Typer(
     name="overlock",
@@ -51,10 +50,18 @@ def _build(spec: str, overrides: list[str] | None, deploy: bool):
 
 
 def _refuse_overwriting_an_input(output: Path, flag: str, **inputs: str | Path) -> None:
-    """An output that names one of the command's own input files would replace the user's original."""
+    """An output that names one of the command's own inputs (a file, or the preset a name stands
+    for), or any shipped preset, would replace what the user or the installation owns."""
+    if str(output) == "-" or not output.exists():
+        return
+    target = output.resolve()
+    if target.parent == archspec.preset_dir().resolve():
+        raise OverlockError(
+            f"{flag} {output} is a shipped preset file of overlock; give a file name outside {target.parent}"
+        )
     for what, source in inputs.items():
-        source = Path(source)
-        if output.is_file() and source.is_file() and output.resolve() == source.resolve():
+        source_path = Path(source) if Path(source).is_file() else archspec.preset_dir() / f"{source}.yaml"
+        if source_path.is_file() and target == source_path.resolve():
             raise OverlockError(
                 f"{flag} {output} is the {what} file this command reads; give another file name so it is kept"
             )
@@ -64,7 +71,7 @@ def _fmt(n: int) -> str:
     return f"{n:,}"
 
 
-@app.command()
+@app.command(cls=HelpCommand)
 @exit_on_user_error
 def validate(spec: SpecArg, set_: SetOpt = None) -> None:
     """Check a spec (schema and cross-field rules) without building anything."""
@@ -79,10 +86,10 @@ def validate(spec: SpecArg, set_: SetOpt = None) -> None:
         shape = f"pyramid of {len(resolved.stages)} stages, {blocks} blocks" + (
             ", with feedback" if resolved.feedback else ""
         )
-    console.print(f"[green]ok[/]: {escape(resolved.name or spec)}: {shape}")
+    console.print(f"[green]ok[/]: {plain(resolved.name or spec)}: {shape}")
 
 
-@app.command()
+@app.command(cls=HelpCommand)
 @exit_on_user_error
 def build(
     spec: SpecArg,
@@ -111,23 +118,23 @@ def build(
         return
     form = "deploy (re-parameterised)" if deploy else "training"
     title = f"{summary['name'] or spec}: {form} form"
-    table = Table(title=escape(title), title_justify="left", min_width=len(title))
+    table = Table(title=plain(title), title_justify="left", min_width=len(title))
     columns = ("subnet", "stage", "width", "depth", "mixer", "ffn", "se", "params")
     for column in columns:
         table.add_column(column, justify="right" if column in ("depth", "params") else "left", no_wrap=True)
     for row in summary["stages"]:
         depth = str(row["depth"]) if row["depth"] else "-"
-        cells = [escape(str(row[c])) for c in columns[:-1]]
+        cells = [plain(str(row[c])) for c in columns[:-1]]
         table.add_row(*cells[:3], depth, *cells[4:], _fmt(row["params"]))
     table.add_section()
     blank = [""] * (len(columns) - 2)
     for name, count in summary["subnetworks"].items():
         table.add_row(f"[bold]{name}[/]", *blank, _fmt(count))
     table.add_row("[bold]total[/]", *blank, f"[bold]{_fmt(summary['params'])}[/]")
-    console.print(table)
+    console.print(fit_table(table))
     console.print(f"inference parameters (deploy form, no aux head): {_fmt(summary['inference_params'])}")
     if save is not None:
-        console.print(f"saved {escape(str(save))}")
+        console.print(f"saved {plain(str(save))}")
 
 
 def _parse_input_size(text: str) -> tuple[int, int]:
@@ -143,7 +150,7 @@ def _parse_input_size(text: str) -> tuple[int, int]:
     return height, width
 
 
-@app.command()
+@app.command(cls=HelpCommand)
 @exit_on_user_error
 def flops(
     spec: SpecArg,
@@ -153,10 +160,14 @@ def flops(
     as_json: JsonOpt = False,
 ) -> None:
     """FLOPs (fvcore; one multiply-add = one FLOP; ContMix counted) per sub-network and in total."""
+    from .builder.estimate import check_fits
     from .builder.flops import count_flops
     from .builder.summary import count_params
 
     size = _parse_input_size(input_size)
+    resolved = archspec.load(spec, set_)
+    if resolved.head.num_classes is not None:
+        check_fits(resolved, f"a forward of {resolved.name or spec} at {size[0]}x{size[1]}", image_size=size)
     model = _build(spec, set_, deploy)
     try:
         report = count_flops(model, size)
@@ -188,38 +199,38 @@ def flops(
         )
         return
     title = f"{model.spec.name or spec}: {size[0]}x{size[1]}, {'deploy' if deploy else 'training'} form"
-    table = Table(title=escape(title), title_justify="left", min_width=len(title))
+    table = Table(title=plain(title), title_justify="left", min_width=len(title))
     table.add_column("part")
     table.add_column("block")
     table.add_column("GFLOPs", justify="right")
     table.add_column("share", justify="right")
     for path, _, _ in model.spec.stages_in_order():  # every stage, with the block it is made of
         count = int(by_module.get(path, 0))
-        block = escape(model.spec.resolved_block(path).describe())
+        block = plain(model.spec.resolved_block(path).describe())
         table.add_row(path, block, f"{count / 1e9:.3f}", f"{100 * count / max(report.total, 1):.1f}%")
     table.add_section()
     for name, count in subnets.items():
         table.add_row(name, "", f"{count / 1e9:.3f}", f"{100 * count / max(report.total, 1):.1f}%")
     table.add_section()
     table.add_row("[bold]total[/]", "", f"[bold]{report.total / 1e9:.3f}[/]", "100%")
-    console.print(table)
+    console.print(fit_table(table))
     ops = ", ".join(f"{k} {v / 1e9:.3f}G" for k, v in sorted(report.by_operator.items(), key=lambda kv: -kv[1]))
     console.print(f"by operator: {ops}")
     console.print(f"params: {_fmt(params)}   (eval-mode forward of 1 image; the aux head runs only in training)")
 
 
-@app.command()
+@app.command(cls=HelpCommand)
 def presets() -> None:
     """List the shipped presets."""
     table = Table(title="presets (use the name anywhere a spec is expected)", title_justify="left")
     table.add_column("name")
     table.add_column("reproduces")
     for name in archspec.preset_names():
-        table.add_row(name, escape(archspec.preset_description(name)))
-    console.print(table)
+        table.add_row(name, plain(archspec.preset_description(name)))
+    console.print(fit_table(table))
 
 
-@app.command()
+@app.command(cls=HelpCommand)
 @exit_on_user_error
 def schema(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to a file instead of stdout.")] = None,
@@ -237,7 +248,7 @@ def schema(
 spec_json_schema = archspec.spec_json_schema
 
 
-@app.command()
+@app.command(cls=HelpCommand)
 @exit_on_user_error
 def convert(
     spec: SpecArg,
@@ -263,7 +274,7 @@ def convert(
     load_official(model, state)
     save_atomic(model_file(model, deploy), output)
     console.print(
-        escape(f"converted {checkpoint} -> {output} ({model.spec.name}, {'deploy' if deploy else 'training'} form)")
+        plain(f"converted {checkpoint} -> {output} ({model.spec.name}, {'deploy' if deploy else 'training'} form)")
     )
 
 

@@ -62,10 +62,14 @@ def _type_name(field) -> str:
         name = "mapping (`type` + arguments)"
     else:
         name = annotation.__name__
+    bounds = []
     for item in metadata:
         for attr, symbol in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
-            if getattr(item, attr, None) is not None:
-                name += f" {symbol} {getattr(item, attr)}"
+            value = getattr(item, attr, None)
+            if value is not None:
+                bounds.append(f"{symbol} {value:,}" if isinstance(value, int) else f"{symbol} {value}")
+    if bounds:
+        name += " " + ", ".join(bounds)
     return name + (" or null" if nullable else "")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.resources
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -19,7 +20,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from ..errors import SpecError
+from ..errors import SpecError, shown
 from .mixers import MIXER_TYPES
 from .schema import TOPOLOGIES, DDSSpec, PyramidSpec, Spec
 
@@ -72,32 +73,150 @@ class RawSpec:
 # Reading YAML
 
 
+# A spec is a small file (the presets: about 1 KiB, 110 YAML nodes, nesting 5). These bounds are far
+# above any real spec and far below what could hang or exhaust memory: YAML aliases let a 1 KiB file
+# describe a tree of 10^9 nodes ("billion laughs"), which every later step (line records, merging,
+# validation) would expand.
+MAX_SPEC_BYTES = 1 << 20
+MAX_NODES = 100_000  # YAML nodes after expanding aliases
+MAX_DEPTH = 64  # nesting of mappings and lists
+MAX_EXTENDS = 32  # files in one `extends` chain
+
+
+class _YamlSyntaxError(SpecError):
+    """Text that is not YAML (a `--set` value then stays a plain string)."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """The safe loader, composing at most MAX_DEPTH levels deep (PyYAML composes recursively)."""
+
+    def __init__(self, stream: str, origin: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._origin = origin
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise SpecError(
+                    f"{self._origin}:{mark.line + 1}: nested more than {MAX_DEPTH} levels deep; a spec nests "
+                    "about 5 levels (focus.stages[0].width)"
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _check_size(root: yaml.Node, origin: str) -> None:
+    """Refuse recursive aliases and trees that expand past MAX_NODES nodes or MAX_DEPTH levels.
+
+    Aliases make the composed graph a DAG (or, for `&a [*a]`, a cycle); its expanded size is
+    computed once per distinct node, iteratively, so neither a bomb nor a cycle costs more than
+    the graph itself.
+    """
+    size: dict[int, int] = {}
+    height: dict[int, int] = {}
+    on_stack: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        children = _children(node)
+        if children_done:
+            on_stack.discard(key)
+            size[key] = min(1 + sum(size[id(c)] for c in children), MAX_NODES + 1)
+            height[key] = 1 + max((height[id(c)] for c in children), default=0)
+            continue
+        if key in size:
+            continue
+        if key in on_stack:
+            raise SpecError(
+                f"{origin}:{node.start_mark.line + 1}: a YAML alias refers to a node that contains it "
+                "(a recursive structure); a spec is a finite tree"
+            )
+        on_stack.add(key)
+        stack.append((node, True))
+        for child in children:
+            if id(child) in on_stack:
+                raise SpecError(
+                    f"{origin}:{child.start_mark.line + 1}: a YAML alias refers to a node that contains it "
+                    "(a recursive structure); a spec is a finite tree"
+                )
+            if id(child) not in size:
+                stack.append((child, False))
+    if size[id(root)] > MAX_NODES:
+        raise SpecError(
+            f"{origin}: the spec expands to more than {MAX_NODES:,} YAML nodes (aliases included); a spec has "
+            "about 100 (this looks like an alias bomb)"
+        )
+    if height[id(root)] > MAX_DEPTH:
+        raise SpecError(f"{origin}: aliases nest the spec more than {MAX_DEPTH} levels deep; a spec nests about 5")
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def parse_yaml(text: str, origin: str) -> tuple[Any, dict[Path_, str]]:
+    """YAML text -> (data, where each value was written), bounded in size, depth and alias expansion.
+
+    The one YAML reader of specs (files, `--set` values, the spec strings inside checkpoints): the
+    safe loader only, and every failure a `SpecError` naming `origin` and the line.
+    """
+    if len(text) > MAX_SPEC_BYTES:
+        raise SpecError(f"{origin} is {len(text):,} characters; a spec is a small file (at most {MAX_SPEC_BYTES:,})")
+    try:
+        loader = _BoundedLoader(text, origin)
+    except yaml.YAMLError as exc:  # the reader checks the characters as it is created
+        raise SpecError(f"{origin}: not a YAML text: {getattr(exc, 'reason', None) or exc}") from None
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, {}
+        _check_size(node, origin)
+        where: dict[Path_, str] = {}
+        _record_lines(node, (), origin, where)
+        data = loader.construct_document(node)
+    except yaml.constructor.ConstructorError as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark else "?"
+        raise SpecError(
+            f"{origin}:{line}: {exc.problem}.\n  Specs are plain YAML (mappings, lists, numbers, strings, "
+            "booleans); tags such as !!python/... are never constructed."
+        ) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where_ = f"{origin}:{mark.line + 1}:{mark.column + 1}" if mark else origin
+        problem = getattr(exc, "problem", None) or getattr(exc, "reason", None) or str(exc)
+        raise _YamlSyntaxError(f"{where_}: YAML syntax error: {problem}") from None
+    except SpecError:
+        raise
+    except (ValueError, IndexError, TypeError, ArithmeticError) as exc:
+        # PyYAML's constructors turning odd scalars into values: an integer of more than 4300 digits,
+        # an empty `!!float` (IndexError inside PyYAML), `!!timestamp` out of range, ...
+        raise SpecError(f"{origin}: a value cannot be read ({type(exc).__name__}: {shown(exc, 120)})") from None
+    finally:
+        loader.dispose()
+    return data, where
+
+
 def _read_yaml(path: Path) -> RawSpec:
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as handle:
+            raw_bytes = handle.read(MAX_SPEC_BYTES + 1)
+        text = raw_bytes.decode("utf-8")
     except OSError as exc:
         raise SpecError(f"cannot read spec {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise SpecError(
             f"{path} is not a text file (not UTF-8): a spec is a YAML file; presets: {', '.join(preset_names())}"
         ) from None
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.constructor.ConstructorError as exc:
-        line = exc.problem_mark.line + 1 if exc.problem_mark else "?"
-        raise SpecError(
-            f"{path}:{line}: {exc.problem}.\n  Specs are plain YAML (mappings, lists, numbers, strings, "
-            "booleans); tags such as !!python/... are never constructed."
-        ) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise SpecError(f"{where}: YAML syntax error: {problem}") from None
-    finally:
-        loader.dispose()
+    data, where = parse_yaml(text, str(path))
     if data is None:
         raise SpecError(
             f"{path} is empty: a spec is a mapping with at least base, overview and focus "
@@ -105,16 +224,37 @@ def _read_yaml(path: Path) -> RawSpec:
         )
     if not isinstance(data, dict):
         raise SpecError(f"{path}: the top level of a spec must be a mapping of fields, got {type(data).__name__}")
-    where: dict[Path_, str] = {}
-    _record_lines(node, (), str(path), where)
     return RawSpec(data, where, str(path))
 
 
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 def _record_lines(node: yaml.Node, path: Path_, file: str, where: dict[Path_, str]) -> None:
+    """Where each value was written; a key written twice in one mapping is an error.
+
+    YAML merge keys (`<<: *stage`) bring in the keys of another mapping, which the mapping's own
+    keys then override (that is their purpose, not a duplicate).
+    """
     where[path] = f"{file}:{node.start_mark.line + 1}"
     if isinstance(node, yaml.MappingNode):
+        merges = [value for key, value in node.value if key.tag == MERGE_TAG]
+        for value_node in merges:
+            sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+            # In `<<: [*a, *b]` earlier sources win, so record the later ones first.
+            for source in reversed(sources):
+                if isinstance(source, yaml.MappingNode):
+                    _record_lines(source, path, file, where)
+        where[path] = f"{file}:{node.start_mark.line + 1}"
         seen: set[str] = set()
         for key_node, value_node in node.value:
+            if key_node.tag == MERGE_TAG:
+                continue
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise SpecError(
+                    f"{file}:{key_node.start_mark.line + 1}: a key under {format_path(path)!r} is a "
+                    f"{'list' if isinstance(key_node, yaml.SequenceNode) else 'mapping'}; keys are field names"
+                )
             key = key_node.value
             if key in seen:
                 raise SpecError(
@@ -134,14 +274,22 @@ def _record_lines(node: yaml.Node, path: Path_, file: str, where: dict[Path_, st
 
 def _resolve_target(target: str, relative_to: Path | None) -> Path:
     """`extends:` and CLI sources accept a preset name or a path."""
+    if not isinstance(target, str):
+        raise SpecError(f"extends must be a preset name or a path, got {shown(repr(target), 80)}")
     candidate = Path(target)
     if relative_to is not None and not candidate.is_absolute():
         candidate = relative_to.parent / candidate
-    if candidate.is_file():
+    try:
+        is_file, is_dir = candidate.is_file(), candidate.is_dir()
+    except (OSError, ValueError) as exc:  # a name too long, a NUL byte
+        raise SpecError(
+            f"{shown(target, 80)!r} cannot be a spec file: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
+    if is_file:
         return candidate.resolve()
     if target in preset_names():
         return (preset_dir() / f"{target}.yaml").resolve()
-    if target.strip() and candidate.is_dir():
+    if target.strip() and is_dir:
         raise SpecError(f"{target!r} is a directory; give a spec .yaml file or a preset ({', '.join(preset_names())})")
     raise SpecError(
         f"{target!r} is neither a spec file nor a preset.\n  Presets: {', '.join(preset_names())}; "
@@ -160,12 +308,10 @@ def _merge(base: RawSpec, child: RawSpec) -> RawSpec:
             return out
         return b
 
-    where = dict(base.where)
-    for path in child.where:
-        # A replaced list or scalar forgets where its old elements were written.
-        for stale in [p for p in where if p[: len(path)] == path and len(p) > len(path)]:
-            if not isinstance(_get(child.data, path), dict):
-                del where[stale]
+    # A replaced list or scalar forgets where its old elements were written. (One pass over the
+    # base's paths, each checked against its own prefixes: linear in the spec, not quadratic.)
+    replaced = {path for path in child.where if not isinstance(_get(child.data, path), dict)}
+    where = {p: w for p, w in base.where.items() if not any(p[:end] in replaced for end in range(len(p)))}
     where.update(child.where)
     return RawSpec(merge(base.data, child.data), where, child.origin)
 
@@ -183,6 +329,11 @@ def _load_file(path: Path, stack: tuple[Path, ...] = ()) -> RawSpec:
     if path in stack:
         chain = " -> ".join(str(p) for p in (*stack, path))
         raise SpecError(f"`extends` forms a cycle: {chain}")
+    if len(stack) >= MAX_EXTENDS:
+        raise SpecError(
+            f"`extends` chain is longer than {MAX_EXTENDS} files (from {stack[0]} to {path}); "
+            "shorten it by resolving a few levels into one file (overlock build --save, or spec.to_yaml())"
+        )
     raw = _read_yaml(path)
     target = raw.data.pop("extends", None)
     if target is None:
@@ -205,16 +356,22 @@ def parse_override(text: str) -> tuple[Path_, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise SpecError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. focus.stages.0.groups=8")
-    path = tuple(int(p) if p.lstrip("-").isdigit() else p for p in key.strip().split("."))
+    path = tuple(int(p) if re.fullmatch(r"-?[0-9]{1,18}", p) else p for p in key.strip().split("."))
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
-        parsed = value
+        parsed, _ = parse_yaml(value, f"--set {shown(text, 80)}") if value.strip() else (None, {})
+    except _YamlSyntaxError:
+        parsed = value  # not YAML: the text as it is (a string field then validates it)
     return path, parsed
 
 
 def apply_override(raw: RawSpec, text: str) -> None:
     path, value = parse_override(text)
+    label = f"--set {shown(text, 80)}"
+    if path == ("extends",):
+        raise SpecError(
+            f"{label}: `extends` cannot be overridden (it is resolved when the spec file is read); give the "
+            "preset or file to start from as the SPEC argument instead"
+        )
     node: Any = raw.data
     parts = list(path)  # negative list indices made positive, so errors locate this --set
     for depth, part in enumerate(path[:-1]):
@@ -222,22 +379,39 @@ def apply_override(raw: RawSpec, text: str) -> None:
         if isinstance(part, int):
             if not isinstance(node, list) or not -len(node) <= part < len(node):
                 size = len(node) if isinstance(node, list) else 0
-                raise SpecError(f"--set {text}: {here} does not exist ({format_path(path[:depth])} has {size} entries)")
+                raise SpecError(f"{label}: {here} does not exist ({format_path(path[:depth])} has {size} entries)")
             parts[depth] = part % len(node)
             node = node[part]
         else:
             if not isinstance(node, dict):
-                raise SpecError(f"--set {text}: {_not_a_mapping(path[:depth], node)}")
+                raise SpecError(f"{label}: {_not_a_mapping(path[:depth], node)}")
+            if part not in node:
+                _check_known_key(label, path[: depth + 1], raw)
             node = node.setdefault(part, {})
     last = path[-1]
     if isinstance(last, int):
         if not isinstance(node, list) or not -len(node) <= last < len(node):
-            raise SpecError(f"--set {text}: {format_path(path)} does not exist")
+            raise SpecError(f"{label}: {format_path(path)} does not exist")
         parts[-1] = last % len(node)
     elif not isinstance(node, dict):
-        raise SpecError(f"--set {text}: {_not_a_mapping(path[:-1], node)}")
+        raise SpecError(f"{label}: {_not_a_mapping(path[:-1], node)}")
     node[last] = value
-    raw.where[tuple(parts)] = f"--set {text}"
+    raw.where[tuple(parts)] = label
+
+
+def _check_known_key(label: str, path: Path_, raw: RawSpec) -> None:
+    """An override that walks through a key the schema does not have: say so, with the nearest valid key."""
+    topology = raw.data.get("topology", "dds")
+    root = TOPOLOGIES.get(topology, DDSSpec) if isinstance(topology, str) else DDSSpec
+    model = _walk(path[:-1], root)[1]
+    if model is None or path[-1] in model.model_fields:
+        return
+    allowed = sorted(model.model_fields)
+    guess = difflib.get_close_matches(str(path[-1]), allowed, n=1)
+    hint = f"did you mean {format_path((*path[:-1], guess[0]))!r}? " if guess else ""
+    raise SpecError(
+        f"{label}: unknown key {shown(path[-1], 40)!r} in {format_path(path)}; {hint}valid keys here: {', '.join(allowed)}"
+    )
 
 
 def _not_a_mapping(path: Path_, node: Any) -> str:
@@ -315,7 +489,7 @@ def _describe(error: dict[str, Any], raw: RawSpec, root: type[BaseModel]) -> str
         guess = difflib.get_close_matches(tag, MIXER_TYPES, n=1)
         hint = f"did you mean {guess[0]!r}? " if guess else ""
         loc = (*loc, "type")
-        message = f"unknown mixer type {tag!r}; {hint}valid types: {', '.join(MIXER_TYPES)}"
+        message = f"unknown mixer type {shown(tag, 40)!r}; {hint}valid types: {', '.join(MIXER_TYPES)}"
     elif kind == "union_tag_not_found":
         loc = (*loc, "type")
         message = f"a mixer needs `type`, one of: {', '.join(MIXER_TYPES)}"
@@ -326,8 +500,10 @@ def _describe(error: dict[str, Any], raw: RawSpec, root: type[BaseModel]) -> str
             else ""
         )
     else:
-        shown = error.get("input")
-        message = f"{error['msg']} (got {shown!r})" if not isinstance(shown, dict | list) else error["msg"]
+        given = error.get("input")
+        message = (
+            f"{error['msg']} (got {shown(repr(given), 80)})" if not isinstance(given, dict | list) else error["msg"]
+        )
     return f"  {format_path(loc)} ({raw.locate(loc)}): {message}"
 
 
@@ -340,7 +516,7 @@ def _topology(raw: RawSpec) -> type[DDSSpec] | type[PyramidSpec]:
     hint = f"did you mean {guess[0]!r}? " if guess else ""
     raise SpecError(
         f"invalid spec {raw.origin}: 1 problem\n  topology ({raw.locate(('topology',))}): unknown topology "
-        f"{name!r}; {hint}valid: {', '.join(TOPOLOGIES)}"
+        f"{shown(name, 40)!r}; {hint}valid: {', '.join(TOPOLOGIES)}"
     )
 
 
@@ -372,6 +548,18 @@ def spec_json_schema() -> dict[str, Any]:
     return {**document, "$schema": "https://json-schema.org/draft/2020-12/schema", "title": "overlock spec"}
 
 
+def loads(text: str, origin: str) -> Spec:
+    """A validated Spec from YAML text (e.g. the resolved spec a checkpoint records), read like a file."""
+    data, where = parse_yaml(text, origin)
+    if not isinstance(data, dict):
+        raise SpecError(f"{origin}: a spec is a mapping of fields, got {type(data).__name__}")
+    raw = RawSpec(data, where, origin)
+    target = raw.data.pop("extends", None)
+    if target is not None:
+        raw = _merge(_load_file(_resolve_target(target, None)), raw)
+    return _validate(raw)
+
+
 def load(source: SpecSource, overrides: list[str] | None = None) -> Spec:
     """A validated Spec from a preset name, a YAML path, a dict or a Spec, plus `--set` overrides.
 
@@ -385,7 +573,7 @@ def load(source: SpecSource, overrides: list[str] | None = None) -> Spec:
         target = data.pop("extends", None)
         raw = RawSpec(data, origin="<dict>")
         if target is not None:
-            raw = _merge(_load_file(_resolve_target(str(target), None)), raw)
+            raw = _merge(_load_file(_resolve_target(target, None)), raw)
     else:
         raw = _load_file(_resolve_target(str(source), None))
     for text in overrides or []:

@@ -28,12 +28,19 @@ SUPPORTED_LARGE_KERNELS = tuple(sorted(DILATED_REPCONV_BRANCHES))
 
 
 class StrictModel(BaseModel):
-    """Unknown keys are errors: a typo in a spec must never be silently ignored."""
+    """Unknown keys are errors: a typo in a spec must never be silently ignored.
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    Strict types: a spec is typed data, so `true` is not the integer 1, '12' is not a number, and
+    numbers must be finite (`.inf` and `.nan` are YAML floats, never a size or a ratio).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, strict=True, allow_inf_nan=False)
 
 
-PosInt = Annotated[int, Field(gt=0)]
+# Far above any network that fits in memory (the builder checks that), far below where Python ints
+# stop fitting torch's int64 sizes: widths, depths and class counts are bounded by it.
+MAX_SIZE = 1 << 24
+PosInt = Annotated[int, Field(gt=0, le=MAX_SIZE)]
 
 
 def rule_error(field: str, message: str) -> PydanticCustomError:
@@ -61,7 +68,9 @@ def check_large_kernel(field: str, value: int) -> None:
 
 
 def check_mlp(width: int, ratio: float) -> None:
-    if int(width * ratio) < 1:
+    if width * ratio < 1:
         raise rule_error(
             "mlp_ratio", f"mlp_ratio={ratio} gives an empty MLP for width {width}: need width x mlp_ratio >= 1"
         )
+    if width * ratio > MAX_SIZE:
+        raise rule_error("mlp_ratio", f"mlp_ratio={ratio} gives an MLP wider than {MAX_SIZE:,} for width {width}")

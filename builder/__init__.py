@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import re
 
-import torch
-
 from ..archspec import Spec, SpecSource, load
 from ..errors import SpecError, is_out_of_memory
+from .estimate import check_fits, meta_build
 from .network import OverLoCK, PyramidNet, SpecModel
 from .official import convert_official, load_official, official_to_overlock
 
@@ -46,6 +45,7 @@ def build(
             "head.num_classes is open (null): set it in the spec or with --set head.num_classes=N "
             "(`overlock train` takes it from the data)"
         )
+    check_fits(resolved, f"the model of spec {resolved.name or '<unnamed>'}")
     try:
         return MODELS[resolved.topology](resolved, deploy=deploy, features_only=features_only)
     except (MemoryError, RuntimeError) as exc:
@@ -60,8 +60,7 @@ def build(
 def inference_params(spec: Spec) -> int:
     """Parameters of the model as deployed: re-parameterised, without the auxiliary head (what papers
     report). Built on the meta device, so nothing is allocated."""
-    with torch.device("meta"):
-        model = MODELS[spec.topology](spec, deploy=True)
+    model = meta_build(spec, deploy=True)
     aux = model.aux_head
     return sum(p.numel() for p in model.parameters()) - (sum(p.numel() for p in aux.parameters()) if aux else 0)
 

@@ -89,7 +89,8 @@ class ResDWConv(nn.Conv2d):
         super().__init__(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled(x.device.type):
+        autocast = not x.is_meta and torch.is_autocast_enabled(x.device.type)  # meta: shapes only (estimates)
+        if x.dtype not in (torch.float32, torch.float64) or autocast:
             return x + super().forward(x)
         centre = self.kernel_size[0] // 2
         weight = self.weight.clone()

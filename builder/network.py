@@ -448,8 +448,6 @@ def _init_weights(module: nn.Module) -> None:
     the same distribution, without erfinv, which made building B take ~9 s on CPU.
     """
     if isinstance(module, nn.Conv2d | nn.Linear):
-        if module.weight.is_meta:  # counting parameters (builder.inference_params): no values to draw
-            return
         with torch.no_grad():
             module.weight.normal_(std=0.02).clamp_(-2.0, 2.0)
         if module.bias is not None:

@@ -101,7 +101,7 @@ def test_json_schema_file_is_generated_from_the_models():
     from overlock.cli import spec_json_schema
 
     shipped = json.loads((archspec.preset_dir() / "overlock-spec.schema.json").read_text())
-    assert shipped == spec_json_schema(), "regenerate with: overlock schema -o specs/overlock-spec.schema.json"
+    assert shipped == spec_json_schema(), "regenerate with: overlock schema > specs/overlock-spec.schema.json"
     assert [ref["$ref"] for ref in shipped["anyOf"]] == ["#/$defs/DDSSpec", "#/$defs/PyramidSpec"]
     assert shipped["$defs"]["DDSSpec"]["additionalProperties"] is False
     assert "groups" in shipped["$defs"]["FocusStage"]["properties"]

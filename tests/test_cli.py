@@ -23,7 +23,15 @@ def run(*args: str):
 def test_build_prints_a_summary_per_subnetwork_and_stage():
     result = run("build", "xt")
     assert result.exit_code == 0, result.output
-    for text in ("overview", "focus", "stage 3", "17,307,272", "contmix 13/5 G4 S7", "dilated_repconv 17", "16,453,712"):
+    for text in (
+        "overview",
+        "focus",
+        "stage 3",
+        "17,307,272",
+        "contmix 13/5 G4 S7",
+        "dilated_repconv 17",
+        "16,453,712",
+    ):
         assert text in result.output
 
 
@@ -193,6 +201,7 @@ def test_flops_out_of_memory_is_a_clear_error(monkeypatch):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
 
     monkeypatch.setattr(flops, "count_flops", no_memory)
+    monkeypatch.setenv("OVERLOCK_MEMORY_LIMIT", "off")  # the allocation failure behind the estimate
     result = run("flops", "pico", "--input-size", "20000")
     assert result.exit_code == 2 and "not enough memory" in result.output and "20000x20000" in result.output
     assert "Traceback" not in result.output
@@ -210,6 +219,7 @@ def test_a_spec_too_large_for_memory_is_a_clear_error(monkeypatch):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 36000000000000 bytes.")
 
     monkeypatch.setattr(overlock.builder, "OverLoCK", no_memory)
+    monkeypatch.setenv("OVERLOCK_MEMORY_LIMIT", "off")  # the allocation failure behind the estimate
     result = run("build", "pico", "--set", "base.stages.0.width=2000000")
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "does not fit in memory: one weight tensor alone needs 33,527.6 GiB" in " ".join(result.output.split())

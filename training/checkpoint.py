@@ -62,6 +62,13 @@ def check_run_checkpoint(state: dict[str, Any], source: str) -> None:
     missing = [key for key in RUN_KEYS if key not in state]
     if missing:
         raise CheckpointError(f"{source} is an incomplete run checkpoint (no {', '.join(missing)}); it cannot be used")
+    types = {"config": dict, "spec": str, "classes": list, "img_size": int, "channels": int, "world_size": int}
+    wrong = [
+        f"{key} is a {type(state[key]).__name__}" for key, kind in types.items() if not isinstance(state[key], kind)
+    ]
+    if wrong or not isinstance(state["config"].get("data"), str):
+        wrong = wrong or ["config.data is not text"]
+        raise CheckpointError(f"{source} is a damaged run checkpoint ({'; '.join(wrong)}); it cannot be used")
 
 
 def model_state(state: Any, use_ema: bool = False) -> dict[str, torch.Tensor]:

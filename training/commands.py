@@ -15,7 +15,7 @@ import typer
 from ..errors import exit_on_user_error
 from .config import EvalConfig, TrainConfig, option_help
 from .errors import ConfigError
-from .progress import make_console
+from .progress import HelpCommand, make_console
 
 
 def _train_opt(field: str, *flags: str, **extra: Any) -> Any:
@@ -119,5 +119,5 @@ def _directory(value: str | None, flag: str) -> Path | None:
 
 def register(app: typer.Typer) -> None:
     """Add the training commands to `app`."""
-    app.command("train", help=TRAIN_HELP)(exit_on_user_error(train_command))
-    app.command("eval", help=EVAL_HELP)(exit_on_user_error(eval_command))
+    app.command("train", help=TRAIN_HELP, cls=HelpCommand)(exit_on_user_error(train_command))
+    app.command("eval", help=EVAL_HELP, cls=HelpCommand)(exit_on_user_error(eval_command))

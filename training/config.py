@@ -25,7 +25,7 @@ RUNTIME_FIELDS = frozenset({"workers", "stop_after", "compile", "device", "contm
 class TrainConfig(BaseModel):
     """Everything `overlock train` needs besides the run directory bookkeeping."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     spec: str = Field(description="Preset name (pico, xt, t, s, b) or path to a spec YAML file.")
     overrides: list[str] = Field(
@@ -58,7 +58,9 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(
         0.05, ge=0, description="AdamW weight decay (never applied to norms, biases, layer scales, position biases)."
     )
-    warmup: float = Field(1.0, ge=0, description="Linear warm-up length in epochs (fractions allowed).")
+    warmup: float = Field(
+        1.0, ge=0, description="Linear warm-up length in epochs (fractions allowed); at most half the run."
+    )
     aux_weight: float = Field(0.4, ge=0, description="Weight of the auxiliary (Overview-Net) head's cross-entropy.")
     drop_path: float | None = Field(
         None, ge=0, lt=1, description="Stochastic depth rate; overrides the spec's drop_path_rate."
@@ -123,7 +125,7 @@ class TrainConfig(BaseModel):
 class EvalConfig(BaseModel):
     """Everything `overlock eval` needs."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     spec: str = Field(description="Preset name or spec YAML file the weights belong to.")
     weights: str = Field(description="Checkpoint: a run's last.pt/best.pt or a plain state dict file.")

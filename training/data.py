@@ -129,8 +129,9 @@ class SyntheticImages:
 
     def __init__(self, classes: int, count: int, size: int, channels: int, split: int) -> None:
         self.classes, self.count, self.size, self.channels, self.split = classes, count, size, channels, split
-        patterns = torch.randn(classes, channels, 6, 6, generator=torch.Generator().manual_seed(1234))
-        self.prototypes = F.interpolate(patterns, size=(size, size), mode="bilinear", align_corners=False)
+        # 6x6 per class; upsampled per sample (holding every class at full size took classes x size^2
+        # floats: 9 GiB for 3000 classes at 512 px, before any check).
+        self.patterns = torch.randn(classes, channels, 6, 6, generator=torch.Generator().manual_seed(1234))
 
     def __len__(self) -> int:
         return self.count
@@ -139,7 +140,10 @@ class SyntheticImages:
         label = index % self.classes
         noise_gen = torch.Generator().manual_seed(1_000_003 * (self.split + 1) + index)
         noise = torch.randn(self.channels, self.size, self.size, generator=noise_gen)
-        return self.prototypes[label] + 0.8 * noise, label
+        prototype = F.interpolate(
+            self.patterns[label : label + 1], size=(self.size, self.size), mode="bilinear", align_corners=False
+        )
+        return prototype[0] + 0.8 * noise, label
 
 
 def _synthetic(options: dict[str, int], size: int, channels: int) -> DataSplits:
@@ -190,21 +194,66 @@ def _digits(size: int, channels: int) -> DataSplits:
 
 
 class FolderImages:
-    """Image files read with Pillow on demand, converted to RGB or grayscale."""
+    """Image files read with Pillow on demand, converted to RGB or grayscale (see `open_image`)."""
 
     def __init__(self, samples: list[tuple[str, int]], channels: int) -> None:
-        self.samples, self.mode = samples, "RGB" if channels == 3 else "L"
+        self.samples, self.channels = samples, channels
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def load(self, index: int) -> tuple[Image.Image, int]:
         path, label = self.samples[index]
-        try:
-            with Image.open(path) as image:
-                return image.convert(self.mode), label
-        except (OSError, UnidentifiedImageError) as error:
-            raise DataError(f"cannot read image {path}: {error}") from None
+        return open_image(path, self.channels), label
+
+
+#: Integer modes with more than 8 bits: the full scale of the values they hold.
+_WIDE_INTEGER_SCALE = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
+
+
+def open_image(path: str, channels: int) -> Image.Image:
+    """An image file as 8-bit RGB (channels=3) or L (channels=1), whatever its Pillow mode.
+
+    Pillow's own `convert` clips wide modes instead of scaling them: a 16-bit PNG ("I;16") came out
+    almost all white and a float TIFF in [0, 1] all black. Here 16-bit (and 32-bit integer images
+    holding 16-bit values) scale by 65535 and float images in [0, 1] by 255; a mode or range that
+    has no unambiguous 8-bit reading is refused, naming the file, rather than trained on silently.
+    """
+    target, mode = "RGB" if channels == 3 else "L", "?"
+    try:
+        with Image.open(path) as image:
+            mode = image.mode
+            if mode in _WIDE_INTEGER_SCALE or mode == "F":
+                return _wide_to_8bit(image, path).convert(target)
+            return image.convert(target)
+    except DataError:
+        raise
+    except Image.DecompressionBombError as error:
+        raise DataError(f"image {path} is too large to decode safely ({error}); downscale it") from None
+    except ValueError as error:  # a mode Pillow cannot convert (e.g. LAB to L)
+        raise DataError(f"cannot convert image {path} (mode {mode}) to {target}: {error}") from None
+    except (OSError, UnidentifiedImageError) as error:
+        raise DataError(f"cannot read image {path}: {error}") from None
+
+
+def _wide_to_8bit(image: Image.Image, path: str) -> Image.Image:
+    values = np.asarray(image, dtype=np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if image.mode == "F":
+        if not (np.isfinite(values).all() and low >= 0.0 and high <= 1.0):
+            raise DataError(
+                f"image {path} is a floating-point image with values in [{low:g}, {high:g}]; only float images in "
+                "[0, 1] have an unambiguous 8-bit reading: rescale it or save it as 8- or 16-bit"
+            )
+        scale = 1.0
+    else:
+        scale = _WIDE_INTEGER_SCALE[image.mode]
+        if low < 0 or high > scale:
+            raise DataError(
+                f"image {path} is a {image.mode} integer image with values in [{low:g}, {high:g}], outside the "
+                f"16-bit range [0, {scale}]; save it as an 8- or 16-bit image"
+            )
+    return Image.fromarray(np.round(values * (255.0 / scale)).astype(np.uint8), mode="L")
 
 
 def _check_image(path: str) -> None:
@@ -212,6 +261,8 @@ def _check_image(path: str) -> None:
     try:
         with Image.open(path) as image:
             image.size  # noqa: B018 - parsing the header is the point
+    except Image.DecompressionBombError as error:
+        raise DataError(f"image {path} is too large to decode safely ({error}); downscale or remove it") from None
     except (OSError, UnidentifiedImageError) as error:
         raise DataError(f"unreadable image {path}: {error}\nremove or replace the file") from None
 
@@ -232,7 +283,17 @@ def _scan_split(split_dir: Path, classes: list[str]) -> list[tuple[str, int]]:
     for label, name in enumerate(classes):
         class_dir = split_dir / name
         files = []
+        # Symlinked folders are followed, but each real folder is read once: a link back up the tree
+        # (`ln -s .. cat/loop`) made os.walk list the same images dozens of times.
+        visited: dict[str, str] = {}
         for folder, subdirs, names in os.walk(class_dir, followlinks=True):
+            real = os.path.realpath(folder)
+            if real in visited:
+                raise DataError(
+                    f"{folder} is the folder {visited[real]} again (through a symbolic link): its images would be "
+                    "counted more than once; remove the link"
+                )
+            visited[real] = folder
             subdirs.sort()
             files.extend(os.path.join(folder, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS))
         if not files:
@@ -280,10 +341,11 @@ def _synthetic_options(text: str) -> dict[str, int]:
     for item in filter(None, text.split(",")):
         key, sep, value = item.partition("=")
         key = key.strip()
-        if not sep or key not in options or not value.strip().isdigit() or int(value) < 1:
+        value = value.strip()
+        if not (sep and key in options and value.isascii() and value.isdigit() and len(value) <= 9) or int(value) < 1:
             raise DataError(
-                f"bad synthetic option {item!r}: use positive integers for {', '.join(options)}, "
-                "e.g. synthetic:classes=4,train=64,val=32"
+                f"bad synthetic option {item!r}: use positive integers (at most 100,000,000) for "
+                f"{', '.join(options)}, e.g. synthetic:classes=4,train=64,val=32"
             )
         options[key] = int(value)
     if options["classes"] < 2:

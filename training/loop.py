@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from ..errors import CheckpointError
 from . import checkpoint
 from .checkpoint import FORMAT, FORMAT_VERSION
 from .data import EvalView, TrainView
@@ -274,7 +275,29 @@ class Trainer:
             "rng": self.dist.gather(checkpoint.capture_rng()),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], source: str = "the checkpoint") -> None:
+        """Restore a run; a file whose parts do not fit this run (hand-edited, another run's) is a CheckpointError.
+
+        Every part is read before the run changes anything on disk, so a bad file leaves the run as it was.
+        """
+        try:
+            progress = state["progress"]
+            for key in ("step", "epoch", "batch_in_epoch", "best_epoch"):
+                value = progress[key]
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise ValueError(f"progress.{key} is {value!r}, not a count")
+            rng = state["rng"]
+            if not isinstance(rng, list) or len(rng) <= self.dist.rank:
+                raise ValueError(f"it holds random states for {len(rng) if isinstance(rng, list) else 0} processes")
+            self._load_state_dict(state)
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(
+                f"{source} cannot be resumed: its contents do not fit this run ({type(exc).__name__}: {detail[:300]}); "
+                "it was changed by hand or written by another program"
+            ) from None
+
+    def _load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -301,9 +324,11 @@ class Trainer:
             raise DivergenceError(self._divergence_message("the weights became non-finite"))
         state = self.state_dict()  # collective (RNG gather): every rank takes part
         if self.run is not None and self.dist.is_main:
-            checkpoint.save_atomic(state, self.run.last)
+            # best.pt first: last.pt is what --resume trusts, so it must never name a best epoch that is
+            # not on disk yet. A kill between the two leaves the old last.pt, and the resume redoes the save.
             if best:
                 checkpoint.save_atomic(state, self.run.best)
+            checkpoint.save_atomic(state, self.run.last)
         self.saved_step = self.step
 
     def _divergence_message(self, what: str) -> str:

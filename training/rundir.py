@@ -81,6 +81,28 @@ class RunDir:
         if not self.last.is_file():
             raise RunDirError(f"nothing to resume in {self.root}: no last.pt there (a run writes it after each epoch)")
 
+    def remove_stale_temporaries(self) -> list[str]:
+        """Delete the temporary files of saves that were killed (`.last.pt.<random>.tmp`, see write_atomic).
+
+        Called when a run (re)starts, when no other process writes into the directory.
+        """
+        removed = []
+        for name in RUN_FILES:
+            for stale in self.root.glob(f".{name}.*.tmp"):
+                stale.unlink(missing_ok=True)
+                removed.append(stale.name)
+        return removed
+
+    def discard(self) -> None:
+        """Remove a run that never wrote a checkpoint: its files, and the directory if nothing else is in it."""
+        self.remove_stale_temporaries()
+        for name in RUN_FILES:
+            (self.root / name).unlink(missing_ok=True)
+        try:
+            self.root.rmdir()
+        except OSError:
+            pass  # the user's own files are in it: keep them
+
     def write_header(self, spec_yaml: str, config: dict[str, Any]) -> None:
         write_text_atomic(self.spec, spec_yaml)
         write_text_atomic(self.config, json.dumps(config, indent=2) + "\n")

@@ -13,19 +13,18 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-import yaml
 from rich.console import Console
-from rich.markup import escape
 from torch import nn
 
 from .. import archspec
+from ..builder.estimate import check_fits
 from ..checkpoint import MODEL_FORMAT
-from ..errors import CheckpointError, OverlockError
+from ..errors import CheckpointError, OverlockError, plain
 from . import checkpoint, distributed
 from .config import EvalConfig, TrainConfig, validated
 from .data import EvalView, default_workers, load_data
 from .distributed import Dist
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .evaluate import EvalResult, evaluate
 from .loop import Outcome, Trainer, deterministic_algorithms, seed_everything
 from .progress import Reporter, summary_table
@@ -158,16 +157,18 @@ def _train(
         )
 
     if state is not None:
-        trainer.load_state_dict(state)
+        trainer.load_state_dict(state, str(run.last))
+        if dist.is_main:
+            run.remove_stale_temporaries()
         if trainer.step >= plan.total_steps:  # nothing left: leave the finished run exactly as it is
             reporter.line(
-                f"{escape(str(run.root))} is already finished ({trainer.step}/{plan.total_steps} steps): nothing to resume"
+                f"{plain(str(run.root))} is already finished ({trainer.step}/{plan.total_steps} steps): nothing to resume"
             )
             return result(Outcome(finished=True, steps_this_run=0, seconds=0.0, images=0.0))
         if dist.is_main:
             MetricsLog(run.metrics).truncate_after(trainer.step)
             reporter.line(
-                f"resuming {escape(str(run.root))} at step {trainer.step}/{plan.total_steps} (epoch {trainer.epoch + 1})"
+                f"resuming {plain(str(run.root))} at step {trainer.step}/{plan.total_steps} (epoch {trainer.epoch + 1})"
             )
     else:
         if dist.is_main:
@@ -184,7 +185,17 @@ def _train(
                 "global_batch": config.batch_size * dist.world_size,
             }
         )
-    outcome = trainer.run_loop()
+    try:
+        outcome = trainer.run_loop()
+    except DataError as exc:
+        # Bad data found mid-run (a truncated image) before the first checkpoint: a run directory with
+        # no last.pt cannot be resumed, so a new run leaves nothing behind rather than half a run.
+        if state is None and dist.is_main and not run.last.exists():
+            run.discard()
+            raise type(exc)(
+                f"{exc}\n(the new run directory {run.root} was removed: no checkpoint had been written)"
+            ) from None
+        raise
     if dist.is_main:
         console.print(_summary(plan, trainer, outcome, run, dist))
     return result(outcome)
@@ -214,9 +225,9 @@ def _announce(plan: Plan, trainer: Trainer, dist: Dist, run: RunDir, reporter: R
     config, data = plan.config, plan.data
     where = f"{dist.world_size} processes ({dist.device.type})" if dist.distributed else str(dist.device)
     reporter.line(
-        f"[bold]{escape(plan.spec.name or config.spec)}[/] ({_params(trainer.model) / 1e6:.2f}M params) on {escape(data.name)}: "
+        f"[bold]{plain(plan.spec.name or config.spec)}[/] ({_params(trainer.model) / 1e6:.2f}M params) on {plain(data.name)}: "
         f"{len(data.train)} train / {len(data.val)} val images, {data.num_classes} classes, {data.img_size}px, "
-        f"{plan.epochs} epochs x {plan.steps_per_epoch} steps, batch {config.batch_size * dist.world_size}, {where} -> {escape(str(run.root))}"
+        f"{plan.epochs} epochs x {plan.steps_per_epoch} steps, batch {config.batch_size * dist.world_size}, {where} -> {plain(str(run.root))}"
     )
 
 
@@ -293,7 +304,9 @@ def evaluate_weights(options: dict[str, Any], console: Console | None = None) ->
     hint = "check that SPEC (and --set) are the ones the weights were trained with"
     if run_ckpt:
         checkpoint.check_run_checkpoint(state, config.weights)
-        trained = yaml.safe_load(state["spec"]).get("name") or state["config"]["spec"]
+        trained = (
+            archspec.loads(state["spec"], f"the spec recorded in {config.weights}").name or state["config"]["spec"]
+        )
         hint += f"; this run trained {trained!r} (its resolved spec is the run's spec.yaml)"
     weights = checkpoint.model_state(state, use_ema=config.ema)
     # A run checkpoint knows its data, image size and channels; a plain state dict does not.
@@ -302,6 +315,13 @@ def evaluate_weights(options: dict[str, Any], console: Console | None = None) ->
     channels = config.channels or (state["channels"] if run_ckpt else 3)
     data = load_data(source, img_size, channels)
     spec = fit_spec_to_data(archspec.load(config.spec, list(config.overrides)), data, config.spec)
+    check_fits(
+        spec,
+        f"evaluating {spec.name or config.spec} at batch size {config.batch_size}",
+        image_size=(data.img_size, data.img_size),
+        batch=config.batch_size,
+        device=distributed.pick_device(config.device),
+    )
     # `overlock build --save` / `convert --deploy` files say which form their weights are in.
     deploy = isinstance(state, dict) and state.get("format") == MODEL_FORMAT and bool(state.get("deploy"))
     model = build_model(spec, config.contmix_backend, deploy=deploy)

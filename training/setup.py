@@ -11,10 +11,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
 from .. import archspec
 from ..archspec import Spec
+from ..builder.estimate import check_fits
 from .checkpoint import check_run_checkpoint, is_run_checkpoint
 from .config import RUNTIME_FIELDS, TrainConfig, validated
 from .data import DataSplits, default_workers, load_data
@@ -76,6 +75,14 @@ def plan_training(config: TrainConfig, dist: Dist, spec: Spec | None = None) -> 
         )
     if len(data.val) < dist.world_size:
         raise DataError(f"the validation split has {len(data.val)} images, fewer than the {dist.world_size} processes")
+    check_fits(
+        spec,
+        f"training {spec.name or config.spec} at batch size {config.batch_size}",
+        image_size=(data.img_size, data.img_size),
+        batch=config.batch_size,
+        training=True,
+        device=dist.device,
+    )
     steps_per_epoch = per_rank // config.batch_size
     if config.steps is not None:
         total_steps = config.steps
@@ -83,7 +90,9 @@ def plan_training(config: TrainConfig, dist: Dist, spec: Spec | None = None) -> 
     else:
         epochs = config.resolved_epochs or 1
         total_steps = epochs * steps_per_epoch
-    warmup_steps = min(total_steps, round(config.warmup * steps_per_epoch))
+    # Warm-up is asked for in epochs; a run shorter than that (--steps below an epoch) would end at
+    # the peak learning rate without ever decaying. At most half the run warms up.
+    warmup_steps = min(total_steps // 2, round(config.warmup * steps_per_epoch))
     workers = config.workers if config.workers is not None else default_workers(data)
     return Plan(config, spec, data, steps_per_epoch, total_steps, epochs, warmup_steps, workers)
 
@@ -113,7 +122,7 @@ def resume_config(state: Any, given: dict[str, Any], source: str) -> tuple[Train
     stored["stop_after"] = None  # a stop request belongs to the invocation that made it
     stored.update({key: value for key, value in given.items() if key in RUNTIME_FIELDS})
     config = validated(TrainConfig, stored)
-    return config, archspec.load(yaml.safe_load(state["spec"]))
+    return config, archspec.loads(state["spec"], f"the spec recorded in {source}")
 
 
 def _plain(value: Any) -> Any:

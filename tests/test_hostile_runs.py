@@ -1,0 +1,180 @@
+"""Hand-made and damaged run checkpoints, resumed or evaluated: clear errors, the run left as it was (issue 13)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from overlock.cli import app
+
+runner = CliRunner()
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+FAST = ["--data", "synthetic:classes=3,train=24,val=12", "--batch-size", "8", "--workers", "0"]
+
+
+def invoke(*args: str | Path):
+    return runner.invoke(app, list(map(str, args)))
+
+
+def assert_user_error(result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.stderr.split())
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory, tiny_spec) -> Path:
+    """A run of 4 steps stopped after 2: resumable."""
+    root = tmp_path_factory.mktemp("runs") / "r"
+    result = invoke("train", tiny_spec, *FAST, "--steps", "4", "--stop-after", "2", "--out", root)
+    assert result.exit_code == 0, result.output
+    return root
+
+
+def edited_copy(run: Path, tmp_path: Path, edit) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    state = torch.load(copy / "last.pt", weights_only=True)
+    state.pop("sha256")  # made by hand: no checksum (a stale one would be reported as corruption)
+    edit(state)
+    torch.save(state, copy / "last.pt")
+    return copy
+
+
+def snapshot(run: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in run.iterdir()}
+
+
+def _set(path: tuple, value):
+    def edit(state):
+        node = state
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+
+    return edit
+
+
+def _wrong_shape(state):
+    name = next(k for k, v in state["model"].items() if v.dim() == 4)
+    state["model"][name] = torch.zeros(1, 1, 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("edit", "fragment"),
+    [
+        (_set(("spec",), "name: [unclosed"), "YAML syntax error"),
+        (_set(("spec",), "name: &a [*a]"), "recursive"),
+        (_set(("spec",), 42), "spec is a int"),
+        (_set(("progress", "step"), "three"), "progress.step is 'three'"),
+        (_set(("progress", "step"), 2.5), "progress.step is 2.5"),
+        (_set(("rng",), []), "random states for 0 processes"),
+        (_wrong_shape, "cannot be resumed"),
+        (_set(("config",), "lr=1"), "config is a str"),
+    ],
+    ids=["spec-not-yaml", "spec-recursive", "spec-not-text", "step-text", "step-float", "rng-empty", "shape", "config"],
+)
+def test_a_hand_made_run_checkpoint_is_a_clear_error_and_the_run_is_untouched(stopped_run, tmp_path, edit, fragment):
+    run = edited_copy(stopped_run, tmp_path, edit)
+    before = snapshot(run)
+    assert_user_error(invoke("train", "--resume", run), fragment)
+    assert snapshot(run) == before
+
+
+def test_eval_of_a_run_checkpoint_with_a_damaged_spec_is_a_clear_error(stopped_run, tmp_path, tiny_spec):
+    run = edited_copy(stopped_run, tmp_path, _set(("spec",), "name: [unclosed"))
+    assert_user_error(invoke("eval", tiny_spec, "--weights", run / "last.pt"), "YAML syntax error")
+    run = edited_copy(stopped_run, tmp_path / "b", _set(("img_size",), "big"))
+    assert_user_error(invoke("eval", tiny_spec, "--weights", run / "last.pt"), "img_size is a str")
+
+
+def test_the_untouched_run_still_resumes(stopped_run, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(stopped_run, copy)
+    result = invoke("train", "--resume", copy)
+    assert result.exit_code == 0, result.output
+    assert json.loads((copy / "metrics.jsonl").read_text().splitlines()[-1])["kind"] in ("end", "eval", "epoch")
+
+
+def test_resume_removes_the_temporary_files_of_killed_saves(stopped_run, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(stopped_run, copy)
+    for name in (".last.pt.k1ll3d.tmp", ".best.pt.x9.tmp"):
+        (copy / name).write_bytes(b"half a checkpoint")
+    (copy / ".notes.tmp").write_text("not ours")
+    assert invoke("train", "--resume", copy).exit_code == 0
+    assert not list(copy.glob(".*.pt.*.tmp")) and (copy / ".notes.tmp").exists()
+
+
+def test_best_is_written_before_last_so_last_never_names_a_best_not_on_disk(tiny_spec, tmp_path, monkeypatch):
+    from overlock.training import checkpoint as training_checkpoint
+
+    written: list[str] = []
+    original = training_checkpoint.save_atomic
+    monkeypatch.setattr(
+        training_checkpoint, "save_atomic", lambda obj, path: (written.append(Path(path).name), original(obj, path))[1]
+    )
+    assert invoke("train", tiny_spec, *FAST, "--epochs", "2", "--out", tmp_path / "r").exit_code == 0
+    assert "best.pt" in written
+    for index, name in enumerate(written):
+        if name == "best.pt":
+            assert written[index + 1] == "last.pt", written
+
+
+def test_a_damaged_block_in_a_checkpoint_is_detected_by_its_checksum(stopped_run, tmp_path, tiny_spec):
+    data = bytearray((stopped_run / "last.pt").read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 4096] = bytes(4096)
+    damaged = tmp_path / "last.pt"
+    damaged.write_bytes(data)
+    from overlock.checkpoint import load_file
+    from overlock.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_file(damaged)
+    assert_user_error(invoke("eval", tiny_spec, "--weights", damaged), "corrupt")
+    assert "sha256" not in load_file(stopped_run / "last.pt"), "the checksum is checked and removed on load"
+
+
+def test_a_symlink_loop_in_a_class_folder_is_refused_not_multiplied(tmp_path):
+    from PIL import Image
+
+    from overlock.training.data import load_data
+    from overlock.training.errors import DataError
+
+    for split in ("train", "val"):
+        for name in ("cat", "dog"):
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / split / name / "a.png")
+    assert len(load_data(str(tmp_path), 32).train) == 2
+    (tmp_path / "train" / "cat" / "loop").symlink_to("..")
+    with pytest.raises(DataError, match="again"):
+        load_data(str(tmp_path), 32)
+
+
+def test_a_truncated_image_found_mid_run_before_any_checkpoint_leaves_no_half_run(tiny_spec, tmp_path):
+    from PIL import Image
+
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        for name in ("cat", "dog", "eel"):
+            (data / split / name).mkdir(parents=True)
+            for i in range(4):
+                noise = torch.randint(
+                    0, 256, (64, 64, 3), generator=torch.Generator().manual_seed(i), dtype=torch.uint8
+                )
+                Image.fromarray(noise.numpy()).save(data / split / name / f"{i}.jpg", quality=95)
+    # The header is intact (the scan before the run passes it); the pixel data is cut off.
+    victim = data / "train" / "eel" / "3.jpg"
+    victim.write_bytes(victim.read_bytes()[: len(victim.read_bytes()) * 3 // 4])
+    out = tmp_path / "run"
+    result = invoke("train", tiny_spec, "--data", data, "--img-size", "32", "--batch-size", "4", "--workers", "0", "--epochs", "1", "--out", out)  # fmt: skip
+    assert_user_error(result, "3.jpg", "was removed: no checkpoint had been written")
+    assert not out.exists()
