@@ -11,9 +11,17 @@ import re
 from ..archspec import Spec, SpecSource, load
 from ..errors import SpecError, is_out_of_memory
 from .network import OverLoCK
-from .official import convert_official, load_official, official_to_overlock
+from .official import BackboneLoad, convert_official, load_backbone, load_official, official_to_overlock
 
-__all__ = ["OverLoCK", "build", "convert_official", "load_official", "official_to_overlock"]
+__all__ = [
+    "BackboneLoad",
+    "OverLoCK",
+    "build",
+    "convert_official",
+    "load_backbone",
+    "load_official",
+    "official_to_overlock",
+]
 
 
 def build(

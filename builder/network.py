@@ -16,6 +16,7 @@ from torch import nn
 from .. import kernels
 from ..archspec import BlockStage, Spec
 from .blocks import BasicBlock, ContMix, DynamicBlock
+from .conventions import TimmConventions
 from .layers import GRN, DilatedRepConv, LayerNorm2d, LayerScale, conv_bn
 
 
@@ -198,7 +199,7 @@ class PyramidOutputs(nn.Module):
         return out
 
 
-class OverLoCK(nn.Module):
+class OverLoCK(TimmConventions, nn.Module):
     """A deep-stage-decomposition ConvNet built from a Spec ("overview first, look closely next").
 
     Training mode returns {"main", "aux"} logits when the spec has an aux head, eval mode the main
