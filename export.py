@@ -12,6 +12,8 @@ How each overlock piece exports:
   first (it registers the ops). For ONNX they are decomposed into aten ops (`kernels/onnx.py`).
 - ContMix's region pooling and the small-map resize follow the input size under export
   (`builder.layers.RegionPool`, `ContMix.mixing_size`), so one graph serves every size.
+- TorchScript is a trace at one input size and batch (the model is not `torch.jit.script`-able:
+  its blocks pass modules to helpers, its forward returns a list or a dict).
 - Dynamic sizes start at 33 px: a 32 px input makes 1x1 maps at /32, and torch.export specialises
   every size-1 dimension (broadcasting), so a program traced with dynamic sizes refuses exactly 32.
   Export at 32 px with static sizes when that size is needed.
@@ -19,7 +21,10 @@ How each overlock piece exports:
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,7 +181,7 @@ def export_program(
         return torch.export.export(model, (x,), dynamic_shapes={"x": dims} if dims else None)
 
 
-def _onnx_bytes(program: torch.export.ExportedProgram, dynamic: bool) -> bytes:
+def _onnx_bytes(program: torch.export.ExportedProgram) -> bytes:
     from .kernels import onnx as onnx_decompositions
 
     try:
@@ -188,17 +193,29 @@ def _onnx_bytes(program: torch.export.ExportedProgram, dynamic: bool) -> bytes:
             "pip install 'overlock[onnx]'"
         ) from None
     decomposed = program.run_decompositions(onnx_decompositions.decompositions())
-    onnx_program = torch.onnx.export(decomposed, dynamo=True, verbose=False, optimize=True)
+    # The exporter narrates its passes on stdout and logs warnings about torchvision ops: keep the
+    # command's output to what overlock reports.
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            onnx_program = torch.onnx.export(decomposed, dynamo=True, verbose=False, optimize=True)
+    finally:
+        logger.setLevel(level)
     buffer = io.BytesIO()
     onnx.save_model(onnx_program.model_proto, buffer)
     return buffer.getvalue()
 
 
-def _torchscript_bytes(model: nn.Module, size: tuple[int, int]) -> bytes:
+def _torchscript_bytes(model: nn.Module, size: tuple[int, int], batch: int) -> bytes:
+    """torch.jit.trace at one input size (the blocks pass modules to helper functions and the model
+    returns a list or a dict, which torch.jit.script does not compile; a trace records the ops)."""
     with torch.no_grad():
-        scripted = torch.jit.script(model)
+        traced = torch.jit.trace(model, example_input(model, size, batch=batch), check_trace=False)
     buffer = io.BytesIO()
-    torch.jit.save(scripted, buffer)
+    torch.jit.save(traced, buffer)
     return buffer.getvalue()
 
 
@@ -266,11 +283,16 @@ def export_model(
     _check_size(size, dynamic_size)
     model = model.eval()
     if fmt == "torchscript":
-        data = _torchscript_bytes(model, size)
+        if dynamic_size or dynamic_batch:
+            raise OverlockError(
+                "--format torchscript is traced at one input size and batch; for dynamic sizes use "
+                "--format onnx or --format exported-program"
+            )
+        data = _torchscript_bytes(model, size, batch=1)
     else:
         program = export_program(model, size, dynamic_batch=dynamic_batch, dynamic_size=dynamic_size)
         if fmt == "onnx":
-            data = _onnx_bytes(program, dynamic_size or dynamic_batch)
+            data = _onnx_bytes(program)
         else:
             buffer = io.BytesIO()
             torch.export.save(program, buffer)
@@ -283,7 +305,7 @@ def export_model(
         return report
     kernel = max(s.kernel_size for s in model.spec.focus.stages)
     batch = 2 if dynamic_batch else 1
-    for i, check_size in enumerate(check_sizes(size, dynamic_size or fmt == "torchscript", kernel)):
+    for i, check_size in enumerate(check_sizes(size, dynamic_size, kernel)):
         report.checks.append(compare(run, model, example_input(model, check_size, batch=batch, seed=i)))
     return report
 

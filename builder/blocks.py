@@ -116,6 +116,8 @@ class ContMix(nn.Module):
     def forward(self, z: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
         """z: fused features (B, d, H, W) = the values; normed: LN(cat(x, P)) for queries and keys."""
         height, width = z.shape[-2:]
+        if torch.jit.is_tracing():  # jit traces (TorchScript, fvcore's FLOP counter) see sizes as tensors
+            height, width = int(height), int(width)
         size = self.mixing_size(height, width)
         # Exported graphs always take the resize path: at an unchanged size it is the identity, and
         # the graph then serves every input size (eager runs skip it when it is not needed).

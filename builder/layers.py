@@ -69,7 +69,7 @@ class ResDWConv(nn.Conv2d):
         super().__init__(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + super().forward(x)
+        return x + self._conv_forward(x, self.weight, self.bias)  # not super(): TorchScript lacks it
 
 
 def exporting() -> bool:
