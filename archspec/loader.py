@@ -140,6 +140,9 @@ def _resolve_target(target: str, relative_to: Path | None) -> Path:
         return candidate.resolve()
     if target in preset_names():
         return (preset_dir() / f"{target}.yaml").resolve()
+    shipped = preset_dir().parent / candidate  # examples/*.yaml ship with the package, as the README uses them
+    if relative_to is None and candidate.parts[:1] == ("examples",) and shipped.is_file():
+        return shipped.resolve()
     if target.strip() and candidate.is_dir():
         raise SpecError(f"{target!r} is a directory; give a spec .yaml file or a preset ({', '.join(preset_names())})")
     raise SpecError(

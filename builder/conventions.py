@@ -139,7 +139,7 @@ class TimmConventions:
     def head_hidden_size(self) -> int:
         """Channels of the pre-logits (after the head's 1x1 projection)."""
         head = getattr(self, "head", None)
-        return head.fc.in_channels if head is not None else self.num_features
+        return head.proj.out_channels if head is not None else self.num_features
 
     def get_classifier(self) -> nn.Module:
         return self.head.fc

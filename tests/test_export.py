@@ -107,7 +107,8 @@ def test_cli_export_reads_a_safetensors_model_file_and_reports_equality(tmp_path
     assert torch.equal(model.state_dict()["head.fc.weight"], build_from_file(saved)["head.fc.weight"])
     out = tmp_path / "pico.pt2"
     result = runner.invoke(
-        app, ["export", "pico", "-w", str(saved), "--format", "exported-program", "--img-size", "64", "64", "-o", str(out)]
+        app,
+        ["export", "pico", "-w", str(saved), "--format", "exported-program", "--img-size", "64", "64", "-o", str(out)],
     )
     assert result.exit_code == 0, result.output
     assert out.is_file() and "equal to PyTorch at 1x3x64x64" in result.output
