@@ -84,7 +84,11 @@ def build(
     set_: SetOpt = None,
     as_json: JsonOpt = False,
     save: Annotated[
-        Path | None, typer.Option("--save", help="Write the built model (spec + weights) to this file.")
+        Path | None,
+        typer.Option(
+            "--save",
+            help="Write the built model (spec + weights) to this file (safetensors if it ends in .safetensors).",
+        ),
     ] = None,
 ) -> None:
     """Validate and build a spec; print widths, depths, kernels, groups and parameters per stage."""
@@ -228,7 +232,9 @@ def spec_json_schema() -> dict:
 def convert(
     spec: SpecArg,
     checkpoint: Annotated[Path, typer.Argument(help="A state dict in the published checkpoints' layout (.pth).")],
-    output: Annotated[Path, typer.Argument(help="Where to write the overlock model file.")],
+    output: Annotated[
+        Path, typer.Argument(help="Where to write the overlock model file (safetensors if it ends in .safetensors).")
+    ],
     deploy: Annotated[bool, typer.Option("--deploy", help="The checkpoint is in re-parameterised form.")] = False,
     set_: SetOpt = None,
 ) -> None:
