@@ -131,6 +131,11 @@ def convert_official(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -
             parts.append(_listing("in the checkpoint but not in the model", unexpected))
         if mismatched:
             parts.append(_listing("shape mismatch", mismatched))
+        if getattr(model, "features_only", False):
+            parts.append(
+                "  hint: this is a features-only model: load classification weights with "
+                "overlock.builder.load_backbone(model, state_dict), which drops the heads and lists what is new"
+            )
         deploy_ckpt = any(k.endswith("lk_origin.bias") for k in state_dict)
         deploy_model = any(k.endswith(".lk.bias") for k in target)
         if deploy_ckpt != deploy_model:

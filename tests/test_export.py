@@ -85,8 +85,8 @@ def test_exported_program_keeps_the_custom_op_and_reloads(pico_trained, tmp_path
     report = export_model(pico_trained, tmp_path / "pico.pt2", "exported-program", (96, 128))
     assert report.ok and report.checks[0].relative <= TOLERANCE
     program = load_exported_program(tmp_path / "pico.pt2")
-    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
-    assert "overlock.contmix.default" in targets
+    calls = [node for node in program.graph.nodes if str(node.target) == "overlock.contmix.default"]
+    assert calls and all(node.args[-1] == "auto" for node in calls)  # picks the backend where it runs
     x = torch.randn(1, 3, 96, 128)
     with torch.no_grad():
         assert torch.allclose(program.module()(x), pico_trained(x), rtol=1e-4, atol=1e-5)
