@@ -154,7 +154,11 @@ def _check_format(fmt: str) -> None:
 def _check_size(size: tuple[int, int], dynamic_size: bool) -> None:
     low = MIN_DYNAMIC_SIZE if dynamic_size else 32
     if min(size) < low or max(size) > MAX_DYNAMIC_SIZE:
-        why = " with --dynamic-size (a 32 px input makes 1x1 maps, which torch.export specialises)" * dynamic_size
+        why = (
+            " with --dynamic-size (a 32 px input makes 1x1 maps, which torch.export specialises)"
+            if dynamic_size
+            else ""
+        )
         raise OverlockError(
             f"--img-size {size[0]} {size[1]}: each side must be between {low} and {MAX_DYNAMIC_SIZE}{why}"
         )
@@ -181,17 +185,23 @@ def export_program(
         return torch.export.export(model, (x,), dynamic_shapes={"x": dims} if dims else None)
 
 
-def _onnx_bytes(program: torch.export.ExportedProgram) -> bytes:
-    from .kernels import onnx as onnx_decompositions
-
+def _require_onnx() -> None:
+    """Fail before the (slow) export when the ONNX packages are missing."""
     try:
-        import onnx
+        import onnx  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError as exc:
         raise OverlockError(
             f"--format onnx needs the onnx and onnxscript packages ({exc.name} is missing): "
             "pip install 'overlock[onnx]'"
         ) from None
+
+
+def _onnx_bytes(program: torch.export.ExportedProgram) -> bytes:
+    import onnx
+
+    from .kernels import onnx as onnx_decompositions
+
     decomposed = program.run_decompositions(onnx_decompositions.decompositions())
     # The exporter narrates its passes on stdout and logs warnings about torchvision ops: keep the
     # command's output to what overlock reports.
@@ -281,6 +291,8 @@ def export_model(
     """Export `model` (eval mode) to `path` in `fmt`, then check the file against the model."""
     _check_format(fmt)
     _check_size(size, dynamic_size)
+    if fmt == "onnx":
+        _require_onnx()
     model = model.eval()
     if fmt == "torchscript":
         if dynamic_size or dynamic_batch:

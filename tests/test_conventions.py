@@ -146,3 +146,11 @@ def test_backbone_drives_an_fpn_end_to_end(single_thread):
     assert backbone.base.stages[1].blocks[0].dwconv.weight.grad is not None
     assert backbone.base.stages[0].blocks[0].dwconv.weight.grad is not None  # feeds level 1
     assert backbone.pyramid.norms[0].weight.grad is None  # level 0 is not returned
+
+
+def test_strict_load_official_points_a_backbone_to_load_backbone(reference_dir):
+    from overlock.builder import load_official
+
+    state = torch.load(reference_dir / "golden" / "pico.official_state_dict.pt", weights_only=True)
+    with pytest.raises(CheckpointError, match="load_backbone"):
+        load_official(build("pico", features_only=True), state)
