@@ -181,7 +181,8 @@ def export_program(
     if dynamic_size:
         dims[2] = torch.export.Dim.DYNAMIC(min=MIN_DYNAMIC_SIZE, max=MAX_DYNAMIC_SIZE)
         dims[3] = torch.export.Dim.DYNAMIC(min=MIN_DYNAMIC_SIZE, max=MAX_DYNAMIC_SIZE)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations, not the user's business
         return torch.export.export(model, (x,), dynamic_shapes={"x": dims} if dims else None)
 
 
