@@ -178,12 +178,17 @@ def load_file(path: str | Path) -> Any:
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         with path.open("rb") as handle:
-            magic = handle.read(4)
+            magic = handle.read(9)
     except OSError as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+    if _looks_like_safetensors(magic):
+        return load_safetensors(path)
     # torch.save writes a zip archive (legacy files: a pickle, protocol 2+ starts with 0x80).
     if not (magic.startswith(b"PK\x03\x04") or magic.startswith(b"\x80")):
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint (a file written by torch.save, e.g. .pt or .pth)")
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint (a file written by torch.save, e.g. .pt or .pth) "
+            "nor a safetensors file"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -223,4 +228,80 @@ def model_file(model: torch.nn.Module, deploy: bool) -> dict[str, Any]:
         "spec": model.spec.to_yaml(),
         "deploy": deploy,
         "state_dict": model.state_dict(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors: the same model files, without pickle
+#
+# A safetensors file holds only tensors plus a str -> str metadata table. A model file keeps its
+# tensors (the state dict) as they are and its other entries (format, version, spec YAML, deploy)
+# in the metadata, so `load_file` returns the same dict for both formats. A plain state dict
+# (no "format" in the metadata) loads as a plain state dict.
+
+SAFETENSORS_SUFFIX = ".safetensors"
+
+
+def is_safetensors_path(path: str | Path) -> bool:
+    """Files named *.safetensors are written in that format; everything else with torch.save."""
+    return Path(path).suffix.lower() == SAFETENSORS_SUFFIX
+
+
+def _looks_like_safetensors(head: bytes) -> bool:
+    """8 bytes of little-endian header length, then the JSON header's opening brace."""
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < 100_000_000
+
+
+def _safetensors_module():
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise OverlockError(
+            "safetensors files need the safetensors package: pip install safetensors (or 'overlock[train]')"
+        ) from None
+    return safetensors.torch
+
+
+def save_model_file(model: torch.nn.Module, deploy: bool, path: str | Path) -> Path:
+    """Write `model_file(model, deploy)` to `path`: safetensors for *.safetensors, else torch.save."""
+    if not is_safetensors_path(path):
+        return save_atomic(model_file(model, deploy), path)
+    content = model_file(model, deploy)
+    tensors = content.pop("state_dict")
+    return save_safetensors(tensors, path, {key: str(value) for key, value in content.items()})
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
+    """A state dict (plus str metadata) as a safetensors file, through `write_atomic`."""
+    module = _safetensors_module()
+    # safetensors refuses views and tensors that share storage: store compact copies.
+    plain = {name: tensor.detach().contiguous().clone() for name, tensor in tensors.items()}
+    data = module.save(plain, metadata=metadata)
+    return write_atomic(path, lambda handle: handle.write(data))
+
+
+def load_safetensors(path: str | Path) -> dict[str, Any]:
+    """A safetensors file as `load_file` returns it: a model-file dict or a plain state dict."""
+    module = _safetensors_module()
+    try:
+        data = Path(path).read_bytes()
+        tensors = module.load(data)
+        from safetensors import safe_open  # the metadata is only reachable through safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged file is the user's, not our bug
+        raise CheckpointError(
+            f"cannot read {path}: the safetensors file is truncated or corrupt ({_first_line(exc)})"
+        ) from None
+    if metadata.get("format") != MODEL_FORMAT:
+        return tensors
+    return {
+        "format": MODEL_FORMAT,
+        "version": int(metadata.get("version", 1)),
+        "spec": metadata.get("spec", ""),
+        "deploy": metadata.get("deploy") == "True",
+        "state_dict": tensors,
     }

@@ -97,12 +97,16 @@ def build(
     set_: SetOpt = None,
     as_json: JsonOpt = False,
     save: Annotated[
-        Path | None, typer.Option("--save", help="Write the built model (spec + weights) to this file.")
+        Path | None,
+        typer.Option(
+            "--save",
+            help="Write the built model (spec + weights) to this file (safetensors if it ends in .safetensors).",
+        ),
     ] = None,
 ) -> None:
-    """Validate and build a spec; print widths, depths, kernels, groups and parameters per stage."""
+    """Validate and build a spec; print widths, depths, block parts (mixer, FFN, SE) and parameters per stage."""
     from .builder.summary import summarize
-    from .checkpoint import model_file, save_atomic
+    from .checkpoint import save_model_file
 
     if save is not None:
         _refuse_overwriting_an_input(save, "--save", spec=spec)
@@ -112,7 +116,7 @@ def build(
     summary = summarize(model)
     summary["inference_params"] = inference_params(model.spec)
     if save is not None:
-        save_atomic(model_file(model, deploy), save)
+        save_model_file(model, deploy, save)
     if as_json:
         print(json.dumps(summary))
         return
@@ -253,13 +257,15 @@ spec_json_schema = archspec.spec_json_schema
 def convert(
     spec: SpecArg,
     checkpoint: Annotated[Path, typer.Argument(help="A state dict in the published checkpoints' layout (.pth).")],
-    output: Annotated[Path, typer.Argument(help="Where to write the overlock model file.")],
+    output: Annotated[
+        Path, typer.Argument(help="Where to write the overlock model file (safetensors if it ends in .safetensors).")
+    ],
     deploy: Annotated[bool, typer.Option("--deploy", help="The checkpoint is in re-parameterised form.")] = False,
     set_: SetOpt = None,
 ) -> None:
     """Import a published OverLoCK checkpoint into overlock's own model format (strict)."""
     from .builder import load_official
-    from .checkpoint import MODEL_FORMAT, load_file, model_file, save_atomic
+    from .checkpoint import MODEL_FORMAT, load_file, save_model_file
 
     _refuse_overwriting_an_input(output, "OUTPUT", checkpoint=checkpoint, spec=spec)
     state = load_file(checkpoint)
@@ -272,13 +278,13 @@ def convert(
         )
     model = _build(spec, set_, deploy)
     load_official(model, state)
-    save_atomic(model_file(model, deploy), output)
+    save_model_file(model, deploy, output)
     console.print(
         plain(f"converted {checkpoint} -> {output} ({model.spec.name}, {'deploy' if deploy else 'training'} form)")
     )
 
 
-@app.command()
+@app.command(cls=HelpCommand)
 @exit_on_user_error
 def bench(
     spec: SpecArg,
@@ -326,6 +332,43 @@ def bench(
         return
     for table in render(result):
         console.print(table)
+
+
+@app.command(cls=HelpCommand)
+@exit_on_user_error
+def export(
+    spec: SpecArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="The file to write.", show_default=False)],
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            "--weights", "-w", help="Whatever `overlock eval` takes (default: random weights).", show_default=False
+        ),
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", help="onnx, exported-program or torchscript.")] = "onnx",
+    img_size: Annotated[tuple[int, int], typer.Option("--img-size", help="Input height and width.")] = (224, 224),
+    dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Any batch size.")] = False,
+    dynamic_size: Annotated[bool, typer.Option("--dynamic-size", help="Any image size from 33 px.")] = False,
+    deploy: DeployOpt = False,
+    ema: Annotated[bool, typer.Option("--ema", help="The EMA weights of a run checkpoint.")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Export a model for deployment and check that the file computes what PyTorch computes."""
+    from .export import export_model, load_model
+
+    if weights is not None:
+        _refuse_overwriting_an_input(output, "--output", weights=weights)
+    model = load_model(spec, weights, overrides=set_, deploy=deploy, ema=ema)
+    report = export_model(model, output, fmt, tuple(img_size), dynamic_batch=dynamic_batch, dynamic_size=dynamic_size)
+    console.print(plain(f"wrote {report.path} ({fmt}, {img_size[0]}x{img_size[1]})"))
+    if report.skipped_check:
+        console.print(plain(f"not checked against PyTorch: {report.skipped_check}"))
+    for check in report.checks:
+        verdict = "[green]equal[/]" if check.ok else "[bold red]DIFFERENT[/]"
+        shape = "x".join(str(n) for n in check.shape)
+        console.print(f"{verdict} to PyTorch at {shape}: max |diff| {check.max_abs:.2e}, relative {check.relative:.2e}")
+    if not report.ok:
+        raise OverlockError(f"{report.path} does not compute what the PyTorch model computes (tolerance 1e-4)")
 
 
 def _register_training() -> None:

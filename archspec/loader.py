@@ -289,6 +289,10 @@ def _resolve_target(target: str, relative_to: Path | None) -> Path:
         return candidate.resolve()
     if target in preset_names():
         return (preset_dir() / f"{target}.yaml").resolve()
+    # examples/ and specs/paper/ ship with the package: the README's paths work from an installed copy too.
+    shipped = preset_dir().parent / candidate
+    if relative_to is None and candidate.parts[:1] in (("examples",), ("specs",)) and shipped.is_file():
+        return shipped.resolve()
     if target.strip() and is_dir:
         raise SpecError(f"{target!r} is a directory; give a spec .yaml file or a preset ({', '.join(preset_names())})")
     raise SpecError(

@@ -12,16 +12,18 @@ from ..archspec import Spec, SpecSource, load
 from ..errors import SpecError, is_out_of_memory
 from .estimate import check_fits, meta_build
 from .network import OverLoCK, PyramidNet, SpecModel
-from .official import convert_official, load_official, official_to_overlock
+from .official import BackboneLoad, convert_official, load_backbone, load_official, official_to_overlock
 
 __all__ = [
     "MODELS",
+    "BackboneLoad",
     "OverLoCK",
     "PyramidNet",
     "SpecModel",
     "build",
     "convert_official",
     "inference_params",
+    "load_backbone",
     "load_official",
     "official_to_overlock",
 ]

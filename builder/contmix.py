@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from .layers import conv_bn
+from .layers import RegionPool, adaptive_avg_pool, conv_bn, exporting
 
 
 class ContMix(nn.Module):
@@ -39,7 +39,7 @@ class ContMix(nn.Module):
         # Keys: the SxS region centres of the context.
         self.key = nn.Sequential(
             OrderedDict(
-                pool=nn.AdaptiveAvgPool2d(region_centers),
+                pool=RegionPool(region_centers),
                 **dict(conv_bn(key_width, width // 2).named_children()),
             )
         )
@@ -48,18 +48,39 @@ class ContMix(nn.Module):
         self.rpb_large = nn.Parameter(torch.zeros(self.heads, 2 * kernel_size - 1, 2 * kernel_size - 1))
 
     def mixing_size(self, height: int, width: int) -> tuple[int, int]:
-        """Maps smaller than the large kernel are mixed at an upscaled size (reference behaviour)."""
+        """Maps smaller than the large kernel are mixed at an upscaled size (reference behaviour).
+
+        The reference: the short side becomes K and the long side int(K / short * long) when the
+        short side is below K; otherwise the size is kept. Written branch-free, with 0/1 indicators
+        from integer min/max, so that under torch.export (symbolic height and width) the choice is
+        part of the graph, which then serves every input size, instead of a guard on the size.
+        With plain ints it computes the same numbers (tests compare it with the reference formula).
+        """
         k = self.kernel_size
-        if min(height, width) >= k:
-            return height, width
-        return (k, int(k / height * width)) if height < width else (int(k / width * height), k)
+
+        def step(n):  # 1 if n > 0 else 0, for integers
+            return torch.sym_min(1, torch.sym_max(0, n))
+
+        tall = step(height - width + 1) * step(k - width)  # width is the short side and below K
+        wide = step(width - height) * step(k - height)  # height is the short side and below K
+        up_height = torch.sym_int(k / width * height)
+        up_width = torch.sym_int(k / height * width)
+        return (
+            torch.sym_max(height, torch.sym_max(k * wide, up_height * tall)),
+            torch.sym_max(width, torch.sym_max(k * tall, up_width * wide)),
+        )
 
     def forward(self, z: torch.Tensor, normed: torch.Tensor | None = None) -> torch.Tensor:
         """z: the values (B, d, H, W); normed: LN(cat(x, P)) for queries and keys, or None to take
         both from z (self context)."""
         height, width = z.shape[-2:]
+        if torch.jit.is_tracing():  # jit traces (TorchScript, fvcore's FLOP counter) see sizes as tensors
+            height, width = int(height), int(width)
         size = self.mixing_size(height, width)
-        if size != (height, width):
+        # Exported graphs always take the resize path: at an unchanged size it is the identity, and
+        # the graph then serves every input size (eager runs skip it when it is not needed).
+        resize = exporting() or size != (height, width)
+        if resize:
             z = F.interpolate(z, size=size, mode="bilinear", align_corners=False)
             if normed is not None:
                 normed = F.interpolate(normed, size=size, mode="bilinear", align_corners=False)
@@ -81,6 +102,8 @@ class ContMix(nn.Module):
         )
         out_large = kernels.contmix(large, self.rpb_large, value[1], self.kernel_size, backend=self.contmix_backend)
         out = torch.cat([out_small, out_large], dim=1).permute(0, 1, 4, 2, 3).reshape(batch, d, h, w)
-        if size != (height, width):
+        if exporting():
+            out = adaptive_avg_pool(out, height, width)
+        elif resize:
             out = F.adaptive_avg_pool2d(out, (height, width))
         return out

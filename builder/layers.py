@@ -91,11 +91,67 @@ class ResDWConv(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         autocast = not x.is_meta and torch.is_autocast_enabled(x.device.type)  # meta: shapes only (estimates)
         if x.dtype not in (torch.float32, torch.float64) or autocast:
-            return x + super().forward(x)
+            return x + self._conv_forward(x, self.weight, self.bias)  # not super(): TorchScript lacks it
         centre = self.kernel_size[0] // 2
         weight = self.weight.clone()
         weight[:, :, centre, centre] += 1.0
         return self._conv_forward(x, weight, self.bias)
+
+
+def exporting() -> bool:
+    """True while torch.export / the ONNX exporter trace the model (sizes may be symbolic then).
+
+    Eager runs (and fvcore's FLOP tracer) keep the plain kernels; the export paths below compute the
+    same values with operations whose sizes follow the input instead of being frozen into the graph.
+    """
+    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+
+
+def pooling_matrix(length: int, bins: int, like: torch.Tensor) -> torch.Tensor:
+    """(bins, length) averaging weights of adaptive average pooling's bins along one axis.
+
+    Bin i covers [floor(i * L / S), ceil((i + 1) * L / S)), exactly as `nn.AdaptiveAvgPool2d` splits
+    it; built from `arange`s so that `length` may be a symbolic size.
+    """
+    index = torch.arange(bins, device=like.device)
+    start = torch.div(index * length, bins, rounding_mode="floor")
+    end = torch.div((index + 1) * length + bins - 1, bins, rounding_mode="floor")
+    position = torch.arange(length, device=like.device)
+    inside = (position[None, :] >= start[:, None]) & (position[None, :] < end[:, None])
+    return inside.to(like.dtype) / (end - start).to(like.dtype)[:, None]
+
+
+def adaptive_avg_pool(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """`F.adaptive_avg_pool2d(x, (height, width))` as two matrix products (exports for any size).
+
+    Equal to the pooling kernel within float rounding (each bin is a weighted sum instead of a sum
+    divided once); both sizes of x and the output sizes may be symbolic.
+    """
+    rows = pooling_matrix(x.shape[-2], height, x)
+    cols = pooling_matrix(x.shape[-1], width, x)
+    return torch.matmul(torch.matmul(rows, x), cols.transpose(0, 1))
+
+
+class RegionPool(nn.Module):
+    """ContMix's SxS region centres: adaptive average pooling that exports for every input size.
+
+    `nn.AdaptiveAvgPool2d` exports to ONNX as a fixed AveragePool whose window is computed from the
+    traced size, so the graph only fits that size. Eagerly this runs the pooling kernel; under
+    torch.export / ONNX export it runs `adaptive_avg_pool`, whose bins follow the input. No
+    parameters, so state dicts are unchanged.
+    """
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if exporting():
+            return adaptive_avg_pool(x, self.size, self.size)
+        return F.adaptive_avg_pool2d(x, self.size)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}"
 
 
 class SqueezeExcite(nn.Module):

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from .. import kernels
 from ..archspec import BlockStage, DDSSpec, PyramidSpec
 from .blocks import BasicBlock, ContMix, DynamicBlock, StaticFocusBlock
+from .conventions import TimmConventions
 from .layers import GRN, DilatedRepConv, LayerNorm2d, LayerScale, block_norm, conv_bn
 from .mixers import DOWNSAMPLES, STEMS
 
@@ -97,8 +98,9 @@ class BlockStageModule(Checkpointed):
             x = self.run_block(block, x)
         return x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.downsample is not None:
+    def forward(self, x: torch.Tensor, downsample: bool = True) -> torch.Tensor:
+        """downsample=False: x is already at the stage's resolution (a pyramid's feedback pass)."""
+        if downsample and self.downsample is not None:
             x = self.downsample(x)
         return self.run_blocks(x)
 
@@ -220,6 +222,8 @@ class ClassifierHead(nn.Module):
 
     def __init__(self, in_channels: int, projection: int | None, num_classes: int, dropout: float, norm: str) -> None:
         super().__init__()
+        self.in_channels = in_channels
+        self.hidden_size = projection or in_channels  # channels of the pre-logits
         if projection is None:
             self.norm = block_norm(norm, in_channels)
         else:
@@ -228,11 +232,15 @@ class ClassifierHead(nn.Module):
             self.act = nn.SiLU()
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.drop = nn.Dropout(dropout)
-        self.fc = nn.Conv2d(projection or in_channels, num_classes, 1)
+        self.fc = nn.Conv2d(self.hidden_size, num_classes, 1)
+
+    def pre_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, hidden_size, 1, 1): everything before the dropout and the classifier."""
+        x = self.norm(x) if hasattr(self, "norm") else self.act(self.bn(self.proj(x)))
+        return self.pool(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(x) if hasattr(self, "norm") else self.act(self.bn(self.proj(x)))
-        return self.fc(self.drop(self.pool(x))).flatten(1)
+        return self.fc(self.drop(self.pre_logits(x))).flatten(1)
 
 
 class AuxHead(nn.Module):
@@ -271,7 +279,7 @@ class PyramidOutputs(nn.Module):
 
 
 # -- models ----------------------------------------------------------------------------------------
-class SpecModel(nn.Module):
+class SpecModel(TimmConventions, nn.Module):
     """What every network built from a spec offers, whatever its topology.
 
     Training mode returns {"main", "aux"} logits when the model has an aux head, eval mode the main
@@ -422,7 +430,7 @@ class PyramidNet(SpecModel):
         for stage in self.stages:
             x = stage.downsample(x) if stage.downsample is not None else x
             inputs.append(x)
-            x = stage.run_blocks(x)
+            x = stage(x, downsample=False)  # through the stage module, so hooks on stages.N see it
             outputs.append(x)
         if self.feedback is not None:
             target, source = self.spec.feedback.target, self.spec.feedback.source
@@ -430,9 +438,7 @@ class PyramidNet(SpecModel):
             x = self.feedback(torch.cat([entry, _resize(outputs[source], entry.shape[-2:])], dim=1))
             for i in range(target, len(self.stages)):
                 stage = self.stages[i]
-                if i > target and stage.downsample is not None:
-                    x = stage.downsample(x)
-                x = stage.run_blocks(x)
+                x = stage(x, downsample=i > target)
                 outputs[i] = x
         return outputs
 

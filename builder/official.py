@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -130,6 +131,11 @@ def convert_official(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -
             parts.append(_listing("in the checkpoint but not in the model", unexpected))
         if mismatched:
             parts.append(_listing("shape mismatch", mismatched))
+        if getattr(model, "features_only", False):
+            parts.append(
+                "  hint: this is a features-only model: load classification weights with "
+                "overlock.builder.load_backbone(model, state_dict), which drops the heads and lists what is new"
+            )
         deploy_ckpt = any(k.endswith("lk_origin.bias") for k in state_dict)
         deploy_model = any(k.endswith(".lk.bias") for k in target)
         if deploy_ckpt != deploy_model:
@@ -149,3 +155,67 @@ def load_official(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> n
     """Load a state dict in the published checkpoints' layout into `model`, strictly."""
     model.load_state_dict(convert_official(model, state_dict), strict=True)
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Classification weights into a features-only (dense-prediction) model
+
+#: Top-level modules only a features-only model has (their weights are new, trained downstream).
+FEATURES_ONLY_MODULES = ("pyramid",)
+#: Top-level modules only a classifier has (their weights are dropped from the file).
+CLASSIFIER_MODULES = ("head", "aux_head")
+
+
+@dataclass
+class BackboneLoad:
+    """What `load_backbone` did besides loading the backbone: the names it reports."""
+
+    new: list[str]
+    dropped: list[str]
+
+    def __str__(self) -> str:
+        return "\n".join(
+            [
+                "loaded the backbone; not in the weights, left at their initialisation:",
+                _listing("new (features-only outputs)", self.new),
+                "in the weights but not used by a features-only model:",
+                _listing("dropped (classifier heads)", self.dropped),
+            ]
+        )
+
+
+def _top(key: str) -> str:
+    return key.split(".", 1)[0]
+
+
+def load_backbone(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> BackboneLoad:
+    """Load classification weights (ours or the published layout) into a `features_only` model.
+
+    The heads in the file are dropped and the features-only outputs (pyramid norms and context
+    projection) stay new; both are listed in the result. Everything else is strict: any other
+    missing, unexpected or mis-shaped tensor is a CheckpointError, as in `load_official`.
+    """
+    target = model.state_dict()
+    weights = dict(state_dict)
+    if not set(weights) & set(target):  # the published layout?
+        weights = {official_to_overlock(k): v for k, v in weights.items()}
+    new = sorted(k for k in target if k not in weights)
+    dropped = sorted(k for k in weights if k not in target)
+    missing = [k for k in new if _top(k) not in FEATURES_ONLY_MODULES]
+    unexpected = [k for k in dropped if _top(k) not in CLASSIFIER_MODULES]
+    mismatched = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}"
+        for k, v in weights.items()
+        if k in target and tuple(v.shape) != tuple(target[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+        parts = ["the classification weights do not match the backbone built from this spec:"]
+        if missing:
+            parts.append(_listing("missing from the checkpoint", missing))
+        if unexpected:
+            parts.append(_listing("in the checkpoint but not in the model", unexpected))
+        if mismatched:
+            parts.append(_listing("shape mismatch", mismatched))
+        raise CheckpointError("\n".join(parts))
+    model.load_state_dict({k: v for k, v in weights.items() if k in target}, strict=False)
+    return BackboneLoad(new=new, dropped=dropped)

@@ -104,6 +104,20 @@ def _run(backend: str, function: str, *args):
         return getattr(_implementation(backend), function)(*args)
 
 
+def _auto(backend: str, tensor: torch.Tensor) -> str:
+    """Resolve "auto" inside an op: exported programs keep "auto" so they pick the backend where they run."""
+    return resolve_backend(backend, (tensor,)) if backend == "auto" else backend
+
+
+def _op_backend(requested: str, resolved: str) -> str:
+    """The backend argument recorded in the op call: "auto" while torch.export traces, else the resolved one.
+
+    A program exported on CPU then runs Triton when loaded onto a GPU, instead of the CPU path
+    that was resolved at export time.
+    """
+    return "auto" if requested == "auto" and torch.compiler.is_exporting() else resolved
+
+
 # --- the fused op -------------------------------------------------------------------------------
 
 
@@ -111,7 +125,7 @@ def _run(backend: str, function: str, *args):
 def contmix_op(
     logits: torch.Tensor, rpb: torch.Tensor, value: torch.Tensor, kernel_size: int, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = _run(backend, "contmix_forward", logits, rpb, value, kernel_size)
+    out, lse = _run(_auto(backend, logits), "contmix_forward", logits, rpb, value, kernel_size)
     return out, lse
 
 
@@ -132,7 +146,9 @@ def contmix_backward_op(
     kernel_size: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dlogits, drpb, dvalue = _run(backend, "contmix_backward", grad, logits, rpb, value, out, lse, kernel_size)
+    dlogits, drpb, dvalue = _run(
+        _auto(backend, logits), "contmix_backward", grad, logits, rpb, value, out, lse, kernel_size
+    )
     return dlogits, drpb, dvalue
 
 
@@ -164,7 +180,7 @@ contmix_op.register_autograd(_contmix_backward, setup_context=_contmix_setup)
 
 @torch.library.custom_op("overlock::aggregate", mutates_args=())
 def aggregate_op(probs: torch.Tensor, value: torch.Tensor, kernel_size: int, backend: str) -> torch.Tensor:
-    return _run(backend, "aggregate_forward", probs, value, kernel_size)
+    return _run(_auto(backend, probs), "aggregate_forward", probs, value, kernel_size)
 
 
 @aggregate_op.register_fake
@@ -176,7 +192,7 @@ def _(probs, value, kernel_size, backend):
 def aggregate_backward_op(
     grad: torch.Tensor, probs: torch.Tensor, value: torch.Tensor, kernel_size: int, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    dprobs, dvalue = _run(backend, "aggregate_backward", grad, probs, value, kernel_size)
+    dprobs, dvalue = _run(_auto(backend, probs), "aggregate_backward", grad, probs, value, kernel_size)
     return dprobs, dvalue
 
 
@@ -208,15 +224,15 @@ def contmix(
     logits: torch.Tensor, rpb: torch.Tensor, value: torch.Tensor, kernel_size: int, backend: str
 ) -> torch.Tensor:
     """Run the fused operator on the backend `backend` names (arguments already checked)."""
-    backend = resolve_backend(backend, (logits, rpb, value))
-    if backend == "unfold":
+    resolved = resolve_backend(backend, (logits, rpb, value))
+    if resolved == "unfold":
         return unfold.contmix(logits, rpb, value, kernel_size)
-    return contmix_op(logits, rpb, value, kernel_size, backend)[0]
+    return contmix_op(logits, rpb, value, kernel_size, _op_backend(backend, resolved))[0]
 
 
 def aggregate(probs: torch.Tensor, value: torch.Tensor, kernel_size: int, backend: str) -> torch.Tensor:
     """Run the aggregation on the backend `backend` names (arguments already checked)."""
-    backend = resolve_backend(backend, (probs, value))
-    if backend == "unfold":
+    resolved = resolve_backend(backend, (probs, value))
+    if resolved == "unfold":
         return unfold.aggregate(probs, value, kernel_size)
-    return aggregate_op(probs, value, kernel_size, backend)
+    return aggregate_op(probs, value, kernel_size, _op_backend(backend, resolved))

@@ -341,3 +341,16 @@ def test_readme_roadmap_table_is_the_generated_one():
 def test_every_example_builds(example):
     model = build(example)
     assert count_params(model) > 0 and model.spec.name == example.stem
+
+
+def test_pyramids_follow_the_timm_conventions_too():
+    model = build(TINY_PYRAMID | {"feedback": {"source": 1, "target": 0}})
+    assert [(f["num_chs"], f["reduction"], f["module"]) for f in model.feature_info] == [
+        (8, 4, "stages.0"),
+        (16, 8, "stages.1"),
+    ]
+    assert model.num_features == 16 and model.num_classes == 3
+    levels = build(TINY_PYRAMID | {"feedback": {"source": 1, "target": 0}}, features_only=True)(
+        torch.randn(1, 3, 64, 64)
+    )
+    assert [tuple(t.shape[1:]) for t in levels] == [(8, 16, 16), (16, 8, 8)]
