@@ -33,7 +33,18 @@ def aggregate_flop_jit(inputs: list[Any], outputs: list[Any]) -> Counter[str]:
     return Counter({"contmix": prod(probs) * value[-1]})
 
 
-OVERLOCK_HANDLES = {"overlock::contmix": contmix_flop_jit, "overlock::aggregate": aggregate_flop_jit}
+def neighborhood_attention_flop_jit(inputs: list[Any], outputs: list[Any]) -> Counter[str]:
+    """overlock::neighborhood_attention(q, k, v, rpb, K, backend): q . k and a . v, K*K*c multiply-adds each per position."""
+    query, value, kernel_size = get_shape(inputs[0]), get_shape(inputs[2]), inputs[4].toIValue()
+    positions = prod(value[:4]) * kernel_size * kernel_size
+    return Counter({"neighborhood_attention": positions * (query[-1] + value[-1])})
+
+
+OVERLOCK_HANDLES = {
+    "overlock::contmix": contmix_flop_jit,
+    "overlock::aggregate": aggregate_flop_jit,
+    "overlock::neighborhood_attention": neighborhood_attention_flop_jit,
+}
 
 
 @dataclass
