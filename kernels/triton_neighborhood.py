@@ -248,11 +248,13 @@ def launch_configs(width: int, kernel_size: int, channels: int, has_bias: bool) 
     block_k = triton.next_power_of_2(kernel_size)
     block_c = triton.next_power_of_2(channels)
     block_j = max(1, min(triton.next_power_of_2(width), _TILE_ELEMENTS // (block_k * block_c)))
-    common = dict(K=kernel_size, HAS_BIAS=has_bias, BLOCK_J=block_j, BLOCK_C=block_c)
+    common = dict(K=kernel_size, HAS_BIAS=has_bias, BLOCK_C=block_c)
     return {
-        "_attention_forward": dict(common, BLOCK_K=block_k),
-        "_attention_backward_query": dict(common, BLOCK_K=block_k),
-        "_attention_backward_key_value": dict(common, BLOCK_D=block_k),
+        "_attention_forward": dict(common, BLOCK_J=block_j, BLOCK_K=block_k),
+        "_attention_backward_query": dict(common, BLOCK_J=block_j, BLOCK_K=block_k),
+        # two (BLOCK_J, BLOCK_D, c) tiles live at once (queries and output gradients): half the lanes,
+        # or ptxas spills at c = 32 (sm_90)
+        "_attention_backward_key_value": dict(common, BLOCK_J=max(1, block_j // 2), BLOCK_D=block_k),
     }
 
 
@@ -307,9 +309,10 @@ def na_backward(
         **configs["_attention_backward_query"],
     )  # fmt: skip
     assert dk.stride() == dv.stride()
-    _attention_backward_key_value[grid](
+    n_yblocks = triton.cdiv(width, configs["_attention_backward_key_value"]["BLOCK_J"])
+    _attention_backward_key_value[(height * n_yblocks, batch * heads)](
         query, key, value, rpb_arg, grad, lse, delta, dk, dv,
-        heads, height, width, channels, n_jblocks,
+        heads, height, width, channels, n_yblocks,
         *query.stride(), *key.stride(), *value.stride(), *rpb_strides, *grad.stride(), *dk.stride(),
         **configs["_attention_backward_key_value"],
     )  # fmt: skip
