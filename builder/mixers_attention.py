@@ -238,3 +238,51 @@ class DynamicConv(nn.Module):
             groups=batch * channels,
         )
         return self.pointwise(out.reshape(batch, channels, height, width))
+
+
+class ODConv(nn.Module):
+    """ODConv (omni-dimensional dynamic convolution), depthwise-separable like `DynamicConv`.
+
+    Besides DyConv's softmax(logits / temperature) over the bank of `num_kernels` depthwise kernels,
+    a sigmoid attention over the K x K spatial positions of the kernel and one over the channels (for a
+    depthwise kernel the input- and output-channel attentions coincide; as in the ODConv code, it
+    scales the input). All three come from one squeezed vector: global average pooling -> 1x1 -> ReLU.
+    The original puts a BatchNorm after that 1x1; on a (B, hidden, 1, 1) vector it fails at batch 1 in
+    training, so it is left out here.
+    """
+
+    def __init__(
+        self, width: int, *, kernel_size: int = 7, num_kernels: int = 4, reduction: int = 4, temperature: float = 1.0
+    ) -> None:
+        super().__init__()
+        _check_odd("kernel_size", kernel_size)
+        _check_positive("num_kernels", num_kernels)
+        _check_positive("reduction", reduction)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        self.kernel_size, self.temperature = kernel_size, float(temperature)
+        hidden = max(1, width // reduction)
+        self.squeeze = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(width, hidden, 1), nn.ReLU())
+        self.channel_attention = nn.Conv2d(hidden, width, 1)
+        self.spatial_attention = nn.Conv2d(hidden, kernel_size * kernel_size, 1)
+        self.kernel_attention = nn.Conv2d(hidden, num_kernels, 1)
+        self.weight = nn.Parameter(torch.empty(num_kernels, width, 1, kernel_size, kernel_size))
+        for kernel in self.weight:
+            nn.init.kaiming_uniform_(kernel, a=5**0.5)
+        self.pointwise = nn.Conv2d(width, width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        k = self.kernel_size
+        squeezed = self.squeeze(x)
+        channel = self.channel_attention(squeezed).sigmoid()  # (B, C, 1, 1)
+        spatial = self.spatial_attention(squeezed).sigmoid().reshape(batch, 1, 1, k, k)
+        mixture = (self.kernel_attention(squeezed).flatten(1) / self.temperature).softmax(-1)  # (B, num_kernels)
+        weight = torch.einsum("bn,nckij->bckij", mixture, self.weight) * spatial
+        out = F.conv2d(
+            (x * channel).reshape(1, batch * channels, height, width),
+            weight.reshape(batch * channels, 1, k, k),
+            padding=k // 2,
+            groups=batch * channels,
+        )
+        return self.pointwise(out.reshape(batch, channels, height, width))

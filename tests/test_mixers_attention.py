@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from fvcore.nn import FlopCountAnalysis
 
 from overlock.builder.flops import OVERLOCK_HANDLES
-from overlock.builder.mixers_attention import DynamicConv, Involution, NeighborhoodAttention, WindowAttention
+from overlock.builder.mixers_attention import DynamicConv, Involution, NeighborhoodAttention, ODConv, WindowAttention
 
 
 def clamp_start(index: int, length: int, k: int) -> int:
@@ -124,6 +124,22 @@ def dynamic_reference(m: DynamicConv, x: torch.Tensor) -> torch.Tensor:
     return torch.cat(outs)
 
 
+def odconv_reference(m: ODConv, x: torch.Tensor) -> torch.Tensor:
+    """Per sample: kernel mixture times the spatial attention, input scaled by the channel attention."""
+    outs = []
+    k = m.kernel_size
+    for sample in x:
+        z = m.squeeze(sample[None])
+        channel = torch.sigmoid(F.conv2d(z, m.channel_attention.weight, m.channel_attention.bias))
+        spatial = torch.sigmoid(F.conv2d(z, m.spatial_attention.weight, m.spatial_attention.bias)).reshape(k, k)
+        logits = F.conv2d(z, m.kernel_attention.weight, m.kernel_attention.bias).flatten()
+        mixture = (logits / m.temperature).softmax(0)
+        weight = sum(a * w for a, w in zip(mixture, m.weight, strict=True)) * spatial
+        mixed = F.conv2d(sample[None] * channel, weight, padding=k // 2, groups=x.shape[1])
+        outs.append(F.conv2d(mixed, m.pointwise.weight, m.pointwise.bias))
+    return torch.cat(outs)
+
+
 MIXERS = {
     "neighborhood": (lambda: NeighborhoodAttention(8, kernel_size=3, heads=2), neighborhood_reference),
     "neighborhood_k5_no_bias": (
@@ -135,6 +151,7 @@ MIXERS = {
     "involution": (lambda: Involution(8, kernel_size=3, group_channels=4, reduction=2), involution_reference),
     "involution_k5": (lambda: Involution(6, kernel_size=5, group_channels=3), involution_reference),
     "dynamic_conv": (lambda: DynamicConv(8, kernel_size=3, num_kernels=3, temperature=2.0), dynamic_reference),
+    "odconv": (lambda: ODConv(8, kernel_size=3, num_kernels=3, temperature=2.0), odconv_reference),
 }
 SIZES = [(5, 7), (7, 5), (2, 3), (1, 1), (8, 9)]  # odd, non-square, smaller than the window, multi-window
 
@@ -189,6 +206,7 @@ def test_shifted_window_mask_separates_rolled_regions():
         (lambda: Involution(8, group_channels=3), "width=8 must be divisible by group_channels=3"),
         (lambda: DynamicConv(8, num_kernels=0), "num_kernels must be a positive int"),
         (lambda: DynamicConv(8, temperature=0.0), "temperature must be > 0"),
+        (lambda: ODConv(8, kernel_size=2), "kernel_size must be an odd positive int"),
     ],
 )
 def test_constructors_reject_bad_arguments_naming_them(build, match):
@@ -212,6 +230,7 @@ def test_all_mixers_compile_fullgraph_forward_and_backward():
         WindowAttention(8, window_size=3, heads=2, shift=True),
         Involution(8, kernel_size=3, group_channels=4),
         DynamicConv(8, kernel_size=3),
+        ODConv(8, kernel_size=3),
     ).eval()
     x = torch.randn(2, 8, 7, 8, requires_grad=True)
     eager = model(x)
@@ -253,3 +272,5 @@ def test_fvcore_counts_the_attention_and_aggregation_products():
     assert counts["conv"] == h * w * (c * 4 + 4 * 2 * k * k)  # reduce to 4, span to G*K*K = 2*9
     counts = flops_by_operator(DynamicConv(c, kernel_size=k), (h, w))
     assert counts["conv"] == h * w * c * k * k + conv1x1 + c * 2 + 2 * 4  # dynamic dw, pointwise, attention fcs
+    counts = flops_by_operator(ODConv(c, kernel_size=k), (h, w))
+    assert counts["conv"] == h * w * c * k * k + conv1x1 + c * 2 + 2 * (c + k * k + 4)  # + the three attention heads
