@@ -5,14 +5,16 @@ configuration (the mixer registry builds them by these names and keyword argumen
 - `NeighborhoodAttention`: NAT, on overlock's own kernel (kernels.neighborhood_attention);
 - `WindowAttention`: Swin's (shifted) window attention, through scaled_dot_product_attention;
 - `Involution`: a K x K kernel generated per position, shared over channel groups (kernels.aggregate);
-- `DynamicConv`: DyConv, separable: a per-sample mixture of depthwise kernels, then pointwise.
+- `DynamicConv`: DyConv, separable: a per-sample mixture of depthwise kernels, then pointwise;
+- `ODConv`: DyConv plus spatial and channel attentions on the mixed depthwise kernel;
+- `OutlookAttention`: VOLO's outlook attention (window attention generated from the centre token).
 
 Maps smaller than the window. The clamped-window kernels need H, W >= K (times the dilation): the
 two mixers built on them pad the map with zeros at the bottom and right up to that size, mix, and
 crop, exactly as NAT's NeighborhoodAttention2D does (the padded positions get the 1x1 layers'
 biases and take part as neighbours). Window attention follows Swin instead: a map no larger than
 the window is one window (window = min(window_size, H, W), no shift). Dynamic conv zero-pads like
-any convolution. At the paper's 224 x 224 input no stage is smaller than 7 x 7, so none of this
+any convolution, and so does outlook attention (VOLO's unfold/fold). At the paper's 224 x 224 input no stage is smaller than 7 x 7, so none of this
 changes the reported numbers.
 """
 
@@ -286,3 +288,38 @@ class ODConv(nn.Module):
             groups=batch * channels,
         )
         return self.pointwise(out.reshape(batch, channels, height, width))
+
+
+class OutlookAttention(nn.Module):
+    """VOLO's outlook attention: each window centre generates, from its own features alone, a
+    (K*K x K*K) attention per head that mixes the window's values into every slot of the window; the
+    overlapping windows are then summed back (fold).
+
+    Zero padding and F.unfold / F.fold as in VOLO (K = 3 there, so the K*K copies of the values are
+    small); `stride` > 1 generates attention on an average-pooled grid (ceil mode) and folds with
+    that stride, as VOLO's first stage does. scale = head_dim**-0.5.
+    """
+
+    def __init__(self, width: int, *, kernel_size: int = 3, heads: int, stride: int = 1, qkv_bias: bool = False):
+        super().__init__()
+        _check_odd("kernel_size", kernel_size)
+        _check_divides(width, "heads", heads)
+        _check_positive("stride", stride)
+        self.kernel_size, self.heads, self.stride = kernel_size, heads, stride
+        self.scale = (width // heads) ** -0.5
+        self.value = nn.Conv2d(width, width, 1, bias=qkv_bias)
+        self.attention = nn.Conv2d(width, heads * kernel_size**4, 1)
+        self.proj = nn.Conv2d(width, width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        k, s, heads = self.kernel_size, self.stride, self.heads
+        kk, head_dim = k * k, channels // heads
+        value = F.unfold(self.value(x), k, padding=k // 2, stride=s)  # (B, C*K*K, L)
+        value = value.reshape(batch, heads, head_dim, kk, -1).permute(0, 1, 4, 3, 2)  # (B, heads, L, K*K, hd)
+        pooled = F.avg_pool2d(x, s, s, ceil_mode=True) if s > 1 else x
+        attention = self.attention(pooled).reshape(batch, heads, kk, kk, -1).permute(0, 1, 4, 2, 3)
+        attention = (attention * self.scale).softmax(-1)  # (B, heads, L, K*K target slots, K*K source slots)
+        out = torch.matmul(attention, value).permute(0, 1, 4, 3, 2).reshape(batch, channels * kk, -1)
+        out = F.fold(out, (height, width), k, padding=k // 2, stride=s)
+        return self.proj(out)

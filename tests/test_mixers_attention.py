@@ -12,7 +12,14 @@ import torch.nn.functional as F
 from fvcore.nn import FlopCountAnalysis
 
 from overlock.builder.flops import OVERLOCK_HANDLES
-from overlock.builder.mixers_attention import DynamicConv, Involution, NeighborhoodAttention, ODConv, WindowAttention
+from overlock.builder.mixers_attention import (
+    DynamicConv,
+    Involution,
+    NeighborhoodAttention,
+    ODConv,
+    OutlookAttention,
+    WindowAttention,
+)
 
 
 def clamp_start(index: int, length: int, k: int) -> int:
@@ -140,6 +147,28 @@ def odconv_reference(m: ODConv, x: torch.Tensor) -> torch.Tensor:
     return torch.cat(outs)
 
 
+def outlook_reference(m: OutlookAttention, x: torch.Tensor) -> torch.Tensor:
+    """Loop over window centres (every stride-th position) and target slots; zero outside the map."""
+    batch, channels, height, width = x.shape
+    k, s, heads = m.kernel_size, m.stride, m.heads
+    head_dim, r = channels // heads, k // 2
+    value = F.conv2d(x, m.value.weight, m.value.bias).reshape(batch, heads, head_dim, height, width)
+    value = F.pad(value, (r, r, r, r))  # padded coordinates: position p sits at p + r
+    pooled = F.avg_pool2d(x, s, s, ceil_mode=True) if s > 1 else x
+    logits = F.conv2d(pooled, m.attention.weight, m.attention.bias)
+    logits = logits.reshape(batch, heads, k * k, k * k, *pooled.shape[-2:]) * head_dim**-0.5
+    out = torch.zeros(batch, heads, head_dim, height + 2 * r, width + 2 * r)
+    for ci in range(pooled.shape[-2]):
+        for cj in range(pooled.shape[-1]):
+            i, j = ci * s, cj * s  # the window centre
+            window = value[..., i : i + k, j : j + k].flatten(-2)  # (B, heads, hd, K*K), zero outside
+            probs = logits[..., ci, cj].softmax(-1)  # (B, heads, target, source)
+            mixed = (probs[:, :, None] * window[:, :, :, None, :]).sum(-1)  # (B, heads, hd, target)
+            out[..., i : i + k, j : j + k] += mixed.reshape(batch, heads, head_dim, k, k)
+    out = out[..., r : r + height, r : r + width].reshape(batch, channels, height, width)
+    return F.conv2d(out, m.proj.weight, m.proj.bias)
+
+
 MIXERS = {
     "neighborhood": (lambda: NeighborhoodAttention(8, kernel_size=3, heads=2), neighborhood_reference),
     "neighborhood_k5_no_bias": (
@@ -151,6 +180,8 @@ MIXERS = {
     "involution": (lambda: Involution(8, kernel_size=3, group_channels=4, reduction=2), involution_reference),
     "involution_k5": (lambda: Involution(6, kernel_size=5, group_channels=3), involution_reference),
     "dynamic_conv": (lambda: DynamicConv(8, kernel_size=3, num_kernels=3, temperature=2.0), dynamic_reference),
+    "outlook": (lambda: OutlookAttention(8, kernel_size=3, heads=2), outlook_reference),
+    "outlook_stride2": (lambda: OutlookAttention(8, kernel_size=3, heads=2, stride=2), outlook_reference),
     "odconv": (lambda: ODConv(8, kernel_size=3, num_kernels=3, temperature=2.0), odconv_reference),
 }
 SIZES = [(5, 7), (7, 5), (2, 3), (1, 1), (8, 9)]  # odd, non-square, smaller than the window, multi-window
@@ -207,6 +238,7 @@ def test_shifted_window_mask_separates_rolled_regions():
         (lambda: DynamicConv(8, num_kernels=0), "num_kernels must be a positive int"),
         (lambda: DynamicConv(8, temperature=0.0), "temperature must be > 0"),
         (lambda: ODConv(8, kernel_size=2), "kernel_size must be an odd positive int"),
+        (lambda: OutlookAttention(8, heads=2, stride=0), "stride must be a positive int"),
     ],
 )
 def test_constructors_reject_bad_arguments_naming_them(build, match):
@@ -231,6 +263,7 @@ def test_all_mixers_compile_fullgraph_forward_and_backward():
         Involution(8, kernel_size=3, group_channels=4),
         DynamicConv(8, kernel_size=3),
         ODConv(8, kernel_size=3),
+        OutlookAttention(8, kernel_size=3, heads=2),
     ).eval()
     x = torch.randn(2, 8, 7, 8, requires_grad=True)
     eager = model(x)
@@ -274,3 +307,5 @@ def test_fvcore_counts_the_attention_and_aggregation_products():
     assert counts["conv"] == h * w * c * k * k + conv1x1 + c * 2 + 2 * 4  # dynamic dw, pointwise, attention fcs
     counts = flops_by_operator(ODConv(c, kernel_size=k), (h, w))
     assert counts["conv"] == h * w * c * k * k + conv1x1 + c * 2 + 2 * (c + k * k + 4)  # + the three attention heads
+    counts = flops_by_operator(OutlookAttention(c, kernel_size=k, heads=2), (h, w))
+    assert counts["matmul"] == h * w * (k * k) ** 2 * c  # every window's (K*K x K*K) attention times its values
