@@ -1,4 +1,5 @@
-"""ContMix operators: the neighbourhood aggregation NA and the fused softmax + NA.
+"""ContMix operators: the neighbourhood aggregation NA and the fused softmax + NA; and 2-D
+neighbourhood attention on the same clamped windows (`neighborhood_attention`, kernels/neighborhood.py).
 
 Layering (see STYLE.md): these functions check shapes and arguments and give clear errors ->
 `ops` (torch.library custom ops with autograd and fake implementations, and the backend

@@ -259,6 +259,7 @@ def test_all_mixers_compile_fullgraph_forward_and_backward():
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         NeighborhoodAttention(8, kernel_size=3, heads=2),
+        NeighborhoodAttention(8, kernel_size=3, heads=2, dilation=2),  # 7x8: one call per residue class
         WindowAttention(8, window_size=3, heads=2, shift=True),
         Involution(8, kernel_size=3, group_channels=4),
         DynamicConv(8, kernel_size=3),
