@@ -6,7 +6,9 @@
 Shapes: batch 8, 8 heads, c 32, 56x56 and 28x28, K 7 and 13, float32, with a relative position
 bias. Methods: the default backend of the device ("cpu" or "triton"), the "unfold" formulation
 (materialise the K*K neighbourhood of keys and values with F.unfold, then two matmuls, plain
-autograd; kernels/neighborhood.py) and NATTEN's fused `na2d` when natten imports.
+autograd; kernels/neighborhood.py), the "reference" gather (index the K*K neighbours, multiply and
+sum: also materialises the neighbourhood, and is the faster of the two naive formulations on CPU)
+and NATTEN's fused `na2d` when natten imports.
 
 Forward+backward time is the median over repetitions in which the methods are interleaved (one
 call of each per round), so a change of load hits them alike; the speed-up is the ratio of those
@@ -31,7 +33,7 @@ import torch
 
 from overlock import kernels
 from overlock.benchmarks.contmix import RESULTS, PeakMemory, device_slug, fmt, machine_info
-from overlock.kernels import ops
+from overlock.kernels import neighborhood, ops
 
 
 def natten_method():
@@ -117,6 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     methods = {
         fast: lambda q, k, v, rpb, ks: kernels.neighborhood_attention(q, k, v, rpb, ks, backend=fast),
         "unfold": lambda q, k, v, rpb, ks: kernels.neighborhood_attention(q, k, v, rpb, ks, backend="unfold"),
+        "reference": lambda q, k, v, rpb, ks: neighborhood.reference_attention(q, k, v, rpb, ks),
     }
     notes = {}
     natten, note = natten_method()
@@ -144,13 +147,14 @@ def main(argv: list[str] | None = None) -> dict:
             row["rounds"] = len(res[fast]["times"])
             base = res["unfold"]
             row["speedup_vs_unfold"] = base["median_ms"] / res[fast]["median_ms"]
+            row["speedup_vs_reference"] = res["reference"]["median_ms"] / res[fast]["median_ms"]
             if base["peak_mib"] and res[fast]["peak_mib"] is not None:
                 row["peak_memory_ratio"] = res[fast]["peak_mib"] / base["peak_mib"]
             rows.append(row)
             print(
                 f"  {size}x{size} K{k} B{batch}: "
                 + ", ".join(f"{n} {r['median_ms']:.1f} ms / {fmt(r['peak_mib'], '.0f')} MiB" for n, r in res.items())
-                + f"; speed-up {row['speedup_vs_unfold']:.1f}x, memory ratio {fmt(row.get('peak_memory_ratio'), '.3f')}"
+                + f"; speed-up {row['speedup_vs_unfold']:.1f}x (vs gather {row['speedup_vs_reference']:.1f}x), memory ratio {fmt(row.get('peak_memory_ratio'), '.3f')}"
                 f" ({time.perf_counter() - started:.0f}s)"
             )
 
@@ -177,8 +181,9 @@ def main(argv: list[str] | None = None) -> dict:
         f"batch column says less (the unfold formulation's estimated peak above {args.max_unfold_gib} GiB; "
         "all methods of that row then run at that batch).",
         "",
-        "| map | K | batch | method | fwd+bwd ms | peak MiB | speed-up vs unfold | peak memory / unfold |",
-        "|---|---|---|---|---|---|---|---|",
+        "| map | K | batch | method | fwd+bwd ms | peak MiB | speed-up vs unfold | peak memory / unfold "
+        "| speed-up vs reference gather |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         base = row["results"]["unfold"]
@@ -187,7 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
             ratio = r["peak_mib"] / base["peak_mib"] if r["peak_mib"] and base["peak_mib"] else None
             lines.append(
                 f"| {row['size']}x{row['size']} | {row['kernel_size']} | {row['batch']} | {name} | "
-                f"{r['median_ms']:.1f} | {fmt(r['peak_mib'], '.0f')} | {speed:.1f}x | {fmt(ratio, '.3f')} |"
+                f"{r['median_ms']:.1f} | {fmt(r['peak_mib'], '.0f')} | {speed:.1f}x | {fmt(ratio, '.3f')} | "
+                f"{row['results']['reference']['median_ms'] / r['median_ms']:.1f}x |"
             )
     if notes:
         lines += ["", "Not measured: " + "; ".join(f"{k}: {v}" for k, v in notes.items()) + "."]
