@@ -70,10 +70,16 @@ def validate(spec: SpecArg, set_: SetOpt = None) -> None:
     """Check a spec (schema and cross-field rules) without building anything."""
     resolved = archspec.load(spec, set_)
     blocks = resolved.total_blocks
-    console.print(
-        f"[green]ok[/]: {escape(resolved.name or spec)}: {len(resolved.base.stages)} Base-Net stages, "
-        f"{len(resolved.focus.stages)} Focus-Net stages, {blocks} blocks, context width {resolved.context_width}"
-    )
+    if isinstance(resolved, archspec.DDSSpec):
+        shape = (
+            f"{len(resolved.base.stages)} Base-Net stages, {len(resolved.focus.stages)} Focus-Net stages, "
+            f"{blocks} blocks, context width {resolved.context_width}"
+        )
+    else:
+        shape = f"pyramid of {len(resolved.stages)} stages, {blocks} blocks" + (
+            ", with feedback" if resolved.feedback else ""
+        )
+    console.print(f"[green]ok[/]: {escape(resolved.name or spec)}: {shape}")
 
 
 @app.command()
@@ -93,8 +99,11 @@ def build(
 
     if save is not None:
         _refuse_overwriting_an_input(save, "--save", spec=spec)
+    from .builder import inference_params
+
     model = _build(spec, set_, deploy)
     summary = summarize(model)
+    summary["inference_params"] = inference_params(model.spec)
     if save is not None:
         save_atomic(model_file(model, deploy), save)
     if as_json:
@@ -103,18 +112,20 @@ def build(
     form = "deploy (re-parameterised)" if deploy else "training"
     title = f"{summary['name'] or spec}: {form} form"
     table = Table(title=escape(title), title_justify="left", min_width=len(title))
-    for column in ("subnet", "stage", "width", "depth", "kernel", "groups", "params"):
+    columns = ("subnet", "stage", "width", "depth", "mixer", "ffn", "se", "params")
+    for column in columns:
         table.add_column(column, justify="right" if column in ("depth", "params") else "left", no_wrap=True)
     for row in summary["stages"]:
         depth = str(row["depth"]) if row["depth"] else "-"
-        table.add_row(
-            row["subnet"], row["stage"], row["width"], depth, row["kernels"], row["groups"], _fmt(row["params"])
-        )
+        cells = [escape(str(row[c])) for c in columns[:-1]]
+        table.add_row(*cells[:3], depth, *cells[4:], _fmt(row["params"]))
     table.add_section()
+    blank = [""] * (len(columns) - 2)
     for name, count in summary["subnetworks"].items():
-        table.add_row(f"[bold]{name}[/]", "", "", "", "", "", _fmt(count))
-    table.add_row("[bold]total[/]", "", "", "", "", "", f"[bold]{_fmt(summary['params'])}[/]")
+        table.add_row(f"[bold]{name}[/]", *blank, _fmt(count))
+    table.add_row("[bold]total[/]", *blank, f"[bold]{_fmt(summary['params'])}[/]")
     console.print(table)
+    console.print(f"inference parameters (deploy form, no aux head): {_fmt(summary['inference_params'])}")
     if save is not None:
         console.print(f"saved {escape(str(save))}")
 
@@ -156,11 +167,9 @@ def flops(
             f"--input-size {size[0]}x{size[1]}: not enough memory to trace the model at this size; give a smaller size"
         ) from None
     by_module = report.by_module
-    subnets = {
-        name: int(by_module.get(name, 0))
-        for name in ("base", "overview", "context", "focus_input", "focus", "head", "aux_head")
-    }
-    subnets = {k: v for k, v in subnets.items() if v or k in ("base", "overview", "focus", "head")}
+    # Sub-networks: the model's top-level modules (base, overview, context, focus, head / stem, stages, head).
+    subnets = {name: int(by_module.get(name, 0)) for name, _ in model.named_children()}
+    subnets = {k: v for k, v in subnets.items() if v}
     params = count_params(model)
     if as_json:
         print(
@@ -172,6 +181,7 @@ def flops(
                     "flops": report.total,
                     "params": params,
                     "subnetworks": subnets,
+                    "stages": {path: int(by_module.get(path, 0)) for path, _, _ in model.spec.stages_in_order()},
                     "operators": {k: int(v) for k, v in report.by_operator.items()},
                 }
             )
@@ -179,13 +189,19 @@ def flops(
         return
     title = f"{model.spec.name or spec}: {size[0]}x{size[1]}, {'deploy' if deploy else 'training'} form"
     table = Table(title=escape(title), title_justify="left", min_width=len(title))
-    table.add_column("sub-network")
+    table.add_column("part")
+    table.add_column("block")
     table.add_column("GFLOPs", justify="right")
     table.add_column("share", justify="right")
-    for name, count in subnets.items():
-        table.add_row(name, f"{count / 1e9:.3f}", f"{100 * count / max(report.total, 1):.1f}%")
+    for path, _, _ in model.spec.stages_in_order():  # every stage, with the block it is made of
+        count = int(by_module.get(path, 0))
+        block = escape(model.spec.resolved_block(path).describe())
+        table.add_row(path, block, f"{count / 1e9:.3f}", f"{100 * count / max(report.total, 1):.1f}%")
     table.add_section()
-    table.add_row("[bold]total[/]", f"[bold]{report.total / 1e9:.3f}[/]", "100%")
+    for name, count in subnets.items():
+        table.add_row(name, "", f"{count / 1e9:.3f}", f"{100 * count / max(report.total, 1):.1f}%")
+    table.add_section()
+    table.add_row("[bold]total[/]", "", f"[bold]{report.total / 1e9:.3f}[/]", "100%")
     console.print(table)
     ops = ", ".join(f"{k} {v / 1e9:.3f}G" for k, v in sorted(report.by_operator.items(), key=lambda kv: -kv[1]))
     console.print(f"by operator: {ops}")
@@ -218,9 +234,7 @@ def schema(
         write_atomic(output, lambda handle: handle.write(text.encode("utf-8")))
 
 
-def spec_json_schema() -> dict:
-    document = archspec.Spec.model_json_schema()
-    return {**document, "$schema": "https://json-schema.org/draft/2020-12/schema", "title": "overlock spec"}
+spec_json_schema = archspec.spec_json_schema
 
 
 @app.command()

@@ -12,15 +12,34 @@ import typing
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from .schema import BlockStage, Context, FocusStage, Head, Norm, Spec, Stem
+from .mixers import MIXER_CONFIGS
+from .schema import (
+    Block,
+    BlockStage,
+    Context,
+    DDSSpec,
+    Downsample,
+    Feedback,
+    FocusStage,
+    Head,
+    Norm,
+    PyramidHead,
+    PyramidSpec,
+    Stem,
+)
 
 SECTIONS: list[tuple[str, type[BaseModel]]] = [
-    ("top level", Spec),
+    ("top level (`topology: dds`, the default)", DDSSpec),
+    ("top level with `topology: pyramid`", PyramidSpec),
     ("`stem`", Stem),
-    ("`base.stages[i]` and `overview`", BlockStage),
+    ("`downsample`", Downsample),
+    ("`base.stages[i]`, `overview` and (pyramid) `stages[i]`", BlockStage),
     ("`focus.stages[i]`", FocusStage),
+    ("`block` (of any stage)", Block),
     ("`context`", Context),
     ("`head`", Head),
+    ("`head` of a pyramid", PyramidHead),
+    ("`feedback` (pyramid)", Feedback),
     ("`norm`", Norm),
 ]
 
@@ -39,6 +58,8 @@ def _type_name(field) -> str:
         name = " / ".join(f"`{a}`" for a in typing.get_args(annotation))
     elif typing.get_origin(annotation) is list:
         name = f"list of {typing.get_args(annotation)[0].__name__}"
+    elif typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        name = "mapping (`type` + arguments)"
     else:
         name = annotation.__name__
     for item in metadata:
@@ -59,15 +80,34 @@ def _default(field) -> str:
     return "null" if value is None else f"`{str(value).lower() if isinstance(value, bool) else value}`"
 
 
+def _first_paragraph(doc: str | None) -> str:
+    return " ".join((doc or "").strip().split("\n\n")[0].split())
+
+
 def fields_markdown() -> str:
     parts = []
     for title, model in SECTIONS:
-        parts.append(f"**{title}**: {(model.__doc__ or '').strip().splitlines()[0]}\n")
+        parts.append(f"**{title}**: {_first_paragraph(model.__doc__)}\n")
         parts.append("| field | type | default | meaning |\n|---|---|---|---|")
         for name, field in model.model_fields.items():
             parts.append(f"| `{name}` | {_type_name(field)} | {_default(field)} | {field.description or ''} |")
         parts.append("")
+    parts.append(mixers_markdown())
     return "\n".join(parts).rstrip() + "\n"
+
+
+def mixers_markdown() -> str:
+    """One row per registered token mixer: its `type`, arguments and what it is."""
+    lines = [
+        "**`block.mixer` types** (arguments left out take the stage's field of the same name):\n",
+        "| type | arguments | what it is |",
+        "|---|---|---|",
+    ]
+    for model in MIXER_CONFIGS:
+        tag = typing.get_args(model.model_fields["type"].annotation)[0]
+        args = ", ".join(f"`{name}`" for name in model.model_fields if name != "type") or "none"
+        lines.append(f"| `{tag}` | {args} | {_first_paragraph(model.__doc__)} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from ..errors import SpecError
-from .schema import Spec
+from .mixers import MIXER_TYPES
+from .schema import TOPOLOGIES, DDSSpec, PyramidSpec, Spec
 
 Path_ = tuple[str | int, ...]
 MAX_LISTED_ERRORS = 12
@@ -260,21 +261,43 @@ def _unwrap(annotation: Any) -> Any:
     return annotation
 
 
-def _model_at(path: Path_) -> type[BaseModel] | None:
-    current: Any = Spec
-    for part in path:
+def _walk(loc: Path_, root: type[BaseModel]) -> tuple[Path_, type[BaseModel] | None]:
+    """Follow a pydantic error location through the models: the location without the tags that
+    discriminated unions insert (`block.mixer.contmix.kernel_size` -> `block.mixer.kernel_size`),
+    and the model class at its end (None where it ends on a value or a list)."""
+    current: Any = root
+    clean: list[str | int] = []
+    for part in loc:
+        members = _union_members(current)
+        if members is not None and part in members:
+            current = members[part]  # the tag of a discriminated union: not a key of the spec
+            continue
+        clean.append(part)
         if isinstance(part, int):
             args = typing.get_args(current)
             current = _unwrap(args[0]) if args else None
         elif isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields:
             current = _unwrap(current.model_fields[part].annotation)
         else:
-            return None
-    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+            current = None
+    model = current if isinstance(current, type) and issubclass(current, BaseModel) else None
+    return tuple(clean), model
 
 
-def _describe(error: dict[str, Any], raw: RawSpec) -> str:
-    loc: Path_ = tuple(error["loc"])
+def _union_members(annotation: Any) -> dict[str, type[BaseModel]] | None:
+    """{tag: model} of a union of models with a literal `type` field (the mixer registry)."""
+    if typing.get_origin(annotation) not in (typing.Union, types.UnionType):
+        return None
+    members: dict[str, type[BaseModel]] = {}
+    for arg in typing.get_args(annotation):
+        if isinstance(arg, type) and issubclass(arg, BaseModel) and "type" in arg.model_fields:
+            for tag in typing.get_args(arg.model_fields["type"].annotation):
+                members[tag] = arg
+    return members or None
+
+
+def _describe(error: dict[str, Any], raw: RawSpec, root: type[BaseModel]) -> str:
+    loc, model = _walk(tuple(error["loc"]), root)
     kind = error["type"]
     if kind == "spec_rule":
         relative = error["ctx"]["field"]
@@ -282,13 +305,21 @@ def _describe(error: dict[str, Any], raw: RawSpec) -> str:
         loc = (*loc, *parts)
         message = error["msg"]
     elif kind == "extra_forbidden":
-        model = _model_at(loc[:-1])
+        model = _walk(tuple(error["loc"])[:-1], root)[1]
         allowed = sorted(model.model_fields) if model else []
         guess = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
         hint = f"did you mean {guess[0]!r}? " if guess else ""
         message = f"unknown key {str(loc[-1])!r}; {hint}valid keys here: {', '.join(allowed)}"
+    elif kind == "union_tag_invalid":
+        tag = str(error["ctx"]["tag"])
+        guess = difflib.get_close_matches(tag, MIXER_TYPES, n=1)
+        hint = f"did you mean {guess[0]!r}? " if guess else ""
+        loc = (*loc, "type")
+        message = f"unknown mixer type {tag!r}; {hint}valid types: {', '.join(MIXER_TYPES)}"
+    elif kind == "union_tag_not_found":
+        loc = (*loc, "type")
+        message = f"a mixer needs `type`, one of: {', '.join(MIXER_TYPES)}"
     elif kind == "missing":
-        model = _model_at(loc)
         message = "required field is missing" + (
             f" ({model.__name__}: {', '.join(k for k, f in model.model_fields.items() if f.is_required())})"
             if model
@@ -300,12 +331,26 @@ def _describe(error: dict[str, Any], raw: RawSpec) -> str:
     return f"  {format_path(loc)} ({raw.locate(loc)}): {message}"
 
 
+def _topology(raw: RawSpec) -> type[DDSSpec] | type[PyramidSpec]:
+    """The spec model of the spec's `topology` (default `dds`)."""
+    name = raw.data.get("topology", "dds")
+    if isinstance(name, str) and name in TOPOLOGIES:
+        return TOPOLOGIES[name]
+    guess = difflib.get_close_matches(str(name), list(TOPOLOGIES), n=1)
+    hint = f"did you mean {guess[0]!r}? " if guess else ""
+    raise SpecError(
+        f"invalid spec {raw.origin}: 1 problem\n  topology ({raw.locate(('topology',))}): unknown topology "
+        f"{name!r}; {hint}valid: {', '.join(TOPOLOGIES)}"
+    )
+
+
 def _validate(raw: RawSpec) -> Spec:
+    model = _topology(raw)
     try:
-        return Spec.model_validate(raw.data)
+        return model.model_validate(raw.data)
     except ValidationError as exc:
         errors = exc.errors()
-        lines = [_describe(e, raw) for e in errors[:MAX_LISTED_ERRORS]]
+        lines = [_describe(e, raw, model) for e in errors[:MAX_LISTED_ERRORS]]
         if len(errors) > MAX_LISTED_ERRORS:
             lines.append(f"  ... and {len(errors) - MAX_LISTED_ERRORS} more")
         noun = "problem" if len(errors) == 1 else "problems"
@@ -316,7 +361,15 @@ def _validate(raw: RawSpec) -> Spec:
 # Public entry point
 
 
-SpecSource = str | Path | Mapping[str, Any] | Spec
+SpecSource = str | Path | Mapping[str, Any] | DDSSpec | PyramidSpec
+
+
+def spec_json_schema() -> dict[str, Any]:
+    """JSON Schema of a spec of any topology (what `overlock schema` prints and the presets reference)."""
+    from pydantic import TypeAdapter
+
+    document = TypeAdapter(Spec).json_schema()
+    return {**document, "$schema": "https://json-schema.org/draft/2020-12/schema", "title": "overlock spec"}
 
 
 def load(source: SpecSource, overrides: list[str] | None = None) -> Spec:

@@ -8,17 +8,32 @@ from __future__ import annotations
 
 import re
 
+import torch
+
 from ..archspec import Spec, SpecSource, load
 from ..errors import SpecError, is_out_of_memory
-from .network import OverLoCK
+from .network import OverLoCK, PyramidNet, SpecModel
 from .official import convert_official, load_official, official_to_overlock
 
-__all__ = ["OverLoCK", "build", "convert_official", "load_official", "official_to_overlock"]
+__all__ = [
+    "MODELS",
+    "OverLoCK",
+    "PyramidNet",
+    "SpecModel",
+    "build",
+    "convert_official",
+    "inference_params",
+    "load_official",
+    "official_to_overlock",
+]
+
+# Topology (the spec's `topology`) -> the model class that builds it.
+MODELS: dict[str, type[SpecModel]] = {"dds": OverLoCK, "pyramid": PyramidNet}
 
 
 def build(
     spec: SpecSource, deploy: bool = False, *, features_only: bool = False, overrides: list[str] | None = None
-) -> OverLoCK:
+) -> SpecModel:
     """Build the model a spec describes.
 
     `deploy=True` builds the re-parameterised form (every DilatedRepConv as one conv with bias),
@@ -32,7 +47,7 @@ def build(
             "(`overlock train` takes it from the data)"
         )
     try:
-        return OverLoCK(resolved, deploy=deploy, features_only=features_only)
+        return MODELS[resolved.topology](resolved, deploy=deploy, features_only=features_only)
     except (MemoryError, RuntimeError) as exc:
         if not is_out_of_memory(exc):
             raise
@@ -40,6 +55,15 @@ def build(
             f"the model of spec {resolved.name or '<unnamed>'} does not fit in memory: {_allocation(exc)}; "
             "reduce widths, depths or mlp_ratio"
         ) from None
+
+
+def inference_params(spec: Spec) -> int:
+    """Parameters of the model as deployed: re-parameterised, without the auxiliary head (what papers
+    report). Built on the meta device, so nothing is allocated."""
+    with torch.device("meta"):
+        model = MODELS[spec.topology](spec, deploy=True)
+    aux = model.aux_head
+    return sum(p.numel() for p in model.parameters()) - (sum(p.numel() for p in aux.parameters()) if aux else 0)
 
 
 def _allocation(exc: BaseException) -> str:

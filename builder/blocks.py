@@ -1,26 +1,24 @@
-"""The two OverLoCK blocks and the ContMix token mixer (ARCHITECTURE.md sections 3 and 4)."""
+"""The OverLoCK blocks, assembled from the parts a spec's `block` names (ARCHITECTURE.md sections 3, 4).
+
+Two block structures exist, as in the paper: the basic block (Base-Net, Overview-Net, pyramid
+stages, static Focus-Net stages) and the dynamic block (Focus-Net). Which token mixer, FFN, norm,
+SE and local conv fill them comes from the spec through the registries in `mixers.py`; with the
+defaults they are exactly the published blocks (same parameters, same names, same outputs).
+"""
 
 from __future__ import annotations
 
 from collections import OrderedDict
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .. import kernels
-from ..archspec import BlockStage, FocusStage
-from .layers import (
-    GRN,
-    ConvMLP,
-    DilatedRepConv,
-    DropPath,
-    LayerScale,
-    ResDWConv,
-    SqueezeExcite,
-    block_norm,
-    conv_bn,
-)
+from ..archspec import Block
+from .contmix import ContMix
+from .layers import GRN, DilatedRepConv, DropPath, LayerScale, ResDWConv, SqueezeExcite, block_norm, conv_bn
+from .mixers import FFNS, MixerPlace, build_mixer
+
+__all__ = ["BasicBlock", "ContMix", "DynamicBlock", "StaticFocusBlock"]
 
 
 def residual(
@@ -32,125 +30,99 @@ def residual(
     return scale(skip) + drop(branch) if res_scale else skip + drop(scale(branch))
 
 
+def _maybe(module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+    return x if module is None else module(x)
+
+
 class BasicBlock(nn.Module):
-    """Base-Net / Overview-Net block: DilatedRepConv + SE, then a GRN MLP."""
+    """x = local_conv(x); x = LS(x) + FFN(SE(BN(mixer(norm(x))))): Base-Net / Overview-Net block.
 
-    def __init__(
-        self, stage: BlockStage, drop_path: float, *, norm: str, res_scale: bool, deploy: bool = False
-    ) -> None:
-        super().__init__()
-        width = stage.width
-        self.res_scale = res_scale
-        self.dwconv = ResDWConv(width)
-        self.norm = block_norm(norm, width)
-        self.large_kernel = DilatedRepConv(width, stage.kernel_size, deploy)
-        self.bn = nn.BatchNorm2d(width)
-        self.se = SqueezeExcite(width)
-        self.mlp = ConvMLP(width, int(width * stage.mlp_ratio), width)
-        self.drop_path = DropPath(drop_path)
-        self.layer_scale = LayerScale(width, stage.layer_scale) if stage.layer_scale is not None else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.dwconv(x)
-        y = self.mlp(self.se(self.bn(self.large_kernel(self.norm(x)))))
-        return residual(x, y, self.layer_scale, self.drop_path, self.res_scale)
-
-
-class ContMix(nn.Module):
-    """Context-mixing dynamic convolution.
-
-    Each token's kernels come from its affinity to SxS region centres of the context: queries from
-    the feature part of the normed input, keys from the pooled context part; a shared 1x1 conv turns
-    the S*S affinities into the logits of a small and a large kernel, which (with relative position
-    biases, softmax) aggregate the value's neighbourhoods through `kernels.contmix`.
-    """
-
-    def __init__(self, width: int, context_width: int, stage: FocusStage) -> None:
-        super().__init__()
-        self.width = width
-        self.kernel_size = stage.kernel_size
-        self.small_kernel_size = stage.small_kernel_size
-        self.heads = 2 * stage.groups
-        self.scale = (width // self.heads) ** -0.5
-        self.contmix_backend = "auto"
-        self.query = conv_bn(width, width // 2)
-        # Keys: the SxS region centres of the context part.
-        self.key = nn.Sequential(
-            OrderedDict(
-                pool=nn.AdaptiveAvgPool2d(stage.region_centers),
-                **dict(conv_bn(context_width, width // 2).named_children()),
-            )
-        )
-        self.kernel_proj = nn.Conv2d(stage.region_centers**2, self.small_kernel_size**2 + self.kernel_size**2, 1)
-        self.rpb_small = nn.Parameter(
-            torch.zeros(self.heads, 2 * self.small_kernel_size - 1, 2 * self.small_kernel_size - 1)
-        )
-        self.rpb_large = nn.Parameter(torch.zeros(self.heads, 2 * self.kernel_size - 1, 2 * self.kernel_size - 1))
-
-    def mixing_size(self, height: int, width: int) -> tuple[int, int]:
-        """Maps smaller than the large kernel are mixed at an upscaled size (reference behaviour)."""
-        k = self.kernel_size
-        if min(height, width) >= k:
-            return height, width
-        return (k, int(k / height * width)) if height < width else (int(k / width * height), k)
-
-    def forward(self, z: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
-        """z: fused features (B, d, H, W) = the values; normed: LN(cat(x, P)) for queries and keys."""
-        height, width = z.shape[-2:]
-        size = self.mixing_size(height, width)
-        if size != (height, width):
-            z = F.interpolate(z, size=size, mode="bilinear", align_corners=False)
-            normed = F.interpolate(normed, size=size, mode="bilinear", align_corners=False)
-        batch, d = z.shape[:2]
-        h, w = size
-        heads = self.heads
-        query = self.query(normed[:, :d]) * self.scale
-        key = self.key(normed[:, d:])
-        query = query.reshape(batch, heads, -1, h * w)
-        key = key.reshape(batch, heads, -1, key.shape[-2] * key.shape[-1])
-        affinity = torch.einsum("bgcn,bgcl->bgnl", query, key)
-        logits = self.kernel_proj(affinity.permute(0, 3, 1, 2))  # the S*S axis as channels
-        logits = logits.permute(0, 2, 3, 1).reshape(batch, heads, h, w, -1)
-        small, large = logits.split([self.small_kernel_size**2, self.kernel_size**2], dim=-1)
-        value = z.reshape(batch, 2, heads, d // (2 * heads), h, w).permute(1, 0, 2, 4, 5, 3)
-        out_small = kernels.contmix(
-            small, self.rpb_small, value[0], self.small_kernel_size, backend=self.contmix_backend
-        )
-        out_large = kernels.contmix(large, self.rpb_large, value[1], self.kernel_size, backend=self.contmix_backend)
-        out = torch.cat([out_small, out_large], dim=1).permute(0, 1, 4, 2, 3).reshape(batch, d, h, w)
-        if size != (height, width):
-            out = F.adaptive_avg_pool2d(out, (height, width))
-        return out
-
-
-class DynamicBlock(nn.Module):
-    """Focus-Net block: fuses features with the context prior P, mixes with ContMix, then an MLP.
-
-    Returns cat(x, P) (width + context width channels); the stage splits it for the next block.
+    With the default parts: DilatedRepConv + SE, then the ConvFFN (conv1x1, GELU, residual dwconv3x3,
+    GRN, conv1x1). The mixer keeps the module name `large_kernel` (its name in saved models).
     """
 
     def __init__(
         self,
-        stage: FocusStage,
+        width: int,
+        hidden: int,
+        block: Block,
+        layer_scale: float | None,
+        drop_path: float,
+        *,
+        res_scale: bool,
+        deploy: bool = False,
+        index: int = 0,
+    ) -> None:
+        super().__init__()
+        self.res_scale = res_scale
+        self.dwconv = ResDWConv(width) if block.local_conv else None
+        self.norm = block_norm(block.norm, width)
+        self.large_kernel = build_mixer(block.mixer, MixerPlace(width, deploy=deploy, index=index))
+        self.bn = nn.BatchNorm2d(width)
+        self.se = SqueezeExcite(width) if block.se else None
+        self.mlp = FFNS[block.ffn](width, hidden, width)
+        self.drop_path = DropPath(drop_path)
+        self.layer_scale = LayerScale(width, layer_scale) if layer_scale is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _maybe(self.dwconv, x)
+        y = self.mlp(_maybe(self.se, self.bn(self.large_kernel(self.norm(x)))))
+        return residual(x, y, self.layer_scale, self.drop_path, self.res_scale)
+
+
+class StaticFocusBlock(BasicBlock):
+    """A basic block in Focus-Net (the paper's static DDS model): runs on cat(x, P), returns it.
+
+    The prior is re-injected in front of it as in a dynamic block (P = alpha * P + beta * P0); it
+    has no gate and no LePE.
+    """
+
+    def __init__(
+        self, width: int, context_width: int, hidden: int, block: Block, *args, reinject_prior: bool, **kwargs
+    ) -> None:
+        super().__init__(width + context_width, hidden, block, *args, **kwargs)
+        self.alpha = LayerScale(context_width, 1.0) if reinject_prior else None
+        self.beta = LayerScale(context_width, 1.0) if reinject_prior else None
+
+    def forward(self, x: torch.Tensor, prior: torch.Tensor, prior0: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if self.alpha is not None:
+            prior = self.alpha(prior) + self.beta(prior0)
+        return super().forward(torch.cat([x, prior], dim=1))
+
+
+class DynamicBlock(nn.Module):
+    """Focus-Net block: fuses features with the context prior P, mixes (ContMix by default), then an FFN.
+
+    Returns cat(x, P) (width + context width channels); the stage splits it for the next block.
+    The mixer keeps the module name `contmix` (its name in saved models), whatever its type.
+    """
+
+    def __init__(
+        self,
+        width: int,
         context_width: int,
+        hidden: int,
+        block: Block,
+        lepe_kernel: int,
+        layer_scale: float | None,
         drop_path: float,
         *,
         reinject_prior: bool,
         gate: bool,
-        norm: str,
         res_scale: bool,
         deploy: bool = False,
+        index: int = 0,
     ) -> None:
         super().__init__()
-        d, c = stage.width, context_width
+        d, c = width, context_width
         full = d + c
         self.res_scale = res_scale
-        # P = alpha * P + beta * P0: re-injects the initial prior (absent on the first Focus-Net block).
+        # P = alpha * P + beta * P0 (absent on the first Focus-Net block); names as in saved models.
         self.alpha = LayerScale(c, 1.0) if reinject_prior else None
         self.beta = LayerScale(c, 1.0) if reinject_prior else None
-        self.dwconv1 = ResDWConv(full)
-        self.norm1 = block_norm(norm, full)
-        # "fusion": merges features and prior into z, the values of ContMix and input of gate and LePE.
+        self.dwconv1 = ResDWConv(full) if block.local_conv else None
+        self.norm1 = block_norm(block.norm, full)
+        # "fusion": merges features and prior into z, the values of the mixer and input of gate and LePE.
         self.fusion = nn.Sequential(
             OrderedDict(
                 dwconv=nn.Conv2d(full, full, 3, padding=1, groups=full),
@@ -163,32 +135,33 @@ class DynamicBlock(nn.Module):
         self.gate = conv_bn(d, d) if gate else None  # SiLU(BN(conv1x1(z)))
         if self.gate is not None:
             self.gate.add_module("act", nn.SiLU())
-        self.lepe = nn.Sequential(OrderedDict(conv=DilatedRepConv(d, stage.kernel_size, deploy), bn=nn.BatchNorm2d(d)))
-        self.contmix = ContMix(d, c, stage)
+        self.lepe = nn.Sequential(OrderedDict(conv=DilatedRepConv(d, lepe_kernel, deploy), bn=nn.BatchNorm2d(d)))
+        self.guided = block.mixer.guided
+        self.contmix = build_mixer(block.mixer, MixerPlace(d, c, deploy=deploy, index=index))
         self.out_proj = conv_bn(d, d)
-        self.se = SqueezeExcite(d)
+        self.se = SqueezeExcite(d) if block.se else None
         self.proj = nn.Sequential(OrderedDict(bn=nn.BatchNorm2d(d), conv=nn.Conv2d(d, full, 1)))
-        self.dwconv2 = ResDWConv(full)
-        self.norm2 = block_norm(norm, full)
-        self.mlp = ConvMLP(full, int(d * stage.mlp_ratio), full)
-        self.ls1 = LayerScale(full, stage.layer_scale) if stage.layer_scale is not None else None
-        self.ls2 = LayerScale(full, stage.layer_scale) if stage.layer_scale is not None else None
+        self.dwconv2 = ResDWConv(full) if block.local_conv else None
+        self.norm2 = block_norm(block.norm, full)
+        self.mlp = FFNS[block.ffn](full, hidden, full)
+        self.ls1 = LayerScale(full, layer_scale) if layer_scale is not None else None
+        self.ls2 = LayerScale(full, layer_scale) if layer_scale is not None else None
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, prior: torch.Tensor, prior0: torch.Tensor) -> torch.Tensor:
         if self.alpha is not None:
             prior = self.alpha(prior) + self.beta(prior0)
-        f = self.dwconv1(torch.cat([x, prior], dim=1))
+        f = _maybe(self.dwconv1, torch.cat([x, prior], dim=1))
         identity = f
         normed = self.norm1(f)
         z = self.fusion(normed)
         gate = self.gate(z) if self.gate is not None else None
         lepe = self.lepe(z)
-        out = self.out_proj(self.contmix(z, normed)) + lepe
-        out = self.se(out)
+        mixed = self.contmix(z, normed) if self.guided else self.contmix(z)
+        out = _maybe(self.se, self.out_proj(mixed) + lepe)
         if gate is not None:
             out = gate * out
         out = self.proj(out)
         f = residual(identity, out, self.ls1, self.drop_path, self.res_scale)
-        f = self.dwconv2(f)
+        f = _maybe(self.dwconv2, f)
         return residual(f, self.mlp(self.norm2(f)), self.ls2, self.drop_path, self.res_scale)

@@ -102,6 +102,19 @@ class ConvMLP(nn.Module):
         return self.fc2(self.grn(self.dwconv(self.act(self.fc1(x)))))
 
 
+class Mlp(nn.Module):
+    """conv1x1 -> GELU -> conv1x1: the vanilla FFN of the paper's baselines (ViT/ConvNeXt style)."""
+
+    def __init__(self, in_channels: int, hidden: int, out_channels: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Conv2d(in_channels, hidden, 1)
+        self.act = nn.GELU()
+        self.fc2 = nn.Conv2d(hidden, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drops the whole residual branch per sample while training."""
 

@@ -1,69 +1,122 @@
-"""The OverLoCK network: Base-Net -> Overview-Net -> context prior -> Focus-Net -> heads.
+"""The networks a spec describes: the OverLoCK DDS network and the plain pyramid baseline.
 
-Module names mirror the spec (`base.stages.1.blocks.0`, `overview.blocks.0`,
-`focus.stages.0.blocks.3`), so a parameter's name says where in the spec it comes from. The model
-never reads files: it is constructed from a validated `Spec`.
+DDS: Base-Net -> Overview-Net -> context prior -> Focus-Net -> heads. Pyramid: stem -> stages
+(optionally with a top-down feedback) -> head. Module names mirror the spec (`base.stages.1.blocks.0`,
+`overview.blocks.0`, `focus.stages.0.blocks.3`, `stages.2.blocks.1`), so a parameter's name says
+where in the spec it comes from. A model never reads files: it is constructed from a validated spec.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .. import kernels
-from ..archspec import BlockStage, Spec
-from .blocks import BasicBlock, ContMix, DynamicBlock
-from .layers import GRN, DilatedRepConv, LayerNorm2d, LayerScale, conv_bn
+from ..archspec import BlockStage, DDSSpec, PyramidSpec
+from .blocks import BasicBlock, ContMix, DynamicBlock, StaticFocusBlock
+from .layers import GRN, DilatedRepConv, LayerNorm2d, LayerScale, block_norm, conv_bn
+from .mixers import DOWNSAMPLES, STEMS
 
 
-def stem(in_channels: int, hidden: int, out_channels: int) -> nn.Sequential:
-    """Four 3x3 convs (two of stride 2) to 1/4 resolution."""
-    layers: OrderedDict[str, nn.Module] = OrderedDict()
-    plan = [(in_channels, hidden, 2), (hidden, hidden, 1), (hidden, out_channels, 2), (out_channels, out_channels, 1)]
-    for i, (cin, cout, stride) in enumerate(plan, start=1):
-        layers[f"conv{i}"] = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        layers[f"bn{i}"] = nn.BatchNorm2d(cout)
-        if i < len(plan):
-            layers[f"act{i}"] = nn.GELU()
-    return nn.Sequential(layers)
+# -- gradient checkpointing ------------------------------------------------------------------------
+class Checkpointed(nn.Module):
+    """A stage whose blocks can be recomputed in the backward instead of keeping their activations.
+
+    `model.set_grad_checkpointing(True)` turns it on for every stage. Gradients are those of the
+    plain run (the RNG state is replayed, so drop path drops the same samples), and BN running
+    statistics are updated once, not again during the recomputation.
+    """
+
+    grad_checkpointing = False
+
+    def run_block(self, block: nn.Module, *args: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(
+                block, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), _bn_stats_frozen(block))
+            )
+        return block(*args)
 
 
-class BlockStageModule(nn.Module):
-    """Optional /2 downsample (conv3x3 s2 + BN) followed by basic blocks."""
+@contextmanager
+def _bn_stats_frozen(module: nn.Module):
+    """During a checkpoint's recomputation: BN normalises with batch statistics as in the forward,
+    but leaves its running statistics as the forward left them."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(norms, saved, strict=True):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(tracked)
+
+
+# -- stages ----------------------------------------------------------------------------------------
+class BlockStageModule(Checkpointed):
+    """Optional /2 downsample followed by basic blocks (Base-Net, Overview-Net, pyramid stages)."""
 
     def __init__(
-        self, stage: BlockStage, in_channels: int | None, rates: list[float], spec: Spec, deploy: bool
+        self,
+        stage: BlockStage,
+        path: str,
+        in_channels: int | None,
+        rates: list[float],
+        spec: DDSSpec | PyramidSpec,
+        deploy: bool,
     ) -> None:
         super().__init__()
-        self.downsample = conv_bn(in_channels, stage.width, 3, 2) if in_channels is not None else None
-        self.blocks = nn.Sequential(
-            *(
-                BasicBlock(stage, rate, norm=spec.norm.block, res_scale=spec.residual_scaling, deploy=deploy)
-                for rate in rates
-            )
+        block = spec.resolved_block(path)
+        self.downsample = (
+            DOWNSAMPLES[spec.downsample.type](in_channels, stage.width, spec.norm.block)
+            if in_channels is not None
+            else None
         )
+        hidden = int(stage.width * stage.mlp_ratio)
+        self.blocks = nn.ModuleList(
+            BasicBlock(
+                stage.width,
+                hidden,
+                block,
+                stage.layer_scale,
+                rate,
+                res_scale=spec.residual_scaling,
+                deploy=deploy,
+                index=j,
+            )
+            for j, rate in enumerate(rates)
+        )
+
+    def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = self.run_block(block, x)
+        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.downsample is not None:
             x = self.downsample(x)
-        return self.blocks(x)
+        return self.run_blocks(x)
 
 
 class BaseNet(nn.Module):
     """Encodes low- and mid-level features; returns every stage's output (the last is x16)."""
 
-    def __init__(self, spec: Spec, rates: list[float], deploy: bool) -> None:
+    def __init__(self, spec: DDSSpec, rates: list[float], deploy: bool) -> None:
         super().__init__()
         stages = spec.base.stages
-        self.stem = stem(spec.in_channels, spec.stem_width, stages[0].width)
+        self.stem = STEMS[spec.stem.type](spec.in_channels, spec.stem_width, stages[0].width, spec.norm.block)
         self.stages = nn.ModuleList()
         start = 0
         for i, stage in enumerate(stages):
             previous = stages[i - 1].width if i else None
-            self.stages.append(BlockStageModule(stage, previous, rates[start : start + stage.depth], spec, deploy))
+            self.stages.append(
+                BlockStageModule(stage, f"base.stages.{i}", previous, rates[start : start + stage.depth], spec, deploy)
+            )
             start += stage.depth
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -76,42 +129,56 @@ class BaseNet(nn.Module):
 
 
 class FocusDownsample(nn.Module):
-    """Halves features and prior together: x via conv3x3 s2 + BN to the new width, P likewise."""
+    """Halves features and prior together: x to the new width, P at its width."""
 
-    def __init__(self, in_width: int, out_width: int, context_width: int) -> None:
+    def __init__(self, in_width: int, out_width: int, context_width: int, kind: str, norm: str) -> None:
         super().__init__()
-        self.x = conv_bn(in_width, out_width, 3, 2)
-        self.prior = conv_bn(context_width, context_width, 3, 2)
+        self.x = DOWNSAMPLES[kind](in_width, out_width, norm)
+        self.prior = DOWNSAMPLES[kind](context_width, context_width, norm)
 
     def forward(self, x: torch.Tensor, prior: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.x(x), self.prior(prior)
 
 
-class FocusStageModule(nn.Module):
-    def __init__(self, index: int, spec: Spec, rates: list[float], deploy: bool) -> None:
+class FocusStageModule(Checkpointed):
+    """Blocks that refine (x, P) together: dynamic blocks, or static (basic) ones on cat(x, P)."""
+
+    def __init__(self, index: int, spec: DDSSpec, rates: list[float], deploy: bool) -> None:
         super().__init__()
         stage = spec.focus.stages[index]
+        block = spec.resolved_block(f"focus.stages.{index}")
         c = spec.context_width
         self.width = stage.width
-        self.downsample = FocusDownsample(spec.focus.stages[index - 1].width, stage.width, c) if index else None
-        self.blocks = nn.ModuleList(
-            DynamicBlock(
-                stage,
-                c,
-                rate,
-                # The very first Focus-Net block starts from P = P0: nothing to re-inject.
-                reinject_prior=spec.context.reinject_prior and not (index == 0 and j == 0),
-                gate=spec.context.gate,
-                norm=spec.norm.block,
-                res_scale=spec.residual_scaling,
-                deploy=deploy,
-            )
-            for j, rate in enumerate(rates)
+        self.downsample = (
+            FocusDownsample(spec.focus.stages[index - 1].width, stage.width, c, spec.downsample.type, spec.norm.block)
+            if index
+            else None
         )
+        hidden = int(stage.width * stage.mlp_ratio)
+        common = {"res_scale": spec.residual_scaling, "deploy": deploy}
+        blocks = []
+        for j, rate in enumerate(rates):
+            # The very first Focus-Net block starts from P = P0: nothing to re-inject.
+            reinject = spec.context.reinject_prior and not (index == 0 and j == 0)
+            if block.kind == "dynamic":
+                blocks.append(
+                    DynamicBlock(
+                        stage.width, c, hidden, block, stage.kernel_size, stage.layer_scale, rate,
+                        reinject_prior=reinject, gate=spec.context.gate, index=j, **common,
+                    )
+                )  # fmt: skip
+            else:
+                blocks.append(
+                    StaticFocusBlock(
+                        stage.width, c, hidden, block, stage.layer_scale, rate, reinject_prior=reinject, index=j,
+                        **common,
+                    )
+                )  # fmt: skip
+        self.blocks = nn.ModuleList(blocks)
 
     def forward(self, x: torch.Tensor, prior: torch.Tensor, prior0: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
-            f = block(x, prior, prior0)
+            f = self.run_block(block, x, prior, prior0)
             x, prior = f[:, : self.width], f[:, self.width :]
         return f
 
@@ -119,7 +186,7 @@ class FocusStageModule(nn.Module):
 class FocusNet(nn.Module):
     """Refines x16 under the context prior; returns cat(x, P) of every stage."""
 
-    def __init__(self, spec: Spec, rates: list[float], deploy: bool) -> None:
+    def __init__(self, spec: DDSSpec, rates: list[float], deploy: bool) -> None:
         super().__init__()
         self.stages = nn.ModuleList()
         start = 0
@@ -148,19 +215,24 @@ def _resize(x: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Tensor
 
 
 class ClassifierHead(nn.Module):
-    """conv1x1 (no bias) -> BN -> SiLU -> global average pool -> dropout -> conv1x1 -> logits."""
+    """conv1x1 (no bias) -> BN -> SiLU -> global average pool -> dropout -> conv1x1 -> logits (OverLoCK);
+    without a projection: norm -> global average pool -> dropout -> conv1x1 (Swin/ConvNeXt style)."""
 
-    def __init__(self, in_channels: int, projection: int, num_classes: int, dropout: float) -> None:
+    def __init__(self, in_channels: int, projection: int | None, num_classes: int, dropout: float, norm: str) -> None:
         super().__init__()
-        self.proj = nn.Conv2d(in_channels, projection, 1, bias=False)
-        self.bn = nn.BatchNorm2d(projection)
-        self.act = nn.SiLU()
+        if projection is None:
+            self.norm = block_norm(norm, in_channels)
+        else:
+            self.proj = nn.Conv2d(in_channels, projection, 1, bias=False)
+            self.bn = nn.BatchNorm2d(projection)
+            self.act = nn.SiLU()
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.drop = nn.Dropout(dropout)
-        self.fc = nn.Conv2d(projection, num_classes, 1)
+        self.fc = nn.Conv2d(projection or in_channels, num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.drop(self.pool(self.act(self.bn(self.proj(x)))))).flatten(1)
+        x = self.norm(x) if hasattr(self, "norm") else self.act(self.bn(self.proj(x)))
+        return self.fc(self.drop(self.pool(x))).flatten(1)
 
 
 class AuxHead(nn.Module):
@@ -180,7 +252,7 @@ class PyramidOutputs(nn.Module):
     """Dense-prediction outputs (ARCHITECTURE.md section 2): normed pyramid levels, the deepest one
     enriched with the Overview-Net context through a small layer-scaled projection."""
 
-    def __init__(self, spec: Spec) -> None:
+    def __init__(self, spec: DDSSpec) -> None:
         super().__init__()
         c = spec.context_width
         widths = [s.width for s in spec.base.stages[:-1]] + [s.width + c for s in spec.focus.stages]
@@ -198,23 +270,75 @@ class PyramidOutputs(nn.Module):
         return out
 
 
-class OverLoCK(nn.Module):
-    """A deep-stage-decomposition ConvNet built from a Spec ("overview first, look closely next").
+# -- models ----------------------------------------------------------------------------------------
+class SpecModel(nn.Module):
+    """What every network built from a spec offers, whatever its topology.
 
-    Training mode returns {"main", "aux"} logits when the spec has an aux head, eval mode the main
-    logits; with `features_only` the model has no heads and returns the pyramid levels.
+    Training mode returns {"main", "aux"} logits when the model has an aux head, eval mode the main
+    logits; with `features_only` the model has no heads and returns its feature levels.
     """
 
-    def __init__(self, spec: Spec, deploy: bool = False, features_only: bool = False) -> None:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor] | list[torch.Tensor]:
+        if self.features_only:
+            return self.forward_levels(x)
+        features, aux_input = self.forward_features(x)
+        logits = self.head(features)
+        if self.training and self.aux_head is not None:
+            return {"main": logits, "aux": self.aux_head(aux_input)}
+        return logits
+
+    @torch.no_grad()
+    def reparameterize(self) -> SpecModel:
+        """Fold every re-parameterisable part (DilatedRepConv) into one conv in place (eval outputs stay equal)."""
+        for module in self.modules():
+            if isinstance(module, DilatedRepConv):
+                module.reparameterize()
+        return self
+
+    def set_contmix_backend(self, backend: str) -> None:
+        """Pick the ContMix implementation of every ContMix mixer (see `kernels.BACKENDS`)."""
+        kernels.check_backend(backend)
+        for module in self.modules():
+            if isinstance(module, ContMix):
+                module.contmix_backend = backend
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward instead of storing them (timm's name):
+        less memory for large inputs, same gradients, about one more forward of compute."""
+        for module in self.modules():
+            if isinstance(module, Checkpointed):
+                module.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that AdamW must not decay: norms, biases, layer scales, position biases."""
+        skip: set[str] = set()
+        exempt = (nn.BatchNorm2d, nn.LayerNorm, GRN, LayerScale)
+        for module_name, module in self.named_modules():
+            for name, param in module.named_parameters(recurse=False):
+                full = f"{module_name}.{name}" if module_name else name
+                if isinstance(module, exempt) or name == "bias" or name.startswith("rpb") or param.ndim <= 1:
+                    skip.add(full)
+        return skip
+
+
+class OverLoCK(SpecModel):
+    """A deep-stage-decomposition ConvNet built from a spec ("overview first, look closely next")."""
+
+    def __init__(self, spec: DDSSpec, deploy: bool = False, features_only: bool = False) -> None:
         super().__init__()
         self.spec = spec
         self.features_only = features_only
         n_base, n_focus = sum(s.depth for s in spec.base.stages), sum(s.depth for s in spec.focus.stages)
-        rates = torch.linspace(0, spec.drop_path_rate, spec.total_blocks).tolist()
+        rates = torch.linspace(0, spec.drop_path_rate, spec.total_blocks, device="cpu").tolist()
         c = spec.context_width
         self.base = BaseNet(spec, rates[:n_base], deploy)
         self.overview = BlockStageModule(
-            spec.overview, spec.base.stages[-1].width, rates[n_base : n_base + spec.overview.depth], spec, deploy
+            spec.overview,
+            "overview",
+            spec.base.stages[-1].width,
+            rates[n_base : n_base + spec.overview.depth],
+            spec,
+            deploy,
         )
         self.context = nn.Module()
         self.context.proj = nn.Conv2d(spec.overview.width, c, 1)  # P0 = conv1x1(ctx)
@@ -224,16 +348,16 @@ class OverLoCK(nn.Module):
         )
         self.focus = FocusNet(spec, rates[len(rates) - n_focus :], deploy)
         last = spec.focus.stages[-1].width + c
+        self.aux_head = None
         if features_only:
             self.pyramid = PyramidOutputs(spec)
         else:
-            num_classes = spec.head.num_classes
-            assert num_classes is not None, "builder.build resolves open num_classes"
-            self.head = ClassifierHead(last, spec.head.projection, num_classes, spec.head.dropout)
-            self.aux_head = AuxHead(spec.overview.width, num_classes) if spec.head.aux_head else None
+            head = spec.head
+            assert head.num_classes is not None, "builder.build resolves open num_classes"
+            self.head = ClassifierHead(last, head.projection, head.num_classes, head.dropout, spec.norm.block)
+            self.aux_head = AuxHead(spec.overview.width, head.num_classes) if head.aux_head else None
         self.apply(_init_weights)
 
-    # -- forward -----------------------------------------------------------------------------------
     def _stages(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         base_out = self.base(x)
         ctx = self.overview(base_out[-1])
@@ -249,42 +373,72 @@ class OverLoCK(nn.Module):
         _, focus_out, ctx = self._stages(x)
         return focus_out[-1], ctx
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor] | list[torch.Tensor]:
-        if self.features_only:
-            base_out, focus_out, ctx = self._stages(x)
-            return self.pyramid(base_out[:-1] + focus_out, ctx)
-        features, ctx = self.forward_features(x)
-        logits = self.head(features)
-        if self.training and self.aux_head is not None:
-            return {"main": logits, "aux": self.aux_head(ctx)}
-        return logits
+    def forward_levels(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The four dense-prediction levels (/4, /8, /16, /32) of ARCHITECTURE.md section 2."""
+        base_out, focus_out, ctx = self._stages(x)
+        return self.pyramid(base_out[:-1] + focus_out, ctx)
 
-    # -- utilities ---------------------------------------------------------------------------------
-    @torch.no_grad()
-    def reparameterize(self) -> OverLoCK:
-        """Fold every DilatedRepConv into one conv in place (eval outputs stay equal)."""
-        for module in self.modules():
-            if isinstance(module, DilatedRepConv):
-                module.reparameterize()
-        return self
 
-    def set_contmix_backend(self, backend: str) -> None:
-        """Pick the ContMix implementation of every Focus-Net block (see `kernels.BACKENDS`)."""
-        kernels.check_backend(backend)
-        for module in self.modules():
-            if isinstance(module, ContMix):
-                module.contmix_backend = backend
+class PyramidNet(SpecModel):
+    """The plain hierarchical baseline: stem (/4), stages that each halve the resolution, one head.
 
-    def no_weight_decay(self) -> set[str]:
-        """Parameters that AdamW must not decay: norms, biases, layer scales, position biases."""
-        skip: set[str] = set()
-        exempt = (nn.BatchNorm2d, nn.LayerNorm, GRN, LayerScale)
-        for module_name, module in self.named_modules():
-            for name, param in module.named_parameters(recurse=False):
-                full = f"{module_name}.{name}" if module_name else name
-                if isinstance(module, exempt) or name == "bias" or name.startswith("rpb") or param.ndim <= 1:
-                    skip.add(full)
-        return skip
+    With `feedback` (the paper's "recurrent" model): after one pass, the source stage's output is
+    upsampled, concatenated to the target stage's input, projected back to its width (conv1x1 +
+    BN), and the target stage and every later one run again with the same weights.
+    """
+
+    def __init__(self, spec: PyramidSpec, deploy: bool = False, features_only: bool = False) -> None:
+        super().__init__()
+        self.spec = spec
+        self.features_only = features_only
+        rates = torch.linspace(0, spec.drop_path_rate, spec.total_blocks, device="cpu").tolist()
+        stages = spec.stages
+        self.stem = STEMS[spec.stem.type](spec.in_channels, spec.stem_width, stages[0].width, spec.norm.block)
+        self.stages = nn.ModuleList()
+        start = 0
+        for i, stage in enumerate(stages):
+            previous = stages[i - 1].width if i else None
+            self.stages.append(
+                BlockStageModule(stage, f"stages.{i}", previous, rates[start : start + stage.depth], spec, deploy)
+            )
+            start += stage.depth
+        fb = spec.feedback
+        self.feedback = (
+            conv_bn(stages[fb.target].width + stages[fb.source].width, stages[fb.target].width) if fb else None
+        )
+        self.aux_head = None  # a pyramid has no Overview-Net to put one on
+        if not features_only:
+            head = spec.head
+            assert head.num_classes is not None, "builder.build resolves open num_classes"
+            self.head = ClassifierHead(
+                stages[-1].width, head.projection, head.num_classes, head.dropout, spec.norm.block
+            )
+        self.apply(_init_weights)
+
+    def forward_levels(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every stage's output, shallow to deep (after the feedback pass, if any)."""
+        x = self.stem(x)
+        inputs, outputs = [], []
+        for stage in self.stages:
+            x = stage.downsample(x) if stage.downsample is not None else x
+            inputs.append(x)
+            x = stage.run_blocks(x)
+            outputs.append(x)
+        if self.feedback is not None:
+            target, source = self.spec.feedback.target, self.spec.feedback.source
+            entry = inputs[target]
+            x = self.feedback(torch.cat([entry, _resize(outputs[source], entry.shape[-2:])], dim=1))
+            for i in range(target, len(self.stages)):
+                stage = self.stages[i]
+                if i > target and stage.downsample is not None:
+                    x = stage.downsample(x)
+                x = stage.run_blocks(x)
+                outputs[i] = x
+        return outputs
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """(last stage's output, None): pyramids have no context and no aux head."""
+        return self.forward_levels(x)[-1], None
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -294,6 +448,8 @@ def _init_weights(module: nn.Module) -> None:
     the same distribution, without erfinv, which made building B take ~9 s on CPU.
     """
     if isinstance(module, nn.Conv2d | nn.Linear):
+        if module.weight.is_meta:  # counting parameters (builder.inference_params): no values to draw
+            return
         with torch.no_grad():
             module.weight.normal_(std=0.02).clamp_(-2.0, 2.0)
         if module.bias is not None:

@@ -1,4 +1,4 @@
-"""What `overlock build` reports: per sub-network and stage, the spec's numbers and the parameters.
+"""What `overlock build` reports: per sub-network and stage, the spec's numbers, block parts and parameters.
 
 One function computes the rows from the built model (so the counts are what was built, not what
 the spec promises); the CLI only renders them, as a rich table or as JSON.
@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from .network import OverLoCK
+from ..archspec import Block, DDSSpec
+from .network import SpecModel
 
 
 def count_params(module: nn.Module | None) -> int:
@@ -23,82 +24,35 @@ class Row:
     stage: str
     width: str
     depth: int
-    kernels: str
-    groups: str
+    mixer: str
+    ffn: str
+    se: str
     params: int
 
 
-def summarize(model: OverLoCK) -> dict:
+def _stage_row(subnet: str, stage: str, width: str, depth: int, block: Block, module: nn.Module) -> Row:
+    kind = "" if block.kind == "dynamic" or subnet != "focus" else " (static)"
+    ffn = block.ffn + ("" if block.local_conv else ", no local conv")
+    return Row(subnet, stage + kind, width, depth, block.mixer.describe(), ffn, "yes" if block.se else "no",
+               count_params(module))  # fmt: skip
+
+
+def _part(subnet: str, stage: str, width: str, module: nn.Module | None) -> Row:
+    return Row(subnet, stage, width, 0, "-", "-", "-", count_params(module))
+
+
+def summarize(model: SpecModel) -> dict:
     spec = model.spec
-    c = spec.context_width
-    rows: list[Row] = [
-        Row(
-            "base",
-            "stem",
-            f"{spec.in_channels}->{spec.stem_width}->{spec.base.stages[0].width}",
-            4,
-            "3",
-            "-",
-            count_params(model.base.stem),
-        )
-    ]
-    for i, (stage, module) in enumerate(zip(spec.base.stages, model.base.stages, strict=True)):
-        rows.append(
-            Row(
-                "base",
-                f"stage {i + 1}",
-                str(stage.width),
-                stage.depth,
-                str(stage.kernel_size),
-                "-",
-                count_params(module),
-            )
-        )
-    ov = spec.overview
-    rows.append(
-        Row("overview", "stage", str(ov.width), ov.depth, str(ov.kernel_size), "-", count_params(model.overview))
-    )
-    rows.append(
-        Row(
-            "context",
-            "prior P0",
-            f"{ov.width}->{c}",
-            0,
-            "1",
-            "-",
-            count_params(model.context) + count_params(model.focus_input),
-        )
-    )
-    for i, (stage, module) in enumerate(zip(spec.focus.stages, model.focus.stages, strict=True)):
-        rows.append(
-            Row(
-                "focus",
-                f"stage {i + 1}",
-                f"{stage.width}+{c}",
-                stage.depth,
-                f"{stage.kernel_size}/{stage.small_kernel_size}",
-                f"{stage.groups} (h={2 * stage.groups}) S={stage.region_centers}",
-                count_params(module),
-            )
-        )
-    if not model.features_only:
-        rows.append(
-            Row(
-                "head",
-                "main",
-                f"{spec.head.projection}->{spec.head.num_classes}",
-                0,
-                "1",
-                "-",
-                count_params(model.head),
-            )
-        )
-        if model.aux_head is not None:
-            rows.append(
-                Row("head", "aux", f"{ov.width}->{spec.head.num_classes}", 0, "1", "-", count_params(model.aux_head))
-            )
+    rows = _dds_rows(model) if isinstance(spec, DDSSpec) else _pyramid_rows(model)
+    if model.features_only:
+        outputs = getattr(model, "pyramid", None)
+        rows.append(_part("pyramid", "outputs", "-", outputs))
     else:
-        rows.append(Row("pyramid", "outputs", "-", 0, "-", "-", count_params(model.pyramid)))
+        head = spec.head
+        width = f"{head.projection}->{head.num_classes}" if head.projection else f"->{head.num_classes}"
+        rows.append(_part("head", "main", width, model.head))
+        if model.aux_head is not None:
+            rows.append(_part("head", "aux", f"{spec.overview.width}->{head.num_classes}", model.aux_head))
     subnets: dict[str, int] = {}
     for row in rows:
         subnets[row.subnet] = subnets.get(row.subnet, 0) + row.params
@@ -107,8 +61,55 @@ def summarize(model: OverLoCK) -> dict:
     deployed = not any(hasattr(m, "branches") for m in model.modules())
     return {
         "name": spec.name,
+        "topology": spec.topology,
         "params": total,
         "deploy": deployed,
         "subnetworks": subnets,
         "stages": [asdict(r) for r in rows],
     }
+
+
+def _stem_row(model: SpecModel, stem: nn.Module) -> Row:
+    spec = model.spec
+    first = spec.stages_in_order()[0][1].width
+    width = (
+        f"{spec.in_channels}->{spec.stem_width}->{first}"
+        if spec.stem.type == "conv"
+        else f"{spec.in_channels}->{first}"
+    )
+    return Row("base" if isinstance(spec, DDSSpec) else "stem", "stem", width, 0, spec.stem.type, "-", "-",
+               count_params(stem))  # fmt: skip
+
+
+def _dds_rows(model: SpecModel) -> list[Row]:
+    spec = model.spec
+    c = spec.context_width
+    rows = [_stem_row(model, model.base.stem)]
+    for i, (stage, module) in enumerate(zip(spec.base.stages, model.base.stages, strict=True)):
+        block = spec.resolved_block(f"base.stages.{i}")
+        rows.append(_stage_row("base", f"stage {i + 1}", str(stage.width), stage.depth, block, module))
+    ov = spec.overview
+    rows.append(
+        _stage_row("overview", "stage", str(ov.width), ov.depth, spec.resolved_block("overview"), model.overview)
+    )
+    rows.append(_part("context", "prior P0", f"{ov.width}->{c}", model.context))
+    if model.focus_input is not None:
+        rows[-1].params += count_params(model.focus_input)
+    for i, (stage, module) in enumerate(zip(spec.focus.stages, model.focus.stages, strict=True)):
+        block = spec.resolved_block(f"focus.stages.{i}")
+        rows.append(_stage_row("focus", f"stage {i + 1}", f"{stage.width}+{c}", stage.depth, block, module))
+    return rows
+
+
+def _pyramid_rows(model: SpecModel) -> list[Row]:
+    spec = model.spec
+    rows = [_stem_row(model, model.stem)]
+    for i, (stage, module) in enumerate(zip(spec.stages, model.stages, strict=True)):
+        block = spec.resolved_block(f"stages.{i}")
+        rows.append(_stage_row("stages", f"stage {i + 1}", str(stage.width), stage.depth, block, module))
+    if model.feedback is not None:
+        fb = spec.feedback
+        rows.append(
+            _part("feedback", f"{fb.source + 1}->{fb.target + 1}", str(spec.stages[fb.target].width), model.feedback)
+        )
+    return rows

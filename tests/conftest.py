@@ -53,3 +53,25 @@ def make_tiny_spec():
 def tiny_spec(tmp_path_factory) -> Path:
     """The tiny training spec (see `write_tiny_spec`), written once per session."""
     return write_tiny_spec(tmp_path_factory.mktemp("spec"))
+
+
+def _randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> None:
+    """Non-trivial BN statistics and affine parameters, so that folding BN is really exercised."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                n = module.num_features
+                module.running_mean.copy_(torch.randn(n, generator=gen) * 0.2)
+                module.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+                module.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                module.bias.copy_(torch.randn(n, generator=gen) * 0.1)
+            for name in ("gamma", "beta"):  # GRN starts at zero: make it do something
+                if hasattr(module, name) and isinstance(getattr(module, name), torch.nn.Parameter):
+                    getattr(module, name).copy_(torch.randn_like(getattr(module, name), generator=gen) * 0.1)
+
+
+@pytest.fixture
+def randomize_batchnorm():
+    """The function that gives a model random BN statistics and GRN parameters (deploy-equivalence tests)."""
+    return _randomize_batchnorm

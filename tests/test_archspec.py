@@ -102,8 +102,12 @@ def test_json_schema_file_is_generated_from_the_models():
 
     shipped = json.loads((archspec.preset_dir() / "overlock-spec.schema.json").read_text())
     assert shipped == spec_json_schema(), "regenerate with: overlock schema -o specs/overlock-spec.schema.json"
-    assert shipped["additionalProperties"] is False
+    assert [ref["$ref"] for ref in shipped["anyOf"]] == ["#/$defs/DDSSpec", "#/$defs/PyramidSpec"]
+    assert shipped["$defs"]["DDSSpec"]["additionalProperties"] is False
     assert "groups" in shipped["$defs"]["FocusStage"]["properties"]
+    assert {"dilated_repconv", "dwconv", "contmix", "identity"} <= set(
+        shipped["$defs"]["Block"]["properties"]["mixer"]["anyOf"][0]["discriminator"]["mapping"]
+    )
 
 
 # --------------------------------------------------------------------------------- bad input

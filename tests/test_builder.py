@@ -19,22 +19,6 @@ PUBLISHED_PARAMS = {  # ARCHITECTURE.md section 1: training form, deploy form
 }
 
 
-def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> None:
-    """Non-trivial BN statistics and affine parameters, so that folding BN is really exercised."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                n = module.num_features
-                module.running_mean.copy_(torch.randn(n, generator=gen) * 0.2)
-                module.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-                module.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                module.bias.copy_(torch.randn(n, generator=gen) * 0.1)
-            for name in ("gamma", "beta"):  # GRN starts at zero: make it do something
-                if hasattr(module, name) and isinstance(getattr(module, name), torch.nn.Parameter):
-                    getattr(module, name).copy_(torch.randn_like(getattr(module, name), generator=gen) * 0.1)
-
-
 @pytest.mark.parametrize("variant", sorted(PUBLISHED_PARAMS))
 def test_parameter_counts_equal_the_published_models(variant):
     training, deploy = PUBLISHED_PARAMS[variant]
@@ -108,7 +92,7 @@ def test_training_mode_returns_main_and_aux_and_without_aux_a_tensor():
     assert isinstance(plain, torch.Tensor) and plain.shape == (2, 10)
 
 
-def test_deploy_form_equals_training_form_in_eval_mode():
+def test_deploy_form_equals_training_form_in_eval_mode(randomize_batchnorm):
     torch.manual_seed(0)
     model = build("pico")
     randomize_batchnorm(model)

@@ -23,7 +23,7 @@ def run(*args: str):
 def test_build_prints_a_summary_per_subnetwork_and_stage():
     result = run("build", "xt")
     assert result.exit_code == 0, result.output
-    for text in ("overview", "focus", "stage 3", "17,307,272", "4 (h=8) S=7", "13/5"):
+    for text in ("overview", "focus", "stage 3", "17,307,272", "contmix 13/5 G4 S7", "dilated_repconv 17", "16,453,712"):
         assert text in result.output
 
 
@@ -74,7 +74,8 @@ def test_validate_presets_and_schema():
     listing = run("presets").output
     assert all(name in listing for name in ("xt", "t", "s", "b", "pico"))
     schema = json.loads(run("schema").stdout)
-    assert schema["title"] == "overlock spec" and "focus" in schema["properties"]
+    assert schema["title"] == "overlock spec" and "focus" in schema["$defs"]["DDSSpec"]["properties"]
+    assert "stages" in schema["$defs"]["PyramidSpec"]["properties"]
 
 
 @pytest.mark.parametrize("command", ["validate", "build", "flops"])

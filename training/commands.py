@@ -57,6 +57,7 @@ def train_command(
     ema: float | None = _train_opt("ema", "--ema"),
     amp: bool | None = _train_opt("amp", "--amp/--no-amp"),
     compile: bool | None = _train_opt("compile", "--compile/--no-compile"),
+    grad_checkpoint: bool | None = _train_opt("grad_checkpoint", "--grad-checkpoint/--no-grad-checkpoint"),
     sync_bn: bool | None = _train_opt("sync_bn", "--sync-bn/--no-sync-bn"),
     seed: int | None = _train_opt("seed", "--seed"),
     deterministic: bool | None = _train_opt("deterministic", "--deterministic/--no-deterministic"),

@@ -19,7 +19,7 @@ DEFAULT_EPOCHS = 6
 
 #: Options that may differ between an interrupted run and its resumption: they change how the run
 #: is executed or where it stops, not what it computes.
-RUNTIME_FIELDS = frozenset({"workers", "stop_after", "compile", "device", "contmix_backend"})
+RUNTIME_FIELDS = frozenset({"workers", "stop_after", "compile", "device", "contmix_backend", "grad_checkpoint"})
 
 
 class TrainConfig(BaseModel):
@@ -72,6 +72,11 @@ class TrainConfig(BaseModel):
         False, description="Mixed precision: bfloat16 autocast on CPU, float16 with loss scaling on CUDA."
     )
     compile: bool = Field(False, description="Run the training and evaluation forward through torch.compile.")
+    grad_checkpoint: bool = Field(
+        False,
+        description="Recompute each block's activations in the backward instead of storing them: less memory "
+        "for large inputs, same gradients, about one more forward of compute.",
+    )
     sync_bn: bool = Field(False, description="Synchronise BatchNorm statistics across processes (CUDA only).")
     seed: int = Field(0, ge=0, description="Seed of weights, data order, augmentation and stochastic depth.")
     deterministic: bool = Field(

@@ -137,7 +137,9 @@ def _train(
         if resume is None and dist.is_main:
             run.check_new(overwrite)
         torch.manual_seed(config.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
-        return plan, run, build_model(plan.spec, config.contmix_backend)
+        model = build_model(plan.spec, config.contmix_backend)
+        model.set_grad_checkpointing(config.grad_checkpoint)
+        return plan, run, model
 
     plan, run, model = _on_every_rank(dist, prepare)
     reporter = Reporter(console, enabled=dist.is_main)

@@ -1,0 +1,86 @@
+"""ContMix, the context-mixing dynamic convolution (ARCHITECTURE.md section 4)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import kernels
+from .layers import conv_bn
+
+
+class ContMix(nn.Module):
+    """Context-mixing dynamic convolution.
+
+    Each token's kernels come from its affinity to SxS region centres of a context: queries from
+    the token's features, keys from the pooled context; a shared 1x1 conv turns the S*S affinities
+    into the logits of a small and a large kernel, which (with relative position biases, softmax)
+    aggregate the value's neighbourhoods through `kernels.contmix`.
+
+    Inside a Focus-Net dynamic block the context is the prior P (`forward(z, normed)`: queries from
+    the feature part of LN(cat(x, P)), keys from its context part); anywhere else it is the input
+    itself (`forward(x)`, the authors' stand-alone ContMix layer), and `key_width` equals `width`.
+    """
+
+    def __init__(
+        self, width: int, key_width: int, kernel_size: int, small_kernel_size: int, groups: int, region_centers: int
+    ) -> None:
+        super().__init__()
+        self.width = width
+        self.kernel_size = kernel_size
+        self.small_kernel_size = small_kernel_size
+        self.heads = 2 * groups
+        self.scale = (width // self.heads) ** -0.5
+        self.contmix_backend = "auto"
+        self.query = conv_bn(width, width // 2)
+        # Keys: the SxS region centres of the context.
+        self.key = nn.Sequential(
+            OrderedDict(
+                pool=nn.AdaptiveAvgPool2d(region_centers),
+                **dict(conv_bn(key_width, width // 2).named_children()),
+            )
+        )
+        self.kernel_proj = nn.Conv2d(region_centers**2, small_kernel_size**2 + kernel_size**2, 1)
+        self.rpb_small = nn.Parameter(torch.zeros(self.heads, 2 * small_kernel_size - 1, 2 * small_kernel_size - 1))
+        self.rpb_large = nn.Parameter(torch.zeros(self.heads, 2 * kernel_size - 1, 2 * kernel_size - 1))
+
+    def mixing_size(self, height: int, width: int) -> tuple[int, int]:
+        """Maps smaller than the large kernel are mixed at an upscaled size (reference behaviour)."""
+        k = self.kernel_size
+        if min(height, width) >= k:
+            return height, width
+        return (k, int(k / height * width)) if height < width else (int(k / width * height), k)
+
+    def forward(self, z: torch.Tensor, normed: torch.Tensor | None = None) -> torch.Tensor:
+        """z: the values (B, d, H, W); normed: LN(cat(x, P)) for queries and keys, or None to take
+        both from z (self context)."""
+        height, width = z.shape[-2:]
+        size = self.mixing_size(height, width)
+        if size != (height, width):
+            z = F.interpolate(z, size=size, mode="bilinear", align_corners=False)
+            if normed is not None:
+                normed = F.interpolate(normed, size=size, mode="bilinear", align_corners=False)
+        batch, d = z.shape[:2]
+        h, w = size
+        heads = self.heads
+        query_source, key_source = (z, z) if normed is None else (normed[:, :d], normed[:, d:])
+        query = self.query(query_source) * self.scale
+        key = self.key(key_source)
+        query = query.reshape(batch, heads, -1, h * w)
+        key = key.reshape(batch, heads, -1, key.shape[-2] * key.shape[-1])
+        affinity = torch.einsum("bgcn,bgcl->bgnl", query, key)
+        logits = self.kernel_proj(affinity.permute(0, 3, 1, 2))  # the S*S axis as channels
+        logits = logits.permute(0, 2, 3, 1).reshape(batch, heads, h, w, -1)
+        small, large = logits.split([self.small_kernel_size**2, self.kernel_size**2], dim=-1)
+        value = z.reshape(batch, 2, heads, d // (2 * heads), h, w).permute(1, 0, 2, 4, 5, 3)
+        out_small = kernels.contmix(
+            small, self.rpb_small, value[0], self.small_kernel_size, backend=self.contmix_backend
+        )
+        out_large = kernels.contmix(large, self.rpb_large, value[1], self.kernel_size, backend=self.contmix_backend)
+        out = torch.cat([out_small, out_large], dim=1).permute(0, 1, 4, 2, 3).reshape(batch, d, h, w)
+        if size != (height, width):
+            out = F.adaptive_avg_pool2d(out, (height, width))
+        return out
