@@ -51,6 +51,12 @@ def _pad_to(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.pad(x, (0, max(0, size - width), 0, max(0, size - height)))
 
 
+def with_projections(mixer: nn.Module, width: int) -> nn.Sequential:
+    """mixer between two 1x1 convs (in, mixer, out), the frame attention mixers have built in (qkv, proj):
+    with it a convolutional mixer stands in the same place as attention in a Swin-like block."""
+    return nn.Sequential(nn.Conv2d(width, width, 1), mixer, nn.Conv2d(width, width, 1))
+
+
 class NeighborhoodAttention(nn.Module):
     """NAT's 2-D neighbourhood attention: every position attends to its clamped K x K window.
 
