@@ -124,8 +124,143 @@ class IdentityMixer(MixerConfig):
     type: Literal["identity"]
 
 
+def _own_field(where: dict[str, str], name: str) -> str:
+    """Spec path of one of the mixer's own (not inherited) fields, from the stage's width path."""
+    return where["width"].rsplit(".", 1)[0] + f".block.mixer.{name}"
+
+
+def _check_heads(width: int, where: dict[str, str], head_dim: int) -> None:
+    if width % head_dim:
+        lower = max(head_dim, width // head_dim * head_dim)
+        raise rule_error(
+            where["width"],
+            f"width={width} is not divisible by head_dim={head_dim} (heads = width / head_dim). "
+            f"Valid nearby widths: {lower}, {lower + head_dim}; or change block.mixer.head_dim.",
+        )
+
+
+def _check_divisor(width: int, where: dict[str, str], name: str, value: int) -> None:
+    if width % value:
+        raise rule_error(_own_field(where, name), f"{name}={value} does not divide the width {width}")
+
+
+class NeighborhoodAttentionMixer(MixerConfig):
+    """NAT's neighbourhood attention (clamped KxK windows, relative position bias) on overlock's kernel."""
+
+    INHERITED = ("kernel_size",)
+    type: Literal["neighborhood_attention"]
+    kernel_size: int | None = Field(None, description="Window (odd, >= 3); default: the stage's.")
+    head_dim: PosInt = Field(32, description="Channels per head; heads = width / head_dim.")
+    dilation: PosInt = Field(1, description="NATTEN dilation: windows of every d-th position.")
+    qkv_bias: bool = Field(True, description="Bias on the 1x1 qkv projection.")
+    rel_pos_bias: bool = Field(True, description="Learned (heads, 2K-1, 2K-1) relative position bias.")
+
+    def check(self, width: int, where: dict[str, str]) -> None:
+        check_odd_kernel(where["kernel_size"], self.kernel_size)
+        _check_heads(width, where, self.head_dim)
+
+    def describe(self) -> str:
+        return f"neighborhood_attention {self.kernel_size}" + (f" d{self.dilation}" if self.dilation > 1 else "")
+
+
+class WindowAttentionMixer(MixerConfig):
+    """Swin's window attention; with `shift`, windows shifted by half on every other block (odd indices)."""
+
+    INHERITED = ("kernel_size",)
+    type: Literal["window_attention"]
+    kernel_size: int | None = Field(None, description="Window side (>= 2); default: the stage's.")
+    head_dim: PosInt = Field(32, description="Channels per head; heads = width / head_dim.")
+    shift: bool = Field(True, description="Shifted windows (and their attention mask) on every other block.")
+    qkv_bias: bool = Field(True, description="Bias on the 1x1 qkv projection.")
+
+    def check(self, width: int, where: dict[str, str]) -> None:
+        if self.kernel_size < 2:
+            raise rule_error(where["kernel_size"], f"kernel_size={self.kernel_size}: a window needs a side >= 2")
+        _check_heads(width, where, self.head_dim)
+
+    def describe(self) -> str:
+        return f"window_attention {self.kernel_size}" + (" shifted" if self.shift else "")
+
+
+class InvolutionMixer(MixerConfig):
+    """Involution: a KxK kernel generated per position, shared by the channels of each group."""
+
+    INHERITED = ("kernel_size",)
+    type: Literal["involution"]
+    kernel_size: int | None = Field(None, description="Kernel (odd, >= 3); default: the stage's.")
+    group_channels: PosInt = Field(16, description="Channels sharing one generated kernel.")
+    reduction: PosInt = Field(4, description="Channel reduction of the kernel generator.")
+    projections: bool = Field(
+        False,
+        description="1x1 convs before and after the mixer, as attention mixers have (qkv, proj): how the "
+        "paper's Table 7 test bed reads, by its parameter counts.",
+    )
+
+    def check(self, width: int, where: dict[str, str]) -> None:
+        check_odd_kernel(where["kernel_size"], self.kernel_size)
+        _check_divisor(width, where, "group_channels", self.group_channels)
+
+    def describe(self) -> str:
+        return f"involution {self.kernel_size}"
+
+
+class DynamicConvMixer(MixerConfig):
+    """DyConv, separable: per-sample softmax attention over a bank of depthwise kernels, then pointwise."""
+
+    INHERITED = ("kernel_size",)
+    type: Literal["dynamic_conv"]
+    kernel_size: int | None = Field(None, description="Depthwise kernel (odd, >= 3); default: the stage's.")
+    num_kernels: PosInt = Field(4, description="Kernels in the bank.")
+    reduction: PosInt = Field(4, description="Channel reduction of the attention branch.")
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature of the kernel attention.")
+    projections: bool = Field(
+        False,
+        description="1x1 convs before and after the mixer, as attention mixers have (qkv, proj): how the "
+        "paper's Table 7 test bed reads, by its parameter counts.",
+    )
+
+    def check(self, width: int, where: dict[str, str]) -> None:
+        check_odd_kernel(where["kernel_size"], self.kernel_size)
+
+    def describe(self) -> str:
+        return f"{self.type} {self.kernel_size} x{self.num_kernels}"
+
+
+class ODConvMixer(DynamicConvMixer):
+    """ODConv: DyConv plus attentions over the kernel's spatial positions and the channels."""
+
+    type: Literal["odconv"]
+
+
+class OutlookAttentionMixer(MixerConfig):
+    """VOLO's outlook attention (own kernel, 3 in VOLO: not the stage's large kernel)."""
+
+    type: Literal["outlook_attention"]
+    kernel_size: int = Field(3, description="Window of the outlook attention (odd, >= 3).")
+    head_dim: PosInt = Field(32, description="Channels per head; heads = width / head_dim.")
+    stride: PosInt = Field(1, description="Stride of the attention grid (VOLO's first stage: 2).")
+
+    def check(self, width: int, where: dict[str, str]) -> None:
+        check_odd_kernel(_own_field(where, "kernel_size"), self.kernel_size)
+        _check_heads(width, where, self.head_dim)
+
+    def describe(self) -> str:
+        return f"outlook_attention {self.kernel_size}"
+
+
 # The registry's schema side: every mixer a spec may name. builder/mixers.py has one builder per entry.
-MIXER_CONFIGS: tuple[type[MixerConfig], ...] = (DilatedRepConvMixer, DWConvMixer, ContMixConfig, IdentityMixer)
+MIXER_CONFIGS: tuple[type[MixerConfig], ...] = (
+    DilatedRepConvMixer,
+    DWConvMixer,
+    ContMixConfig,
+    IdentityMixer,
+    NeighborhoodAttentionMixer,
+    WindowAttentionMixer,
+    InvolutionMixer,
+    DynamicConvMixer,
+    ODConvMixer,
+    OutlookAttentionMixer,
+)
 MIXER_TYPES: tuple[str, ...] = tuple(typing.get_args(cls.model_fields["type"].annotation)[0] for cls in MIXER_CONFIGS)
 
 Mixer = Annotated[

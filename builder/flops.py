@@ -33,7 +33,28 @@ def aggregate_flop_jit(inputs: list[Any], outputs: list[Any]) -> Counter[str]:
     return Counter({"contmix": prod(probs) * value[-1]})
 
 
-OVERLOCK_HANDLES = {"overlock::contmix": contmix_flop_jit, "overlock::aggregate": aggregate_flop_jit}
+def neighborhood_attention_flop_jit(inputs: list[Any], outputs: list[Any]) -> Counter[str]:
+    """overlock::neighborhood_attention(q, k, v, rpb, K, backend): q . k and a . v, K*K*c multiply-adds each per position."""
+    query, value, kernel_size = get_shape(inputs[0]), get_shape(inputs[2]), inputs[4].toIValue()
+    positions = prod(value[:4]) * kernel_size * kernel_size
+    return Counter({"neighborhood_attention": positions * (query[-1] + value[-1])})
+
+
+def attention_flop_jit(inputs: list[Any], outputs: list[Any]) -> Counter[str]:
+    """aten::scaled_dot_product_attention(q (..., L, E), k (..., S, E), v (..., S, Ev)): L*S*(E + Ev) per batch entry.
+
+    fvcore has no handle for it; window attention (builder/mixers_attention.py) runs through it.
+    """
+    query, key, value = (get_shape(inputs[i]) for i in range(3))
+    return Counter({"scaled_dot_product_attention": prod(query[:-1]) * key[-2] * (query[-1] + value[-1])})
+
+
+OVERLOCK_HANDLES = {
+    "aten::scaled_dot_product_attention": attention_flop_jit,
+    "overlock::contmix": contmix_flop_jit,
+    "overlock::aggregate": aggregate_flop_jit,
+    "overlock::neighborhood_attention": neighborhood_attention_flop_jit,
+}
 
 
 @dataclass

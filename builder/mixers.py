@@ -25,6 +25,15 @@ from torch import nn
 from ..archspec import MixerConfig
 from .contmix import ContMix
 from .layers import ConvMLP, DilatedRepConv, Mlp, block_norm, conv_bn
+from .mixers_attention import (
+    DynamicConv,
+    Involution,
+    NeighborhoodAttention,
+    ODConv,
+    OutlookAttention,
+    WindowAttention,
+    with_projections,
+)
 
 
 @dataclass(frozen=True)
@@ -80,6 +89,57 @@ def _contmix(config: MixerConfig, place: MixerPlace) -> nn.Module:
 @register_mixer("identity")
 def _identity(config: MixerConfig, place: MixerPlace) -> nn.Module:
     return nn.Identity()
+
+
+# The dynamic token mixers of the paper's Table 7 (builder/mixers_attention.py).
+@register_mixer("neighborhood_attention")
+def _neighborhood_attention(config: MixerConfig, place: MixerPlace) -> nn.Module:
+    heads = place.width // config.head_dim
+    return NeighborhoodAttention(
+        place.width,
+        kernel_size=config.kernel_size,
+        heads=heads,
+        dilation=config.dilation,
+        qkv_bias=config.qkv_bias,
+        rel_pos_bias=config.rel_pos_bias,
+    )
+
+
+@register_mixer("window_attention")
+def _window_attention(config: MixerConfig, place: MixerPlace) -> nn.Module:
+    shift = config.shift and place.index % 2 == 1  # Swin: regular, then shifted windows
+    heads = place.width // config.head_dim
+    return WindowAttention(
+        place.width, window_size=config.kernel_size, heads=heads, shift=shift, qkv_bias=config.qkv_bias
+    )
+
+
+@register_mixer("involution")
+def _involution(config: MixerConfig, place: MixerPlace) -> nn.Module:
+    mixer = Involution(
+        place.width, kernel_size=config.kernel_size, group_channels=config.group_channels, reduction=config.reduction
+    )
+    return with_projections(mixer, place.width) if config.projections else mixer
+
+
+@register_mixer("dynamic_conv")
+def _dynamic_conv(config: MixerConfig, place: MixerPlace) -> nn.Module:
+    args = dict(num_kernels=config.num_kernels, reduction=config.reduction, temperature=config.temperature)
+    mixer = DynamicConv(place.width, kernel_size=config.kernel_size, **args)
+    return with_projections(mixer, place.width) if config.projections else mixer
+
+
+@register_mixer("odconv")
+def _odconv(config: MixerConfig, place: MixerPlace) -> nn.Module:
+    args = dict(num_kernels=config.num_kernels, reduction=config.reduction, temperature=config.temperature)
+    mixer = ODConv(place.width, kernel_size=config.kernel_size, **args)
+    return with_projections(mixer, place.width) if config.projections else mixer
+
+
+@register_mixer("outlook_attention")
+def _outlook_attention(config: MixerConfig, place: MixerPlace) -> nn.Module:
+    heads = place.width // config.head_dim
+    return OutlookAttention(place.width, kernel_size=config.kernel_size, heads=heads, stride=config.stride)
 
 
 # FFNs: (in channels, hidden, out channels) -> module.

@@ -1,4 +1,5 @@
-"""ContMix operators: the neighbourhood aggregation NA and the fused softmax + NA.
+"""ContMix operators: the neighbourhood aggregation NA and the fused softmax + NA; and 2-D
+neighbourhood attention on the same clamped windows (`neighborhood_attention`, kernels/neighborhood.py).
 
 Layering (see STYLE.md): these functions check shapes and arguments and give clear errors ->
 `ops` (torch.library custom ops with autograd and fake implementations, and the backend
@@ -9,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from . import ops, reference
+from . import neighborhood, ops, reference
 from .ops import BACKENDS
 
-__all__ = ["BACKENDS", "check_backend", "aggregate", "contmix", "reference"]
+__all__ = ["BACKENDS", "check_backend", "aggregate", "contmix", "neighborhood_attention", "reference"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -99,3 +100,53 @@ def contmix(
             f"rpb must have shape (heads, 2K-1, 2K-1)=({logits.shape[1]}, {span}, {span}), got {tuple(rpb.shape)}"
         )
     return ops.contmix(logits, rpb, value, kernel_size, backend)
+
+
+def neighborhood_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    rpb: torch.Tensor | None,
+    kernel_size: int,
+    *,
+    dilation: int = 1,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """2-D neighbourhood attention (NAT) over ContMix's clamped K x K windows, with relative position bias.
+
+    out[x] = sum_s softmax_s(query[x] . key[n(x, s)] + rpb[offset(x, s)]) value[n(x, s)], windows and
+    bias index as in `contmix` (see kernels/neighborhood.py). query/key/value (B, heads, H, W, c),
+    all the same shape; rpb (heads, 2K-1, 2K-1) or None; the query is used as given (scale it
+    first). Returns (B, heads, H, W, c) in value's dtype; differentiable in all four tensors; the
+    fast backends save one log-sum-exp per position, never the probability map. `dilation` d:
+    NATTEN's dilated windows (every d-th position, per residue sub-grid), so H and W must be
+    >= kernel_size * d. `backend` as for `contmix`.
+    """
+    check_backend(backend)
+    _check_kernel_size(kernel_size)
+    if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
+        raise ValueError(f"dilation must be a positive int, got {dilation!r}")
+    _check_tensor("value", value, value.device if isinstance(value, torch.Tensor) else None)
+    _check_tensor("query", query, value.device)
+    _check_tensor("key", key, value.device)
+    for name, tensor in (("query", query), ("key", key), ("value", value)):
+        if dilation > 1 and tensor.dim() == 5 and min(tensor.shape[2:4]) < kernel_size * dilation:
+            raise ValueError(
+                f"{name}: H and W must be >= kernel_size * dilation = {kernel_size * dilation}, "
+                f"got H={tensor.shape[2]}, W={tensor.shape[3]}"
+            )
+        _check_map(name, tensor, kernel_size, None)
+    if query.shape != value.shape or key.shape != value.shape:
+        raise ValueError(
+            "query, key and value must have the same shape (B, heads, H, W, c), got "
+            f"{tuple(query.shape)}, {tuple(key.shape)} and {tuple(value.shape)}"
+        )
+    if rpb is not None:
+        _check_tensor("rpb", rpb, value.device)
+        side = 2 * kernel_size - 1
+        if rpb.dim() != 3 or tuple(rpb.shape) != (value.shape[1], side, side):
+            raise ValueError(
+                f"rpb must be None or have shape (heads, 2K-1, 2K-1)=({value.shape[1]}, {side}, {side}), "
+                f"got {tuple(rpb.shape)}"
+            )
+    return neighborhood.dilated(query, key, value, rpb, kernel_size, dilation, backend)

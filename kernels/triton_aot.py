@@ -33,7 +33,7 @@ from triton.compiler import ASTSource
 from . import triton_kernels
 
 _POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
-_FLOAT32_POINTERS = ("rpb_ptr", "lse_ptr", "drpb_ptr")  # bias table, statistics, bias gradient
+_FLOAT32_POINTERS = ("rpb_ptr", "lse_ptr", "drpb_ptr", "delta_ptr")  # bias table, statistics, bias gradient
 
 
 @dataclass(frozen=True)
@@ -92,10 +92,12 @@ def compile_ahead(
     softmax: bool = True,
     arch: int = 90,
     num_warps: int = 4,
+    neighborhood: bool = False,
 ) -> list[KernelResources]:
     """Compile the forward and both backward kernels of one call shape for `sm_<arch>`; return their resources.
 
-    softmax=True is the fused `contmix`, False the plain `aggregate`. Raises RuntimeError when the
+    softmax=True is the fused `contmix`, False the plain `aggregate`; neighborhood=True compiles the
+    neighbourhood-attention kernels instead (triton_neighborhood.py; softmax then means "with a bias"). Raises RuntimeError when the
     kernels were defined for the interpreter, or when the CUDA tools are missing.
     """
     if triton_kernels.INTERPRETED:
@@ -106,8 +108,11 @@ def compile_ahead(
         raise ValueError(f"dtype must be one of {sorted(str(d) for d in _POINTER_TYPES)}, got {dtype}")
     target = GPUTarget("cuda", arch, 32)
     results = []
-    for name, config in triton_kernels.launch_configs(width, kernel_size, channels, softmax).items():
-        fn = getattr(triton_kernels, name)
+    module = triton_kernels
+    if neighborhood:
+        from . import triton_neighborhood as module
+    for name, config in module.launch_configs(width, kernel_size, channels, softmax).items():
+        fn = getattr(module, name)
         source = ASTSource(fn, _signature(fn, dtype, config), constexprs=config)
         compiled = triton.compile(source, target=target, options={"num_warps": num_warps})
         usage = _ptxas_report(compiled.asm["ptx"], arch)
@@ -138,10 +143,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200, 80: A100)")
     parser.add_argument("--aggregate", action="store_true", help="the plain aggregation instead of the fused op")
+    parser.add_argument("--neighborhood", action="store_true", help="the neighbourhood-attention kernels instead")
     args = parser.parse_args(argv)
     for width, kernel_size, channels in args.shapes:
         for item in compile_ahead(
-            width, kernel_size, channels, getattr(torch, args.dtype), softmax=not args.aggregate, arch=args.arch
+            width,
+            kernel_size,
+            channels,
+            getattr(torch, args.dtype),
+            softmax=not args.aggregate,
+            arch=args.arch,
+            neighborhood=args.neighborhood,
         ):
             print(json.dumps({"width": width, "kernel_size": kernel_size, "channels": channels, **asdict(item)}))
 

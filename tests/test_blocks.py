@@ -41,6 +41,12 @@ MIXER_ARGS = {  # arguments a basic-block stage of width 16 needs beyond the sta
     "dwconv": {"kernel_size": 3},
     "contmix": {"groups": 2, "small_kernel_size": 3, "region_centers": 3},
     "identity": {},
+    "neighborhood_attention": {"head_dim": 8},
+    "window_attention": {"head_dim": 8},  # depth 2: the second block is shifted
+    "involution": {"group_channels": 8},
+    "dynamic_conv": {"projections": True},
+    "odconv": {},
+    "outlook_attention": {"head_dim": 8, "stride": 2},
 }
 
 

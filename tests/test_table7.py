@@ -1,0 +1,75 @@
+"""The paper's Table 7 (token mixers on a Swin-like test bed) as specs: they build, take a training
+step at a size where the /32 stage is 2x2 (smaller than every window), land within 10% of the
+paper's parameter counts (ContMix excepted, see below); the mixers' schema rules name the field."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from overlock import archspec
+from overlock.archspec.paper import paper_rows
+from overlock.builder import build, inference_params
+from overlock.errors import SpecError
+
+TABLE7 = paper_rows("table7")
+# contmix.yaml is the stand-alone ContMix layer (self context) in the test bed: ~9.9M against the
+# paper's 13.1M; the paper's count implies more around ContMix than the layer itself (issue notes).
+WITHIN_10_PERCENT = [row for row in TABLE7 if row.path.stem != "contmix"]
+
+
+def test_table7_has_every_mixer_of_the_issue():
+    names = {row.path.stem for row in TABLE7}
+    assert {"contmix", "neighborhood-attention", "shifted-window", "involution", "dynamic-conv"} <= names
+    assert {"odconv", "volo"} <= names
+
+
+@pytest.mark.parametrize("row", WITHIN_10_PERCENT, ids=lambda r: r.path.stem)
+def test_table7_inference_params_are_within_10_percent_of_the_paper(row):
+    params = inference_params(archspec.load(row.path)) / 1e6
+    assert abs(params - row.mparams) <= 0.10 * row.mparams, f"{params:.2f}M vs paper {row.mparams}M"
+
+
+@pytest.mark.parametrize("row", TABLE7, ids=lambda r: r.path.stem)
+def test_table7_specs_build_and_take_a_training_step(row):
+    torch.manual_seed(0)
+    model = build(row.path, overrides=["head.num_classes=4"]).train()
+    logits = model(torch.randn(2, 3, 64, 64))  # the /32 stage at 2x2
+    logits.square().mean().backward()
+    assert logits.shape == (2, 4)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_shifted_window_spec_shifts_every_other_block():
+    model = build(next(r.path for r in TABLE7 if r.path.stem == "shifted-window"))
+    shifts = [m.shift for m in model.modules() if type(m).__name__ == "WindowAttention"]
+    assert shifts == [False, True] * 6
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "text"),
+    [
+        (["stages.1.block.mixer.head_dim=48"], "stages[1].width", "not divisible by head_dim=48"),
+        (["stages.0.kernel_size=6"], "stages[0].kernel_size", "even"),
+    ],
+)
+def test_attention_mixer_rules_name_the_field(overrides, field, text):
+    path = next(r.path for r in TABLE7 if r.path.stem == "neighborhood-attention")
+    with pytest.raises(SpecError) as info:
+        archspec.load(path, overrides)
+    assert field in str(info.value) and text in str(info.value)
+
+
+def test_involution_group_channels_must_divide_the_width():
+    path = next(r.path for r in TABLE7 if r.path.stem == "involution")
+    with pytest.raises(SpecError) as info:
+        archspec.load(path, ["stages.0.block.mixer.group_channels=24"])
+    message = str(info.value)
+    assert "stages[0].block.mixer.group_channels" in message and "does not divide the width 64" in message
+
+
+def test_dynamic_conv_temperature_must_be_positive():
+    path = next(r.path for r in TABLE7 if r.path.stem == "dynamic-conv")
+    with pytest.raises(SpecError) as info:
+        archspec.load(path, ["stages.0.block.mixer.temperature=0"])
+    assert "stages[0].block.mixer.temperature" in str(info.value)
