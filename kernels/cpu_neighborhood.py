@@ -66,8 +66,8 @@ def na_forward(
     out = shapes.flat(result)
     lse = torch.empty(value.shape[:4], dtype=shapes.dtype, device=value.device)
     lse_rows = lse.view(shapes.rows, shapes.positions)
-    for start in shapes.chunks():
-        stop = min(start + shapes.chunk, shapes.rows)
+
+    def work(start: int, stop: int) -> None:  # rows start:stop only: chunks may run in parallel
         probs = _biased_logits(q, k, bias, start, stop, shapes)
         peak = probs.amax(dim=-1, keepdim=True)
         probs -= peak
@@ -76,6 +76,8 @@ def na_forward(
         probs /= total
         lse_rows[start:stop] = (peak + total.log_()).squeeze(-1)
         cpu._aggregate_rows(probs, v[start:stop], shapes.plan, out[start:stop])
+
+    cpu._run_chunks(work, shapes)
     return result.to(value.dtype), lse
 
 
@@ -98,9 +100,8 @@ def na_backward(
         for _ in range(3)
     ]
     dq, dk, dv = grads
-    dbias = None if bias is None else torch.zeros_like(bias)
-    for start in shapes.chunks():
-        stop = min(start + shapes.chunk, shapes.rows)
+
+    def work(start: int, stop: int) -> torch.Tensor | None:  # rows start:stop only; returns its bias share
         grad_rows = g[start:stop].to(shapes.dtype)
         probs = _biased_logits(q, k, bias, start, stop, shapes)
         probs -= lse[start:stop].to(shapes.dtype).unsqueeze(-1)
@@ -112,10 +113,15 @@ def na_backward(
         dz -= torch.linalg.vecdot(grad_rows, o[start:stop].to(shapes.dtype)).unsqueeze(-1)
         dz *= probs
         del probs
-        if dbias is not None:
-            dbias.index_add_(0, shapes.head_of_row[start:stop], dz)
+        share = None
+        if bias is not None:
+            share = torch.zeros_like(bias).index_add_(0, shapes.head_of_row[start:stop], dz)
         cpu._aggregate_rows(dz, k[start:stop], plan, dq[start:stop])
         _transposed_aggregate(dz, q[start:stop], plan, dk[start:stop])
+        return share
+
+    shares = cpu._run_chunks(work, shapes)
+    dbias = None if bias is None else torch.stack(shares).sum(0)
     drpb = None
     if rpb is not None:
         index = reference.rpb_index(shapes.height, shapes.width, kernel_size, rpb.device).flatten()

@@ -278,3 +278,25 @@ def test_fvcore_counts_query_key_and_aggregation_products():
         counts = analysis.by_operator()
     # B * heads * H * W * K*K * (c for q.k + c for a.v), c = 8 / 2
     assert counts["neighborhood_attention"] == 1 * 2 * 5 * 6 * 9 * (4 + 4)
+
+
+def test_cpu_path_in_the_chunk_worker_pool_matches_the_reference(monkeypatch):
+    """With two threads and tiny chunks, chunks run in kernels/cpu.py's worker pool: same numbers."""
+    import overlock.kernels.cpu as cpu
+
+    monkeypatch.setattr(cpu, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(cpu, "MIN_CHUNK_BYTES", 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(3, 4, 11, 9, 5, generator=gen, dtype=torch.float64, requires_grad=True) for _ in "qkv")
+        rpb = torch.randn(4, 9, 9, generator=gen, dtype=torch.float64, requires_grad=True)
+        results = []
+        for backend in ("cpu", "reference"):
+            out = kernels.neighborhood_attention(q, k, v, rpb, 5, backend=backend)
+            results.append((out, *torch.autograd.grad(out.square().sum(), [q, k, v, rpb])))
+        for ours, reference in zip(*results, strict=True):
+            torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-12)
+    finally:
+        torch.set_num_threads(threads)
