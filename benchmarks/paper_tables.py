@@ -26,14 +26,14 @@ def table(name: str) -> str:
         "| row | spec | params (M), paper | overlock | diff | GFLOPs, paper | overlock |",
         "|---|---|---|---|---|---|---|",
     ]
-    for row in paper_rows(name):
+    for number, row in enumerate(paper_rows(name), start=1):
         spec = archspec.load(row.path)
         params = inference_params(spec) / 1e6
         model = build(spec, deploy=True).eval()
         gflops = count_flops(model).total / 1e9
         diff = 100 * (params - row.mparams) / row.mparams
         lines.append(
-            f"| {row.path.stem[:2]} | `{row.path.stem}` | {row.mparams:.1f} | {params:.2f} | {diff:+.1f}% "
+            f"| {number:02d} | `{row.path.stem}` | {row.mparams:.1f} | {params:.2f} | {diff:+.1f}% "
             f"| {row.gflops:.1f} | {gflops:.2f} |"
         )
         print(lines[-1], flush=True)
