@@ -229,7 +229,9 @@ def plot(rows: list[dict[str, Any]], output: Path, labels: list[str] | None = No
     from ..checkpoint import write_atomic
 
     xk, yk = plot_axes(rows)
-    labels = labels or [r["name"] or r["source"] for r in rows]
+    if labels is None:
+        names = [r["name"] or r["source"] for r in rows]
+        labels = names if len(set(names)) == len(names) else [r["source"] for r in rows]
     points = [(r[xk] * SCALE[xk], r[yk] * SCALE[yk]) for r in rows]
     front = pareto_front(points, BETTER_LARGER[xk], BETTER_LARGER[yk])
     fig, ax = plt.subplots(figsize=(7, 4.8))
@@ -242,7 +244,7 @@ def plot(rows: list[dict[str, Any]], output: Path, labels: list[str] | None = No
     for (x, y), text in zip(points, labels, strict=True):
         ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel(LABELS[xk] + (" (higher is better)" if BETTER_LARGER[xk] else " (lower is better)"))
-    ax.set_ylabel(LABELS[yk])
+    ax.set_ylabel(LABELS[yk] + (" (higher is better)" if BETTER_LARGER[yk] else " (lower is better)"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -63,3 +63,138 @@ def test_diagram_pyramid_draws_the_feedback_arrow():
 def test_diagram_refuses_an_unknown_format(tmp_path):
     result = run("diagram", "pico", "-o", str(tmp_path / "net.txt"))
     assert result.exit_code == 2 and ".svg" in result.output and not (tmp_path / "net.txt").exists()
+
+
+# --- compare -------------------------------------------------------------------------------------
+
+
+def test_pareto_front_keeps_exactly_the_undominated_points():
+    # x = FLOPs (lower better), y = top-1 (higher better)
+    points = [(1.0, 0.5), (2.0, 0.7), (2.0, 0.6), (3.0, 0.7), (0.5, 0.4)]
+    assert sorted(pareto_front(points, x_larger=False, y_larger=True)) == [0, 1, 4]
+    # both costs (FLOPs, params): only the lower-left corner survives
+    assert pareto_front([(1, 1), (2, 2), (1, 3)], x_larger=False, y_larger=False) == [0]
+
+
+def test_compare_json_rows_match_build_and_flops(tmp_path):
+    from overlock.builder import build
+    from overlock.builder.flops import count_flops
+    from overlock.builder.summary import count_params
+
+    plot = tmp_path / "cmp.png"
+    result = run(
+        "compare", "pico", "pico", "--set", "base.stages.2.depth=1", "--input-size", "32", "--json", "--plot", str(plot)
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    model = build("pico", overrides=["base.stages.2.depth=1"])
+    assert len(rows) == 2 and rows[0]["params"] == count_params(model)
+    assert rows[0]["flops"] == count_flops(model.reparameterize(), (32, 32)).total
+    assert rows[0]["inference_params"] < rows[0]["params"]  # no aux head, re-parameterised
+    assert plot.stat().st_size > 1000
+
+
+def test_compare_reports_an_invalid_spec_on_one_screen():
+    result = run("compare", "pico", "--set", "focus.stages.0.groups=3")
+    assert result.exit_code == 2 and "groups" in result.output and "Traceback" not in result.output
+
+
+# --- sweep ---------------------------------------------------------------------------------------
+
+
+def test_sweep_skips_invalid_variants_writes_specs_and_resumes(tmp_path):
+    out = tmp_path / "sweep"
+    args = ["sweep", "pico", "--grid", "focus.stages.0.groups=2,3", "--grid", "base.stages.2.depth=1,2"]
+    args += ["--input-size", "32", "--out", str(out)]
+    first = run(*args)
+    assert first.exit_code == 0, first.output
+    assert first.output.count("skipped") == 2 and "not divisible" in first.output  # groups=3: 64 % 12
+    assert "2 valid of 4 variants" in first.output and "(0 reused, 2 run)" in first.output
+    specs = sorted((out / "variants").glob("*.yaml"))
+    assert len(specs) == 2
+    depths = sorted(archspec.load(str(p)).base.stages[2].depth for p in specs)
+    assert depths == [1, 2]
+    summary = json.loads((out / "sweep.json").read_text())
+    assert summary["finished"] == 2 and sum(not v["valid"] for v in summary["variants"]) == 2
+    again = run(*args, "--json")
+    assert again.exit_code == 0 and len(json.loads(again.stdout)) == 2
+    assert "(2 reused, 0 run)" in run(*args).output
+
+
+def test_sweep_interrupted_keeps_finished_results(tmp_path):
+    from overlock.explore.sweep import expand, parse_grid, run_sweep
+
+    plan = expand("pico", [], parse_grid(["base.stages.2.depth=1,2"]))
+    seen = []
+
+    def stop_after_first(event, variant, row):
+        seen.append(event)
+        if event == "done":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(plan, tmp_path, (32, 32), on_progress=stop_after_first)
+    assert len(list((tmp_path / "results").glob("*.json"))) == 1
+    events = []
+    run_sweep(plan, tmp_path, (32, 32), on_progress=lambda e, v, r: events.append(e))
+    assert events == ["cached", "start", "done"]
+
+
+def test_sweep_with_training_reports_top1(tmp_path, tiny_spec):
+    out = tmp_path / "sweep"
+    result = run(
+        "sweep", str(tiny_spec), "--grid", "base.stages.2.depth=1,2", "--input-size", "32", "--out", str(out),
+        "--train", "synthetic:classes=2,train=8,val=4", "--batch-size", "8", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert len(rows) == 2 and all(0.0 <= r["top1"] <= 1.0 and r["best_epoch"] == 1 for r in rows)
+    assert all((out / "runs" / r["variant"] / "best.pt").is_file() for r in rows)
+
+
+def test_grid_errors_are_user_errors():
+    assert run("sweep", "pico", "--grid", "depth").exit_code == 2
+    assert run("sweep", "pico", "--grid", "a=1", "--grid", "a=2").exit_code == 2
+
+
+# --- erf -----------------------------------------------------------------------------------------
+
+
+class _OneConv(torch.nn.Module):
+    """A one-stage 'network' whose ERF is known: a 3x3 conv of ones with 2 output channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stage = torch.nn.Conv2d(1, 2, 3, padding=1, bias=False)
+        torch.nn.init.ones_(self.stage.weight)
+        self.spec = type("S", (), {"name": "one-conv", "stages_in_order": lambda self: [("stage", None, 2)]})()
+
+    def forward_features(self, x):
+        return self.stage(x), None
+
+
+def test_erf_map_of_a_box_filter_is_the_box():
+    scores = contribution_map(_OneConv(), "stage", torch.randn(3, 1, 9, 9))
+    expected = np.zeros((9, 9))
+    expected[3:6, 3:6] = 2.0  # d(sum of 2 channels at the centre)/dx = 2 on the 3x3 window
+    np.testing.assert_allclose(scores, expected)
+    assert square_shares(scores) == {0.2: 9 / 81, 0.5: 9 / 81, 0.9: 9 / 81}
+    shares = pixel_shares(scores)
+    assert shares[0.2] == 2 / 81 and shares[0.9] == 9 / 81  # 20% of 9 equal pixels: 2 of them
+
+
+def test_erf_cli_on_pico_gives_growing_receptive_fields(tmp_path):
+    shares = {}
+    for layer in ("base.stages.0", "focus.stages.1"):
+        out = tmp_path / f"{layer}.png"
+        result = run("erf", "pico", "--layer", layer, "--images", "2", "--input-size", "64", "-o", str(out), "--json")
+        assert result.exit_code == 0, result.output
+        shares[layer] = json.loads(result.stdout)["area_share_square"]
+        assert out.stat().st_size > 1000
+    # at 64 px every stage of pico sees the whole image (SE, 17x17 kernels at /4); the core still widens
+    assert shares["base.stages.0"]["0.2"] < shares["focus.stages.1"]["0.2"]
+
+
+def test_erf_unknown_layer_lists_the_valid_ones(tmp_path):
+    result = run("erf", "pico", "--layer", "stages.9", "-o", str(tmp_path / "e.png"), "--input-size", "32")
+    assert result.exit_code == 2 and "focus.stages.0" in result.output
