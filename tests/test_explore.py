@@ -198,3 +198,17 @@ def test_erf_cli_on_pico_gives_growing_receptive_fields(tmp_path):
 def test_erf_unknown_layer_lists_the_valid_ones(tmp_path):
     result = run("erf", "pico", "--layer", "stages.9", "-o", str(tmp_path / "e.png"), "--input-size", "32")
     assert result.exit_code == 2 and "focus.stages.0" in result.output
+
+
+def test_measure_times_the_eval_forward_and_reports_memory():
+    from overlock.builder import build
+    from overlock.explore.compare import measure
+
+    model = build("pico", deploy=True)
+    model.train()
+    calls = []
+    handle = model.register_forward_hook(lambda m, i, o: calls.append((m.training, i[0].shape[0])))
+    result = measure(model, (32, 32), batch=2, seconds=0.0, warmup=1)
+    handle.remove()
+    assert len(calls) == 1 + 3 and all(not training and batch == 2 for training, batch in calls)
+    assert result["images_per_s"] > 0 and result["peak_memory_mib"] > 0 and result["batch"] == 2
