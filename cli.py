@@ -425,11 +425,12 @@ def sweep(
     """Expand a grid of --set overrides on SPEC, validate each, write them to --out and compare the valid ones."""
     from .explore.compare import TrainSettings
     from .explore.compare import plot as draw_plot
-    from .explore.sweep import expand, parse_grid, run_sweep
+    from .explore.sweep import SweepDir, expand, parse_grid, run_sweep
 
     size = _parse_input_size(input_size)
     plan = expand(spec, list(set_ or []), parse_grid(grid))
     out = out or Path("sweeps") / (archspec.load(spec, set_).name or Path(spec).stem)
+    SweepDir(out)  # a file in the way is an error before anything is printed or run
     settings = TrainSettings(train, epochs=epochs, batch_size=batch_size) if train else None
     err = make_console() if not (as_json or as_csv) else console.__class__(stderr=True, highlight=False)
     for v in plan.invalid:

@@ -212,3 +212,14 @@ def test_measure_times_the_eval_forward_and_reports_memory():
     handle.remove()
     assert len(calls) == 1 + 3 and all(not training and batch == 2 for training, batch in calls)
     assert result["images_per_s"] > 0 and result["peak_memory_mib"] > 0 and result["batch"] == 2
+
+
+def test_erf_reads_weights_and_refuses_ones_that_do_not_fit(tmp_path):
+    saved = tmp_path / "pico.pt"
+    assert run("build", "pico", "--save", str(saved)).exit_code == 0
+    args = ["erf", "pico", "--weights", str(saved), "--images", "1", "--input-size", "32", "--json"]
+    result = run(*args, "-o", str(tmp_path / "e.png"))
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["layer"] == "focus.stages.1"  # the last stage by default
+    wrong = run(*args, "-o", str(tmp_path / "f.png"), "--set", "base.stages.2.depth=1")
+    assert wrong.exit_code == 2 and "do not fit" in wrong.output and not (tmp_path / "f.png").exists()
