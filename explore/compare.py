@@ -141,11 +141,12 @@ def trained_row(source: str, overrides: list[str], settings: TrainSettings, out:
     """Train through `training.runner.train` (its output kept in `out`/train.log); best val top-1."""
     from rich.console import Console
 
+    from ..checkpoint import write_atomic
     from ..training.runner import train
 
     log = io.StringIO()
     result = train(settings.options(source, overrides), out=out, overwrite=True, console=Console(file=log, width=120))
-    (out / "train.log").write_text(log.getvalue())
+    write_atomic(out / "train.log", lambda handle: handle.write(log.getvalue().encode("utf-8")))
     return {
         "top1": result.best_top1,
         "best_epoch": result.best_epoch,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,8 @@ from overlock.explore.diagram import layout
 from overlock.explore.erf import contribution_map, pixel_shares, square_shares
 
 runner = CliRunner()
-RECURRENT = "specs/paper/table6/06-recurrent.yaml"
+REPO = Path(__file__).resolve().parents[1]
+RECURRENT = str(REPO / "specs/paper/table6/06-recurrent.yaml")
 
 
 def run(*args: str):
@@ -30,14 +32,11 @@ def _svg_text(path) -> str:
 
 @pytest.mark.parametrize("spec", ["pico", RECURRENT])
 def test_diagram_svg_names_every_stage_with_width_depth_and_resolution(tmp_path, spec):
-    from overlock.cli import __file__ as cli_file
-
-    source = spec if spec == "pico" else str(__import__("pathlib").Path(cli_file).parent / spec)
     out = tmp_path / "net.svg"
-    result = run("diagram", source, "-o", str(out), "--input-size", "64")
+    result = run("diagram", spec, "-o", str(out), "--input-size", "64")
     assert result.exit_code == 0, result.output
     text = _svg_text(out)
-    resolved = archspec.load(source)
+    resolved = archspec.load(spec)
     for path, stage, _ in resolved.stages_in_order():
         assert path in text and f"{stage.width} x {stage.depth}" in text
     assert "16x16 (/4)" in text and "2x2 (/32)" in text  # 64 px input: stem /4 ... deepest /32
@@ -52,11 +51,7 @@ def test_diagram_dds_feeds_the_prior_into_every_focus_stage():
 
 
 def test_diagram_pyramid_draws_the_feedback_arrow():
-    from pathlib import Path
-
-    from overlock.cli import __file__ as cli_file
-
-    _, arrows = layout(archspec.load(str(Path(cli_file).parent / RECURRENT)), (224, 224))
+    _, arrows = layout(archspec.load(RECURRENT), (224, 224))
     assert ("stages.3", "stages.2", "feedback") in arrows
 
 
