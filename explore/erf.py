@@ -121,7 +121,7 @@ def measure_erf(model: torch.nn.Module, layer: str, images: torch.Tensor) -> ERF
 
 
 def plot_erf(erf: ERF, output: Path, title: str) -> None:
-    """The map as a log-scaled heatmap: log10 of the map over its maximum, six decades shown."""
+    """The map as a log-scaled heatmap: log10 of the map over its maximum, colours over its own range."""
     suffix = output.suffix.lower().lstrip(".")
     if suffix not in ("png", "svg", "pdf"):
         raise OverlockError(f"-o {output}: give a file ending in .png, .svg or .pdf")
@@ -133,13 +133,15 @@ def plot_erf(erf: ERF, output: Path, title: str) -> None:
     from ..checkpoint import write_atomic
 
     scores = erf.map / max(erf.map.max(), 1e-30)
-    shown = np.log10(scores + 1e-6)  # six decades: the long tail a large kernel leaves stays visible
+    shown = np.log10(scores + 1e-6)  # log scale: the long tail a large kernel leaves stays visible
     fig, ax = plt.subplots(figsize=(4.6, 4.2))
-    image = ax.imshow(shown, cmap="RdYlGn", vmin=-6, vmax=0)
+    # colours span this map's own range (as in the paper's figure), at most six decades
+    image = ax.imshow(shown, cmap="RdYlGn", vmin=max(float(shown.min()), -6.0), vmax=0)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="log10 contribution (max = 0)")
-    shares = ", ".join(f"{int(100 * t)}%: {100 * v:.1f}%" for t, v in erf.square.items())
+    shares = " / ".join(f"{100 * v:.1f}" for v in erf.square.values())
+    held = "/".join(f"{int(100 * t)}" for t in erf.square)
     ax.set_title(f"{title}\n{erf.layer}, {erf.images} images, {erf.input_size[0]}x{erf.input_size[1]}", fontsize=9)
-    ax.set_xlabel(f"area share (centred square) holding {shares}", fontsize=7)
+    ax.set_xlabel(f"{held}% of the total lie in {shares}% of the area", fontsize=8)
     ax.set_xticks([])
     ax.set_yticks([])
     fig.tight_layout()
