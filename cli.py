@@ -326,17 +326,22 @@ def _render_rows(rows: list[dict], title: str, as_json: bool, as_csv: bool, labe
     table = Table(title=escape(title), title_justify="left", min_width=len(title))
     if labels is None and len({r["name"] for r in rows}) < len(rows):  # same names: say which file each is
         labels = [r["source"] for r in rows]
+    if labels is not None and len({r["name"] for r in rows}) == 1:  # a sweep: one name, the variant says it all
+        columns.remove("name")
+    table.add_column("#", justify="right")  # the number a crowded --plot labels each point with
     if labels is not None:
         table.add_column("variant")
     for column in columns:
         table.add_column(column.replace("_", " "), justify="left" if column == "name" else "right")
     for i, row in enumerate(rows):
         cells = [escape(format_cell(c, row.get(c))) for c in columns]
-        table.add_row(*([escape(labels[i])] if labels is not None else []), *cells)
+        table.add_row(str(i + 1), *([escape(labels[i])] if labels is not None else []), *cells)
     console.print(table)
 
 
-def _explore_progress():
+def _explore_progress(quiet_stdout: bool = False):
+    """Progress on the terminal; on stderr when stdout carries --json/--csv."""
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(
@@ -344,7 +349,7 @@ def _explore_progress():
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        console=console,
+        console=Console(stderr=True) if quiet_stdout else console,
         transient=True,
     )
 
@@ -380,7 +385,10 @@ def compare(
         archspec.load(source, set_)
     settings = TrainSettings(train, epochs=epochs, batch_size=batch_size) if train else None
     rows = []
-    with tempfile.TemporaryDirectory(prefix="overlock-compare-") as scratch, _explore_progress() as progress:
+    with (
+        tempfile.TemporaryDirectory(prefix="overlock-compare-") as scratch,
+        _explore_progress(as_json or as_csv) as progress,
+    ):
         task = progress.add_task("compare", total=len(specs))
         for i, source in enumerate(specs):
             progress.update(task, description=f"compare {escape(source)}")
@@ -425,7 +433,7 @@ def sweep(
     """Expand a grid of --set overrides on SPEC, validate each, write them to --out and compare the valid ones."""
     from .explore.compare import TrainSettings
     from .explore.compare import plot as draw_plot
-    from .explore.sweep import SweepDir, expand, parse_grid, run_sweep
+    from .explore.sweep import SweepDir, expand, parse_grid, run_sweep, short_label
 
     size = _parse_input_size(input_size)
     plan = expand(spec, list(set_ or []), parse_grid(grid))
@@ -441,7 +449,7 @@ def sweep(
     err.print(f"{len(plan.valid)} valid of {len(plan.variants)} variants -> {escape(str(out))}")
     done = {"cached": 0, "run": 0}
     try:
-        with _explore_progress() as progress:
+        with _explore_progress(as_json or as_csv) as progress:
             task = progress.add_task("sweep", total=len(plan.valid))
 
             def report(event, variant, row) -> None:
@@ -459,7 +467,7 @@ def sweep(
         )
         raise typer.Exit(130) from None
     if plot is not None and rows:
-        draw_plot(rows, plot, labels=[r["label"] for r in rows])
+        draw_plot(rows, plot, labels=[short_label(r["overrides"]) for r in rows])
     _render_rows(
         rows,
         f"sweep of {spec} at {size[0]}x{size[1]} ({done['cached']} reused, {done['run']} run)",

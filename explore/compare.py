@@ -239,11 +239,24 @@ def plot(rows: list[dict[str, Any]], output: Path, labels: list[str] | None = No
     others = [p for i, p in enumerate(points) if i not in front]
     if others:
         ax.scatter(*zip(*others, strict=True), color="#6d9eeb", s=28, label="variant", zorder=2)
-    on_front = sorted((points[i] for i in front), key=lambda p: p[0])
-    ax.scatter(*zip(*on_front, strict=True), color="#cc0000", s=46, marker="D", label="Pareto front", zorder=3)
-    ax.plot(*zip(*on_front, strict=True), color="#cc0000", lw=1.2, ls="--", zorder=1)
-    for (x, y), text in zip(points, labels, strict=True):
-        ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    best = sorted((points[i] for i in front), key=lambda p: p[0])
+    ax.scatter(*zip(*best, strict=True), color="#cc0000", s=46, marker="D", label="Pareto front", zorder=3)
+    ax.plot(*zip(*best, strict=True), color="#cc0000", lw=1.2, ls="--", zorder=1)
+    # Many points: the front gets full labels, the others their row number (the table's #), so that
+    # labels do not pile up; every point stays identifiable.
+    crowded = len(points) > 8
+    for i, ((x, y), text) in enumerate(zip(points, labels, strict=True)):
+        shown = f"{i + 1}: {text}" if i in front else str(i + 1) if crowded else text
+        on_front = i in front  # below-right and red: clear of the numbers above the points
+        note = ax.annotate(
+            shown,
+            (x, y),
+            textcoords="offset points",
+            xytext=(6, -11) if on_front else (3, 4),
+            fontsize=7,
+            color="#cc0000" if on_front else "black",
+        )
+        note.set_in_layout(False)
     ax.set_xlabel(LABELS[xk] + (" (higher is better)" if BETTER_LARGER[xk] else " (lower is better)"))
     ax.set_ylabel(LABELS[yk] + (" (higher is better)" if BETTER_LARGER[yk] else " (lower is better)"))
     ax.grid(alpha=0.3)

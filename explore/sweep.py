@@ -43,6 +43,11 @@ def parse_grid(entries: list[str]) -> list[tuple[str, list[str]]]:
     return grid
 
 
+def short_label(overrides: list[str]) -> str:
+    """'focus.stages.0.groups=4 base.stages.2.depth=2' -> 'groups=4 depth=2' (for plots)."""
+    return " ".join(f"{key.rsplit('.', 1)[-1]}={value}" for key, _, value in (o.partition("=") for o in overrides))
+
+
 def variant_id(overrides: list[str]) -> str:
     return hashlib.sha1("\n".join(overrides).encode()).hexdigest()[:10]
 
