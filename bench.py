@@ -45,7 +45,7 @@ class BenchSettings:
     """What to measure; the defaults are the issue's CPU measurement (batch 8, 224, inference)."""
 
     batch_size: int = 8
-    img_size: int = 224
+    img_size: int | tuple[int, int] = 224  # side of a square input, or (height, width)
     device: str = "cpu"
     threads: int | None = None
     train: bool = False
@@ -164,12 +164,19 @@ def _loss(output: torch.Tensor | dict | list, target: torch.Tensor) -> torch.Ten
     return nn.functional.cross_entropy(output, target)
 
 
+def image_size(settings: BenchSettings) -> tuple[int, int]:
+    size = settings.img_size
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
 def make_step(model: nn.Module, settings: BenchSettings, num_classes: int) -> Callable[[], object]:
     """One inference forward (no grad), or one training step (forward, loss, backward, AdamW)."""
     device = torch.device(settings.device)
     memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
     gen = torch.Generator().manual_seed(0)
-    image = torch.randn(settings.batch_size, 3, settings.img_size, settings.img_size, generator=gen)
+    height, width = image_size(settings)
+    channels = getattr(getattr(model, "spec", None), "in_channels", 3)
+    image = torch.randn(settings.batch_size, channels, height, width, generator=gen)
     image = image.to(device).contiguous(memory_format=memory_format)
     target = torch.randint(0, num_classes, (settings.batch_size,), generator=gen).to(device)
     runner = torch.compile(model) if settings.compile else model
@@ -411,8 +418,9 @@ def render(result: BenchResult) -> list:
     s = result.settings
     form = "training step" if s["train"] else ("inference, deploy form" if s["deploy"] else "inference")
     extras = [flag for flag in ("amp", "compile", "channels_last", "grad_checkpoint") if s[flag]]
+    size = "x".join(map(str, image_size(BenchSettings(img_size=s["img_size"]))))
     title = (
-        f"{result.name}: {form}, batch {s['batch_size']}, {s['img_size']}x{s['img_size']}, {result.device_name}, "
+        f"{result.name}: {form}, batch {s['batch_size']}, {size}, {result.device_name}, "
         f"{result.threads} thread(s)" + (f", {', '.join(extras)}" if extras else "")
     )
     summary = Table(title=title, title_justify="left")

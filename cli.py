@@ -371,6 +371,274 @@ def export(
         raise OverlockError(f"{report.path} does not compute what the PyTorch model computes (tolerance 1e-4)")
 
 
+# ---------------------------------------------------------------------------------------------
+# Design-space exploration (issue 12): diagram, compare, sweep, erf. The work is in explore/.
+
+InputSizeOpt = Annotated[str, typer.Option("--input-size", help="S for SxS, or H W (also HxW).")]
+TrainOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--train",
+        help="Also train each spec briefly on this data source (as for `overlock train --data`) and report "
+        "its best validation top-1.",
+        show_default=False,
+    ),
+]
+EpochsOpt = Annotated[int, typer.Option("--epochs", min=1, help="Epochs of each --train run.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Batch size of each --train run.")]
+MeasureOpt = Annotated[
+    bool, typer.Option("--measure", help="Also measure inference images/s and peak memory (deploy form).")
+]
+CsvOpt = Annotated[bool, typer.Option("--csv", help="Print CSV instead of tables.")]
+PlotOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--plot",
+        help="Write a trade-off plot: FLOPs (or images/s with --measure) vs top-1 (with --train, else params), "
+        "Pareto front marked.",
+        show_default=False,
+    ),
+]
+
+
+@app.command(cls=HelpCommand)
+@exit_on_user_error
+def diagram(
+    spec: SpecArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="The drawing: .svg, .png or .pdf.")],
+    input_size: InputSizeOpt = "224",
+    set_: SetOpt = None,
+) -> None:
+    """Draw the network like the paper's overview figure: every stage with width x depth, block and resolution."""
+    from .explore.diagram import draw
+
+    _refuse_overwriting_an_input(output, "-o", spec=spec)
+    boxes = draw(archspec.load(spec, set_), output, _parse_input_size(input_size))
+    console.print(f"wrote {plain(str(output))} ({len(boxes)} parts)")
+
+
+def _render_rows(rows: list[dict], title: str, as_json: bool, as_csv: bool, labels: list[str] | None = None) -> None:
+    from .explore.compare import format_cell, table_columns, to_csv
+
+    if as_json:
+        print(json.dumps(rows))
+        return
+    if as_csv:
+        sys.stdout.write(to_csv(rows))
+        return
+    columns = table_columns(rows)
+    table = Table(title=plain(title), title_justify="left", min_width=len(title))
+    if labels is None and len({r["name"] for r in rows}) < len(rows):  # same names: say which file each is
+        labels = [r["source"] for r in rows]
+    if labels is not None and len({r["name"] for r in rows}) == 1:  # a sweep: one name, the variant says it all
+        columns.remove("name")
+    table.add_column("#", justify="right")  # the number a crowded --plot labels each point with
+    if labels is not None:
+        table.add_column("variant")
+    for column in columns:
+        table.add_column(column.replace("_", " "), justify="left" if column == "name" else "right")
+    for i, row in enumerate(rows):
+        cells = [plain(format_cell(c, row.get(c))) for c in columns]
+        table.add_row(str(i + 1), *([plain(labels[i])] if labels is not None else []), *cells)
+    console.print(fit_table(table))
+
+
+def _explore_progress(quiet_stdout: bool = False):
+    """Progress on the terminal; on stderr when stdout carries --json/--csv."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True) if quiet_stdout else console,
+        transient=True,
+    )
+
+
+@app.command(cls=HelpCommand)
+@exit_on_user_error
+def compare(
+    specs: Annotated[list[str], typer.Argument(help="Preset names or spec YAML files.", show_default=False)],
+    set_: SetOpt = None,
+    input_size: InputSizeOpt = "224",
+    measure: MeasureOpt = False,
+    train: TrainOpt = None,
+    epochs: EpochsOpt = 1,
+    batch_size: BatchOpt = 32,
+    runs: Annotated[
+        Path | None,
+        typer.Option(
+            "--runs", help="Keep the --train runs in this directory (default: a temporary one).", show_default=False
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+    as_csv: CsvOpt = False,
+    plot: PlotOpt = None,
+) -> None:
+    """One table, one row per spec: parameters, inference parameters, FLOPs (and measured speed, top-1)."""
+    import tempfile
+
+    from .explore.compare import TrainSettings, compare_one
+    from .explore.compare import plot as draw_plot
+
+    size = _parse_input_size(input_size)
+    for source in specs:  # every spec valid before anything runs
+        archspec.load(source, set_)
+    settings = TrainSettings(train, epochs=epochs, batch_size=batch_size) if train else None
+    rows = []
+    with (
+        tempfile.TemporaryDirectory(prefix="overlock-compare-") as scratch,
+        _explore_progress(as_json or as_csv) as progress,
+    ):
+        task = progress.add_task("compare", total=len(specs))
+        for i, source in enumerate(specs):
+            progress.update(task, description=f"compare {plain(source)}")
+            train_dir = (runs or Path(scratch)) / f"{i:02d}-{Path(source).stem}" if settings else None
+            rows.append(
+                compare_one(source, list(set_ or []), size, measure_speed=measure, train=settings, train_dir=train_dir)
+            )
+            progress.advance(task)
+    if plot is not None:
+        draw_plot(rows, plot)
+    _render_rows(rows, f"compare at {size[0]}x{size[1]} (FLOPs and inference params: deploy form)", as_json, as_csv)
+    if plot is not None and not (as_json or as_csv):
+        console.print(f"wrote {plain(str(plot))}")
+
+
+@app.command(cls=HelpCommand)
+@exit_on_user_error
+def sweep(
+    spec: SpecArg,
+    grid: Annotated[
+        list[str],
+        typer.Option(
+            "--grid",
+            help="KEY=V1,V2,...: one axis of the grid (repeatable; every combination is a variant).",
+            show_default=False,
+        ),
+    ],
+    set_: SetOpt = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Sweep directory (default: sweeps/NAME); rerun to resume.", show_default=False),
+    ] = None,
+    input_size: InputSizeOpt = "224",
+    measure: MeasureOpt = False,
+    train: TrainOpt = None,
+    epochs: EpochsOpt = 1,
+    batch_size: BatchOpt = 32,
+    as_json: JsonOpt = False,
+    as_csv: CsvOpt = False,
+    plot: PlotOpt = None,
+) -> None:
+    """Expand a grid of --set overrides on SPEC, validate each, write them to --out and compare the valid ones."""
+    from .explore.compare import TrainSettings
+    from .explore.compare import plot as draw_plot
+    from .explore.sweep import SweepDir, expand, parse_grid, run_sweep, short_label
+
+    size = _parse_input_size(input_size)
+    plan = expand(spec, list(set_ or []), parse_grid(grid))
+    out = out or Path("sweeps") / (archspec.load(spec, set_).name or Path(spec).stem)
+    SweepDir(out)  # a file in the way is an error before anything is printed or run
+    settings = TrainSettings(train, epochs=epochs, batch_size=batch_size) if train else None
+    err = make_console() if not (as_json or as_csv) else console.__class__(stderr=True, highlight=False)
+    for v in plan.invalid:
+        first = (v.error or "").splitlines()
+        err.print(
+            f"[yellow]skipped[/] {plain(v.label)}: {plain(' '.join(line.strip() for line in first[1:] or first))}"
+        )
+    err.print(f"{len(plan.valid)} valid of {len(plan.variants)} variants -> {plain(str(out))}")
+    done = {"cached": 0, "run": 0}
+    try:
+        with _explore_progress(as_json or as_csv) as progress:
+            task = progress.add_task("sweep", total=len(plan.valid))
+
+            def report(event, variant, row) -> None:
+                if event == "start":
+                    progress.update(task, description=f"sweep {plain(variant.label)}")
+                    return
+                done["cached" if event == "cached" else "run"] += 1
+                progress.advance(task)
+
+            rows = run_sweep(plan, out, size, measure=measure, train=settings, on_progress=report)
+    except KeyboardInterrupt:
+        err.print(
+            f"[yellow]interrupted[/]: {done['cached'] + done['run']} of {len(plan.valid)} variants have results in "
+            f"{plain(str(out))}; run the same command again to resume"
+        )
+        raise typer.Exit(130) from None
+    if plot is not None and rows:
+        draw_plot(rows, plot, labels=[short_label(r["overrides"]) for r in rows])
+    _render_rows(
+        rows,
+        f"sweep of {spec} at {size[0]}x{size[1]} ({done['cached']} reused, {done['run']} run)",
+        as_json,
+        as_csv,
+        labels=[r["label"] for r in rows],
+    )
+
+
+@app.command(cls=HelpCommand)
+@exit_on_user_error
+def erf(
+    spec: SpecArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="The heatmap: .png, .svg or .pdf.")],
+    layer: Annotated[
+        str | None,
+        typer.Option(
+            "--layer",
+            help="Stage whose output centre is measured, e.g. base.stages.2, focus.stages.0, stages.1 "
+            "(default: the last stage).",
+            show_default=False,
+        ),
+    ] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            "--weights",
+            help="Weights (model file, run checkpoint or published state dict); default: random (seed 0).",
+            show_default=False,
+        ),
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            "--data", help="Images from this source's validation split (default: Gaussian noise).", show_default=False
+        ),
+    ] = None,
+    images: Annotated[int, typer.Option("--images", min=1, help="Images averaged over.")] = 8,
+    input_size: InputSizeOpt = "224",
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Effective receptive field of a stage (paper, Figure 2): log-scaled heatmap and the area holding 20/50/90%."""
+    from .explore.erf import build_model, input_images, measure_erf, plot_erf
+
+    _refuse_overwriting_an_input(output, "-o", spec=spec)
+    size = _parse_input_size(input_size)
+    resolved = archspec.load(spec, set_)
+    layer = layer or resolved.stages_in_order()[-1][0]
+    model = build_model(resolved, weights)
+    result = measure_erf(model, layer, input_images(data, images, size, resolved.in_channels))
+    plot_erf(result, output, f"{resolved.name or spec}" + (" (random weights)" if weights is None else ""))
+    if as_json:
+        print(json.dumps(result.as_json()))
+        return
+    table = Table(
+        title=plain(f"ERF of {layer} in {resolved.name or spec}: share of the image area holding"),
+        title_justify="left",
+    )
+    for column in ("contribution", "centred square", "fewest pixels"):
+        table.add_column(column, justify="right")
+    for t in result.square:
+        table.add_row(f"{int(100 * t)}%", f"{100 * result.square[t]:.2f}%", f"{100 * result.pixels[t]:.2f}%")
+    console.print(fit_table(table))
+    console.print(f"wrote {plain(str(output))}")
+
+
 def _register_training() -> None:
     from .training.commands import register
 
