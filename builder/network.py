@@ -105,21 +105,28 @@ class BlockStageModule(Checkpointed):
         return self.run_blocks(x)
 
 
+def stem_and_stages(
+    spec: DDSSpec | PyramidSpec, stages: list[BlockStage], prefix: str, rates: list[float], deploy: bool
+) -> tuple[nn.Module, nn.ModuleList]:
+    """The /4 stem and a chain of block stages, each halving the resolution after the first
+    (Base-Net, or a whole pyramid); `rates` are the stages' stochastic-depth rates in order."""
+    stem = STEMS[spec.stem.type](spec.in_channels, spec.stem_width, stages[0].width, spec.norm.block)
+    modules = nn.ModuleList()
+    start = 0
+    for i, stage in enumerate(stages):
+        previous = stages[i - 1].width if i else None
+        block_rates = rates[start : start + stage.depth]
+        modules.append(BlockStageModule(stage, f"{prefix}.{i}", previous, block_rates, spec, deploy))
+        start += stage.depth
+    return stem, modules
+
+
 class BaseNet(nn.Module):
     """Encodes low- and mid-level features; returns every stage's output (the last is x16)."""
 
     def __init__(self, spec: DDSSpec, rates: list[float], deploy: bool) -> None:
         super().__init__()
-        stages = spec.base.stages
-        self.stem = STEMS[spec.stem.type](spec.in_channels, spec.stem_width, stages[0].width, spec.norm.block)
-        self.stages = nn.ModuleList()
-        start = 0
-        for i, stage in enumerate(stages):
-            previous = stages[i - 1].width if i else None
-            self.stages.append(
-                BlockStageModule(stage, f"base.stages.{i}", previous, rates[start : start + stage.depth], spec, deploy)
-            )
-            start += stage.depth
+        self.stem, self.stages = stem_and_stages(spec, spec.base.stages, "base.stages", rates, deploy)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.stem(x)
@@ -401,15 +408,7 @@ class PyramidNet(SpecModel):
         self.features_only = features_only
         rates = torch.linspace(0, spec.drop_path_rate, spec.total_blocks, device="cpu").tolist()
         stages = spec.stages
-        self.stem = STEMS[spec.stem.type](spec.in_channels, spec.stem_width, stages[0].width, spec.norm.block)
-        self.stages = nn.ModuleList()
-        start = 0
-        for i, stage in enumerate(stages):
-            previous = stages[i - 1].width if i else None
-            self.stages.append(
-                BlockStageModule(stage, f"stages.{i}", previous, rates[start : start + stage.depth], spec, deploy)
-            )
-            start += stage.depth
+        self.stem, self.stages = stem_and_stages(spec, stages, "stages", rates, deploy)
         fb = spec.feedback
         self.feedback = (
             conv_bn(stages[fb.target].width + stages[fb.source].width, stages[fb.target].width) if fb else None

@@ -111,6 +111,26 @@ def _listing(title: str, items: list[str]) -> str:
     return f"  {title} ({len(items)}):\n{shown}{more}"
 
 
+def _shape_mismatches(weights: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> list[str]:
+    return [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}"
+        for k, v in weights.items()
+        if k in target and tuple(v.shape) != tuple(target[k].shape)
+    ]
+
+
+def _mismatch_report(title: str, missing: list[str], unexpected: list[str], mismatched: list[str]) -> list[str]:
+    """The lines of a strict-loading error: what is missing, unexpected and mis-shaped."""
+    parts = [title]
+    if missing:
+        parts.append(_listing("missing from the checkpoint", missing))
+    if unexpected:
+        parts.append(_listing("in the checkpoint but not in the model", unexpected))
+    if mismatched:
+        parts.append(_listing("shape mismatch", mismatched))
+    return parts
+
+
 def convert_official(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename an official state dict for `model`, checking it strictly (names and shapes)."""
     state_dict = state_dict.get("model", state_dict) if "model" in state_dict else state_dict
@@ -118,19 +138,11 @@ def convert_official(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -
     converted = {official_to_overlock(k): v for k, v in state_dict.items()}
     missing = sorted(set(target) - set(converted))
     unexpected = sorted(set(converted) - set(target))
-    mismatched = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}"
-        for k, v in converted.items()
-        if k in target and tuple(v.shape) != tuple(target[k].shape)
-    ]
+    mismatched = _shape_mismatches(converted, target)
     if missing or unexpected or mismatched:
-        parts = ["the state dict does not match the model built from this spec:"]
-        if missing:
-            parts.append(_listing("missing from the checkpoint", missing))
-        if unexpected:
-            parts.append(_listing("in the checkpoint but not in the model", unexpected))
-        if mismatched:
-            parts.append(_listing("shape mismatch", mismatched))
+        parts = _mismatch_report(
+            "the state dict does not match the model built from this spec:", missing, unexpected, mismatched
+        )
         if getattr(model, "features_only", False):
             parts.append(
                 "  hint: this is a features-only model: load classification weights with "
@@ -203,19 +215,9 @@ def load_backbone(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> B
     dropped = sorted(k for k in weights if k not in target)
     missing = [k for k in new if _top(k) not in FEATURES_ONLY_MODULES]
     unexpected = [k for k in dropped if _top(k) not in CLASSIFIER_MODULES]
-    mismatched = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}"
-        for k, v in weights.items()
-        if k in target and tuple(v.shape) != tuple(target[k].shape)
-    ]
+    mismatched = _shape_mismatches(weights, target)
     if missing or unexpected or mismatched:
-        parts = ["the classification weights do not match the backbone built from this spec:"]
-        if missing:
-            parts.append(_listing("missing from the checkpoint", missing))
-        if unexpected:
-            parts.append(_listing("in the checkpoint but not in the model", unexpected))
-        if mismatched:
-            parts.append(_listing("shape mismatch", mismatched))
-        raise CheckpointError("\n".join(parts))
+        title = "the classification weights do not match the backbone built from this spec:"
+        raise CheckpointError("\n".join(_mismatch_report(title, missing, unexpected, mismatched)))
     model.load_state_dict({k: v for k, v in weights.items() if k in target}, strict=False)
     return BackboneLoad(new=new, dropped=dropped)
