@@ -151,7 +151,7 @@ class NeighborhoodAttentionMixer(MixerConfig):
     type: Literal["neighborhood_attention"]
     kernel_size: int | None = Field(None, description="Window (odd, >= 3); default: the stage's.")
     head_dim: PosInt = Field(32, description="Channels per head; heads = width / head_dim.")
-    dilation: PosInt = Field(1, description="NATTEN dilation: windows of every d-th position.")
+    dilation: PosInt = Field(1, description="Dilation (as in NAT): windows of every d-th position.")
     qkv_bias: bool = Field(True, description="Bias on the 1x1 qkv projection.")
     rel_pos_bias: bool = Field(True, description="Learned (heads, 2K-1, 2K-1) relative position bias.")
 

@@ -61,8 +61,8 @@ class NeighborhoodAttention(nn.Module):
     """NAT's 2-D neighbourhood attention: every position attends to its clamped K x K window.
 
     1x1 qkv, queries scaled by head_dim**-0.5, softmax(q . k + relative position bias) over the
-    window, 1x1 projection. Windows near a border slide inwards (K*K real neighbours, NAT/NATTEN
-    semantics); dilation d takes every d-th position (NATTEN's dilated windows).
+    window, 1x1 projection. Windows near a border slide inwards (K*K real neighbours, NAT
+    semantics); dilation d takes every d-th position (NAT's dilated windows).
     """
 
     def __init__(

@@ -119,7 +119,7 @@ def neighborhood_attention(
     all the same shape; rpb (heads, 2K-1, 2K-1) or None; the query is used as given (scale it
     first). Returns (B, heads, H, W, c) in value's dtype; differentiable in all four tensors; the
     fast backends save one log-sum-exp per position, never the probability map. `dilation` d:
-    NATTEN's dilated windows (every d-th position, per residue sub-grid), so H and W must be
+    NAT's dilated windows (every d-th position, per residue sub-grid), so H and W must be
     >= kernel_size * d. `backend` as for `contmix`.
     """
     check_backend(backend)

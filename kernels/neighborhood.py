@@ -4,7 +4,7 @@ For every query position x: softmax over its K x K clamped window of (q[x] . k[y
 then the same window's values weighted by those probabilities. The windows and the bias index are
 exactly ContMix's (ARCHITECTURE.md section 5: window start clamp(i - K//2, 0, H - K); bias entry
 (K-1 + neighbour - query) per axis), so near a border a position sees K*K real neighbours, as in
-NATTEN, never padding. Dilation d is NATTEN's too: the positions with the same residue mod d form a
+NAT, never padding. Dilation d is NAT's too: the positions with the same residue mod d form a
 sub-grid, and attention runs on each sub-grid with its own clamped windows; `kernels.neighborhood_attention`
 turns a dilated call into non-dilated calls on the sub-grids, so every backend below is dilation-free.
 
