@@ -70,3 +70,24 @@ def test_dynamic_conv_temperature_must_be_positive():
     with pytest.raises(SpecError) as info:
         archspec.load(path, ["stages.0.block.mixer.temperature=0"])
     assert "stages[0].block.mixer.temperature" in str(info.value)
+
+
+def test_a_training_budget_in_steps_stops_there_and_speed_runs_at_the_threads_asked(tmp_path, tiny_spec):
+    """What benchmarks/table7_train.py relies on: `TrainSettings(steps=N)` trains N optimizer steps
+    (budgets shorter than an epoch), and `measure(threads=1)` times at one thread, then restores."""
+    import json
+
+    from overlock.builder import build
+    from overlock.explore.compare import TrainSettings, measure, trained_row
+
+    settings = TrainSettings(data="synthetic:classes=2,train=16,val=4", steps=3, batch_size=2)
+    row = trained_row(str(tiny_spec), [], settings, tmp_path / "run")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "step"] == [1, 2, 3]  # 8 steps would be one epoch
+    assert row["steps"] == 3 and 0.0 <= row["top1"] <= 1.0
+    before = torch.get_num_threads()
+    seen = []
+    model = build(str(tiny_spec), deploy=True, overrides=["head.num_classes=2"])
+    model.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+    measure(model, (32, 32), batch=1, reps=3, threads=1)
+    assert set(seen) == {1} and torch.get_num_threads() == before
