@@ -88,6 +88,8 @@ def train_spec(path: Path, args: argparse.Namespace, runs: Path) -> dict[str, An
     row.update(trained_row(str(path), overrides, settings, runs / path.stem))
     row["train_seconds"] = round(time.perf_counter() - start, 1)
     row["mixer"] = spec.stages[0].block.mixer.type
+    if args.runs is None:  # a temporary directory: gone after this run
+        del row["run_dir"]
     return row
 
 
