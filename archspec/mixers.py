@@ -118,6 +118,39 @@ class ContMixConfig(MixerConfig):
         )
 
 
+class ContMixBlockConfig(ContMixConfig):
+    """ContMix inside the dynamic block's mixing branch (gate, LePE, projections), on the input alone.
+
+    What the paper's Table 7 test bed most plausibly calls "ContMix": it has no Overview-Net, so no
+    context prior; the region centres come from the block's own input, and the parts the Focus-Net
+    dynamic block puts around ContMix stay (see builder/contmix.py `ContMixBlock`).
+    """
+
+    type: Literal["contmix_block"]
+    context: Literal["self"] = Field(
+        "self", description="Always `self`: queries and keys from the block's input (there is no prior here)."
+    )
+    fusion: bool = Field(
+        False,
+        description="The dynamic block's fusion (dwconv3x3, BN, GELU, conv1x1, GRN) in front, giving the values "
+        "and the input of gate and LePE; in Focus-Net it merges the prior in, so without one it is off by default.",
+    )
+    gate: bool = Field(True, description="Multiply the output by SiLU(BN(conv1x1(z))).")
+    lepe: bool = Field(True, description="Add BN(DilatedRepConv(kernel_size)(z)), the local positional encoding.")
+    projections: bool = Field(True, description="BN(conv1x1) after ContMix and BN, conv1x1 at the end.")
+
+    def check(self, width: int, where: dict[str, str]) -> None:
+        super().check(width, where)
+        if self.lepe:  # the LePE is a DilatedRepConv of the large kernel: only sizes of its branch table
+            check_large_kernel(where["kernel_size"], self.kernel_size)
+
+    def describe(self) -> str:
+        parts = [name for name in ("fusion", "gate", "lepe", "projections") if getattr(self, name)]
+        return f"contmix_block {self.kernel_size}/{self.small_kernel_size} G{self.groups} S{self.region_centers}" + (
+            f" ({', '.join(parts)})" if parts else ""
+        )
+
+
 class IdentityMixer(MixerConfig):
     """No token mixing (the block keeps its other parts): the ablation floor."""
 
@@ -253,6 +286,7 @@ MIXER_CONFIGS: tuple[type[MixerConfig], ...] = (
     DilatedRepConvMixer,
     DWConvMixer,
     ContMixConfig,
+    ContMixBlockConfig,
     IdentityMixer,
     NeighborhoodAttentionMixer,
     WindowAttentionMixer,

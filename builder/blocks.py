@@ -8,14 +8,12 @@ defaults they are exactly the published blocks (same parameters, same names, sam
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 from torch import nn
 
 from ..archspec import Block
-from .contmix import ContMix
-from .layers import GRN, DilatedRepConv, DropPath, LayerScale, ResDWConv, SqueezeExcite, block_norm, conv_bn
+from .contmix import ContMix, fusion_layer, gate_layer, lepe_layer, output_projection
+from .layers import DropPath, LayerScale, ResDWConv, SqueezeExcite, block_norm, conv_bn
 from .mixers import FFNS, MixerPlace, build_mixer
 
 __all__ = ["BasicBlock", "ContMix", "DynamicBlock", "StaticFocusBlock"]
@@ -123,24 +121,14 @@ class DynamicBlock(nn.Module):
         self.dwconv1 = ResDWConv(full) if block.local_conv else None
         self.norm1 = block_norm(block.norm, full)
         # "fusion": merges features and prior into z, the values of the mixer and input of gate and LePE.
-        self.fusion = nn.Sequential(
-            OrderedDict(
-                dwconv=nn.Conv2d(full, full, 3, padding=1, groups=full),
-                bn=nn.BatchNorm2d(full),
-                act=nn.GELU(),
-                proj=nn.Conv2d(full, d, 1),
-                grn=GRN(d),
-            )
-        )
-        self.gate = conv_bn(d, d) if gate else None  # SiLU(BN(conv1x1(z)))
-        if self.gate is not None:
-            self.gate.add_module("act", nn.SiLU())
-        self.lepe = nn.Sequential(OrderedDict(conv=DilatedRepConv(d, lepe_kernel, deploy), bn=nn.BatchNorm2d(d)))
+        self.fusion = fusion_layer(full, d)
+        self.gate = gate_layer(d) if gate else None  # SiLU(BN(conv1x1(z)))
+        self.lepe = lepe_layer(d, lepe_kernel, deploy)
         self.guided = block.mixer.guided
         self.contmix = build_mixer(block.mixer, MixerPlace(d, c, deploy=deploy, index=index))
         self.out_proj = conv_bn(d, d)
         self.se = SqueezeExcite(d) if block.se else None
-        self.proj = nn.Sequential(OrderedDict(bn=nn.BatchNorm2d(d), conv=nn.Conv2d(d, full, 1)))
+        self.proj = output_projection(d, full)
         self.dwconv2 = ResDWConv(full) if block.local_conv else None
         self.norm2 = block_norm(block.norm, full)
         self.mlp = FFNS[block.ffn](full, hidden, full)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from .layers import RegionPool, adaptive_avg_pool, conv_bn, exporting
+from .layers import GRN, DilatedRepConv, RegionPool, adaptive_avg_pool, conv_bn, exporting
 
 
 class ContMix(nn.Module):
@@ -71,8 +71,9 @@ class ContMix(nn.Module):
         )
 
     def forward(self, z: torch.Tensor, normed: torch.Tensor | None = None) -> torch.Tensor:
-        """z: the values (B, d, H, W); normed: LN(cat(x, P)) for queries and keys, or None to take
-        both from z (self context)."""
+        """z: the values (B, d, H, W); normed: LN(cat(x, P)) (d + c channels: queries from the first
+        d, keys from the rest), or a tensor of d channels giving both queries and keys (self context
+        with values that differ from them, as in `ContMixBlock`), or None to take both from z."""
         height, width = z.shape[-2:]
         if torch.jit.is_tracing():  # jit traces (TorchScript, fvcore's FLOP counter) see sizes as tensors
             height, width = int(height), int(width)
@@ -87,7 +88,10 @@ class ContMix(nn.Module):
         batch, d = z.shape[:2]
         h, w = size
         heads = self.heads
-        query_source, key_source = (z, z) if normed is None else (normed[:, :d], normed[:, d:])
+        if normed is None or normed.shape[1] == d:
+            query_source = key_source = z if normed is None else normed
+        else:
+            query_source, key_source = normed[:, :d], normed[:, d:]
         query = self.query(query_source) * self.scale
         key = self.key(key_source)
         query = query.reshape(batch, heads, -1, h * w)
@@ -107,3 +111,85 @@ class ContMix(nn.Module):
         elif resize:
             out = F.adaptive_avg_pool2d(out, (height, width))
         return out
+
+
+# The parts of the dynamic block around its mixer (ARCHITECTURE.md section 4), shared by
+# blocks.DynamicBlock and ContMixBlock; module names are those of the published checkpoints.
+def fusion_layer(in_channels: int, out_channels: int) -> nn.Sequential:
+    """dwconv3x3 -> BN -> GELU -> conv1x1 -> GRN: in the dynamic block it merges features and prior into z."""
+    return nn.Sequential(
+        OrderedDict(
+            dwconv=nn.Conv2d(in_channels, in_channels, 3, padding=1, groups=in_channels),
+            bn=nn.BatchNorm2d(in_channels),
+            act=nn.GELU(),
+            proj=nn.Conv2d(in_channels, out_channels, 1),
+            grn=GRN(out_channels),
+        )
+    )
+
+
+def gate_layer(width: int) -> nn.Sequential:
+    """SiLU(BN(conv1x1(z))): multiplies the mixed output."""
+    gate = conv_bn(width, width)
+    gate.add_module("act", nn.SiLU())
+    return gate
+
+
+def lepe_layer(width: int, kernel_size: int, deploy: bool) -> nn.Sequential:
+    """BN(DilatedRepConv(K)(z)): the local positional encoding added to the mixed output."""
+    return nn.Sequential(OrderedDict(conv=DilatedRepConv(width, kernel_size, deploy), bn=nn.BatchNorm2d(width)))
+
+
+def output_projection(width: int, out_channels: int) -> nn.Sequential:
+    """BN -> conv1x1 (with bias): the last step of the dynamic block's mixing branch."""
+    return nn.Sequential(OrderedDict(bn=nn.BatchNorm2d(width), conv=nn.Conv2d(width, out_channels, 1)))
+
+
+class ContMixBlock(nn.Module):
+    """ContMix with the dynamic block's mixing branch around it, on the input alone (self context).
+
+    The Focus-Net dynamic block without its context prior, as a token mixer for any block: the
+    paper's Table 7 puts ContMix into a Swin-like test bed that has no Overview-Net, so there is no
+    prior and the region centres come from the input itself. With every part on:
+
+        z = fusion(x)                                  # optional: the dynamic block's fusion
+        out = out_proj(ContMix(values z, queries and keys from x)) + lepe(z)
+        out = gate(z) * out
+        return proj(out)
+
+    `fusion` off: z = x. `projections` off: no out_proj and no proj. The parts are the dynamic
+    block's (same builders, same names).
+    """
+
+    def __init__(
+        self,
+        width: int,
+        kernel_size: int,
+        small_kernel_size: int,
+        groups: int,
+        region_centers: int,
+        *,
+        fusion: bool,
+        gate: bool,
+        lepe: bool,
+        projections: bool,
+        deploy: bool = False,
+    ) -> None:
+        super().__init__()
+        self.fusion = fusion_layer(width, width) if fusion else None
+        self.gate = gate_layer(width) if gate else None
+        self.lepe = lepe_layer(width, kernel_size, deploy) if lepe else None
+        self.contmix = ContMix(width, width, kernel_size, small_kernel_size, groups, region_centers)
+        self.out_proj = conv_bn(width, width) if projections else None
+        self.proj = output_projection(width, width) if projections else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = x if self.fusion is None else self.fusion(x)
+        out = self.contmix(z, x)
+        if self.out_proj is not None:
+            out = self.out_proj(out)
+        if self.lepe is not None:
+            out = out + self.lepe(z)
+        if self.gate is not None:
+            out = self.gate(z) * out
+        return out if self.proj is None else self.proj(out)

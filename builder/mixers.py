@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..archspec import MixerConfig
-from .contmix import ContMix
+from .contmix import ContMix, ContMixBlock
 from .layers import ConvMLP, DilatedRepConv, Mlp, block_norm, conv_bn
 from .mixers_attention import (
     DynamicConv,
@@ -84,6 +84,13 @@ def _contmix(config: MixerConfig, place: MixerPlace) -> nn.Module:
     return ContMix(
         place.width, key_width, config.kernel_size, config.small_kernel_size, config.groups, config.region_centers
     )
+
+
+@register_mixer("contmix_block")
+def _contmix_block(config: MixerConfig, place: MixerPlace) -> nn.Module:
+    parts = {name: getattr(config, name) for name in ("fusion", "gate", "lepe", "projections")}
+    args = (config.kernel_size, config.small_kernel_size, config.groups, config.region_centers)
+    return ContMixBlock(place.width, *args, **parts, deploy=place.deploy)
 
 
 @register_mixer("identity")

@@ -23,10 +23,12 @@ OPEN_CLASSES = 1000
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """The same short training run for every spec: `--train DATA --epochs N` (and a few knobs)."""
+    """The same short training run for every spec: `--train DATA --epochs N` (and a few knobs).
+    `steps` (optimizer steps) replaces `epochs` where given: budgets shorter than an epoch."""
 
     data: str
     epochs: int = 1
+    steps: int | None = None
     batch_size: int = 32
     img_size: int | None = None
     seed: int = 0
@@ -37,7 +39,8 @@ class TrainSettings:
             "spec": source,
             "overrides": list(overrides),
             "data": self.data,
-            "epochs": self.epochs,
+            "epochs": None if self.steps else self.epochs,
+            "steps": self.steps,
             "batch_size": self.batch_size,
             "img_size": self.img_size,
             "seed": self.seed,
@@ -81,12 +84,17 @@ def static_row(spec: archspec.Spec, input_size: tuple[int, int]) -> dict[str, An
     }
 
 
-def measure(model: torch.nn.Module, input_size: tuple[int, int], batch: int = 8, reps: int = 3) -> dict[str, Any]:
-    """Inference images/s (median) and peak memory of the eval forward: `overlock bench`'s measurement."""
+def measure(
+    model: torch.nn.Module, input_size: tuple[int, int], batch: int = 8, reps: int = 3, threads: int | None = None
+) -> dict[str, Any]:
+    """Inference images/s (median) and peak memory of the eval forward: `overlock bench`'s measurement
+    (`threads`: intra-op threads while timing; None keeps torch's setting)."""
     from ..bench import BenchSettings, bench
 
     device = next(model.parameters()).device.type
-    settings = BenchSettings(batch_size=batch, img_size=tuple(input_size), device=device, warmup=1, reps=reps)
+    settings = BenchSettings(
+        batch_size=batch, img_size=tuple(input_size), device=device, warmup=1, reps=reps, threads=threads
+    )
     result = bench(model, settings, name=getattr(model.spec, "name", "") or "")
     return {
         "images_per_s": result.images_per_s,
@@ -120,6 +128,7 @@ def trained_row(source: str, overrides: list[str], settings: TrainSettings, out:
         "top1": result.best_top1,
         "best_epoch": result.best_epoch,
         "epochs": settings.epochs,
+        "steps": settings.steps,
         "data": settings.data,
         "run_dir": str(out),
     }
