@@ -348,7 +348,13 @@ def export(
     fmt: Annotated[str, typer.Option("--format", help="onnx, exported-program or torchscript.")] = "onnx",
     img_size: Annotated[tuple[int, int], typer.Option("--img-size", help="Input height and width.")] = (224, 224),
     dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Any batch size.")] = False,
-    dynamic_size: Annotated[bool, typer.Option("--dynamic-size", help="Any image size from 33 px.")] = False,
+    dynamic_size: Annotated[
+        bool,
+        typer.Option(
+            "--dynamic-size",
+            help="Any image size from 33 px (torchscript: a size-generic trace; without it the trace takes only --img-size).",
+        ),
+    ] = False,
     deploy: DeployOpt = False,
     ema: Annotated[bool, typer.Option("--ema", help="The EMA weights of a run checkpoint.")] = False,
     set_: SetOpt = None,

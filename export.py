@@ -12,8 +12,12 @@ How each overlock piece exports:
   first (it registers the ops). For ONNX they are decomposed into aten ops (`kernels/onnx.py`).
 - ContMix's region pooling and the small-map resize follow the input size under export
   (`builder.layers.RegionPool`, `ContMix.mixing_size`), so one graph serves every size.
-- TorchScript is a trace at one input size and batch (the model is not `torch.jit.script`-able:
-  its blocks pass modules to helpers, its forward returns a list or a dict).
+- TorchScript is a `torch.jit.trace` (the model is not `torch.jit.script`-able: its blocks pass
+  modules to helpers, its forward returns a list or a dict). A plain trace freezes the input size;
+  with --dynamic-size the trace runs under `builder.layers.size_generic_trace`, which records every
+  size-dependent step as a computation on the input's shape, so the file serves other sizes too
+  (checked like the other formats). Loading one needs `import overlock.kernels` first (the trace
+  holds `overlock::contmix` nodes).
 - Dynamic sizes start at 33 px: a 32 px input makes 1x1 maps at /32, and torch.export specialises
   every size-1 dimension (broadcasting), so a program traced with dynamic sizes refuses exactly 32.
   Export at 32 px with static sizes when that size is needed.
@@ -220,10 +224,15 @@ def _onnx_bytes(program: torch.export.ExportedProgram) -> bytes:
     return buffer.getvalue()
 
 
-def _torchscript_bytes(model: nn.Module, size: tuple[int, int], batch: int) -> bytes:
-    """torch.jit.trace at one input size (the blocks pass modules to helper functions and the model
-    returns a list or a dict, which torch.jit.script does not compile; a trace records the ops)."""
-    with torch.no_grad():
+def _torchscript_bytes(model: nn.Module, size: tuple[int, int], batch: int, dynamic_size: bool) -> bytes:
+    """torch.jit.trace (the blocks pass modules to helper functions and the model returns a list or
+    a dict, which torch.jit.script does not compile; a trace records the ops). With `dynamic_size`
+    sizes are traced as computations (see `size_generic_trace`), else frozen at `size`."""
+    from .builder.layers import size_generic_trace
+
+    generic = size_generic_trace() if dynamic_size else contextlib.nullcontext()
+    with torch.no_grad(), generic, warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks seen as constants: expected
         traced = torch.jit.trace(model, example_input(model, size, batch=batch), check_trace=False)
     buffer = io.BytesIO()
     torch.jit.save(traced, buffer)
@@ -259,7 +268,7 @@ def _runner(fmt: str, data: bytes) -> Callable[[torch.Tensor], torch.Tensor] | s
         program = load_exported_program(io.BytesIO(data))
         module = program.module()
         return lambda x: module(x)
-    scripted = torch.jit.load(io.BytesIO(data))
+    scripted = load_torchscript(io.BytesIO(data))
     return lambda x: scripted(x)
 
 
@@ -296,12 +305,7 @@ def export_model(
         _require_onnx()
     model = model.eval()
     if fmt == "torchscript":
-        if dynamic_size or dynamic_batch:
-            raise OverlockError(
-                "--format torchscript is traced at one input size and batch; for dynamic sizes use "
-                "--format onnx or --format exported-program"
-            )
-        data = _torchscript_bytes(model, size, batch=1)
+        data = _torchscript_bytes(model, size, batch=2 if dynamic_batch else 1, dynamic_size=dynamic_size)
     else:
         program = export_program(model, size, dynamic_batch=dynamic_batch, dynamic_size=dynamic_size)
         if fmt == "onnx":
@@ -331,3 +335,13 @@ def load_exported_program(source: str | Path | io.BytesIO) -> torch.export.Expor
     from . import kernels  # noqa: F401  (registers torch.ops.overlock.*)
 
     return torch.export.load(source)
+
+
+def load_torchscript(source: str | Path | io.BytesIO) -> torch.jit.ScriptModule:
+    """torch.jit.load with overlock's ops registered (the trace holds `overlock::contmix` nodes).
+
+    Outside overlock, `import overlock.kernels` before `torch.jit.load` does the same.
+    """
+    from . import kernels  # noqa: F401  (registers torch.ops.overlock.*)
+
+    return torch.jit.load(source)

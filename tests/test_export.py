@@ -12,7 +12,14 @@ from overlock.builder import build, load_official
 from overlock.builder.blocks import ContMix
 from overlock.builder.layers import RegionPool, adaptive_avg_pool
 from overlock.cli import app
-from overlock.export import TOLERANCE, check_sizes, export_model, load_exported_program, load_model
+from overlock.export import (
+    TOLERANCE,
+    check_sizes,
+    export_model,
+    load_exported_program,
+    load_model,
+    load_torchscript,
+)
 
 runner = CliRunner()
 
@@ -92,11 +99,33 @@ def test_exported_program_keeps_the_custom_op_and_reloads(pico_trained, tmp_path
         assert torch.allclose(program.module()(x), pico_trained(x), rtol=1e-4, atol=1e-5)
 
 
-def test_torchscript_trace_matches_and_dynamic_is_refused(pico_trained, tmp_path):
+def test_torchscript_trace_matches_at_the_exported_size(pico_trained, tmp_path):
     report = export_model(pico_trained, tmp_path / "pico.ts", "torchscript", (64, 96))
-    assert report.ok and report.checks[0].shape == (1, 3, 64, 96)
-    with pytest.raises(Exception, match="traced at one input size"):
-        export_model(pico_trained, tmp_path / "x.ts", "torchscript", (64, 64), dynamic_size=True)
+    assert report.ok and [c.shape for c in report.checks] == [(1, 3, 64, 96)]
+
+
+def test_dynamic_torchscript_serves_other_sizes_and_batches(pico_trained, tmp_path):
+    """Traced once at 224 px, batch 2; run at non-square sizes, another batch and small Focus-Net maps."""
+    report = export_model(
+        pico_trained, tmp_path / "pico.ts", "torchscript", (224, 224), dynamic_batch=True, dynamic_size=True
+    )
+    assert report.ok and len(report.checks) == 4, [(c.shape, c.relative) for c in report.checks]
+    scripted = load_torchscript(tmp_path / "pico.ts")
+    torch.manual_seed(1)
+    for shape in [(3, 3, 256, 288), (1, 3, 96, 160), (2, 3, 33, 47)]:
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            expected, got = pico_trained(x), scripted(x)
+        assert got.shape == expected.shape
+        assert (got - expected).abs().max().item() <= TOLERANCE * expected.abs().max().item(), shape
+
+
+def test_plain_torchscript_trace_is_frozen_at_its_size(pico_trained, tmp_path):
+    """Without --dynamic-size the trace holds the sizes as constants: another size fails, loudly."""
+    export_model(pico_trained, tmp_path / "pico.ts", "torchscript", (224, 224))
+    scripted = load_torchscript(tmp_path / "pico.ts")
+    with pytest.raises(RuntimeError), torch.no_grad():
+        scripted(torch.randn(1, 3, 256, 288))
 
 
 def test_cli_export_reads_a_safetensors_model_file_and_reports_equality(tmp_path):
@@ -126,7 +155,6 @@ def build_from_file(path):
         (["--format", "tflite"], "valid: onnx, exported-program, torchscript"),
         (["--img-size", "16", "64"], "between 32 and"),
         (["--dynamic-size", "--img-size", "32", "64"], "between 33 and"),
-        (["--format", "torchscript", "--dynamic-size"], "traced at one input size"),
         (["-w", "missing.pt"], "does not exist"),
     ],
 )
