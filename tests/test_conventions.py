@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -206,3 +207,30 @@ def test_stop_early_with_feedback_runs_the_stages_it_recomputes(single_thread):
         calls = _calls(model.stages[3])
         model.forward_intermediates(x, indices=[1], stop_early=True)
         assert calls[0] == 0
+
+
+def _readme_block(heading: str) -> str:
+    """The first Python code block after `heading` in README.md."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("```python\n", readme.index(heading)) + len("```python\n")
+    return readme[start : readme.index("```\n", start)]
+
+
+def test_readme_backbone_example_runs_as_written(tmp_path, monkeypatch, single_thread):
+    """The README's detection example, unchanged, with a `t` classifier saved under its file name."""
+    pytest.importorskip("torchvision", reason="torchvision does not import beside every torch (CI: timm venv)")
+    code = _readme_block("### Backbone for detection and segmentation")
+    assert "torchvision.ops.FeaturePyramidNetwork" in code and 'load_file("overlock_t_in1k_224.pth")' in code
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    classifier = build("t")
+    torch.save(classifier.state_dict(), "overlock_t_in1k_224.pth")
+    namespace: dict = {}
+    exec(compile(code, "README.md (backbone example)", "exec"), namespace)  # our own README
+    maps, backbone, report = namespace["maps"], namespace["backbone"], namespace["report"]
+    assert list(maps) == ["p0", "p1", "p2"]
+    assert [tuple(m.shape) for m in maps.values()] == [(2, 256, 256 // r, 320 // r) for r in (8, 16, 32)]
+    assert backbone.feature_info.reduction() == [8, 16, 32]
+    assert all(k.startswith("pyramid.") for k in report.new) and "head.fc.weight" in report.dropped
+    stem = "base.stem.conv1.weight"
+    assert torch.equal(backbone.state_dict()[stem], classifier.state_dict()[stem])
