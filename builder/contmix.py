@@ -60,16 +60,19 @@ class ContMix(nn.Module):
         if isinstance(height, torch.Tensor):  # a size-generic jit trace: sizes are 0-dim int64 tensors
             maximum, to_int = torch.maximum, lambda v: v.trunc().long()
             step = lambda n: n.clamp(0, 1)  # noqa: E731
-            real_height, real_width = height.double(), width.double()  # float64, as Python's division
+            # float64 tensor / tensor, as Python's k / width (a scalar numerator would be multiplied by
+            # the reciprocal: 13 / 7 * 7 gave 12.999..., one less after truncation)
+            real_k = torch.full((), float(k), dtype=torch.float64)
+            real_height, real_width = height.double(), width.double()
         else:
             maximum, to_int = torch.sym_max, torch.sym_int
             step = lambda n: torch.sym_min(1, torch.sym_max(0, n))  # noqa: E731 - 1 if n > 0 else 0
-            real_height, real_width = height, width
+            real_k, real_height, real_width = k, height, width
 
         tall = step(height - width + 1) * step(k - width)  # width is the short side and below K
         wide = step(width - height) * step(k - height)  # height is the short side and below K
-        up_height = to_int(k / real_width * real_height)
-        up_width = to_int(k / real_height * real_width)
+        up_height = to_int(real_k / real_width * real_height)
+        up_width = to_int(real_k / real_height * real_width)
         return (
             maximum(height, maximum(k * wide, up_height * tall)),
             maximum(width, maximum(k * tall, up_width * wide)),

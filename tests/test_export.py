@@ -62,6 +62,17 @@ def test_branch_free_mixing_size_equals_the_reference_formula(kernel_size):
     assert contmix.mixing_size(5, 45) == _reference_mixing_size(kernel_size, 5, 45)  # float truncation case
 
 
+@pytest.mark.parametrize("kernel_size", [3, 7, 13])
+def test_mixing_size_on_traced_sizes_equals_the_reference_formula(kernel_size):
+    """A size-generic jit trace hands ContMix its sizes as 0-dim int64 tensors (TorchScript export)."""
+    contmix = ContMix.__new__(ContMix)
+    contmix.kernel_size = kernel_size
+    for height in range(1, 40):
+        for width in [*range(1, 40, 3), 45]:
+            got = contmix.mixing_size(torch.tensor(height), torch.tensor(width))
+            assert tuple(int(v) for v in got) == _reference_mixing_size(kernel_size, height, width), (height, width)
+
+
 def test_check_sizes_cover_non_square_and_small_focus_maps():
     sizes = check_sizes((224, 224), True, kernel_size=13)
     assert sizes[0] == (224, 224) and any(h != w for h, w in sizes)
