@@ -370,11 +370,20 @@ def export(
     if report.skipped_check:
         console.print(plain(f"not checked against PyTorch: {report.skipped_check}"))
     for check in report.checks:
-        verdict = "[green]equal[/]" if check.ok else "[bold red]DIFFERENT[/]"
         shape = "x".join(str(n) for n in check.shape)
+        if check.error is not None:
+            console.print(f"[bold red]FAILS[/] to run at {shape}: " + plain(check.error[:300]))
+            continue
+        verdict = "[green]equal[/]" if check.ok else "[bold red]DIFFERENT[/]"
         console.print(f"{verdict} to PyTorch at {shape}: max |diff| {check.max_abs:.2e}, relative {check.relative:.2e}")
     if not report.ok:
-        raise OverlockError(f"{report.path} does not compute what the PyTorch model computes (tolerance 1e-4)")
+        hint = ""
+        if fmt == "torchscript" and any(check.error for check in report.checks):
+            hint = (
+                "; the trace of this spec does not follow the input size everywhere: use --format onnx or "
+                "exported-program for dynamic sizes, or export TorchScript at the size you will run"
+            )
+        raise OverlockError(f"{report.path} does not compute what the PyTorch model computes (tolerance 1e-4){hint}")
 
 
 # ---------------------------------------------------------------------------------------------

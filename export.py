@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -129,10 +130,12 @@ class Comparison:
     shape: tuple[int, ...]
     max_abs: float
     relative: float
+    #: Why the exported file could not run at this shape (its first line), if it could not.
+    error: str | None = None
 
     @property
     def ok(self) -> bool:
-        return self.relative <= TOLERANCE
+        return self.error is None and self.relative <= TOLERANCE
 
 
 @dataclass
@@ -275,11 +278,21 @@ def _runner(fmt: str, data: bytes) -> Callable[[torch.Tensor], torch.Tensor] | s
 def compare(run: Callable[[torch.Tensor], Any], model: nn.Module, x: torch.Tensor) -> Comparison:
     with torch.no_grad():
         expected = _first(model(x)).float()
-        got = _first(run(x)).float()
+        try:
+            got = _first(run(x)).float()
+        except Exception as exc:  # noqa: BLE001 - a file that cannot run at this size is the finding
+            return Comparison(tuple(x.shape), float("inf"), float("inf"), _error_line(exc))
     if got.shape != expected.shape:
         return Comparison(tuple(x.shape), float("inf"), float("inf"))
     max_abs = (got - expected).abs().max().item()
     return Comparison(tuple(x.shape), max_abs, max_abs / max(expected.abs().max().item(), 1e-12))
+
+
+def _error_line(exc: BaseException) -> str:
+    """The line of an error that says what went wrong (TorchScript's put it after a stack of frames)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    named = [line for line in lines if re.match(r"^\w*(Error|Exception): ", line)]
+    return (named or lines or [type(exc).__name__])[-1]
 
 
 def _first(output: Any) -> torch.Tensor:
@@ -320,11 +333,18 @@ def export_model(
     if isinstance(run, str):
         report.skipped_check = run
         return report
-    kernel = max(s.kernel_size for s in model.spec.focus.stages)
+    kernel = _largest_contmix_kernel(model)
     batch = 2 if dynamic_batch else 1
     for i, check_size in enumerate(check_sizes(size, dynamic_size, kernel)):
         report.checks.append(compare(run, model, example_input(model, check_size, batch=batch, seed=i)))
     return report
+
+
+def _largest_contmix_kernel(model: nn.Module) -> int:
+    """The largest ContMix kernel in the model (any topology; 3 when it has no ContMix)."""
+    from .builder.contmix import ContMix
+
+    return max((m.kernel_size for m in model.modules() if isinstance(m, ContMix)), default=3)
 
 
 def load_exported_program(source: str | Path | io.BytesIO) -> torch.export.ExportedProgram:

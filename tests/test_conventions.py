@@ -13,6 +13,10 @@ from torch import nn
 from overlock.builder import build, load_backbone
 from overlock.errors import CheckpointError
 
+REPO = Path(__file__).resolve().parents[1]
+PYRAMID = str(REPO / "specs/paper/table6/05-convffn.yaml")
+RECURRENT = str(REPO / "specs/paper/table6/06-recurrent.yaml")
+
 
 @pytest.fixture(scope="module")
 def pico():
@@ -172,9 +176,10 @@ def _calls(module: nn.Module) -> list[int]:
     [
         ("pico", False, "focus"),
         ("pico", True, "focus"),
-        ("specs/paper/table6/05-convffn.yaml", False, "stages.3"),
-        ("specs/paper/table6/05-convffn.yaml", True, "stages.3"),
+        (PYRAMID, False, "stages.3"),
+        (PYRAMID, True, "stages.3"),
     ],
+    ids=["dds", "dds-features-only", "pyramid", "pyramid-features-only"],
 )
 def test_stop_early_ends_the_forward_after_the_deepest_requested_level(spec, features_only, skipped, single_thread):
     torch.manual_seed(0)
@@ -198,7 +203,7 @@ def test_stop_early_ends_the_forward_after_the_deepest_requested_level(spec, fea
 def test_stop_early_with_feedback_runs_the_stages_it_recomputes(single_thread):
     """A pyramid with feedback into stage 2 runs stages 2 and 3 twice: level 2 is final only at the end."""
     torch.manual_seed(0)
-    model = build("specs/paper/table6/06-recurrent.yaml").eval()
+    model = build(RECURRENT).eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         full = model.forward_intermediates(x, indices=[1, 2], intermediates_only=True)
@@ -211,7 +216,7 @@ def test_stop_early_with_feedback_runs_the_stages_it_recomputes(single_thread):
 
 def _readme_block(heading: str) -> str:
     """The first Python code block after `heading` in README.md."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (REPO / "README.md").read_text()
     start = readme.index("```python\n", readme.index(heading)) + len("```python\n")
     return readme[start : readme.index("```\n", start)]
 

@@ -3,11 +3,14 @@ what the eager model computes (onnxruntime, torch.export, TorchScript), through 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
+from overlock import archspec
 from overlock.builder import build, load_official
 from overlock.builder.blocks import ContMix
 from overlock.builder.layers import RegionPool, adaptive_avg_pool
@@ -15,6 +18,7 @@ from overlock.cli import app
 from overlock.export import (
     TOLERANCE,
     check_sizes,
+    compare,
     export_model,
     load_exported_program,
     load_model,
@@ -131,12 +135,32 @@ def test_dynamic_torchscript_serves_other_sizes_and_batches(pico_trained, tmp_pa
         assert (got - expected).abs().max().item() <= TOLERANCE * expected.abs().max().item(), shape
 
 
+def test_a_pyramid_spec_exports_and_checks_at_other_sizes(tmp_path):
+    """Pyramids have no Focus-Net: the small-map check size comes from the ContMix kernels there are."""
+    torch.manual_seed(0)
+    shrink = [f"stages.{i}.depth=1" for i in range(4)] + ["stages.2.width=128", "stages.3.width=128"]
+    model = build(archspec.load(Path(__file__).resolve().parents[1] / "specs/paper/table7/contmix.yaml", shrink)).eval()
+    report = export_model(model, tmp_path / "p.ts", "torchscript", (64, 64), dynamic_size=True)
+    assert report.ok and len(report.checks) == 4, [(c.shape, c.relative, c.error) for c in report.checks]
+    assert (192, 256) in [c.shape[2:] for c in report.checks]  # /32 maps 6x8 < kernel 7: the resize path
+
+
 def test_plain_torchscript_trace_is_frozen_at_its_size(pico_trained, tmp_path):
     """Without --dynamic-size the trace holds the sizes as constants: another size fails, loudly."""
     export_model(pico_trained, tmp_path / "pico.ts", "torchscript", (224, 224))
     scripted = load_torchscript(tmp_path / "pico.ts")
     with pytest.raises(RuntimeError), torch.no_grad():
         scripted(torch.randn(1, 3, 256, 288))
+
+
+def test_a_file_that_cannot_run_at_a_checked_size_is_reported_not_raised(pico_trained):
+    def frozen(x):
+        raise RuntimeError(
+            "The following operation failed\nTraceback ...\nRuntimeError: shape '[1, 4, -1, 196]' is invalid"
+        )
+
+    check = compare(frozen, pico_trained, torch.randn(1, 3, 64, 64))
+    assert not check.ok and check.error == "RuntimeError: shape '[1, 4, -1, 196]' is invalid"
 
 
 def test_cli_export_reads_a_safetensors_model_file_and_reports_equality(tmp_path):
