@@ -264,18 +264,23 @@ def _safetensors_module():
 
 def save_model_file(model: torch.nn.Module, deploy: bool, path: str | Path) -> Path:
     """Write `model_file(model, deploy)` to `path`: safetensors for *.safetensors, else torch.save."""
+    return write_model_file(model_file(model, deploy), path)
+
+
+def write_model_file(content: dict[str, Any], path: str | Path) -> Path:
+    """A model-file dict (see `model_file`) to `path`, atomically: safetensors for *.safetensors
+    (the state dict as tensors, the other entries as metadata), else torch.save."""
     if not is_safetensors_path(path):
-        return save_atomic(model_file(model, deploy), path)
-    content = model_file(model, deploy)
-    tensors = content.pop("state_dict")
-    return save_safetensors(tensors, path, {key: str(value) for key, value in content.items()})
+        return save_atomic(content, path)
+    metadata = {key: str(value) for key, value in content.items() if key != "state_dict"}
+    return save_safetensors(content["state_dict"], path, metadata)
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
     """A state dict (plus str metadata) as a safetensors file, through `write_atomic`."""
     module = _safetensors_module()
     # safetensors refuses views and tensors that share storage: store compact copies.
-    plain = {name: tensor.detach().contiguous().clone() for name, tensor in tensors.items()}
+    plain = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in tensors.items()}
     data = module.save(plain, metadata=metadata)
     return write_atomic(path, lambda handle: handle.write(data))
 

@@ -348,7 +348,13 @@ def export(
     fmt: Annotated[str, typer.Option("--format", help="onnx, exported-program or torchscript.")] = "onnx",
     img_size: Annotated[tuple[int, int], typer.Option("--img-size", help="Input height and width.")] = (224, 224),
     dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Any batch size.")] = False,
-    dynamic_size: Annotated[bool, typer.Option("--dynamic-size", help="Any image size from 33 px.")] = False,
+    dynamic_size: Annotated[
+        bool,
+        typer.Option(
+            "--dynamic-size",
+            help="Any image size from 33 px (torchscript: a size-generic trace; without it the trace takes only --img-size).",
+        ),
+    ] = False,
     deploy: DeployOpt = False,
     ema: Annotated[bool, typer.Option("--ema", help="The EMA weights of a run checkpoint.")] = False,
     set_: SetOpt = None,
@@ -364,11 +370,20 @@ def export(
     if report.skipped_check:
         console.print(plain(f"not checked against PyTorch: {report.skipped_check}"))
     for check in report.checks:
-        verdict = "[green]equal[/]" if check.ok else "[bold red]DIFFERENT[/]"
         shape = "x".join(str(n) for n in check.shape)
+        if check.error is not None:
+            console.print(f"[bold red]FAILS[/] to run at {shape}: " + plain(check.error[:300]))
+            continue
+        verdict = "[green]equal[/]" if check.ok else "[bold red]DIFFERENT[/]"
         console.print(f"{verdict} to PyTorch at {shape}: max |diff| {check.max_abs:.2e}, relative {check.relative:.2e}")
     if not report.ok:
-        raise OverlockError(f"{report.path} does not compute what the PyTorch model computes (tolerance 1e-4)")
+        hint = ""
+        if fmt == "torchscript" and any(check.error for check in report.checks):
+            hint = (
+                "; the trace of this spec does not follow the input size everywhere: use --format onnx or "
+                "exported-program for dynamic sizes, or export TorchScript at the size you will run"
+            )
+        raise OverlockError(f"{report.path} does not compute what the PyTorch model computes (tolerance 1e-4){hint}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,8 +12,12 @@ How each overlock piece exports:
   first (it registers the ops). For ONNX they are decomposed into aten ops (`kernels/onnx.py`).
 - ContMix's region pooling and the small-map resize follow the input size under export
   (`builder.layers.RegionPool`, `ContMix.mixing_size`), so one graph serves every size.
-- TorchScript is a trace at one input size and batch (the model is not `torch.jit.script`-able:
-  its blocks pass modules to helpers, its forward returns a list or a dict).
+- TorchScript is a `torch.jit.trace` (the model is not `torch.jit.script`-able: its blocks pass
+  modules to helpers, its forward returns a list or a dict). A plain trace freezes the input size;
+  with --dynamic-size the trace runs under `builder.layers.size_generic_trace`, which records every
+  size-dependent step as a computation on the input's shape, so the file serves other sizes too
+  (checked like the other formats). Loading one needs `import overlock.kernels` first (the trace
+  holds `overlock::contmix` nodes).
 - Dynamic sizes start at 33 px: a 32 px input makes 1x1 maps at /32, and torch.export specialises
   every size-1 dimension (broadcasting), so a program traced with dynamic sizes refuses exactly 32.
   Export at 32 px with static sizes when that size is needed.
@@ -24,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -125,10 +130,12 @@ class Comparison:
     shape: tuple[int, ...]
     max_abs: float
     relative: float
+    #: Why the exported file could not run at this shape (its first line), if it could not.
+    error: str | None = None
 
     @property
     def ok(self) -> bool:
-        return self.relative <= TOLERANCE
+        return self.error is None and self.relative <= TOLERANCE
 
 
 @dataclass
@@ -220,10 +227,15 @@ def _onnx_bytes(program: torch.export.ExportedProgram) -> bytes:
     return buffer.getvalue()
 
 
-def _torchscript_bytes(model: nn.Module, size: tuple[int, int], batch: int) -> bytes:
-    """torch.jit.trace at one input size (the blocks pass modules to helper functions and the model
-    returns a list or a dict, which torch.jit.script does not compile; a trace records the ops)."""
-    with torch.no_grad():
+def _torchscript_bytes(model: nn.Module, size: tuple[int, int], batch: int, dynamic_size: bool) -> bytes:
+    """torch.jit.trace (the blocks pass modules to helper functions and the model returns a list or
+    a dict, which torch.jit.script does not compile; a trace records the ops). With `dynamic_size`
+    sizes are traced as computations (see `size_generic_trace`), else frozen at `size`."""
+    from .builder.layers import size_generic_trace
+
+    generic = size_generic_trace() if dynamic_size else contextlib.nullcontext()
+    with torch.no_grad(), generic, warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks seen as constants: expected
         traced = torch.jit.trace(model, example_input(model, size, batch=batch), check_trace=False)
     buffer = io.BytesIO()
     torch.jit.save(traced, buffer)
@@ -259,18 +271,28 @@ def _runner(fmt: str, data: bytes) -> Callable[[torch.Tensor], torch.Tensor] | s
         program = load_exported_program(io.BytesIO(data))
         module = program.module()
         return lambda x: module(x)
-    scripted = torch.jit.load(io.BytesIO(data))
+    scripted = load_torchscript(io.BytesIO(data))
     return lambda x: scripted(x)
 
 
 def compare(run: Callable[[torch.Tensor], Any], model: nn.Module, x: torch.Tensor) -> Comparison:
     with torch.no_grad():
         expected = _first(model(x)).float()
-        got = _first(run(x)).float()
+        try:
+            got = _first(run(x)).float()
+        except Exception as exc:  # noqa: BLE001 - a file that cannot run at this size is the finding
+            return Comparison(tuple(x.shape), float("inf"), float("inf"), _error_line(exc))
     if got.shape != expected.shape:
         return Comparison(tuple(x.shape), float("inf"), float("inf"))
     max_abs = (got - expected).abs().max().item()
     return Comparison(tuple(x.shape), max_abs, max_abs / max(expected.abs().max().item(), 1e-12))
+
+
+def _error_line(exc: BaseException) -> str:
+    """The line of an error that says what went wrong (TorchScript's put it after a stack of frames)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    named = [line for line in lines if re.match(r"^\w*(Error|Exception): ", line)]
+    return (named or lines or [type(exc).__name__])[-1]
 
 
 def _first(output: Any) -> torch.Tensor:
@@ -296,12 +318,7 @@ def export_model(
         _require_onnx()
     model = model.eval()
     if fmt == "torchscript":
-        if dynamic_size or dynamic_batch:
-            raise OverlockError(
-                "--format torchscript is traced at one input size and batch; for dynamic sizes use "
-                "--format onnx or --format exported-program"
-            )
-        data = _torchscript_bytes(model, size, batch=1)
+        data = _torchscript_bytes(model, size, batch=2 if dynamic_batch else 1, dynamic_size=dynamic_size)
     else:
         program = export_program(model, size, dynamic_batch=dynamic_batch, dynamic_size=dynamic_size)
         if fmt == "onnx":
@@ -316,11 +333,18 @@ def export_model(
     if isinstance(run, str):
         report.skipped_check = run
         return report
-    kernel = max(s.kernel_size for s in model.spec.focus.stages)
+    kernel = _largest_contmix_kernel(model)
     batch = 2 if dynamic_batch else 1
     for i, check_size in enumerate(check_sizes(size, dynamic_size, kernel)):
         report.checks.append(compare(run, model, example_input(model, check_size, batch=batch, seed=i)))
     return report
+
+
+def _largest_contmix_kernel(model: nn.Module) -> int:
+    """The largest ContMix kernel in the model (any topology; 3 when it has no ContMix)."""
+    from .builder.contmix import ContMix
+
+    return max((m.kernel_size for m in model.modules() if isinstance(m, ContMix)), default=3)
 
 
 def load_exported_program(source: str | Path | io.BytesIO) -> torch.export.ExportedProgram:
@@ -331,3 +355,13 @@ def load_exported_program(source: str | Path | io.BytesIO) -> torch.export.Expor
     from . import kernels  # noqa: F401  (registers torch.ops.overlock.*)
 
     return torch.export.load(source)
+
+
+def load_torchscript(source: str | Path | io.BytesIO) -> torch.jit.ScriptModule:
+    """torch.jit.load with overlock's ops registered (the trace holds `overlock::contmix` nodes).
+
+    Outside overlock, `import overlock.kernels` before `torch.jit.load` does the same.
+    """
+    from . import kernels  # noqa: F401  (registers torch.ops.overlock.*)
+
+    return torch.jit.load(source)

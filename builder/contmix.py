@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from .layers import GRN, DilatedRepConv, RegionPool, adaptive_avg_pool, conv_bn, exporting
+from .layers import GRN, DilatedRepConv, RegionPool, adaptive_avg_pool, conv_bn, exporting, generic_trace
 
 
 class ContMix(nn.Module):
@@ -57,17 +57,25 @@ class ContMix(nn.Module):
         With plain ints it computes the same numbers (tests compare it with the reference formula).
         """
         k = self.kernel_size
-
-        def step(n):  # 1 if n > 0 else 0, for integers
-            return torch.sym_min(1, torch.sym_max(0, n))
+        if isinstance(height, torch.Tensor):  # a size-generic jit trace: sizes are 0-dim int64 tensors
+            maximum, to_int = torch.maximum, lambda v: v.trunc().long()
+            step = lambda n: n.clamp(0, 1)  # noqa: E731
+            # float64 tensor / tensor, as Python's k / width (a scalar numerator would be multiplied by
+            # the reciprocal: 13 / 7 * 7 gave 12.999..., one less after truncation)
+            real_k = torch.full((), float(k), dtype=torch.float64)
+            real_height, real_width = height.double(), width.double()
+        else:
+            maximum, to_int = torch.sym_max, torch.sym_int
+            step = lambda n: torch.sym_min(1, torch.sym_max(0, n))  # noqa: E731 - 1 if n > 0 else 0
+            real_k, real_height, real_width = k, height, width
 
         tall = step(height - width + 1) * step(k - width)  # width is the short side and below K
         wide = step(width - height) * step(k - height)  # height is the short side and below K
-        up_height = torch.sym_int(k / width * height)
-        up_width = torch.sym_int(k / height * width)
+        up_height = to_int(real_k / real_width * real_height)
+        up_width = to_int(real_k / real_height * real_width)
         return (
-            torch.sym_max(height, torch.sym_max(k * wide, up_height * tall)),
-            torch.sym_max(width, torch.sym_max(k * tall, up_width * wide)),
+            maximum(height, maximum(k * wide, up_height * tall)),
+            maximum(width, maximum(k * tall, up_width * wide)),
         )
 
     def forward(self, z: torch.Tensor, normed: torch.Tensor | None = None) -> torch.Tensor:
@@ -75,12 +83,13 @@ class ContMix(nn.Module):
         d, keys from the rest), or a tensor of d channels giving both queries and keys (self context
         with values that differ from them, as in `ContMixBlock`), or None to take both from z."""
         height, width = z.shape[-2:]
-        if torch.jit.is_tracing():  # jit traces (TorchScript, fvcore's FLOP counter) see sizes as tensors
+        generic = generic_trace()
+        if torch.jit.is_tracing() and not generic:  # jit traces (fvcore's FLOP counter) see sizes as tensors
             height, width = int(height), int(width)
         size = self.mixing_size(height, width)
         # Exported graphs always take the resize path: at an unchanged size it is the identity, and
         # the graph then serves every input size (eager runs skip it when it is not needed).
-        resize = exporting() or size != (height, width)
+        resize = exporting() or generic or size != (height, width)
         if resize:
             z = F.interpolate(z, size=size, mode="bilinear", align_corners=False)
             if normed is not None:

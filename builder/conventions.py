@@ -32,6 +32,10 @@ _STAGE = re.compile(r"^(?:base\.|focus\.)?stages\.\d+$")
 _PROBE_SIZE = 64
 
 
+class _StopEarly(Exception):
+    """Raised by a forward hook to end a forward once the deepest requested level is computed."""
+
+
 class FeatureInfo(list):
     """A list of {"num_chs", "reduction", "module", "index"} dicts with timm's accessors."""
 
@@ -188,8 +192,10 @@ class TimmConventions:
         """The pyramid levels (timm semantics: an int n means the last n, a list picks levels).
 
         A features-only model returns its normed levels (`norm` is implied); a classifier returns
-        the raw stage outputs and `forward_features`' output. `stop_early` is accepted for
-        compatibility (the deep-stage decomposition needs the whole network for its last level).
+        the raw stage outputs and `forward_features`' output. `stop_early` ends the forward once
+        the deepest requested level is computed, as timm's models do; the final features are then
+        that level's output (for the deep-stage decomposition, levels 0 and 1 come from Base-Net,
+        so Overview-Net and Focus-Net are skipped; the deepest level always needs the whole network).
         """
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt={output_fmt!r}: overlock models produce NCHW maps only")
@@ -201,26 +207,51 @@ class TimmConventions:
             chosen = list(range(count - indices, count))
         else:
             chosen = [i % count for i in indices]
-        if getattr(self, "features_only", False):
+        features_only = getattr(self, "features_only", False)
+        deepest = max(chosen)
+        stop = stop_early and deepest < count - 1 and self._final_at_first_output(deepest)
+        if features_only and not stop:
             hook = self.__dict__.get("_overlock_select_hook")
             everything = self.forward.__func__(self, x) if hook is not None else self(x)
             picked = [everything[i] for i in chosen]
             return picked if intermediates_only else (everything[-1], picked)
         modules = dict(self.named_modules())
         captured: dict[int, torch.Tensor] = {}
+
+        def capture(index: int, output: torch.Tensor) -> None:
+            captured[index] = output
+            if stop and index == deepest:
+                raise _StopEarly
+
         hooks = [
-            modules[levels[i]["module"]].register_forward_hook(lambda _m, _i, out, i=i: captured.__setitem__(i, out))
-            for i in chosen
+            modules[levels[i]["module"]].register_forward_hook(lambda _m, _i, out, i=i: capture(i, out)) for i in chosen
         ]
+        features = None
         try:
-            features = self.forward_features(x)
+            features = self.forward_levels(x) if features_only else self.forward_features(x)
+        except _StopEarly:
+            pass
         finally:
             for hook in hooks:
                 hook.remove()
+        if features_only:  # stopped early: the levels as forward would have returned them
+            picked = [self._level_output(i, captured[i]) for i in chosen]
+            return picked if intermediates_only else (picked[chosen.index(deepest)], picked)
         picked = [captured[i] for i in chosen]
         if intermediates_only:
             return picked
+        if features is None:
+            return captured[deepest], picked
         return (features[0] if isinstance(features, tuple) else features), picked
+
+    def _final_at_first_output(self, index: int) -> bool:
+        """Whether level `index` is final when its module first returns (a topology that runs a
+        stage again, like a pyramid with feedback, says otherwise for those levels)."""
+        return True
+
+    def _level_output(self, index: int, raw: torch.Tensor) -> torch.Tensor:
+        """What a features-only forward returns for level `index` (not the deepest) from its stage output."""
+        return raw
 
     def prune_intermediate_layers(
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True

@@ -7,6 +7,8 @@ differ), because the presets must reproduce the published models' outputs for th
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -105,6 +107,32 @@ def exporting() -> bool:
     same values with operations whose sizes follow the input instead of being frozen into the graph.
     """
     return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+
+
+_size_generic_trace = False
+
+
+@contextmanager
+def size_generic_trace() -> Iterator[None]:
+    """While active, `torch.jit.trace` records sizes as computations on the input's shape.
+
+    A plain trace (fvcore's FLOP counter) freezes every size-dependent choice at the traced size;
+    inside this context ContMix computes its mixing size with tensor ops and always takes the
+    resize path (the identity at an unchanged size), and resolution changes between levels are
+    always recorded, so one TorchScript trace serves every input size (`overlock export --format
+    torchscript --dynamic-size`, which checks this at other sizes).
+    """
+    global _size_generic_trace
+    previous, _size_generic_trace = _size_generic_trace, True
+    try:
+        yield
+    finally:
+        _size_generic_trace = previous
+
+
+def generic_trace() -> bool:
+    """True while `size_generic_trace` is active and a jit trace is being recorded."""
+    return _size_generic_trace and torch.jit.is_tracing()
 
 
 def pooling_matrix(length: int, bins: int, like: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from .. import kernels
 from ..archspec import BlockStage, DDSSpec, PyramidSpec
 from .blocks import BasicBlock, ContMix, DynamicBlock, StaticFocusBlock
 from .conventions import TimmConventions
-from .layers import GRN, DilatedRepConv, LayerNorm2d, LayerScale, block_norm, conv_bn
+from .layers import GRN, DilatedRepConv, LayerNorm2d, LayerScale, block_norm, conv_bn, generic_trace
 from .mixers import DOWNSAMPLES, STEMS
 
 
@@ -210,7 +210,8 @@ class FocusNet(nn.Module):
             if stage.downsample is not None:
                 x, prior = stage.downsample(x, prior)
             # P0 at this stage's resolution: bilinear from /32 where the sizes differ.
-            here = prior0 if prior0.shape[-2:] == x.shape[-2:] else _resize(prior0, x.shape[-2:])
+            same = prior0.shape[-2:] == x.shape[-2:] and not generic_trace()
+            here = prior0 if same else _resize(prior0, x.shape[-2:])
             if prior is None:
                 prior = here
             f = stage(x, prior, here)
@@ -279,7 +280,7 @@ class PyramidOutputs(nn.Module):
     def forward(self, levels: list[torch.Tensor], context: torch.Tensor) -> list[torch.Tensor]:
         out = [norm(level) for norm, level in zip(self.norms, levels, strict=True)]
         extra = self.context_proj(self.context_norm(context))
-        if extra.shape[-2:] != out[-1].shape[-2:]:
+        if extra.shape[-2:] != out[-1].shape[-2:] or generic_trace():
             extra = _resize(extra, out[-1].shape[-2:])
         out[-1] = out[-1] + self.context_scale(extra)
         return out
@@ -393,6 +394,10 @@ class OverLoCK(SpecModel):
         base_out, focus_out, ctx = self._stages(x)
         return self.pyramid(base_out[:-1] + focus_out, ctx)
 
+    def _level_output(self, index: int, raw: torch.Tensor) -> torch.Tensor:
+        """Levels above the deepest are the stage output, normed (PyramidOutputs)."""
+        return self.pyramid.norms[index](raw)
+
 
 class PyramidNet(SpecModel):
     """The plain hierarchical baseline: stem (/4), stages that each halve the resolution, one head.
@@ -444,6 +449,10 @@ class PyramidNet(SpecModel):
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         """(last stage's output, None): pyramids have no context and no aux head."""
         return self.forward_levels(x)[-1], None
+
+    def _final_at_first_output(self, index: int) -> bool:
+        """With feedback, the target stage and every later one run again."""
+        return self.feedback is None or index < self.spec.feedback.target
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -200,15 +201,19 @@ def _top(key: str) -> str:
     return key.split(".", 1)[0]
 
 
-def load_backbone(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> BackboneLoad:
+def load_backbone(model: nn.Module, state_dict: Mapping[str, Any]) -> BackboneLoad:
     """Load classification weights (ours or the published layout) into a `features_only` model.
 
     The heads in the file are dropped and the features-only outputs (pyramid norms and context
     projection) stay new; both are listed in the result. Everything else is strict: any other
     missing, unexpected or mis-shaped tensor is a CheckpointError, as in `load_official`.
+    `state_dict` may also be anything `overlock.checkpoint.load_file` returns for a weights file
+    (a model file such as a run's best.safetensors, a run checkpoint: their model weights are used).
     """
+    from ..training.checkpoint import model_state
+
     target = model.state_dict()
-    weights = dict(state_dict)
+    weights = dict(model_state(dict(state_dict)))
     if not set(weights) & set(target):  # the published layout?
         weights = {official_to_overlock(k): v for k, v in weights.items()}
     new = sorted(k for k in target if k not in weights)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,10 @@ from torch import nn
 
 from overlock.builder import build, load_backbone
 from overlock.errors import CheckpointError
+
+REPO = Path(__file__).resolve().parents[1]
+PYRAMID = str(REPO / "specs/paper/table6/05-convffn.yaml")
+RECURRENT = str(REPO / "specs/paper/table6/06-recurrent.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +159,83 @@ def test_strict_load_official_points_a_backbone_to_load_backbone(reference_dir):
     state = torch.load(reference_dir / "golden" / "pico.official_state_dict.pt", weights_only=True)
     with pytest.raises(CheckpointError, match="load_backbone"):
         load_official(build("pico", features_only=True), state)
+
+
+# --- stop_early -------------------------------------------------------------------------------
+
+
+def _calls(module: nn.Module) -> list[int]:
+    """A counter of `module`'s forward calls (a list, so the test can read it after the forward)."""
+    count = [0]
+    module.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+    return count
+
+
+@pytest.mark.parametrize(
+    ("spec", "features_only", "skipped"),
+    [
+        ("pico", False, "focus"),
+        ("pico", True, "focus"),
+        (PYRAMID, False, "stages.3"),
+        (PYRAMID, True, "stages.3"),
+    ],
+    ids=["dds", "dds-features-only", "pyramid", "pyramid-features-only"],
+)
+def test_stop_early_ends_the_forward_after_the_deepest_requested_level(spec, features_only, skipped, single_thread):
+    torch.manual_seed(0)
+    model = build(spec, features_only=features_only).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        full_final, full = model.forward_intermediates(x, indices=[0, 1])
+        calls = _calls(dict(model.named_modules())[skipped])
+        final, early = model.forward_intermediates(x, indices=[0, 1], stop_early=True)
+        assert calls[0] == 0  # the network stopped after level 1
+        assert len(early) == 2 and all(torch.equal(a, b) for a, b in zip(early, full, strict=True))
+        assert torch.equal(final, early[-1]) and final.shape[-1] == 96 // 8 != full_final.shape[-1]
+        only = model.forward_intermediates(x, indices=[1], stop_early=True, intermediates_only=True)
+        assert calls[0] == 0 and torch.equal(only[0], full[1])
+        # The deepest level needs the whole network: stop_early changes nothing there.
+        _, deepest = model.forward_intermediates(x, indices=[1, 3], stop_early=True)
+        _, reference = model.forward_intermediates(x, indices=[1, 3])
+        assert calls[0] > 0 and all(torch.equal(a, b) for a, b in zip(deepest, reference, strict=True))
+
+
+def test_stop_early_with_feedback_runs_the_stages_it_recomputes(single_thread):
+    """A pyramid with feedback into stage 2 runs stages 2 and 3 twice: level 2 is final only at the end."""
+    torch.manual_seed(0)
+    model = build(RECURRENT).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        full = model.forward_intermediates(x, indices=[1, 2], intermediates_only=True)
+        early = model.forward_intermediates(x, indices=[1, 2], stop_early=True, intermediates_only=True)
+        assert all(torch.equal(a, b) for a, b in zip(early, full, strict=True))
+        calls = _calls(model.stages[3])
+        model.forward_intermediates(x, indices=[1], stop_early=True)
+        assert calls[0] == 0
+
+
+def _readme_block(heading: str) -> str:
+    """The first Python code block after `heading` in README.md."""
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("```python\n", readme.index(heading)) + len("```python\n")
+    return readme[start : readme.index("```\n", start)]
+
+
+def test_readme_backbone_example_runs_as_written(tmp_path, monkeypatch, single_thread):
+    """The README's detection example, unchanged, with a `t` classifier saved under its file name."""
+    pytest.importorskip("torchvision", reason="torchvision does not import beside every torch (CI: timm venv)")
+    code = _readme_block("### Backbone for detection and segmentation")
+    assert "torchvision.ops.FeaturePyramidNetwork" in code and 'load_file("overlock_t_in1k_224.pth")' in code
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    classifier = build("t")
+    torch.save(classifier.state_dict(), "overlock_t_in1k_224.pth")
+    namespace: dict = {}
+    exec(compile(code, "README.md (backbone example)", "exec"), namespace)  # our own README
+    maps, backbone, report = namespace["maps"], namespace["backbone"], namespace["report"]
+    assert list(maps) == ["p0", "p1", "p2"]
+    assert [tuple(m.shape) for m in maps.values()] == [(2, 256, 256 // r, 320 // r) for r in (8, 16, 32)]
+    assert backbone.feature_info.reduction() == [8, 16, 32]
+    assert all(k.startswith("pyramid.") for k in report.new) and "head.fc.weight" in report.dropped
+    stem = "base.stem.conv1.weight"
+    assert torch.equal(backbone.state_dict()[stem], classifier.state_dict()[stem])

@@ -3,16 +3,27 @@ what the eager model computes (onnxruntime, torch.export, TorchScript), through 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
+from overlock import archspec
 from overlock.builder import build, load_official
 from overlock.builder.blocks import ContMix
 from overlock.builder.layers import RegionPool, adaptive_avg_pool
 from overlock.cli import app
-from overlock.export import TOLERANCE, check_sizes, export_model, load_exported_program, load_model
+from overlock.export import (
+    TOLERANCE,
+    check_sizes,
+    compare,
+    export_model,
+    load_exported_program,
+    load_model,
+    load_torchscript,
+)
 
 runner = CliRunner()
 
@@ -55,6 +66,17 @@ def test_branch_free_mixing_size_equals_the_reference_formula(kernel_size):
     assert contmix.mixing_size(5, 45) == _reference_mixing_size(kernel_size, 5, 45)  # float truncation case
 
 
+@pytest.mark.parametrize("kernel_size", [3, 7, 13])
+def test_mixing_size_on_traced_sizes_equals_the_reference_formula(kernel_size):
+    """A size-generic jit trace hands ContMix its sizes as 0-dim int64 tensors (TorchScript export)."""
+    contmix = ContMix.__new__(ContMix)
+    contmix.kernel_size = kernel_size
+    for height in range(1, 40):
+        for width in [*range(1, 40, 3), 45]:
+            got = contmix.mixing_size(torch.tensor(height), torch.tensor(width))
+            assert tuple(int(v) for v in got) == _reference_mixing_size(kernel_size, height, width), (height, width)
+
+
 def test_check_sizes_cover_non_square_and_small_focus_maps():
     sizes = check_sizes((224, 224), True, kernel_size=13)
     assert sizes[0] == (224, 224) and any(h != w for h, w in sizes)
@@ -92,11 +114,53 @@ def test_exported_program_keeps_the_custom_op_and_reloads(pico_trained, tmp_path
         assert torch.allclose(program.module()(x), pico_trained(x), rtol=1e-4, atol=1e-5)
 
 
-def test_torchscript_trace_matches_and_dynamic_is_refused(pico_trained, tmp_path):
+def test_torchscript_trace_matches_at_the_exported_size(pico_trained, tmp_path):
     report = export_model(pico_trained, tmp_path / "pico.ts", "torchscript", (64, 96))
-    assert report.ok and report.checks[0].shape == (1, 3, 64, 96)
-    with pytest.raises(Exception, match="traced at one input size"):
-        export_model(pico_trained, tmp_path / "x.ts", "torchscript", (64, 64), dynamic_size=True)
+    assert report.ok and [c.shape for c in report.checks] == [(1, 3, 64, 96)]
+
+
+def test_dynamic_torchscript_serves_other_sizes_and_batches(pico_trained, tmp_path):
+    """Traced once at 224 px, batch 2; run at non-square sizes, another batch and small Focus-Net maps."""
+    report = export_model(
+        pico_trained, tmp_path / "pico.ts", "torchscript", (224, 224), dynamic_batch=True, dynamic_size=True
+    )
+    assert report.ok and len(report.checks) == 4, [(c.shape, c.relative) for c in report.checks]
+    scripted = load_torchscript(tmp_path / "pico.ts")
+    torch.manual_seed(1)
+    for shape in [(3, 3, 256, 288), (1, 3, 96, 160), (2, 3, 33, 47)]:
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            expected, got = pico_trained(x), scripted(x)
+        assert got.shape == expected.shape
+        assert (got - expected).abs().max().item() <= TOLERANCE * expected.abs().max().item(), shape
+
+
+def test_a_pyramid_spec_exports_and_checks_at_other_sizes(tmp_path):
+    """Pyramids have no Focus-Net: the small-map check size comes from the ContMix kernels there are."""
+    torch.manual_seed(0)
+    shrink = [f"stages.{i}.depth=1" for i in range(4)] + ["stages.2.width=128", "stages.3.width=128"]
+    model = build(archspec.load(Path(__file__).resolve().parents[1] / "specs/paper/table7/contmix.yaml", shrink)).eval()
+    report = export_model(model, tmp_path / "p.ts", "torchscript", (64, 64), dynamic_size=True)
+    assert report.ok and len(report.checks) == 4, [(c.shape, c.relative, c.error) for c in report.checks]
+    assert (192, 256) in [c.shape[2:] for c in report.checks]  # /32 maps 6x8 < kernel 7: the resize path
+
+
+def test_plain_torchscript_trace_is_frozen_at_its_size(pico_trained, tmp_path):
+    """Without --dynamic-size the trace holds the sizes as constants: another size fails, loudly."""
+    export_model(pico_trained, tmp_path / "pico.ts", "torchscript", (224, 224))
+    scripted = load_torchscript(tmp_path / "pico.ts")
+    with pytest.raises(RuntimeError), torch.no_grad():
+        scripted(torch.randn(1, 3, 256, 288))
+
+
+def test_a_file_that_cannot_run_at_a_checked_size_is_reported_not_raised(pico_trained):
+    def frozen(x):
+        raise RuntimeError(
+            "The following operation failed\nTraceback ...\nRuntimeError: shape '[1, 4, -1, 196]' is invalid"
+        )
+
+    check = compare(frozen, pico_trained, torch.randn(1, 3, 64, 64))
+    assert not check.ok and check.error == "RuntimeError: shape '[1, 4, -1, 196]' is invalid"
 
 
 def test_cli_export_reads_a_safetensors_model_file_and_reports_equality(tmp_path):
@@ -126,7 +190,6 @@ def build_from_file(path):
         (["--format", "tflite"], "valid: onnx, exported-program, torchscript"),
         (["--img-size", "16", "64"], "between 32 and"),
         (["--dynamic-size", "--img-size", "32", "64"], "between 33 and"),
-        (["--format", "torchscript", "--dynamic-size"], "traced at one input size"),
         (["-w", "missing.pt"], "does not exist"),
     ],
 )

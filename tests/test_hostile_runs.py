@@ -106,26 +106,30 @@ def test_the_untouched_run_still_resumes(stopped_run, tmp_path):
 def test_resume_removes_the_temporary_files_of_killed_saves(stopped_run, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(stopped_run, copy)
-    for name in (".last.pt.k1ll3d.tmp", ".best.pt.x9.tmp"):
+    for name in (".last.pt.k1ll3d.tmp", ".best.pt.x9.tmp", ".best.safetensors.q2.tmp"):
         (copy / name).write_bytes(b"half a checkpoint")
     (copy / ".notes.tmp").write_text("not ours")
     assert invoke("train", "--resume", copy).exit_code == 0
-    assert not list(copy.glob(".*.pt.*.tmp")) and (copy / ".notes.tmp").exists()
+    assert sorted(p.name for p in copy.glob(".*.tmp")) == [".notes.tmp"]
 
 
 def test_best_is_written_before_last_so_last_never_names_a_best_not_on_disk(tiny_spec, tmp_path, monkeypatch):
-    from overlock.training import checkpoint as training_checkpoint
+    """Each save: best.pt, then best.safetensors (its weights as a model file), then last.pt."""
+    from overlock import checkpoint as overlock_checkpoint
 
     written: list[str] = []
-    original = training_checkpoint.save_atomic
+    original = overlock_checkpoint.write_atomic
     monkeypatch.setattr(
-        training_checkpoint, "save_atomic", lambda obj, path: (written.append(Path(path).name), original(obj, path))[1]
+        overlock_checkpoint,
+        "write_atomic",
+        lambda path, write: (written.append(Path(path).name), original(path, write))[1],
     )
     assert invoke("train", tiny_spec, *FAST, "--epochs", "2", "--out", tmp_path / "r").exit_code == 0
     assert "best.pt" in written
     for index, name in enumerate(written):
         if name == "best.pt":
-            assert written[index + 1] == "last.pt", written
+            assert written[index + 1 : index + 3] == ["best.safetensors", "last.pt"], written
+    assert written.count("best.safetensors") == written.count("best.pt")
 
 
 def test_a_damaged_block_in_a_checkpoint_is_detected_by_its_checksum(stopped_run, tmp_path, tiny_spec):

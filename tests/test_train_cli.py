@@ -21,6 +21,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from overlock import archspec
+from overlock.checkpoint import MODEL_FORMAT, load_file
 from overlock.cli import app
 from overlock.training import checkpoint, loss
 
@@ -70,6 +71,7 @@ def test_train_writes_a_complete_run_directory(tiny_spec, tmp_path):
         "metrics.jsonl",
         "last.pt",
         "best.pt",
+        "best.safetensors",
         "curves.png",
     }
     spec = archspec.load(run / "spec.yaml")
@@ -85,6 +87,19 @@ def test_train_writes_a_complete_run_directory(tiny_spec, tmp_path):
     with Image.open(run / "curves.png") as png:
         assert png.format == "PNG" and png.width > 400
     assert "val top-1" in result.stdout and "best val top-1" in flat(result.stdout)
+    assert "best.safetensors" in flat(result.stdout)
+    assert_best_model_is_best_pt(run)
+
+
+def assert_best_model_is_best_pt(run: Path) -> None:
+    """best.safetensors: a model file (spec in its metadata, training form) of best.pt's model weights."""
+    assert (run / "best.safetensors").read_bytes()[8:9] == b"{"  # safetensors, not a pickle
+    model_file = load_file(run / "best.safetensors")
+    best = load_file(run / "best.pt")
+    assert model_file["format"] == MODEL_FORMAT and model_file["deploy"] is False
+    assert model_file["spec"] == best["spec"] == (run / "spec.yaml").read_text()
+    assert model_file["state_dict"].keys() == best["model"].keys()
+    assert all(torch.equal(model_file["state_dict"][k], v) for k, v in best["model"].items())
 
 
 def test_train_on_digits(tiny_spec, tmp_path):
@@ -114,6 +129,8 @@ def test_resumed_run_logs_exactly_the_losses_of_an_uninterrupted_one(tiny_spec, 
     assert first.exit_code == 0, first.output
     assert "--stop-after" in flat(first.stdout)
     assert torch.load(tmp_path / "split" / "last.pt", weights_only=True)["progress"]["step"] == 4
+    # As if killed between writing best.pt and best.safetensors: the resume rewrites it from best.pt.
+    (tmp_path / "split" / "best.safetensors").unlink()
     second = train("--resume", tmp_path / "split")
     assert second.exit_code == 0, second.output
 
@@ -134,6 +151,9 @@ def test_resumed_run_logs_exactly_the_losses_of_an_uninterrupted_one(tiny_spec, 
     split = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
     for name, tensor in whole["model"].items():
         assert torch.equal(tensor, split["model"][name]), name
+    assert_best_model_is_best_pt(tmp_path / "split")
+    split_best, whole_best = (load_file(tmp_path / run / "best.safetensors") for run in ("split", "whole"))
+    assert all(torch.equal(v, whole_best["state_dict"][k]) for k, v in split_best["state_dict"].items())
 
 
 def test_resume_refuses_changed_options_and_missing_checkpoints(tiny_spec, tmp_path):
@@ -266,9 +286,13 @@ def test_existing_run_is_refused_unless_overwrite(tiny_spec, tmp_path):
         train(tiny_spec, *FAST, "--steps", "1", "--out", run), "already holds a run", f"--resume {run}", "--overwrite"
     )
     assert (run / "metrics.jsonl").read_text() == before
+    first_best = load_file(run / "best.safetensors")["state_dict"]
     again = train(tiny_spec, *FAST, "--steps", "2", "--out", run, "--overwrite")
     assert again.exit_code == 0, again.output
     assert records(run, "step")[-1]["step"] == 2 and len(records(run, "start")) == 1
+    new_best = load_file(run / "best.safetensors")["state_dict"]
+    assert not torch.equal(new_best["head.fc.weight"], first_best["head.fc.weight"])  # the new run's weights
+    assert_best_model_is_best_pt(run)
 
 
 @pytest.mark.parametrize(
@@ -355,6 +379,26 @@ def test_eval_reports_top1_top5_and_loss_of_run_checkpoints_and_state_dicts(tiny
     torch.save(checkpoint.model_state(torch.load(run / "last.pt", weights_only=True)), plain)
     again = runner.invoke(app, ["eval", str(tiny_spec), "-w", str(plain), "--data", SYNTH, "--img-size", "32"])
     assert again.exit_code == 0 and f"{100 * logged['val_top1']:.2f}%" in again.stdout
+    shipped = str(run / "best.safetensors")
+    model_file = runner.invoke(app, ["eval", str(tiny_spec), "-w", shipped, "--data", SYNTH, "--img-size", "32"])
+    assert model_file.exit_code == 0, model_file.output
+    assert f"{100 * logged['val_top1']:.2f}%" in model_file.stdout and f"{logged['val_loss']:.4f}" in model_file.stdout
+
+
+def test_best_safetensors_loads_wherever_weights_are_taken(tiny_spec, tmp_path):
+    """export's loader (also behind `overlock export --weights`), load_file and load_backbone."""
+    from overlock.builder import build, load_backbone
+    from overlock.export import load_model
+
+    run = tmp_path / "r"
+    assert train(tiny_spec, *FAST, "--steps", "1", "--out", run).exit_code == 0
+    best = torch.load(run / "best.pt", weights_only=True)["model"]
+    model = load_model(tiny_spec, run / "best.safetensors")  # the class count comes from the weights
+    assert model.num_classes == 3 and all(torch.equal(model.state_dict()[k], v) for k, v in best.items())
+    backbone = build(archspec.load(tiny_spec, ["head.num_classes=3"]), features_only=True)
+    report = load_backbone(backbone, load_file(run / "best.safetensors"))
+    assert "head.fc.weight" in report.dropped
+    assert torch.equal(backbone.state_dict()["base.stem.conv1.weight"], best["base.stem.conv1.weight"])
 
 
 def test_eval_of_weights_for_another_spec_is_a_checkpoint_error(tiny_spec, tmp_path):

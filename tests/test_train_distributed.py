@@ -97,6 +97,7 @@ def test_the_cli_under_torchrun_writes_one_run_from_rank_zero(tiny_spec, tmp_pat
     assert "2 processes" in " ".join(proc.stdout.split())
     assert sorted(p.name for p in run.iterdir()) == [
         "best.pt",
+        "best.safetensors",
         "config.json",
         "curves.png",
         "last.pt",

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoint import load_file, save_atomic
+from ..checkpoint import MODEL_FORMAT, load_file, save_atomic
 from ..errors import CheckpointError
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "check_run_checkpoint",
     "is_run_checkpoint",
     "load_file",
+    "model_file_of",
     "model_state",
     "restore_rng",
     "save_atomic",
@@ -93,6 +94,15 @@ def model_state(state: Any, use_ema: bool = False) -> dict[str, torch.Tensor]:
         if state and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
             return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
     raise CheckpointError("the file holds neither an overlock run checkpoint nor a state dict (name -> tensor)")
+
+
+def model_file_of(state: dict[str, Any]) -> dict[str, Any]:
+    """A run checkpoint's model weights and spec as a model file (what `overlock build --save` writes).
+
+    `overlock train` writes this next to best.pt as best.safetensors: the file to evaluate, export or
+    ship, without optimizer state and without pickle.
+    """
+    return {"format": MODEL_FORMAT, "version": 1, "spec": state["spec"], "deploy": False, "state_dict": state["model"]}
 
 
 # ---------------------------------------------------------------------------------------------

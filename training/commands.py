@@ -28,12 +28,14 @@ def _eval_opt(field: str, *flags: str, **extra: Any) -> Any:
 
 TRAIN_HELP = (
     "Train SPEC (a preset name or a spec YAML file) on a data source.\n\n"
-    "Writes a run directory: resolved spec, metrics.jsonl, last.pt, best.pt, curves.png. Without options it "
+    "Writes a run directory: resolved spec, metrics.jsonl, last.pt and best.pt (run checkpoints: what --resume "
+    "reads), best.safetensors (best.pt's weights as a model file with the spec in its metadata: what eval, export "
+    "and load_file take and what you ship), curves.png. Without options it "
     "trains on scikit-learn's bundled digits for a few minutes on CPU. Under "
     "`torchrun --nproc-per-node N -m overlock.cli train ...` it trains with DistributedDataParallel."
 )
 
-EVAL_HELP = "Evaluate weights (a run's last.pt/best.pt or a plain state dict) on a source's validation split: top-1, top-5, loss."
+EVAL_HELP = "Evaluate weights (a run's last.pt/best.pt/best.safetensors, a model file or a plain state dict, .pt or .safetensors) on a source's validation split: top-1, top-5, loss."
 
 
 def train_command(

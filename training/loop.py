@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from ..checkpoint import write_model_file
 from ..errors import CheckpointError
 from . import checkpoint
 from .checkpoint import FORMAT, FORMAT_VERSION
@@ -326,8 +327,11 @@ class Trainer:
         if self.run is not None and self.dist.is_main:
             # best.pt first: last.pt is what --resume trusts, so it must never name a best epoch that is
             # not on disk yet. A kill between the two leaves the old last.pt, and the resume redoes the save.
+            # best.safetensors (best.pt's weights as a model file) follows best.pt; a resume rewrites it
+            # from best.pt, so a kill between those two cannot leave them apart either.
             if best:
                 checkpoint.save_atomic(state, self.run.best)
+                write_model_file(checkpoint.model_file_of(state), self.run.best_model)
             checkpoint.save_atomic(state, self.run.last)
         self.saved_step = self.step
 

@@ -5,6 +5,8 @@ RUN/config.json    the training options
 RUN/metrics.jsonl  one JSON object per logged step ("kind": "step") and per epoch ("kind": "epoch")
 RUN/last.pt        checkpoint after the latest epoch (or interruption): what --resume reads
 RUN/best.pt        checkpoint with the best validation top-1 so far
+RUN/best.safetensors  best.pt's model weights as a model file (spec in its metadata): for eval,
+                   export, load_file / load_backbone and shipping; written with best.pt
 RUN/curves.png     loss and accuracy curves
 """
 
@@ -18,7 +20,7 @@ from typing import Any
 from ..checkpoint import write_atomic
 from .errors import RunDirError
 
-RUN_FILES = ("spec.yaml", "config.json", "metrics.jsonl", "last.pt", "best.pt", "curves.png")
+RUN_FILES = ("spec.yaml", "config.json", "metrics.jsonl", "last.pt", "best.pt", "best.safetensors", "curves.png")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -37,6 +39,7 @@ class RunDir:
     metrics = property(lambda self: self.root / "metrics.jsonl")
     last = property(lambda self: self.root / "last.pt")
     best = property(lambda self: self.root / "best.pt")
+    best_model = property(lambda self: self.root / "best.safetensors")
     plot = property(lambda self: self.root / "curves.png")
 
     def existing_run_files(self) -> list[str]:

@@ -18,7 +18,7 @@ from torch import nn
 
 from .. import archspec
 from ..builder.estimate import check_fits
-from ..checkpoint import MODEL_FORMAT
+from ..checkpoint import MODEL_FORMAT, write_model_file
 from ..errors import CheckpointError, OverlockError, plain
 from . import checkpoint, distributed
 from .config import EvalConfig, TrainConfig, validated
@@ -167,6 +167,7 @@ def _train(
             return result(Outcome(finished=True, steps_this_run=0, seconds=0.0, images=0.0))
         if dist.is_main:
             MetricsLog(run.metrics).truncate_after(trainer.step)
+            _sync_best_model(run, reporter)
             reporter.line(
                 f"resuming {plain(str(run.root))} at step {trainer.step}/{plan.total_steps} (epoch {trainer.epoch + 1})"
             )
@@ -199,6 +200,21 @@ def _train(
     if dist.is_main:
         console.print(_summary(plan, trainer, outcome, run, dist))
     return result(outcome)
+
+
+def _sync_best_model(run: RunDir, reporter: Reporter) -> None:
+    """Rewrite best.safetensors from best.pt when a run resumes.
+
+    A run writes the two one after the other; a kill between them would leave them apart (or a run
+    of an older overlock has no best.safetensors). From here on they hold the same weights again.
+    """
+    if not run.best.is_file():
+        return
+    try:
+        write_model_file(checkpoint.model_file_of(checkpoint.load_file(run.best)), run.best_model)
+    except (CheckpointError, KeyError, TypeError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reporter.line(f"{plain(str(run.best))} is unreadable ({plain(detail)}); {run.best_model.name} left as it is")
 
 
 T = TypeVar("T")
@@ -260,7 +276,13 @@ def _summary(plan: Plan, trainer: Trainer, outcome: Outcome, run: RunDir, dist: 
     if outcome.last_ema_eval is not None:
         rows.append(("EMA val top-1", f"{100 * outcome.last_ema_eval.top1:.2f}%"))
     if trainer.best_epoch:
-        rows.append(("best val top-1", f"{100 * trainer.best_top1:.2f}% (epoch {trainer.best_epoch}) -> {run.best}"))
+        rows.append(
+            (
+                "best val top-1",
+                f"{100 * trainer.best_top1:.2f}% (epoch {trainer.best_epoch}) -> {run.best} "
+                f"(model file: {run.best_model.name})",
+            )
+        )
     rows += [
         ("time", f"{outcome.seconds:.1f} s"),
         ("throughput", f"{outcome.images / max(outcome.seconds, 1e-9):,.0f} images/s (incl. evaluation)"),
