@@ -228,7 +228,10 @@ def plot(rows: list[dict[str, Any]], output: Path, labels: list[str] | None = No
     if labels is None:
         names = [r["name"] or r["source"] for r in rows]
         labels = names if len(set(names)) == len(names) else [r["source"] for r in rows]
-    points = [(r[xk] * SCALE[xk], r[yk] * SCALE[yk]) for r in rows]
+    scale, names = dict(SCALE), dict(LABELS)
+    if all(r["flops"] < 1e9 for r in rows):  # small inputs (a 32 px sweep): MFLOPs, not 0.00x GFLOPs
+        scale["flops"], names["flops"] = 1e-6, "MFLOPs"
+    points = [(r[xk] * scale[xk], r[yk] * scale[yk]) for r in rows]
     front = pareto_front(points, BETTER_LARGER[xk], BETTER_LARGER[yk])
     fig, ax = plt.subplots(figsize=(7, 4.8))
     others = [p for i, p in enumerate(points) if i not in front]
@@ -252,8 +255,8 @@ def plot(rows: list[dict[str, Any]], output: Path, labels: list[str] | None = No
             color="#cc0000" if on_front else "black",
         )
         note.set_in_layout(False)
-    ax.set_xlabel(LABELS[xk] + (" (higher is better)" if BETTER_LARGER[xk] else " (lower is better)"))
-    ax.set_ylabel(LABELS[yk] + (" (higher is better)" if BETTER_LARGER[yk] else " (lower is better)"))
+    ax.set_xlabel(names[xk] + (" (higher is better)" if BETTER_LARGER[xk] else " (lower is better)"))
+    ax.set_ylabel(names[yk] + (" (higher is better)" if BETTER_LARGER[yk] else " (lower is better)"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
