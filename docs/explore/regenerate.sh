@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerates the images and the sweep table of README.md's "Exploring designs" section (CPU; the
-# sweep's 20 training runs take about half an hour on a loaded 2-core machine, and an interrupted
+# sweep's 20 training runs took 55 minutes on a 2-core machine under a load of 10-12, and an interrupted
 # sweep resumes where it stopped). Run from the repository root.
 set -euo pipefail
 # One thread per process: on a machine shared by other jobs, more threads than free cores made each
