@@ -496,13 +496,15 @@ def compare(
     """One table, one row per spec: parameters, inference parameters, FLOPs (and measured speed, top-1)."""
     import tempfile
 
-    from .explore.compare import TrainSettings, compare_one
+    from .explore.compare import TrainSettings, check_trainable, compare_one
     from .explore.compare import plot as draw_plot
 
     size = _parse_input_size(input_size)
     for source in specs:  # every spec valid before anything runs
         archspec.load(source, set_)
     settings = TrainSettings(train, epochs=epochs, batch_size=batch_size) if train else None
+    if settings is not None:  # and every one trainable on the data: a bad 5th spec fails before the 1st trains
+        check_trainable([(source, source, list(set_ or [])) for source in specs], settings)
     rows = []
     with (
         tempfile.TemporaryDirectory(prefix="overlock-compare-") as scratch,
@@ -531,7 +533,9 @@ def sweep(
         list[str],
         typer.Option(
             "--grid",
-            help="KEY=V1,V2,...: one axis of the grid (repeatable; every combination is a variant).",
+            help="KEY=V1,V2,...: one axis of the grid (repeatable; every combination is a variant). Values are "
+            "split at commas; a value holding commas is a YAML flow item, bracketed or quoted: "
+            "'base.stages.2={width: 64, depth: 1},{width: 96, depth: 2}' is two variants.",
             show_default=False,
         ),
     ],

@@ -114,6 +114,28 @@ def measured_row(spec: archspec.Spec, input_size: tuple[int, int], batch: int = 
     return measure(model, input_size, batch=batch)
 
 
+def check_trainable(runs: list[tuple[str, str, list[str]]], settings: TrainSettings) -> None:
+    """Check every (label, source, overrides) as `overlock train` would before its first step (options,
+    data, class count, input channels, batch size against the training set, memory at the image size),
+    so that a spec that cannot train fails in seconds, before the first of the others has trained.
+    The data is read once per (source, image size, channels), not once per spec."""
+    from ..training.config import TrainConfig, validated
+    from ..training.data import load_data
+    from ..training.distributed import Dist, pick_device
+    from ..training.setup import plan_training
+
+    loaded: dict[tuple, Any] = {}
+    for label, source, overrides in runs:
+        try:
+            config = validated(TrainConfig, settings.options(source, overrides))
+            key = (config.data, config.img_size, config.channels)
+            if key not in loaded:
+                loaded[key] = load_data(*key)
+            plan_training(config, Dist(device=pick_device(config.device)), data=loaded[key])
+        except OverlockError as exc:
+            raise type(exc)(f"cannot train {label} (nothing was trained): {exc}") from None
+
+
 def trained_row(source: str, overrides: list[str], settings: TrainSettings, out: Path) -> dict[str, Any]:
     """Train through `training.runner.train` (its output kept in `out`/train.log); best val top-1."""
     from rich.console import Console
@@ -124,6 +146,10 @@ def trained_row(source: str, overrides: list[str], settings: TrainSettings, out:
     log = io.StringIO()
     result = train(settings.options(source, overrides), out=out, overwrite=True, console=Console(file=log, width=120))
     write_atomic(out / "train.log", lambda handle: handle.write(log.getvalue().encode("utf-8")))
+    if not result.outcome.finished:
+        # Ctrl-C stops `train` at a step boundary and it returns normally; a row from half a run
+        # would be stored as finished (and reused on resume), so stop here as an interrupt.
+        raise KeyboardInterrupt
     return {
         "top1": result.best_top1,
         "best_epoch": result.best_epoch,
@@ -211,7 +237,10 @@ def plot(rows: list[dict[str, Any]], output: Path, labels: list[str] | None = No
     if labels is None:
         names = [r["name"] or r["source"] for r in rows]
         labels = names if len(set(names)) == len(names) else [r["source"] for r in rows]
-    points = [(r[xk] * SCALE[xk], r[yk] * SCALE[yk]) for r in rows]
+    scale, names = dict(SCALE), dict(LABELS)
+    if all(r["flops"] < 1e9 for r in rows):  # small inputs (a 32 px sweep): MFLOPs, not 0.00x GFLOPs
+        scale["flops"], names["flops"] = 1e-6, "MFLOPs"
+    points = [(r[xk] * scale[xk], r[yk] * scale[yk]) for r in rows]
     front = pareto_front(points, BETTER_LARGER[xk], BETTER_LARGER[yk])
     fig, ax = plt.subplots(figsize=(7, 4.8))
     others = [p for i, p in enumerate(points) if i not in front]
@@ -235,8 +264,8 @@ def plot(rows: list[dict[str, Any]], output: Path, labels: list[str] | None = No
             color="#cc0000" if on_front else "black",
         )
         note.set_in_layout(False)
-    ax.set_xlabel(LABELS[xk] + (" (higher is better)" if BETTER_LARGER[xk] else " (lower is better)"))
-    ax.set_ylabel(LABELS[yk] + (" (higher is better)" if BETTER_LARGER[yk] else " (lower is better)"))
+    ax.set_xlabel(names[xk] + (" (higher is better)" if BETTER_LARGER[xk] else " (lower is better)"))
+    ax.set_ylabel(names[yk] + (" (higher is better)" if BETTER_LARGER[yk] else " (lower is better)"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -21,20 +21,92 @@ from pathlib import Path
 from typing import Any
 
 from .. import archspec
+from ..archspec.loader import parse_yaml
 from ..checkpoint import write_atomic
 from ..errors import OverlockError, SpecError
-from .compare import TrainSettings, compare_one, to_csv
+from .compare import TrainSettings, check_trainable, compare_one, to_csv
+
+GRID_FORM = (
+    "KEY=V1,V2,...: the values are separated by commas; a value that holds commas is a YAML flow "
+    "item, bracketed or quoted, e.g. 'base.stages.2={width: 64, depth: 1},{width: 96, depth: 2}' or "
+    "'name=\"a,b\",c'"
+)
+_CLOSING = {"[": "]", "{": "}"}
+
+
+def split_values(entry: str, text: str) -> list[str]:
+    """'1,[2,3],{a: 4},"x,y"' -> ['1', '[2,3]', '{a: 4}', '"x,y"']: split at commas outside
+    brackets, braces and quoted strings, so that every value is one YAML flow item (what `--set`
+    reads). Unbalanced brackets, an unclosed quote or an empty value are errors that point at the
+    character, before anything is expanded."""
+    items: list[str] = []
+    current: list[str] = []
+    open_at: list[tuple[str, int]] = []  # expected closing bracket, where its opener is
+    quote: tuple[str, int] | None = None
+
+    def fail(problem: str, at: int) -> OverlockError:
+        shown = f"{entry[: len(entry) - len(text)]}{text}"
+        caret = " " * (len(shown) - len(text) + at) + "^"
+        return OverlockError(f"--grid {entry!r}: {problem}\n  {shown}\n  {caret}\n{GRID_FORM}")
+
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if quote is not None:
+            if ch == quote[0]:
+                if ch == "'" and text[i + 1 : i + 2] == "'":  # YAML's '' inside a single-quoted string
+                    current.append(ch)
+                    i += 1
+                else:
+                    quote = None
+            elif ch == "\\" and quote[0] == '"':  # an escape: the next character is not the end
+                current.append(ch)
+                i += 1
+                ch = text[i] if i < len(text) else ""
+        elif ch in "'\"" and ("".join(current).strip()[-1:] or ",") in "[{,:":
+            quote = (ch, i)  # a quote opens a string only where a YAML scalar can start
+        elif ch in _CLOSING:
+            open_at.append((_CLOSING[ch], i))
+        elif ch in "]}":
+            if not open_at:
+                raise fail(f"{ch!r} closes nothing", i)
+            expected, _ = open_at.pop()
+            if ch != expected:
+                raise fail(f"{ch!r} where {expected!r} was expected", i)
+        elif ch == "," and not open_at:
+            items.append("".join(current))
+            current = []
+            i += 1
+            continue
+        current.append(ch)
+        i += 1
+    if quote is not None:
+        raise fail(f"the string opened by {quote[0]} is never closed", quote[1])
+    if open_at:
+        raise fail(f"this bracket is never closed (expected {open_at[-1][0]!r})", open_at[-1][1])
+    items.append("".join(current))
+    values = [item.strip() for item in items]
+    if not all(values):
+        raise OverlockError(f"--grid {entry!r}: value {values.index('') + 1} is empty\n{GRID_FORM}")
+    for number, value in enumerate(values, start=1):
+        if value[0] in "[{'\"":  # a flow item: check it is YAML now, not after half the variants ran
+            try:
+                parse_yaml(value, "value")
+            except SpecError as exc:
+                raise OverlockError(f"--grid {entry!r}: value {number} {value!r} is not YAML: {exc}") from None
+    return values
 
 
 def parse_grid(entries: list[str]) -> list[tuple[str, list[str]]]:
-    """`KEY=V1,V2,...` -> (KEY, [V1, V2, ...]); a key given twice or without values is an error."""
+    """`KEY=V1,V2,...` -> (KEY, [V1, V2, ...]) (see `split_values`); a key given twice or without
+    values is an error. Each value is kept as written: `KEY=V` is then an ordinary `--set`."""
     grid: list[tuple[str, list[str]]] = []
     for entry in entries:
         key, sep, values = entry.partition("=")
         key = key.strip()
-        items = [v.strip() for v in values.split(",")]
-        if not sep or not key or not all(items):
-            raise OverlockError(f"--grid {entry!r}: expected KEY=V1,V2,... e.g. focus.stages.0.groups=2,4")
+        if not sep or not key or not values.strip():
+            raise OverlockError(f"--grid {entry!r}: expected KEY=V1,V2,... e.g. focus.stages.0.groups=2,4\n{GRID_FORM}")
+        items = split_values(entry, values)
         if any(key == k for k, _ in grid):
             raise OverlockError(f"--grid {key} is given twice; give all its values in one --grid {key}=V1,V2,...")
         grid.append((key, list(dict.fromkeys(items))))
@@ -150,6 +222,9 @@ def run_sweep(
     for v in plan.valid:
         directory.write_text(directory.spec_path(v), v.spec.to_yaml())
     _write_summary(directory, plan, settings, [])
+    if train is not None:  # every variant still to run must fit the data before the first one trains
+        todo = [v for v in plan.valid if directory.stored(v, settings) is None]
+        check_trainable([(v.label, str(directory.spec_path(v)), []) for v in todo], train)
     rows: list[dict[str, Any]] = []
     for v in plan.valid:
         row = directory.stored(v, settings)

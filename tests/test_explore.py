@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from overlock import archspec
 from overlock.cli import app
 from overlock.explore.compare import pareto_front
-from overlock.explore.diagram import layout
+from overlock.explore.diagram import focus_block_steps, layout
 from overlock.explore.erf import contribution_map, pixel_shares, square_shares
 
 runner = CliRunner()
@@ -42,17 +42,55 @@ def test_diagram_svg_names_every_stage_with_width_depth_and_resolution(tmp_path,
     assert "16x16 (/4)" in text and "2x2 (/32)" in text  # 64 px input: stem /4 ... deepest /32
 
 
-def test_diagram_dds_feeds_the_prior_into_every_focus_stage():
+def _styles(arrows) -> set[tuple[str, str, str]]:
+    return {(a.src, a.dst, a.style) for a in arrows}
+
+
+def test_diagram_dds_draws_the_context_flow_of_architecture_md():
     boxes, arrows = layout(archspec.load("pico"), (224, 224))
-    prior_targets = {dst for src, dst, style in arrows if style == "prior" and src == "prior"}
-    assert prior_targets == {"focus.stages.0", "focus.stages.1"}
+    # P0 is Focus-Net's first P; it is re-injected into the later stage; P itself flows on with x
+    assert {
+        ("overview", "prior", "prior"),
+        ("prior", "focus.stages.0", "prior"),
+        ("prior", "focus.stages.1", "reinject"),
+        ("focus.stages.0", "focus.stages.1", "flow"),
+        ("focus.stages.0", "focus.stages.1", "context"),
+    } <= _styles(arrows)
     focus0 = next(b for b in boxes if b.key == "focus.stages.0")
     assert "14x14 (/16)" in focus0.lines  # Focus-Net stage 1 runs at the Base-Net output resolution
+    assert "x 64 + P 24 ch" in focus0.lines and any(line.startswith("gate:") for line in focus0.lines)
+    # without re-injection, P0 reaches only the first Focus-Net stage (as its starting P)
+    _, plain_arrows = layout(archspec.load("pico", ["context.reinject_prior=false"]), (224, 224))
+    assert {(s, d) for s, d, style in _styles(plain_arrows) if s == "prior"} == {("prior", "focus.stages.0")}
+
+
+def test_diagram_panel_shows_gate_and_reinjection_only_when_the_spec_has_them():
+    steps = [b.key for b in focus_block_steps(archspec.load("pico"))]
+    assert steps == ["reinject", "fuse", "mix", "gate", "ffn", "split"]
+    off = archspec.load("pico", ["context.gate=false", "context.reinject_prior=false"])
+    assert [b.key for b in focus_block_steps(off)] == ["fuse", "mix", "ffn", "split"]
+    static = archspec.load("pico", ["focus.stages.0.block.kind=basic", "focus.stages.1.block.kind=basic"])
+    assert "gate" not in [b.key for b in focus_block_steps(static)]  # only dynamic blocks are gated
+
+
+def test_diagram_svg_shows_gate_reinjection_and_context_flow(tmp_path):
+    on, off = tmp_path / "on.svg", tmp_path / "off.svg"
+    assert run("diagram", "pico", "-o", str(on)).exit_code == 0
+    text = _svg_text(on)
+    assert "inside every Focus-Net block" in text and "re-inject prior" in text and "P = α·P + β·P0" in text
+    assert "g = SiLU(BN(conv1x1 z))" in text and "P0 at 14x14" in text and "P0 at 7x7" in text
+    assert "P0 re-injected: P = α·P + β·P0" in text  # the legend
+    result = run(
+        "diagram", "pico", "-o", str(off), "--set", "context.gate=false", "--set", "context.reinject_prior=false"
+    )
+    assert result.exit_code == 0, result.output
+    text = _svg_text(off)
+    assert "no gate" in text and "SiLU" not in text and "re-inject" not in text and "P0 at 7x7" not in text
 
 
 def test_diagram_pyramid_draws_the_feedback_arrow():
     _, arrows = layout(archspec.load(RECURRENT), (224, 224))
-    assert ("stages.3", "stages.2", "feedback") in arrows
+    assert ("stages.3", "stages.2", "feedback") in _styles(arrows)
 
 
 def test_diagram_refuses_an_unknown_format(tmp_path):
@@ -150,6 +188,88 @@ def test_sweep_with_training_reports_top1(tmp_path, tiny_spec):
 def test_grid_errors_are_user_errors():
     assert run("sweep", "pico", "--grid", "depth").exit_code == 2
     assert run("sweep", "pico", "--grid", "a=1", "--grid", "a=2").exit_code == 2
+
+
+def test_grid_values_split_at_commas_outside_brackets_and_quotes():
+    from overlock.explore.sweep import parse_grid
+
+    grid = parse_grid(["k=1, [2,3] ,{a: 4, b: [5,6]},\"x,y\",'it''s, z',it's"])
+    assert grid == [("k", ["1", "[2,3]", "{a: 4, b: [5,6]}", '"x,y"', "'it''s, z'", "it's"])]
+    assert parse_grid(["k=[1,2]"]) == [("k", ["[1,2]"])]  # one list value: one variant
+
+
+@pytest.mark.parametrize(
+    ("entry", "problem", "column"),
+    [
+        ("k=[1,2", "never closed", 2),
+        ("k=[1,2},3", "'}' where ']' was expected", 6),
+        ("k=1],2", "']' closes nothing", 3),
+        ('k=1,"a,b', "never closed", 4),
+    ],
+)
+def test_grid_malformed_values_point_at_the_character(entry, problem, column):
+    result = run("sweep", "pico", "--grid", entry)
+    assert result.exit_code == 2 and problem in result.output and "Traceback" not in result.output
+    lines = result.output.splitlines()
+    shown = next(i for i, line in enumerate(lines) if line.strip() == entry)
+    assert lines[shown + 1].index("^") - lines[shown].index("k") == column
+
+
+def test_grid_empty_or_non_yaml_values_are_refused():
+    for entry, problem in [("k=1,,2", "value 2 is empty"), ("k=1,", "value 2 is empty"), ("k=[1]x", "not YAML")]:
+        result = run("sweep", "pico", "--grid", entry)
+        assert result.exit_code == 2 and problem in result.output, result.output
+
+
+def test_sweep_grid_of_mapping_values(tmp_path):
+    out = tmp_path / "sweep"
+    stages = "{width: 64, depth: 1, kernel_size: 7},{width: 64, depth: 3, kernel_size: 9},{width: 60, depth: 1}"
+    result = run(
+        "sweep", "pico", "--grid", f"base.stages.2={stages}", "--input-size", "32", "--out", str(out), "--json"
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    stored = sorted((archspec.load(str(p)).base.stages[2].depth, archspec.load(str(p)).base.stages[2].kernel_size)
+                    for p in (out / "variants").glob("*.yaml"))  # fmt: skip
+    assert len(rows) == 2 and stored == [(1, 7), (3, 9)]
+    summary = json.loads((out / "sweep.json").read_text())
+    invalid = [v for v in summary["variants"] if not v["valid"]]
+    assert [v["overrides"] for v in invalid] == [["base.stages.2={width: 60, depth: 1}"]]  # kernel_size missing
+
+
+def test_compare_checks_every_spec_against_the_data_before_training(tmp_path, tiny_spec):
+    runs = tmp_path / "runs"
+    args = ["compare", *[str(tiny_spec)] * 4, "pico", "--train", "synthetic:classes=2,train=8,val=4"]
+    result = run(*args, "--batch-size", "8", "--input-size", "32", "--runs", str(runs))
+    # pico fixes 10 classes: refused before the 4 tiny specs train (no run directory is made)
+    assert result.exit_code == 2 and "cannot train pico" in result.output and "head.num_classes=10" in result.output
+    assert not runs.exists()
+    too_big = run("compare", str(tiny_spec), "--train", "synthetic:classes=2,train=8,val=4", "--batch-size", "16")
+    assert too_big.exit_code == 2 and "larger than the training set" in too_big.output
+
+
+def test_sweep_checks_every_variant_against_the_data_before_training(tmp_path, tiny_spec):
+    out = tmp_path / "sweep"
+    result = run(
+        "sweep", str(tiny_spec), "--grid", "base.stages.2.depth=1,2", "--grid", "in_channels=3,1", "--input-size", "32",
+        "--out", str(out), "--train", "synthetic:classes=2,train=8,val=4", "--batch-size", "8",
+    )  # fmt: skip
+    assert result.exit_code == 2 and "in_channels=1" in result.output and "Traceback" not in result.output
+    assert not (out / "runs").exists() and not list((out / "results").glob("*.json"))
+
+
+def test_sweep_does_not_store_a_training_run_stopped_by_ctrl_c(tmp_path, tiny_spec, monkeypatch):
+    from overlock.explore.compare import TrainSettings
+    from overlock.explore.sweep import expand, parse_grid, run_sweep
+
+    # `train` stops at a step boundary on Ctrl-C and returns; --stop-after 1 ends the run the same way
+    options = TrainSettings.options
+    monkeypatch.setattr(TrainSettings, "options", lambda self, *a: {**options(self, *a), "stop_after": 1})
+    plan = expand(str(tiny_spec), [], parse_grid(["base.stages.2.depth=1,2"]))
+    settings = TrainSettings("synthetic:classes=2,train=16,val=4", batch_size=8)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(plan, tmp_path, (32, 32), train=settings)
+    assert not list((tmp_path / "results").glob("*.json"))
 
 
 # --- erf -----------------------------------------------------------------------------------------

@@ -60,11 +60,12 @@ def load_spec(config: TrainConfig) -> Spec:
     return archspec.load(config.spec, overrides)
 
 
-def plan_training(config: TrainConfig, dist: Dist, spec: Spec | None = None) -> Plan:
-    """Load and check spec and data, and derive the step counts (`spec` given when resuming)."""
+def plan_training(config: TrainConfig, dist: Dist, spec: Spec | None = None, data: DataSplits | None = None) -> Plan:
+    """Load and check spec and data, and derive the step counts (`spec` given when resuming; `data`
+    when the caller already loaded `config.data` and checks many specs against it, as `compare` does)."""
     if config.sync_bn and dist.device.type != "cuda":
         raise ConfigError("--sync-bn needs CUDA (torch's SyncBatchNorm does not run on CPU); drop it for CPU training")
-    data = load_data(config.data, config.img_size, config.channels)
+    data = data if data is not None else load_data(config.data, config.img_size, config.channels)
     spec = fit_spec_to_data(spec if spec is not None else load_spec(config), data, config.spec)
     per_rank = len(data.train) // dist.world_size
     if config.batch_size > per_rank:
