@@ -140,16 +140,20 @@ def test_overwrite_removes_the_temporary_files_of_killed_saves(stopped_run, tmp_
 def test_best_is_written_before_last_so_last_never_names_a_best_not_on_disk(tiny_spec, tmp_path, monkeypatch):
     from overlock.training import checkpoint as training_checkpoint
 
-    written: list[str] = []
+    written: list[tuple[str, int]] = []
     original = training_checkpoint.save_atomic
-    monkeypatch.setattr(
-        training_checkpoint, "save_atomic", lambda obj, path: (written.append(Path(path).name), original(obj, path))[1]
-    )
+
+    def recording(obj, path):
+        written.append((Path(path).name, obj["progress"]["step"]))
+        return original(obj, path)
+
+    monkeypatch.setattr(training_checkpoint, "save_atomic", recording)
     assert invoke("train", tiny_spec, *FAST, "--epochs", "2", "--out", tmp_path / "r").exit_code == 0
-    assert "best.pt" in written
-    for index, name in enumerate(written):
-        if name == "best.pt":
-            assert written[index + 1] == "last.pt", written
+    best_steps = [step for name, step in written if name == "best.pt"]
+    assert best_steps, written
+    for step in best_steps:  # of the saves at a step with a new best, best.pt comes first and last.pt right after
+        at_step = [name for name, s in written if s == step]
+        assert at_step == ["best.pt", "last.pt"], written
 
 
 def test_a_damaged_block_in_a_checkpoint_is_detected_by_its_checksum(stopped_run, tmp_path, tiny_spec):
