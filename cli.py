@@ -171,7 +171,9 @@ def flops(
     size = _parse_input_size(input_size)
     resolved = archspec.load(spec, set_)
     if resolved.head.num_classes is not None:
-        check_fits(resolved, f"a forward of {resolved.name or spec} at {size[0]}x{size[1]}", image_size=size)
+        check_fits(
+            resolved, f"a forward of {resolved.name or spec} at {size[0]}x{size[1]}", image_size=size, traced=True
+        )
     model = _build(spec, set_, deploy)
     try:
         report = count_flops(model, size)

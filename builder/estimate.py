@@ -8,8 +8,13 @@ So before `build()`, `overlock flops` and `overlock train` allocate, `check_fits
   depth 1 and once per stage with that stage at depth 2. Parameters are linear in each stage's depth,
   so these few small builds give the count of any depth, even 10^6, in well under a second;
 - activations, from a meta forward of the same small models at the real input size (the ContMix ops
-  have fake implementations), counting the bytes of every tensor an operator returns: an upper bound
-  of what a forward keeps for backward, extrapolated in depth the same way.
+  have fake implementations), extrapolated in depth the same way. For training, the bytes of every
+  tensor an operator returns: an upper bound of what a forward keeps for backward. For inference,
+  which frees each tensor after its last use, the most bytes alive at once, doubled for what the
+  meta forward cannot see (kernels' own workspaces, allocator fragmentation): counting every output
+  there too made `eval` of XT at its default batch of 128 look like 35 GiB when it needs about 2.
+
+benchmarks/memory_estimate.py compares both with measured peaks (benchmarks/results/memory_estimate.md).
 
 The limit is 3/4 of the memory available now (MemAvailable on Linux), free GPU memory for CUDA runs, or
 `OVERLOCK_MEMORY_LIMIT` (e.g. `64G`; `off` turns the check off).
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import os
 import re
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -30,8 +36,12 @@ from ..errors import SpecError
 
 LIMIT_ENV = "OVERLOCK_MEMORY_LIMIT"
 AVAILABLE_FRACTION = 0.75
-#: Bytes per parameter: fp32 weights; training adds the gradient and AdamW's two moments.
-WEIGHT_BYTES, TRAINING_BYTES = 4, 16
+#: Bytes per parameter: fp32 weights; training adds the gradient, AdamW's two moments and one
+#: parameter-sized temporary of its multi-tensor (foreach) step, the default on GPUs.
+WEIGHT_BYTES, TRAINING_BYTES = 4, 20
+#: Inference activations: the peak of live tensors in the meta forward times this (measured on CPU:
+#: real peaks up to ~1.4x the live tensors, see benchmarks/results/memory_estimate.md).
+INFERENCE_MARGIN = 2
 
 # Tensor factories that `torch.device("meta")` would redirect; small index helpers (linspace,
 # arange) stay on the CPU so that builder code such as `linspace(...).tolist()` keeps working.
@@ -67,7 +77,7 @@ class _MetaFactories(TorchFunctionMode):
 
 
 class _OutputBytes(TorchDispatchMode):
-    """Sums the bytes of every tensor an operator returns."""
+    """Sums the bytes of every tensor an operator returns (what a training forward may keep for backward)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -81,14 +91,48 @@ class _OutputBytes(TorchDispatchMode):
         return out
 
 
+class _PeakLiveBytes(TorchDispatchMode):
+    """The most bytes of operator outputs alive at once (an inference forward frees each after its last use).
+
+    Meta tensors die when real ones would (Python and autograd references alike), so a weak
+    reference per new tensor tracks its lifetime. Views and in-place results own no new memory.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self.owned: set[int] = set()
+
+    def _free(self, key: int, size: int) -> None:
+        self.owned.discard(key)
+        self.live -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for item in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(item, torch.Tensor) and not item._is_view() and id(item) not in self.owned:
+                size = item.numel() * item.element_size()
+                self.owned.add(id(item))
+                self.live += size
+                weakref.finalize(item, self._free, id(item), size)
+        self.peak = max(self.peak, self.live)
+        return out
+
+
 @dataclass
 class Estimate:
     params: int
-    activation_bytes_per_image: int | None  # None: no forward was estimated
+    activation_bytes_per_image: int | None  # training: every output of a forward; None: not estimated
+    inference_bytes_per_image: int | None = None  # inference: peak of live tensors x INFERENCE_MARGIN
 
-    def bytes(self, *, training: bool = False, batch: int = 1) -> int:
+    def bytes(self, *, training: bool = False, batch: int = 1, keeps_outputs: bool | None = None) -> int:
+        """Bytes for `batch` images; `keeps_outputs` (default: `training`) counts every output of the forward."""
+        keeps_outputs = training if keeps_outputs is None else keeps_outputs
         weights = self.params * (TRAINING_BYTES if training else WEIGHT_BYTES)
-        return weights + batch * (self.activation_bytes_per_image or 0)
+        per_image = self.activation_bytes_per_image if keeps_outputs else self.inference_bytes_per_image
+        if per_image is None and not keeps_outputs:  # no inference figure: the other one bounds it
+            per_image = self.activation_bytes_per_image
+        return weights + batch * (per_image or 0)
 
 
 def _stages(spec: Spec) -> list[str]:
@@ -104,35 +148,63 @@ def meta_build(spec: Spec, deploy: bool = False) -> torch.nn.Module:
         return MODELS[spec.topology](spec, deploy=deploy)
 
 
-def _measure(spec: Spec, image_size: tuple[int, int] | None) -> tuple[int, int]:
+def _measure(spec: Spec, image_size: tuple[int, int] | None, training: bool | None) -> tuple[int, int, int]:
+    """Parameters; bytes of every output of a training forward; peak live bytes of an inference forward.
+
+    `training` None measures both forwards, True or False only the one needed (each meta forward of
+    a large model takes seconds).
+    """
     model = meta_build(spec)
     params = sum(p.numel() for p in model.parameters())
     if image_size is None:
-        return params, 0
-    model.train()
-    counter = _OutputBytes()
+        return params, 0, 0
     image = torch.empty(1, spec.in_channels, *image_size, device="meta")
-    with counter:
-        model(image)
-    return params, counter.total
+    input_bytes = image.numel() * 4  # the batch itself is in memory during the step too
+    outputs = live = 0
+    if training is not False:
+        model.train()
+        counter = _OutputBytes()
+        with counter:
+            model(image)
+        outputs = counter.total + input_bytes
+    if training is not True:
+        model.eval()
+        tracker = _PeakLiveBytes()
+        with torch.no_grad(), tracker:
+            model(image)
+        live = tracker.peak + input_bytes
+    return params, outputs, live
 
 
-def estimate(spec: Spec, image_size: tuple[int, int] | None = None) -> Estimate:
-    """Parameters (exact) and, given an input size, activation bytes per image (an upper bound)."""
+def estimate(spec: Spec, image_size: tuple[int, int] | None = None, training: bool | None = None) -> Estimate:
+    """Parameters (exact) and, given an input size, activation bytes per image (upper bounds).
+
+    Training: every tensor the forward returns (what backward may need). Inference: the most alive at
+    once, times INFERENCE_MARGIN. `training` True or False estimates only that one (None: both). Both
+    are extrapolated in depth from depth-1 and depth-2 stages; a stage whose blocks run one after the
+    other adds little or nothing to the inference peak, so that difference is taken as it is (at least 0).
+    """
     if spec.head.num_classes is None:
         spec = load(spec, ["head.num_classes=1"])
     stages = _stages(spec)
     shallow = load(spec, [f"{stage}.depth=1" for stage in stages])
-    base_params, base_act = _measure(shallow, image_size)
-    params, act = base_params, base_act
+    base_params, base_act, base_live = _measure(shallow, image_size, training)
+    params, act, live = base_params, base_act, base_live
     for stage in stages:
         depth = _depth(spec, stage)
         if depth > 1:
             deeper = load(shallow, [f"{stage}.depth=2"])
-            p2, a2 = _measure(deeper, image_size)
+            p2, a2, l2 = _measure(deeper, image_size, training)
             params += (depth - 1) * (p2 - base_params)
             act += (depth - 1) * (a2 - base_act)
-    return Estimate(params, act if image_size is not None else None)
+            live += (depth - 1) * max(0, l2 - base_live)
+    if image_size is None:
+        return Estimate(params, None)
+    return Estimate(
+        params,
+        act if training is not False else None,
+        INFERENCE_MARGIN * live if training is not True else None,
+    )
 
 
 def rough_estimate(spec: Spec, image_size: tuple[int, int] | None = None) -> Estimate:
@@ -234,24 +306,29 @@ def check_fits(
     image_size: tuple[int, int] | None = None,
     batch: int = 1,
     training: bool = False,
+    traced: bool = False,
     device: torch.device | None = None,
 ) -> Estimate | None:
-    """Refuse (SpecError) when `what` needs more memory than the limit; the estimate otherwise."""
+    """Refuse (SpecError) when `what` needs more memory than the limit; the estimate otherwise.
+
+    `traced`: the forward is recorded (`overlock flops` traces it with fvcore), which keeps every
+    output alive as training does: `flops pico --input-size 2048` peaked at about 2.3 GiB, against
+    0.6 GiB estimated for an inference forward and 3.1 GiB counting every output.
+    """
     limit = memory_limit(device)
     if limit is None:
         return None
+    keeps_outputs = training or traced
     if 4 * rough_estimate(spec, image_size).bytes(training=training, batch=batch) < limit:
         return None  # obviously small: not worth the exact measurement
-    found = estimate(spec, image_size)
-    need = found.bytes(training=training, batch=batch)
+    found = estimate(spec, image_size, training=keeps_outputs)
+    need = found.bytes(training=training, batch=batch, keeps_outputs=keeps_outputs)
     if need > limit:
         parts = [f"{found.params:,} parameters ({gib(found.params * (TRAINING_BYTES if training else WEIGHT_BYTES))}"]
         parts[0] += " with gradients and optimizer state)" if training else ")"
         if image_size is not None:
-            parts.append(
-                f"activations {gib(batch * (found.activation_bytes_per_image or 0))} "
-                f"({batch} x {image_size[0]}x{image_size[1]})"
-            )
+            activations = need - found.bytes(training=training, batch=0)
+            parts.append(f"activations {gib(activations)} ({batch} x {image_size[0]}x{image_size[1]})")
         raise SpecError(
             f"{what} needs about {gib(need)} of memory ({'; '.join(parts)}), more than the limit of "
             f"{gib(limit)} ({_limit_source(device)}); reduce widths, depths, mlp_ratio, the image or batch size, "

@@ -57,18 +57,43 @@ def test_a_fifo_is_written_into_not_replaced(tmp_path):
     assert received and received[0].startswith(b"{")
 
 
-def test_a_character_device_is_written_into_not_replaced():
-    before = os.stat("/dev/null")
-    write_atomic("/dev/null", lambda handle: handle.write(b"x" * 100))
-    after = os.stat("/dev/null")
+@pytest.fixture
+def char_device(tmp_path):
+    """A character device to write to: a copy of /dev/<name> in tmp_path where we may create one (root).
+
+    Never the real /dev node as root: were write_atomic to regress to rename-over, the test would replace
+    the machine's /dev/null. Without root, /dev/<name> itself is safe (renaming into /dev is not permitted).
+    """
+
+    def make(name: str) -> Path:
+        real = Path("/dev") / name
+        if os.geteuid() != 0:
+            return real
+        node = tmp_path / name
+        try:
+            os.mknod(node, stat.S_IFCHR | 0o666, os.stat(real).st_rdev)
+            node.open("rb").close()
+        except OSError:
+            pytest.skip(f"cannot create a character device like {real} here")
+        return node
+
+    return make
+
+
+def test_a_character_device_is_written_into_not_replaced(char_device):
+    device = char_device("null")
+    before = os.stat(device)
+    write_atomic(device, lambda handle: handle.write(b"x" * 100))
+    after = os.stat(device)
     assert stat.S_ISCHR(after.st_mode) and after.st_ino == before.st_ino
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
-def test_a_full_device_is_a_clear_error_and_stays_a_device():
-    result = run("schema", "-o", "/dev/full")
-    assert_clear_error(result, "/dev/full", "No space left")
-    assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
+def test_a_full_device_is_a_clear_error_and_stays_a_device(char_device):
+    device = char_device("full")
+    result = run("schema", "-o", str(device))
+    assert_clear_error(result, str(device), "No space left")
+    assert stat.S_ISCHR(os.stat(device).st_mode)
 
 
 def test_dash_means_standard_output(capfdbinary):
@@ -147,3 +172,31 @@ def test_build_save_never_overwrites_the_spec_file_a_relative_name_stands_for(tm
     spec.write_text("extends: pico\n")
     assert_clear_error(run("build", "mine.yaml", "--save", str(spec)), "the spec file this command reads")
     assert spec.read_text() == "extends: pico\n"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")],
+    ids=["MemoryError", "torch-allocator"],
+)
+def test_a_failed_allocation_anywhere_in_a_command_is_a_one_screen_error(monkeypatch, error):
+    # `train ... --data synthetic:classes=100000 --img-size 1024` failed like this while loading data,
+    # where no command-specific handler runs: the command boundary turns it into a message.
+    from overlock.training import setup
+
+    def no_memory(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(setup, "load_data", no_memory)
+    assert_clear_error(run("train", "pico", "--data", "synthetic", "--epochs", "1"), "not enough memory")
+
+
+def test_other_runtime_errors_keep_their_traceback(monkeypatch):
+    from overlock.training import setup
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("a bug, not the user's input")
+
+    monkeypatch.setattr(setup, "load_data", bug)
+    result = run("train", "pico", "--data", "synthetic", "--epochs", "1")
+    assert result.exit_code == 1 and isinstance(result.exception, RuntimeError)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -29,11 +30,23 @@ def assert_user_error(result, *fragments: str) -> None:
         assert fragment in message, message
 
 
+@contextlib.contextmanager
+def one_thread():
+    """`single_thread` for module fixtures (which run before the function-scoped one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def stopped_run(tmp_path_factory, tiny_spec) -> Path:
     """A run of 4 steps stopped after 2: resumable."""
     root = tmp_path_factory.mktemp("runs") / "r"
-    result = invoke("train", tiny_spec, *FAST, "--steps", "4", "--stop-after", "2", "--out", root)
+    with one_thread():
+        result = invoke("train", tiny_spec, *FAST, "--steps", "4", "--stop-after", "2", "--out", root)
     assert result.exit_code == 0, result.output
     return root
 
@@ -113,20 +126,42 @@ def test_resume_removes_the_temporary_files_of_killed_saves(stopped_run, tmp_pat
     assert sorted(p.name for p in copy.glob(".*.tmp")) == [".notes.tmp"]
 
 
+def test_overwrite_removes_the_temporary_files_of_killed_saves(stopped_run, tmp_path, tiny_spec):
+    copy = tmp_path / "copy"
+    shutil.copytree(stopped_run, copy)
+    for name in (".last.pt.k1ll3d.tmp", ".best.pt.x9.tmp", ".metrics.jsonl.a1.tmp"):
+        (copy / name).write_bytes(b"half a file")
+    (copy / ".notes.tmp").write_text("not ours")
+    result = invoke("train", tiny_spec, *FAST, "--steps", "1", "--eval-every", "5", "--out", copy, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in copy.glob(".*.tmp")) == [".notes.tmp"]
+
+
 def test_best_is_written_before_last_so_last_never_names_a_best_not_on_disk(tiny_spec, tmp_path, monkeypatch):
     """Each save: best.pt, then best.safetensors (its weights as a model file), then last.pt."""
     from overlock import checkpoint as overlock_checkpoint
+    from overlock.training import checkpoint as training_checkpoint
 
-    written: list[str] = []
-    original = overlock_checkpoint.write_atomic
+    written: list[str] = []  # every file written, in order
+    saved: list[tuple[str, int]] = []  # every run checkpoint, with its step
+    original_write, original_save = overlock_checkpoint.write_atomic, training_checkpoint.save_atomic
     monkeypatch.setattr(
         overlock_checkpoint,
         "write_atomic",
-        lambda path, write: (written.append(Path(path).name), original(path, write))[1],
+        lambda path, write: (written.append(Path(path).name), original_write(path, write))[1],
     )
+
+    def recording(obj, path):
+        saved.append((Path(path).name, obj["progress"]["step"]))
+        return original_save(obj, path)
+
+    monkeypatch.setattr(training_checkpoint, "save_atomic", recording)
     assert invoke("train", tiny_spec, *FAST, "--epochs", "2", "--out", tmp_path / "r").exit_code == 0
-    assert "best.pt" in written
-    for index, name in enumerate(written):
+    best_steps = [step for name, step in saved if name == "best.pt"]
+    assert best_steps, saved
+    for step in best_steps:  # of the saves at a step with a new best, best.pt comes first and last.pt right after
+        assert [name for name, s in saved if s == step] == ["best.pt", "last.pt"], saved
+    for index, name in enumerate(written):  # and the model file sits between them
         if name == "best.pt":
             assert written[index + 1 : index + 3] == ["best.safetensors", "last.pt"], written
     assert written.count("best.safetensors") == written.count("best.pt")
@@ -182,3 +217,79 @@ def test_a_truncated_image_found_mid_run_before_any_checkpoint_leaves_no_half_ru
     result = invoke("train", tiny_spec, "--data", data, "--img-size", "32", "--batch-size", "4", "--workers", "0", "--epochs", "1", "--out", out)  # fmt: skip
     assert_user_error(result, "3.jpg", "was removed: no checkpoint had been written")
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# best.pt that does not hold the best epoch last.pt records (a kill during its save, an older overlock)
+
+
+@pytest.fixture(scope="module")
+def best_moving_run(tmp_path_factory, tiny_spec) -> tuple[Path, Path]:
+    """A 4-epoch run whose best epoch moves (val top-1 per epoch: 1/3, 1/3, 2/3, 3/3).
+
+    Returns (a copy stopped at the end of epoch 2: last.pt at step 6, best.pt of epoch 1; the finished run).
+    """
+    root = tmp_path_factory.mktemp("best")
+    run = root / "finished"
+    args = ["train", tiny_spec, *FAST, "--lr", "0.01", "--epochs", "4", "--out", run]
+    with one_thread():
+        assert invoke(*args, "--stop-after", "6").exit_code == 0
+        shutil.copytree(run, root / "epoch2")
+        assert invoke("train", "--resume", run).exit_code == 0
+    tops = [r["val_top1"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "epoch"]  # fmt: skip
+    assert max(tops[:2]) < max(tops) == tops[3], f"the best epoch must move for these tests: {tops}"
+    return root / "epoch2", run
+
+
+def progress_of(path: Path) -> dict:
+    from overlock.checkpoint import load_file
+
+    return load_file(path)["progress"]
+
+
+def test_resume_rebuilds_a_stale_best_from_last_when_last_holds_the_best_epoch(best_moving_run, tmp_path):
+    epoch2, finished = best_moving_run
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    shutil.copy(epoch2 / "best.pt", run / "best.pt")  # best.pt of epoch 1 next to a last.pt whose best is epoch 4
+    (run / "best.safetensors").unlink()  # as an older overlock left it: no model file
+    assert progress_of(run / "last.pt")["best_epoch"] == 4 and progress_of(run / "best.pt")["epoch"] == 1
+    result = invoke("train", "--resume", run)
+    assert result.exit_code == 0, result.output
+    message = " ".join(result.stderr.split())
+    assert "holds epoch 1" in message and "best as epoch 4" in message and "Rebuilt" in message, message
+    assert "already finished" in result.stdout
+    from overlock.checkpoint import load_file
+
+    best, last = load_file(run / "best.pt"), load_file(run / "last.pt")
+    assert best["progress"] == last["progress"] and best["progress"]["epoch"] == 4
+    assert all(torch.equal(best["model"][k], v) for k, v in last["model"].items())
+    model_file = load_file(run / "best.safetensors")  # the model file follows the rebuilt best.pt
+    assert all(torch.equal(model_file["state_dict"][k], v) for k, v in last["model"].items())
+    assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in finished.iterdir()), "no temporaries left"
+    again = invoke("train", "--resume", run)  # repaired: nothing more to say
+    assert again.exit_code == 0 and "warning" not in again.stderr
+
+
+def test_resume_says_when_best_cannot_be_rebuilt_and_writes_a_consistent_one(best_moving_run, tmp_path):
+    epoch2, _ = best_moving_run
+    run = tmp_path / "run"
+    shutil.copytree(epoch2, run)
+    (run / "best.pt").unlink()  # last.pt (end of epoch 2) says the best is epoch 1, whose weights are gone
+    result = invoke("train", "--resume", run, "--stop-after", "3")  # one more epoch
+    assert result.exit_code == 0, result.output
+    message = " ".join(result.stderr.split())
+    assert "is missing" in message and "cannot be rebuilt" in message and "next evaluated epoch" in message, message
+    last, best = progress_of(run / "last.pt"), progress_of(run / "best.pt")
+    assert best["epoch"] == last["best_epoch"] == last["epoch"] == 3 and best["best_top1"] == last["best_top1"]
+
+
+def test_a_best_written_just_before_a_kill_is_ahead_of_last_and_not_a_problem(best_moving_run):
+    from overlock.checkpoint import load_file
+    from overlock.training.checkpoint import best_problem
+
+    epoch2, finished = best_moving_run
+    last = load_file(epoch2 / "last.pt")
+    assert best_problem(last, finished / "best.pt")[0] is None  # ahead: the resumed run redoes that epoch
+    assert best_problem(last, epoch2 / "best.pt")[0] is None
+    assert best_problem(load_file(finished / "last.pt"), epoch2 / "best.pt")[0].startswith("holds epoch 1")

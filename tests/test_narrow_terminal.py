@@ -76,9 +76,14 @@ def test_escape_sequences_in_spec_values_are_shown_not_sent_to_the_terminal(tmp_
         assert "\\x1b" in result.output
 
 
-def test_an_error_quoting_an_escape_sequence_is_escaped_too():
+def test_an_error_quoting_an_escape_sequence_is_escaped_too(tmp_path):
     result = runner.invoke(cli.app, ["validate", "pico", "--set", 'overview.depth="\\e[2J"'])
     assert result.exit_code == 2 and "\x1b" not in result.output and "\\x1b" in result.output
+    # A file name is quoted as it is (no repr() in between): the message itself must escape it.
+    spec = tmp_path / "\x1b[2Jwiped.yaml"
+    spec.write_text("name: [unclosed\n")
+    result = runner.invoke(cli.app, ["validate", str(spec)])
+    assert result.exit_code == 2 and "\x1b" not in result.output and "\\x1b[2Jwiped.yaml" in result.output
 
 
 def test_warm_up_and_decay_fit_a_run_shorter_than_one_epoch():

@@ -9,6 +9,7 @@ the same directory, then `os.replace`: a save killed half-way leaves the previou
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,8 +17,10 @@ import torch
 
 from ..checkpoint import MODEL_FORMAT, load_file, save_atomic
 from ..errors import CheckpointError
+from .config import RUNTIME_FIELDS
 
 __all__ = [
+    "best_problem",
     "capture_rng",
     "check_run_checkpoint",
     "is_run_checkpoint",
@@ -103,6 +106,55 @@ def model_file_of(state: dict[str, Any]) -> dict[str, Any]:
     ship, without optimizer state and without pickle.
     """
     return {"format": MODEL_FORMAT, "version": 1, "spec": state["spec"], "deploy": False, "state_dict": state["model"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# best.pt against the record in last.pt
+
+
+def describe_best(epoch: int, top1: float) -> str:
+    return f"epoch {epoch} (val top-1 {100 * top1:.2f}%)"
+
+
+def _same_run(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Two checkpoints of one run: same spec, classes and options (runtime options such as --workers may differ)."""
+
+    def fixed(state: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in state["config"].items() if k not in RUNTIME_FIELDS}
+
+    return a["spec"] == b["spec"] and a["classes"] == b["classes"] and fixed(a) == fixed(b)
+
+
+def best_problem(last: dict[str, Any], best_path: Path) -> tuple[str | None, dict[str, Any] | None]:
+    """What is wrong with best.pt given what last.pt records as the run's best (None: nothing).
+
+    Returns the problem (a phrase: "holds epoch 2 ...", "is missing", ...) and best.pt's contents when
+    they are a readable checkpoint of this run. best.pt *ahead* of last.pt is not a problem: a kill
+    between the two saves of an epoch (best.pt is written first) leaves it, and the resumed run redoes
+    that epoch and writes it again.
+    """
+    progress = last["progress"]
+    epoch, top1 = progress["best_epoch"], progress["best_top1"]
+    if not best_path.exists():
+        return (None, None) if epoch == 0 else ("is missing", None)
+    try:
+        best = load_file(best_path)
+        if not is_run_checkpoint(best):
+            return "is not a run checkpoint", None
+        check_run_checkpoint(best, str(best_path))
+        if not _same_run(best, last):
+            return "belongs to another run (its spec or options differ from last.pt's)", None
+        held = best["progress"]
+        held_epoch, held_top1, held_step = held["epoch"], held["best_top1"], held["step"]
+        if not (isinstance(held_epoch, int) and isinstance(held_step, int) and isinstance(held_top1, float)):
+            raise TypeError("its progress is not a pair of counts and a top-1")
+    except (CheckpointError, KeyError, TypeError) as exc:
+        return f"cannot be read ({str(exc).splitlines()[0][:200]})", None
+    if held_step > progress["step"]:
+        return None, best  # written just before a kill; the resumed run rewrites it
+    if held_epoch == epoch and held["best_epoch"] == epoch and held_top1 == top1:
+        return None, best
+    return f"holds {describe_best(held_epoch, held_top1)}", best
 
 
 # ---------------------------------------------------------------------------------------------

@@ -65,12 +65,16 @@ class RunDir:
             raise RunDirError(f"{self.root} already holds a run ({', '.join(found)}).\n{hint}")
 
     def create(self, overwrite: bool) -> None:
-        """Make the directory; with `overwrite`, remove the previous run's files (and only those)."""
+        """Make the directory; with `overwrite`, remove the previous run's files (and only those).
+
+        Temporaries of killed saves are removed either way: they are ours, and nothing else writes here yet.
+        """
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             if overwrite:
                 for name in RUN_FILES:
                     (self.root / name).unlink(missing_ok=True)
+            self.remove_stale_temporaries()
         except OSError as exc:
             raise RunDirError(f"cannot create the run directory {self.root}: {exc.strerror or exc}") from None
 

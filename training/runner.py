@@ -160,6 +160,8 @@ def _train(
         trainer.load_state_dict(state, str(run.last))
         if dist.is_main:
             run.remove_stale_temporaries()
+            _reconcile_best(run, state, trainer, plan)
+            _sync_best_model(run, reporter)  # after the repair: the model file follows best.pt
         if trainer.step >= plan.total_steps:  # nothing left: leave the finished run exactly as it is
             reporter.line(
                 f"{plain(str(run.root))} is already finished ({trainer.step}/{plan.total_steps} steps): nothing to resume"
@@ -167,7 +169,6 @@ def _train(
             return result(Outcome(finished=True, steps_this_run=0, seconds=0.0, images=0.0))
         if dist.is_main:
             MetricsLog(run.metrics).truncate_after(trainer.step)
-            _sync_best_model(run, reporter)
             reporter.line(
                 f"resuming {plain(str(run.root))} at step {trainer.step}/{plan.total_steps} (epoch {trainer.epoch + 1})"
             )
@@ -215,6 +216,60 @@ def _sync_best_model(run: RunDir, reporter: Reporter) -> None:
     except (CheckpointError, KeyError, TypeError) as exc:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         reporter.line(f"{plain(str(run.best))} is unreadable ({plain(detail)}); {run.best_model.name} left as it is")
+
+
+def _reconcile_best(run: RunDir, state: dict[str, Any], trainer: Trainer, plan: Plan) -> None:
+    """Make best.pt agree with the best epoch last.pt records, or say why it cannot (before resuming).
+
+    A kill during best.pt's save (or a best.pt left by an older overlock, which wrote last.pt first)
+    leaves last.pt naming a best epoch whose weights best.pt does not hold. When last.pt was written
+    at the end of that very epoch it holds the same state best.pt was given, and best.pt is rebuilt
+    from it (atomically). Otherwise those weights are gone: the run's best falls back to what best.pt
+    really holds (nothing, if it is missing or unreadable), so a later epoch that beats it replaces it.
+    """
+    problem, best = checkpoint.best_problem(state, run.best)
+    if problem is None:
+        return
+    progress = state["progress"]
+    epoch, top1 = progress["best_epoch"], progress["best_top1"]
+    record = checkpoint.describe_best(epoch, top1) if epoch else "no evaluated epoch yet"
+    lines = [f"{run.best} {problem}, but last.pt records the run's best as {record}."]
+    if epoch and progress["epoch"] == epoch and progress["batch_in_epoch"] == 0:
+        checkpoint.save_atomic(state, run.best)
+        _warn(f"{lines[0]}\nRebuilt {run.best} from last.pt, which was saved at the end of epoch {epoch}.")
+        return
+    if epoch:
+        lines.append(
+            f"The weights of epoch {epoch} are no longer on disk (last.pt was saved later, at step {progress['step']}), "
+            "so best.pt cannot be rebuilt."
+        )
+    finished = trainer.step >= plan.total_steps
+    if best is not None:
+        trainer.best_top1, trainer.best_epoch = best["progress"]["best_top1"], best["progress"]["best_epoch"]
+        held = checkpoint.describe_best(trainer.best_epoch, trainer.best_top1)
+        lines.append(
+            f"best.pt is kept as the run's best, {held}"
+            + ("; the run is finished." if finished else ": a later epoch that beats it replaces it.")
+        )
+    else:
+        trainer.best_top1, trainer.best_epoch = -1.0, 0
+        lines.append(
+            "The run is finished and has no usable best.pt; last.pt holds its final weights."
+            if finished
+            else "The resumed run writes a new best.pt at its next evaluated epoch."
+        )
+    _warn("\n".join(lines))
+
+
+def _warn(message: str) -> None:
+    """A one-screen warning on stderr (the run goes on): user paths are shown, never read as markup."""
+    from rich.markup import escape
+
+    from ..errors import one_screen
+
+    Console(stderr=True, highlight=False, soft_wrap=True).print(
+        f"[bold yellow]warning:[/] {escape(one_screen(message))}"
+    )
 
 
 T = TypeVar("T")
