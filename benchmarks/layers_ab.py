@@ -2,6 +2,7 @@
 
     python benchmarks/layers_ab.py                     # XT, batch 8, 224, one thread, inference + training step
     python benchmarks/layers_ab.py --preset t --modes train --rounds 3
+    python benchmarks/layers_ab.py --modes train --only "custom op only 13+ on 28+,no custom depthwise op"
 
 Every variant runs the same model with one formulation put back to the reference's form (the
 original forward of that layer class, kept here), interleaved call by call; "all old" puts all of
@@ -49,13 +50,25 @@ def plain_depthwise(x, weight, bias=None, dilation=1):
     return F.conv2d(x, weight, bias, padding=padding, dilation=dilation, groups=x.shape[1])
 
 
+def large_kernels_only_depthwise(x, weight, bias=None, dilation=1):
+    """The custom op as first written: only 13x13+ kernels on 28x28+ maps, FFT weight gradient."""
+    large = weight.shape[-1] >= 13 and x.shape[-1] * x.shape[-2] >= depthwise.CHANNELS_LAST_MIN_POSITIONS
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if needs_grad and not large:
+        return plain_depthwise(x, weight, bias, dilation)
+    return depthwise.depthwise_conv2d(x, weight, bias, dilation)  # its weight gradient is the FFT's there
+
+
 OLD = {
     "LayerScale as conv": [(layers.LayerScale, "forward", old_layer_scale)],
     "GRN unfused": [(layers.GRN, "forward", old_grn)],
     "ResDWConv x + conv": [(layers.ResDWConv, "forward", old_res_dw_conv)],
     "DilatedRepConv branch sum": [(layers.DilatedRepConv, "forward", old_dilated_rep_conv)],
     "no custom depthwise op": [(layers, "depthwise_conv2d", plain_depthwise)],
+    "custom op only 13+ on 28+": [(layers, "depthwise_conv2d", large_kernels_only_depthwise)],
 }
+# Variants that replace the same attribute cannot be combined in "all old"; the first one wins.
+ALL_OLD = [patch for name, patches in OLD.items() if name != "custom op only 13+ on 28+" for patch in patches]
 
 
 def main() -> None:
@@ -65,6 +78,7 @@ def main() -> None:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--modes", default="infer,train")
+    parser.add_argument("--only", default="", help="comma-separated variant names to run beside 'new'")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -72,7 +86,9 @@ def main() -> None:
     image = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
     target = torch.randint(0, 1000, (args.batch_size,))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    variants = {"new": [], **OLD, "all old": [patch for patches in OLD.values() for patch in patches]}
+    variants = {"new": [], **OLD, "all old": ALL_OLD}
+    if args.only:
+        variants = {name: variants[name] for name in ["new", *args.only.split(",")]}
     saved = {(owner, name): getattr(owner, name) for patches in OLD.values() for owner, name, _ in patches}
     assert depthwise  # the op the last variant replaces lives there
 
