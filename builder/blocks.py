@@ -15,7 +15,18 @@ from torch import nn
 
 from ..archspec import Block
 from .contmix import ContMix
-from .layers import GRN, DilatedRepConv, DropPath, LayerScale, ResDWConv, SqueezeExcite, block_norm, conv_bn
+from .layers import (
+    GRN,
+    DilatedRepConv,
+    DropPath,
+    LargeKernelBN,
+    LayerScale,
+    ResDWConv,
+    SqueezeExcite,
+    block_norm,
+    conv_bn,
+    large_kernel_bn,
+)
 from .mixers import FFNS, MixerPlace, build_mixer
 
 __all__ = ["BasicBlock", "ContMix", "DynamicBlock", "StaticFocusBlock"]
@@ -66,7 +77,7 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _maybe(self.dwconv, x)
-        y = self.mlp(_maybe(self.se, self.bn(self.large_kernel(self.norm(x)))))
+        y = self.mlp(_maybe(self.se, large_kernel_bn(self.large_kernel, self.bn, self.norm(x))))
         return residual(x, y, self.layer_scale, self.drop_path, self.res_scale)
 
 
@@ -135,7 +146,7 @@ class DynamicBlock(nn.Module):
         self.gate = conv_bn(d, d) if gate else None  # SiLU(BN(conv1x1(z)))
         if self.gate is not None:
             self.gate.add_module("act", nn.SiLU())
-        self.lepe = nn.Sequential(OrderedDict(conv=DilatedRepConv(d, lepe_kernel, deploy), bn=nn.BatchNorm2d(d)))
+        self.lepe = LargeKernelBN(OrderedDict(conv=DilatedRepConv(d, lepe_kernel, deploy), bn=nn.BatchNorm2d(d)))
         self.guided = block.mixer.guided
         self.contmix = build_mixer(block.mixer, MixerPlace(d, c, deploy=deploy, index=index))
         self.out_proj = conv_bn(d, d)

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from overlock.kernels import depthwise
 from overlock.kernels.depthwise import (
     WEIGHT_GRAD_METHODS,
     _DepthwiseConv,
@@ -31,6 +32,8 @@ def reference(x, weight, bias, dilation):
         (2, 12, 3, 2, True),  # aten
         (3, 11, 7, 2, True),  # batch_channels, dilated, odd map
         (3, 7, 5, 1, False),  # batch_channels, padding wider than half the map
+        (3, 29, 9, 2, True),  # polyphase forward and input gradient, fft weight gradient
+        (2, 10, 9, 3, False),  # polyphase, map smaller than the kernel's span
     ],
 )
 def test_custom_op_matches_conv2d_values_and_gradients(channels, size, kernel, dilation, channels_last):
@@ -65,6 +68,19 @@ def test_every_weight_gradient_method_equals_the_direct_sum(method, size, kernel
         ours = WEIGHT_GRAD_METHODS[method](x.contiguous(memory_format=layout), grad, kernel, dilation)
         assert ours.shape == (4, 1, kernel, kernel)
         torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(("size", "kernel", "dilation"), [((56, 56), 9, 2), ((13, 10), 9, 3), ((5, 7), 11, 2)])
+def test_polyphase_conv_equals_the_dilated_conv(size, kernel, dilation):
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, *size, generator=gen, dtype=torch.float64)
+    weight = torch.randn(3, 1, kernel, kernel, generator=gen, dtype=torch.float64)
+    bias = torch.randn(3, generator=gen, dtype=torch.float64)
+    expected = reference(x, weight, bias, dilation)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        torch.testing.assert_close(
+            depthwise.polyphase_conv(x.contiguous(memory_format=layout), weight, bias, dilation), expected
+        )
 
 
 def test_weight_gradient_method_follows_the_measured_table():
