@@ -12,6 +12,7 @@ them back at once. The ratio old/new of the median time is what the formulation 
 from __future__ import annotations
 
 import argparse
+import contextvars
 import statistics
 import time
 
@@ -81,10 +82,23 @@ OLD = {
         (layers.LargeKernelBN, "forward", torch.nn.Sequential.forward),
     ],
     "dilated 9x9+ not polyphase": [(depthwise, "POLYPHASE_MIN_KERNEL", 10**9)],
+    "MLP keeps every hidden map": [(layers, "RECOMPUTE_SAVED", contextvars.ContextVar("off", default=False))],
 }
+# Everything the second round of issue 10 changed, put back at once (the code of the first round).
+OLD["before round 2 (the 5 above)"] = [
+    patch
+    for name in (
+        "GRN autograd backward",
+        "custom op only 13+ on 28+",
+        "BN after large kernel unfolded",
+        "dilated 9x9+ not polyphase",
+        "MLP keeps every hidden map",
+    )
+    for patch in OLD[name]
+]
 # Variants that replace an attribute another variant replaces too stay out of "all old" (the code
 # before issue 10).
-SAME_ATTRIBUTE = ("custom op only 13+ on 28+", "GRN autograd backward")
+SAME_ATTRIBUTE = ("custom op only 13+ on 28+", "GRN autograd backward", "before round 2 (the 5 above)")
 ALL_OLD = [patch for name, patches in OLD.items() if name not in SAME_ATTRIBUTE for patch in patches]
 
 

@@ -6,7 +6,10 @@ differ), because the presets must reproduce the published models' outputs for th
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -65,11 +68,12 @@ class _GRNFunction(torch.autograd.Function):
         mean = energy.mean(dim=1, keepdim=True) + 1e-6
         scale = torch.addcmul(torch.ones_like(energy), gamma, energy / mean)
         ctx.save_for_backward(x, gamma, energy, live, mean, scale)
-        return torch.addcmul(beta, x, scale)
+        ctx.mark_non_differentiable(scale)
+        return torch.addcmul(beta, x, scale), scale
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
+    def backward(ctx, grad, _):
         x, gamma, energy, live, mean, scale = ctx.saved_tensors
         channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         # The gradient in x's layout (mixed layouts make every pass strided; the Focus-Net fusion's
@@ -99,7 +103,10 @@ class GRN(nn.Module):
         normed = energy / (energy.mean(dim=1, keepdim=True) + 1e-6)
         return torch.addcmul(torch.ones_like(normed), self.gamma, normed), self.beta
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, with_recipe: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, Callable[[], torch.Tensor]]:
+        """GRN(x); with_recipe: also a function that recomputes it bit for bit (for `recompute_saved`)."""
         # x + beta + gamma * x * normed, written as x * (1 + gamma * normed) + beta: one pass over x
         # instead of three (the per-channel factor is tiny). With gradients, in float32/64 and
         # eagerly, the hand-written backward (autocast and tracers get the plain ops).
@@ -112,9 +119,12 @@ class GRN(nn.Module):
             and not exporting()
         )
         if fused:
-            return _GRNFunction.apply(x, self.gamma, self.beta)
-        scale, shift = self.coefficients(x)
-        return torch.addcmul(shift, x, scale)
+            out, scale = _GRNFunction.apply(x, self.gamma, self.beta)
+            shift = self.beta
+        else:
+            scale, shift = self.coefficients(x)
+            out = torch.addcmul(shift, x, scale)
+        return (out, lambda: torch.addcmul(shift, x, scale)) if with_recipe else out
 
 
 class LayerScale(nn.Module):
@@ -227,6 +237,41 @@ class SqueezeExcite(nn.Module):
         return x * torch.sigmoid(self.fc2(self.act(self.fc1(self.pool(x)))))
 
 
+# Off inside gradient checkpointing (builder/network.py), whose own saved-tensor hooks must see
+# every tensor the block saves.
+RECOMPUTE_SAVED = contextvars.ContextVar("overlock_recompute_saved", default=True)
+
+
+@contextlib.contextmanager
+def recompute_saved(tensor: torch.Tensor, recipe: Callable[[], torch.Tensor]) -> Iterator[None]:
+    """Ops run inside that save `tensor` for their backward keep `recipe` instead, and call it then.
+
+    For activations that are cheap to recompute from tensors the graph keeps anyway (a GELU's
+    output from its input, GRN's output from its input and per-channel scale): the recomputed
+    value is the same op on the same inputs, so the gradients are bit for bit those of the plain
+    run, and one full activation map per use is not held between forward and backward.
+    """
+    if not (RECOMPUTE_SAVED.get() and tensor.requires_grad and torch.is_grad_enabled()):
+        yield
+        return
+    marker = object()
+    # The hooks live as long as the graph: they must not hold the tensor itself, only its identity.
+    identity = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride())
+
+    def pack(saved: torch.Tensor) -> object:
+        return marker if (saved.data_ptr(), tuple(saved.shape), saved.stride()) == identity else saved
+
+    def unpack(packed: object) -> torch.Tensor:
+        if packed is marker:
+            with torch.no_grad():
+                return recipe()
+        return packed
+
+    del tensor
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
 class ConvMLP(nn.Module):
     """conv1x1 -> GELU -> (y + dwconv3x3 y) -> GRN -> conv1x1: the MLP of every OverLoCK block."""
 
@@ -239,7 +284,17 @@ class ConvMLP(nn.Module):
         self.fc2 = nn.Conv2d(hidden, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.grn(self.dwconv(self.act(self.fc1(x)))))
+        if not (torch.is_grad_enabled() and RECOMPUTE_SAVED.get()) or torch.jit.is_tracing() or exporting():
+            return self.fc2(self.grn(self.dwconv(self.act(self.fc1(x)))))
+        hidden = self.fc1(x)
+        activated = self.act(hidden)
+        # The two hidden-width maps that only the next op needs are recomputed in the backward
+        # (GELU's input and GRN's input are kept anyway): two of the MLP's four hidden maps.
+        with recompute_saved(activated, lambda: self.act(hidden)):
+            mixed = self.dwconv(activated)
+        out, recipe = self.grn(mixed, with_recipe=True)
+        with recompute_saved(out, recipe):
+            return self.fc2(out)
 
 
 class Mlp(nn.Module):

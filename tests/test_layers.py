@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import weakref
 from collections import OrderedDict
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from overlock.builder import layers
 from overlock.builder.layers import GRN, DilatedRepConv, LargeKernelBN, LayerScale, ResDWConv, large_kernel_bn
 
 
@@ -142,3 +144,33 @@ def test_grn_hand_written_backward_equals_autograd_of_the_formula(channels_last)
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     with torch.no_grad():
         torch.testing.assert_close(out, grn(x))
+
+
+def test_conv_mlp_recomputes_two_hidden_maps_with_identical_gradients():
+    mlp = _randomise(layers.ConvMLP(6, 24, 6)).train()
+    x = torch.randn(2, 6, 11, 9).contiguous(memory_format=torch.channels_last).requires_grad_()
+    recomputed = []
+    original = layers.recompute_saved
+
+    def spy(tensor, recipe):
+        recomputed.append(weakref.ref(tensor))
+        return original(tensor, lambda: (recomputed.append("called"), recipe())[1])
+
+    layers.recompute_saved = spy
+    try:
+        out = mlp(x)
+    finally:
+        layers.recompute_saved = original
+    assert len(recomputed) == 2 and all(ref() is None for ref in recomputed)  # not held by the graph
+    grad = torch.randn_like(out)
+    ours = torch.autograd.grad(out, [x, *mlp.parameters()], grad)
+    assert recomputed.count("called") == 2
+    token = layers.RECOMPUTE_SAVED.set(False)
+    try:
+        plain = mlp(x)
+        theirs = torch.autograd.grad(plain, [x, *mlp.parameters()], grad)
+    finally:
+        layers.RECOMPUTE_SAVED.reset(token)
+    torch.testing.assert_close(out, plain, rtol=0, atol=0)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
