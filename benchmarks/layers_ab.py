@@ -27,12 +27,24 @@ def old_layer_scale(self, x):
     return F.conv2d(x, self.weight, self.bias, groups=x.shape[1])
 
 
+def with_recipe(forward):
+    """A GRN forward as ConvMLP calls it (`with_recipe=True`: also a function that recomputes it)."""
+
+    def patched(self, x, with_recipe=False):
+        out = forward(self, x)
+        return (out, lambda: forward(self, x)) if with_recipe else out
+
+    return patched
+
+
+@with_recipe
 def old_grn(self, x):
     energy = torch.norm(x, p=2, dim=(-1, -2), keepdim=True)
     normed = energy / (energy.mean(dim=1, keepdim=True) + 1e-6)
     return x + torch.addcmul(self.beta, self.gamma, x * normed)
 
 
+@with_recipe
 def autograd_grn(self, x):
     scale, shift = self.coefficients(x)
     return torch.addcmul(shift, x, scale)
@@ -115,7 +127,10 @@ def main() -> None:
     torch.manual_seed(0)
     model = build(args.preset)
     image = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
-    target = torch.randint(0, 1000, (args.batch_size,))
+    with torch.no_grad():
+        logits = model.eval()(image[:1])
+    classes = (logits["main"] if isinstance(logits, dict) else logits).shape[-1]
+    target = torch.randint(0, classes, (args.batch_size,))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     variants = {"new": [], **OLD, "all old": ALL_OLD}
     if args.only:
