@@ -290,7 +290,8 @@ class ConvMLP(nn.Module):
         activated = self.act(hidden)
         # The two hidden-width maps that only the next op needs are recomputed in the backward
         # (GELU's input and GRN's input are kept anyway): two of the MLP's four hidden maps.
-        with recompute_saved(activated, lambda: self.act(hidden)):
+        # (F.gelu, not the module: a recomputation must not fire the module's hooks a second time.)
+        with recompute_saved(activated, lambda: F.gelu(hidden, approximate=self.act.approximate)):
             mixed = self.dwconv(activated)
         out, recipe = self.grn(mixed, with_recipe=True)
         with recompute_saved(out, recipe):
