@@ -251,7 +251,8 @@ def recompute_saved(tensor: torch.Tensor, recipe: Callable[[], torch.Tensor]) ->
     value is the same op on the same inputs, so the gradients are bit for bit those of the plain
     run, and one full activation map per use is not held between forward and backward.
     """
-    if not (RECOMPUTE_SAVED.get() and tensor.requires_grad and torch.is_grad_enabled()):
+    # Meta tensors (estimates) have no data pointer to tell them apart.
+    if not (RECOMPUTE_SAVED.get() and tensor.requires_grad and torch.is_grad_enabled()) or tensor.is_meta:
         yield
         return
     marker = object()
