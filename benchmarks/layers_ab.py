@@ -2,6 +2,7 @@
 
     python benchmarks/layers_ab.py                     # XT, batch 8, 224, one thread, inference + training step
     python benchmarks/layers_ab.py --preset t --modes train --rounds 3
+    python benchmarks/layers_ab.py --modes train --only "custom op only 13+ on 28+,no custom depthwise op"
 
 Every variant runs the same model with one formulation put back to the reference's form (the
 original forward of that layer class, kept here), interleaved call by call; "all old" puts all of
@@ -11,13 +12,14 @@ them back at once. The ratio old/new of the median time is what the formulation 
 from __future__ import annotations
 
 import argparse
+import contextvars
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
-from overlock.builder import build, layers
+from overlock.builder import blocks, build, layers
 from overlock.kernels import depthwise
 
 
@@ -25,10 +27,27 @@ def old_layer_scale(self, x):
     return F.conv2d(x, self.weight, self.bias, groups=x.shape[1])
 
 
+def with_recipe(forward):
+    """A GRN forward as ConvMLP calls it (`with_recipe=True`: also a function that recomputes it)."""
+
+    def patched(self, x, with_recipe=False):
+        out = forward(self, x)
+        return (out, lambda: forward(self, x)) if with_recipe else out
+
+    return patched
+
+
+@with_recipe
 def old_grn(self, x):
     energy = torch.norm(x, p=2, dim=(-1, -2), keepdim=True)
     normed = energy / (energy.mean(dim=1, keepdim=True) + 1e-6)
     return x + torch.addcmul(self.beta, self.gamma, x * normed)
+
+
+@with_recipe
+def autograd_grn(self, x):
+    scale, shift = self.coefficients(x)
+    return torch.addcmul(shift, x, scale)
 
 
 def old_res_dw_conv(self, x):
@@ -44,18 +63,55 @@ def old_dilated_rep_conv(self, x):
     return out
 
 
+def unfolded_large_kernel_bn(conv, bn, x):
+    return bn(conv(x))
+
+
 def plain_depthwise(x, weight, bias=None, dilation=1):
     padding = dilation * (weight.shape[-1] - 1) // 2
     return F.conv2d(x, weight, bias, padding=padding, dilation=dilation, groups=x.shape[1])
 
 
+def large_kernels_only_depthwise(x, weight, bias=None, dilation=1):
+    """The custom op as first written: only 13x13+ kernels on 28x28+ maps, FFT weight gradient."""
+    large = weight.shape[-1] >= 13 and x.shape[-1] * x.shape[-2] >= depthwise.CHANNELS_LAST_MIN_POSITIONS
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if needs_grad and not large:
+        return plain_depthwise(x, weight, bias, dilation)
+    return depthwise.depthwise_conv2d(x, weight, bias, dilation)  # its weight gradient is the FFT's there
+
+
 OLD = {
     "LayerScale as conv": [(layers.LayerScale, "forward", old_layer_scale)],
     "GRN unfused": [(layers.GRN, "forward", old_grn)],
+    "GRN autograd backward": [(layers.GRN, "forward", autograd_grn)],
     "ResDWConv x + conv": [(layers.ResDWConv, "forward", old_res_dw_conv)],
     "DilatedRepConv branch sum": [(layers.DilatedRepConv, "forward", old_dilated_rep_conv)],
     "no custom depthwise op": [(layers, "depthwise_conv2d", plain_depthwise)],
+    "custom op only 13+ on 28+": [(layers, "depthwise_conv2d", large_kernels_only_depthwise)],
+    "BN after large kernel unfolded": [
+        (blocks, "large_kernel_bn", unfolded_large_kernel_bn),
+        (layers.LargeKernelBN, "forward", torch.nn.Sequential.forward),
+    ],
+    "dilated 9x9+ not polyphase": [(depthwise, "POLYPHASE_MIN_KERNEL", 10**9)],
+    "MLP keeps every hidden map": [(layers, "RECOMPUTE_SAVED", contextvars.ContextVar("off", default=False))],
 }
+# Everything the second round of issue 10 changed, put back at once (the code of the first round).
+OLD["before round 2 (the 5 above)"] = [
+    patch
+    for name in (
+        "GRN autograd backward",
+        "custom op only 13+ on 28+",
+        "BN after large kernel unfolded",
+        "dilated 9x9+ not polyphase",
+        "MLP keeps every hidden map",
+    )
+    for patch in OLD[name]
+]
+# Variants that replace an attribute another variant replaces too stay out of "all old" (the code
+# before issue 10).
+SAME_ATTRIBUTE = ("custom op only 13+ on 28+", "GRN autograd backward", "before round 2 (the 5 above)")
+ALL_OLD = [patch for name, patches in OLD.items() if name not in SAME_ATTRIBUTE for patch in patches]
 
 
 def main() -> None:
@@ -65,16 +121,21 @@ def main() -> None:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--modes", default="infer,train")
+    parser.add_argument("--only", default="", help="comma-separated variant names to run beside 'new'")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = build(args.preset)
     image = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
-    target = torch.randint(0, 1000, (args.batch_size,))
+    with torch.no_grad():
+        logits = model.eval()(image[:1])
+    classes = (logits["main"] if isinstance(logits, dict) else logits).shape[-1]
+    target = torch.randint(0, classes, (args.batch_size,))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    variants = {"new": [], **OLD, "all old": [patch for patches in OLD.values() for patch in patches]}
+    variants = {"new": [], **OLD, "all old": ALL_OLD}
+    if args.only:
+        variants = {name: variants[name] for name in ["new", *args.only.split(",")]}
     saved = {(owner, name): getattr(owner, name) for patches in OLD.values() for owner, name, _ in patches}
-    assert depthwise  # the op the last variant replaces lives there
 
     def step(mode: str) -> float:
         tick = time.perf_counter()

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..archspec import Block
 from .contmix import ContMix, fusion_layer, gate_layer, lepe_layer, output_projection
-from .layers import DropPath, LayerScale, ResDWConv, SqueezeExcite, block_norm, conv_bn
+from .layers import DropPath, LayerScale, ResDWConv, SqueezeExcite, block_norm, conv_bn, large_kernel_bn
 from .mixers import FFNS, MixerPlace, build_mixer
 
 __all__ = ["BasicBlock", "ContMix", "DynamicBlock", "StaticFocusBlock"]
@@ -64,7 +64,7 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _maybe(self.dwconv, x)
-        y = self.mlp(_maybe(self.se, self.bn(self.large_kernel(self.norm(x)))))
+        y = self.mlp(_maybe(self.se, large_kernel_bn(self.large_kernel, self.bn, self.norm(x))))
         return residual(x, y, self.layer_scale, self.drop_path, self.res_scale)
 
 

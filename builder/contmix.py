@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from .layers import GRN, DilatedRepConv, RegionPool, adaptive_avg_pool, conv_bn, exporting, generic_trace
+from .layers import GRN, DilatedRepConv, LargeKernelBN, RegionPool, adaptive_avg_pool, conv_bn, exporting, generic_trace
 
 
 class ContMix(nn.Module):
@@ -144,9 +144,10 @@ def gate_layer(width: int) -> nn.Sequential:
     return gate
 
 
-def lepe_layer(width: int, kernel_size: int, deploy: bool) -> nn.Sequential:
-    """BN(DilatedRepConv(K)(z)): the local positional encoding added to the mixed output."""
-    return nn.Sequential(OrderedDict(conv=DilatedRepConv(width, kernel_size, deploy), bn=nn.BatchNorm2d(width)))
+def lepe_layer(width: int, kernel_size: int, deploy: bool) -> LargeKernelBN:
+    """BN(DilatedRepConv(K)(z)): the local positional encoding added to the mixed output (the BN folds
+    into the merged kernel in eval: `LargeKernelBN`)."""
+    return LargeKernelBN(OrderedDict(conv=DilatedRepConv(width, kernel_size, deploy), bn=nn.BatchNorm2d(width)))
 
 
 def output_projection(width: int, out_channels: int) -> nn.Sequential:

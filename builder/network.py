@@ -8,7 +8,7 @@ where in the spec it comes from. A model never reads files: it is constructed fr
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,7 @@ from .. import kernels
 from ..archspec import BlockStage, DDSSpec, PyramidSpec
 from .blocks import BasicBlock, ContMix, DynamicBlock, StaticFocusBlock
 from .conventions import TimmConventions
-from .layers import GRN, DilatedRepConv, LayerNorm2d, LayerScale, block_norm, conv_bn, generic_trace
+from .layers import GRN, RECOMPUTE_SAVED, DilatedRepConv, LayerNorm2d, LayerScale, block_norm, conv_bn, generic_trace
 from .mixers import DOWNSAMPLES, STEMS
 
 
@@ -37,9 +37,25 @@ class Checkpointed(nn.Module):
     def run_block(self, block: nn.Module, *args: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(
-                block, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), _bn_stats_frozen(block))
+                block, *args, use_reentrant=False, context_fn=lambda: (_no_recompute(), _recompute_context(block))
             )
         return block(*args)
+
+
+@contextmanager
+def _no_recompute():
+    """layers.recompute_saved off: the checkpoint's own saved-tensor hooks must see every tensor."""
+    token = RECOMPUTE_SAVED.set(False)
+    try:
+        yield
+    finally:
+        RECOMPUTE_SAVED.reset(token)
+
+
+@contextmanager
+def _recompute_context(module: nn.Module):
+    with _no_recompute(), _bn_stats_frozen(module):
+        yield
 
 
 @contextmanager

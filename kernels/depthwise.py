@@ -1,21 +1,32 @@
 """Depthwise convolution with a fast CPU backward, for the large and dilated kernels of DilatedRepConv.
 
-Why. PyTorch's CPU backward of a depthwise convolution runs at under 1 GFLOP/s at one thread for
-the large kernels OverLoCK uses (17x17 at 56x56: ~1.3 s for forward+backward at batch 8, against
-~30 ms for the forward), and its forward is fast only in some layouts (channels_last for 56- and
-112-channel maps, NCHW for 14x14 maps). This operator computes the same three results with fast
-primitives:
+Why. PyTorch's CPU backward of a depthwise convolution is 10-50x slower than its forward at one
+thread for the kernels OverLoCK uses (17x17 at 56x56: ~1.3 s for forward+backward at batch 8,
+against ~30 ms for the forward; a 7x7 dilation-2 branch on a 14x14 map: ~35 ms against ~1 ms), and
+its forward is fast only in some layouts (channels_last for 56- and 112-channel maps). This
+operator computes the same three results with fast primitives:
 - forward: `F.conv2d`, on channels_last data for maps of 28x28 and larger (oneDNN's NCHW depthwise
-  path is the slow one there);
+  path is the slow one there); large dilated kernels as undilated convs of the map's sub-lattices
+  (`polyphase_conv`: oneDNN's dilated path is slow for them);
 - input gradient: the same depthwise convolution of the output gradient with the flipped kernel
-  (a correlation's adjoint is the convolution with the mirrored kernel);
+  (a correlation's adjoint is the convolution with the mirrored kernel). PyTorch's own input
+  gradient is as fast for undilated kernels but 10-40x slower for dilated ones;
 - weight gradient: per channel, the correlation of the padded input with the output gradient,
-  summed over the batch, read at lags 0, d, 2d, ... (d = dilation). Done in the frequency domain:
-  one real FFT of the padded input and of the gradient, a product summed over the batch, one
-  inverse FFT per channel. Its float32 rounding error is about that of the direct sum (tests
-  compare both with a float64 reference).
+  summed over the batch, read at lags 0, d, 2d, ... (d = dilation). One of three methods, picked
+  by shape (`weight_grad_method`, measured at one thread, batch 8):
+  * "fft": in the frequency domain, one real FFT of the padded input and of the gradient, a
+    product summed over the batch, one inverse FFT per channel; its cost does not grow with the
+    kernel, so it wins for spans of 13 and more on maps of 28x28 and larger;
+  * "batch_channels": the correlation is itself a depthwise convolution, with the batch folded
+    into the channels: the input as (1, B*C, H, W) images, the gradient as (B*C, 1, H, W)
+    kernels, stride d; then a sum over the batch. It runs on oneDNN's fast forward path and wins
+    for kernels of 5 and more on maps up to 28x28 (13x13 at 14x14: ~60 ms -> ~10 ms);
+  * "aten": PyTorch's own weight gradient (weight only), for the rest (3x3 kernels, 56x56 maps
+    with small kernels), where it is the fastest of the three.
+  All three round like the direct sum (tests compare them with a float64 reference).
 Only the stride-1, "same"-padded, odd-kernel case OverLoCK uses is covered; `depthwise_conv2d`
 falls back to `F.conv2d` (plain autograd) everywhere else: other devices, half dtypes, no grad.
+The backward is once-differentiable (no gradient of a gradient through this op).
 """
 
 from __future__ import annotations
@@ -26,13 +37,24 @@ import torch
 import torch.nn.functional as F
 
 # Maps with at least this many positions run in channels_last (measured: 28x28 and 56x56 maps are
-# 10-30x faster there at one thread; 14x14 and 7x7 maps are faster in NCHW).
+# 10-30x faster there at one thread; 14x14 and 7x7 maps are about as fast in either layout).
 CHANNELS_LAST_MIN_POSITIONS = 28 * 28
-# The custom backward is used from this kernel size on (on maps of CHANNELS_LAST_MIN_POSITIONS or
-# more): measured at one thread, batch 8, 17x17 at 56x56 forward+backward 2.2 s -> 0.36 s, 15x15 at
-# 28x28 0.95 s -> 0.20 s, 13x13 at 14x14 a tie; kernels up to 7x7 (also dilated) lose 1.2-3x, as
-# the FFT's cost does not shrink with the kernel while PyTorch's direct backward does.
-CUSTOM_BACKWARD_MIN_KERNEL = 13
+# Weight-gradient method by shape (one thread, batch 8, channels_last data, load-noisy medians).
+# The FFT's cost does not grow with the kernel, the others' grows with its K*K taps: the FFT from
+# FFT_MIN_KERNEL on maps of FFT_MIN_POSITIONS or more (17x17 at 56x56 ~1 s -> ~0.1 s, 15x15 at
+# 28x28 0.44 -> 0.10 s, 9x9 dilation 2 at 56x56 146 -> 97 ms; 7x7 kernels and 3-tap dilated ones
+# lose). The batch-folded convolution for kernels of BATCH_CHANNELS_MIN_KERNEL or more on maps up
+# to BATCH_CHANNELS_MAX_POSITIONS (13x13 at 14x14 60 -> 8-16 ms, 7x7 at 7x7 9 -> 1.2 ms, 7x7
+# dilation 2 at 28x28 43 -> 18 ms; on 56x56 maps and for 3x3 kernels dilated by 4 or more it is
+# 2-10x slower). PyTorch's own otherwise (3x3 kernels, small kernels on 56x56 maps).
+FFT_MIN_KERNEL = 9
+FFT_MIN_POSITIONS = 28 * 28
+BATCH_CHANNELS_MIN_KERNEL = 5
+BATCH_CHANNELS_MAX_POSITIONS = 28 * 28
+# Dilated kernels of this size or more run as d*d undilated convolutions on the sub-lattices of the
+# padded map (measured: oneDNN's dilated depthwise forward, 9x9 dilation 2 at 56x56, 107-123 ms ->
+# 31-33 ms; 3x3 and 7x7 dilated kernels are fast as they are and lose to the reshuffling).
+POLYPHASE_MIN_KERNEL = 9
 
 
 @functools.lru_cache(maxsize=128)
@@ -55,12 +77,38 @@ def _fast_layout(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def polyphase_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int) -> torch.Tensor:
+    """A same-padded dilated depthwise conv as one undilated valid conv of the d*d sub-lattices.
+
+    out[y, x] = sum_ij w[i, j] xpad[y + d*i, x + d*j]: for y = d*m + r, x = d*n + s only the
+    sub-lattice xpad[r::d, s::d] is read, with an undilated kernel. The d*d sub-lattices go through
+    one conv as a batch of d*d*B images (channels innermost, so that each copy moves whole channel
+    vectors); the outputs are interleaved back.
+    """
+    batch, channels, height, width = x.shape
+    d = dilation
+    pad = d * (weight.shape[-1] - 1) // 2
+    rows, cols = -(-(height + 2 * pad) // d), -(-(width + 2 * pad) // d)  # per sub-lattice
+    padded = x.new_zeros(batch, rows * d, cols * d, channels)
+    padded[:, pad : pad + height, pad : pad + width] = x.permute(0, 2, 3, 1)
+    lattices = padded.view(batch, rows, d, cols, d, channels).permute(2, 4, 0, 1, 3, 5)
+    lattices = lattices.reshape(d * d * batch, rows, cols, channels).permute(0, 3, 1, 2)
+    out = F.conv2d(lattices, weight, bias, groups=channels)
+    out_rows, out_cols = out.shape[-2:]
+    merged = x.new_empty(batch, out_rows, d, out_cols, d, channels)
+    merged.permute(2, 4, 0, 1, 3, 5).copy_(out.permute(0, 2, 3, 1).view(d, d, batch, out_rows, out_cols, channels))
+    merged = merged.view(batch, out_rows * d, out_cols * d, channels)[:, :height, :width]
+    return merged.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+
+
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int) -> torch.Tensor:
+    if dilation > 1 and weight.shape[-1] >= POLYPHASE_MIN_KERNEL:
+        return polyphase_conv(x, weight, bias, dilation)
     padding = dilation * (weight.shape[-1] - 1) // 2
     return F.conv2d(_fast_layout(x), weight, bias, padding=padding, dilation=dilation, groups=x.shape[1])
 
 
-def weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel_size: int, dilation: int) -> torch.Tensor:
+def weight_grad_fft(x: torch.Tensor, grad: torch.Tensor, kernel_size: int, dilation: int) -> torch.Tensor:
     """d loss / d weight of a same-padded depthwise conv: (C, 1, K, K), by FFT correlation.
 
     grad_w[c, i, j] = sum_{b, y, x} grad[b, c, y, x] * xpad[b, c, y + d*i, x + d*j].
@@ -76,6 +124,60 @@ def weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel_size: int, dilation:
     del spectrum_x, spectrum_g
     corr = torch.fft.irfft2(cross, s=size)
     return corr[:, :span:dilation, :span:dilation].unsqueeze(1).contiguous()
+
+
+def weight_grad_batch_channels(x: torch.Tensor, grad: torch.Tensor, kernel_size: int, dilation: int) -> torch.Tensor:
+    """The same weight gradient as one depthwise conv: batch folded into channels, gradient as kernels.
+
+    Image b*C + c is x[b, c] (zero-padded by d*(K-1)/2), its kernel grad[b, c] (H x W); with stride
+    d the output's (i, j) position is exactly the lag (d*i, d*j), so the (1, B*C, K, K) result
+    summed over the batch is grad_w.
+    """
+    batch, channels, height, width = x.shape
+    pad = dilation * (kernel_size - 1) // 2
+    images = x.reshape(1, batch * channels, height, width)
+    kernels = grad.reshape(batch * channels, 1, height, width)
+    corr = F.conv2d(images, kernels, stride=dilation, padding=pad, groups=batch * channels)
+    return corr.view(batch, channels, kernel_size, kernel_size).sum(0).unsqueeze(1)
+
+
+def weight_grad_aten(x: torch.Tensor, grad: torch.Tensor, kernel_size: int, dilation: int) -> torch.Tensor:
+    """PyTorch's own depthwise weight gradient (its input gradient is not computed)."""
+    channels = x.shape[1]
+    pad = dilation * (kernel_size - 1) // 2
+    weight = x.new_empty(channels, 1, kernel_size, kernel_size)  # only its shape is read
+    return torch.ops.aten.convolution_backward(
+        grad,
+        x,
+        weight,
+        None,
+        [1, 1],
+        [pad, pad],
+        [dilation, dilation],
+        False,
+        [0, 0],
+        channels,
+        [False, True, False],
+    )[1]
+
+
+WEIGHT_GRAD_METHODS = {"fft": weight_grad_fft, "batch_channels": weight_grad_batch_channels, "aten": weight_grad_aten}
+
+
+def weight_grad_method(height: int, width: int, kernel_size: int) -> str:
+    """Which of WEIGHT_GRAD_METHODS is fastest for this shape (measured; see the constants above)."""
+    positions = height * width
+    if kernel_size >= FFT_MIN_KERNEL and positions >= FFT_MIN_POSITIONS:
+        return "fft"
+    if kernel_size >= BATCH_CHANNELS_MIN_KERNEL and positions <= BATCH_CHANNELS_MAX_POSITIONS:
+        return "batch_channels"
+    return "aten"
+
+
+def weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel_size: int, dilation: int) -> torch.Tensor:
+    """d loss / d weight of a same-padded depthwise conv, (C, 1, K, K), by the fastest method."""
+    method = WEIGHT_GRAD_METHODS[weight_grad_method(x.shape[-2], x.shape[-1], kernel_size)]
+    return method(x, grad, kernel_size, dilation)
 
 
 class _DepthwiseConv(torch.autograd.Function):
@@ -116,8 +218,4 @@ def depthwise_conv2d(
         return F.conv2d(x, weight, bias, padding=padding, dilation=dilation, groups=x.shape[1])
     if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         return _conv(x, weight, bias, dilation)
-    large_map = x.shape[-1] * x.shape[-2] >= CHANNELS_LAST_MIN_POSITIONS
-    if weight.shape[-1] >= CUSTOM_BACKWARD_MIN_KERNEL and large_map:
-        return _DepthwiseConv.apply(x, weight, bias, dilation)
-    padding = dilation * (weight.shape[-1] - 1) // 2
-    return F.conv2d(x, weight, bias, padding=padding, dilation=dilation, groups=x.shape[1])
+    return _DepthwiseConv.apply(x, weight, bias, dilation)

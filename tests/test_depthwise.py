@@ -7,7 +7,15 @@ import torch
 import torch.nn.functional as F
 
 from overlock.kernels import depthwise
-from overlock.kernels.depthwise import _DepthwiseConv, depthwise_conv2d, fast_fft_size, weight_grad
+from overlock.kernels.depthwise import (
+    WEIGHT_GRAD_METHODS,
+    _DepthwiseConv,
+    depthwise_conv2d,
+    fast_fft_size,
+    weight_grad,
+    weight_grad_fft,
+    weight_grad_method,
+)
 
 
 def reference(x, weight, bias, dilation):
@@ -17,7 +25,16 @@ def reference(x, weight, bias, dilation):
 
 @pytest.mark.parametrize(
     ("channels", "size", "kernel", "dilation", "channels_last"),
-    [(3, 30, 13, 1, False), (5, 29, 5, 3, True), (4, 9, 7, 1, False), (2, 12, 3, 2, True)],
+    [
+        (3, 30, 13, 1, False),  # fft weight gradient
+        (5, 29, 5, 3, True),  # aten (map above the batch-folded method's limit)
+        (4, 9, 7, 1, False),  # batch_channels
+        (2, 12, 3, 2, True),  # aten
+        (3, 11, 7, 2, True),  # batch_channels, dilated, odd map
+        (3, 7, 5, 1, False),  # batch_channels, padding wider than half the map
+        (3, 29, 9, 2, True),  # polyphase forward and input gradient, fft weight gradient
+        (2, 10, 9, 3, False),  # polyphase, map smaller than the kernel's span
+    ],
 )
 def test_custom_op_matches_conv2d_values_and_gradients(channels, size, kernel, dilation, channels_last):
     gen = torch.Generator().manual_seed(0)
@@ -37,6 +54,60 @@ def test_custom_op_matches_conv2d_values_and_gradients(channels, size, kernel, d
     )
 
 
+@pytest.mark.parametrize("method", sorted(WEIGHT_GRAD_METHODS))
+@pytest.mark.parametrize(
+    ("size", "kernel", "dilation"), [((9, 12), 5, 1), ((7, 7), 3, 3), ((13, 10), 7, 2), ((6, 5), 9, 1)]
+)
+def test_every_weight_gradient_method_equals_the_direct_sum(method, size, kernel, dilation):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 4, *size, generator=gen, dtype=torch.float64)
+    grad = torch.randn(3, 4, *size, generator=gen, dtype=torch.float64)
+    w = torch.zeros(4, 1, kernel, kernel, dtype=torch.float64, requires_grad=True)
+    expected = torch.autograd.grad(reference(x, w, None, dilation), w, grad)[0]
+    for layout in (torch.contiguous_format, torch.channels_last):
+        ours = WEIGHT_GRAD_METHODS[method](x.contiguous(memory_format=layout), grad, kernel, dilation)
+        assert ours.shape == (4, 1, kernel, kernel)
+        torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(("size", "kernel", "dilation"), [((56, 56), 9, 2), ((13, 10), 9, 3), ((5, 7), 11, 2)])
+def test_polyphase_conv_equals_the_dilated_conv(size, kernel, dilation):
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, *size, generator=gen, dtype=torch.float64)
+    weight = torch.randn(3, 1, kernel, kernel, generator=gen, dtype=torch.float64)
+    bias = torch.randn(3, generator=gen, dtype=torch.float64)
+    expected = reference(x, weight, bias, dilation)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        torch.testing.assert_close(
+            depthwise.polyphase_conv(x.contiguous(memory_format=layout), weight, bias, dilation), expected
+        )
+
+
+def test_weight_gradient_method_follows_the_measured_table():
+    assert weight_grad_method(56, 56, 17) == "fft"
+    assert weight_grad_method(56, 56, 9) == "fft"
+    assert weight_grad_method(28, 28, 15) == "fft"
+    assert weight_grad_method(28, 28, 7) == "batch_channels"
+    assert weight_grad_method(14, 14, 13) == "batch_channels"
+    assert weight_grad_method(7, 7, 5) == "batch_channels"
+    assert weight_grad_method(56, 56, 7) == "aten"
+    assert weight_grad_method(14, 14, 3) == "aten"
+
+
+@pytest.mark.parametrize("method", ["batch_channels", "aten"])
+def test_weight_gradient_methods_in_float32_are_as_accurate_as_pytorchs_own(method):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(8, 6, 14, 14, generator=gen).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(8, 6, 14, 14, generator=gen).contiguous(memory_format=torch.channels_last)
+    w = torch.zeros(6, 1, 13, 13, dtype=torch.float64, requires_grad=True)
+    exact = torch.autograd.grad(reference(x.double(), w, None, 1), w, grad.double())[0]
+    w32 = torch.zeros(6, 1, 13, 13, requires_grad=True)
+    direct = torch.autograd.grad(reference(x, w32, None, 1), w32, grad)[0]
+    ours = WEIGHT_GRAD_METHODS[method](x, grad, 13, 1)
+    scale = exact.abs().max()
+    assert (ours.double() - exact).abs().max() / scale < max(4 * (direct.double() - exact).abs().max() / scale, 1e-6)
+
+
 def test_weight_gradient_in_float32_is_as_accurate_as_pytorchs_own():
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(4, 6, 40, 40, generator=gen)
@@ -45,18 +116,21 @@ def test_weight_gradient_in_float32_is_as_accurate_as_pytorchs_own():
     exact = torch.autograd.grad(reference(x.double(), w, None, 1), w, grad.double())[0]
     w32 = torch.zeros(6, 1, 15, 15, requires_grad=True)
     direct = torch.autograd.grad(reference(x, w32, None, 1), w32, grad)[0]
-    ours = weight_grad(x, grad, 15, 1)
+    ours = weight_grad_fft(x, grad, 15, 1)
+    torch.testing.assert_close(weight_grad(x, grad, 15, 1), ours)  # the dispatch picks the FFT here
     scale = exact.abs().max()
     assert (ours.double() - exact).abs().max() / scale < max(4 * (direct.double() - exact).abs().max() / scale, 1e-6)
 
 
-def test_dispatch_uses_the_custom_backward_only_for_large_kernels_on_large_maps():
+def test_dispatch_uses_the_custom_backward_on_cpu_float_with_grad_only():
     x = torch.randn(1, 2, 28, 28, requires_grad=True)
-    large = torch.randn(2, 1, depthwise.CUSTOM_BACKWARD_MIN_KERNEL, depthwise.CUSTOM_BACKWARD_MIN_KERNEL)
+    large = torch.randn(2, 1, 13, 13)
     small = torch.randn(2, 1, 3, 3)
     assert depthwise_conv2d(x, large.requires_grad_()).grad_fn.name().startswith("_DepthwiseConv")
-    assert not depthwise_conv2d(x, small.requires_grad_()).grad_fn.name().startswith("_DepthwiseConv")
+    assert depthwise_conv2d(x, small.requires_grad_(), dilation=2).grad_fn.name().startswith("_DepthwiseConv")
+    assert not depthwise_conv2d(x.half(), small.half()).grad_fn.name().startswith("_DepthwiseConv")
     with torch.no_grad():
+        assert depthwise_conv2d(x, large).grad_fn is None
         torch.testing.assert_close(depthwise_conv2d(x, large), reference(x, large, None, 1))
 
 

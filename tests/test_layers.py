@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+import weakref
+from collections import OrderedDict
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from overlock.builder.layers import GRN, DilatedRepConv, LayerScale, ResDWConv
+from overlock.builder import layers
+from overlock.builder.layers import GRN, DilatedRepConv, LargeKernelBN, LayerScale, ResDWConv, large_kernel_bn
 
 
 def _randomise(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -74,7 +77,7 @@ def test_dilated_rep_conv_in_eval_folds_to_the_branch_sum(kernel_size):
         torch.testing.assert_close(layer(x), _branch_sum(layer, x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kernel_size", [7, 13])
+@pytest.mark.parametrize("kernel_size", [7, 13, 17])
 def test_dilated_rep_conv_training_step_equals_the_branch_sum(kernel_size):
     layer = _randomise(DilatedRepConv(3, kernel_size)).train()
     twin = copy.deepcopy(layer)
@@ -88,3 +91,86 @@ def test_dilated_rep_conv_training_step_equals_the_branch_sum(kernel_size):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     for (name, a), b in zip(layer.named_buffers(), twin.buffers(), strict=True):  # BN running stats
         torch.testing.assert_close(a, b, msg=name)
+
+
+@pytest.mark.parametrize("deployed", [False, True])
+def test_large_kernel_bn_in_eval_folds_the_bn_into_the_kernel(deployed):
+    conv = _randomise(DilatedRepConv(4, 9)).eval()
+    if deployed:
+        conv.reparameterize()
+    bn = _randomise(torch.nn.BatchNorm2d(4), seed=1).eval()
+    x = torch.randn(2, 4, 15, 17)
+    with torch.no_grad():
+        expected = bn(_branch_sum(conv, x)) if not deployed else bn(conv.lk(x))
+        torch.testing.assert_close(large_kernel_bn(conv, bn, x), expected, rtol=1e-5, atol=1e-5)
+    x.requires_grad_()  # and differentiable in eval (e.g. fine-tuning with frozen BN statistics)
+    assert large_kernel_bn(conv, bn, x).grad_fn is not None
+
+
+def test_large_kernel_bn_in_training_runs_both_modules():
+    conv, bn = _randomise(DilatedRepConv(3, 7)).train(), torch.nn.BatchNorm2d(3).train()
+    twin_conv, twin_bn = copy.deepcopy(conv), copy.deepcopy(bn)
+    x = torch.randn(2, 3, 12, 10)
+    torch.testing.assert_close(large_kernel_bn(conv, bn, x), twin_bn(twin_conv(x)))
+    torch.testing.assert_close(bn.running_mean, twin_bn.running_mean)  # the BN saw the batch
+
+
+def test_large_kernel_bn_module_keeps_the_sequential_state_dict():
+    plain = torch.nn.Sequential(OrderedDict(conv=DilatedRepConv(3, 7), bn=torch.nn.BatchNorm2d(3)))
+    ours = LargeKernelBN(OrderedDict(conv=DilatedRepConv(3, 7), bn=torch.nn.BatchNorm2d(3)))
+    assert list(ours.state_dict()) == list(plain.state_dict())
+    ours.load_state_dict(_randomise(plain).state_dict())
+    x = torch.randn(1, 3, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), plain.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_grn_hand_written_backward_equals_autograd_of_the_formula(channels_last):
+    grn = _randomise(GRN(5)).double()
+    x = torch.randn(3, 5, 6, 4, dtype=torch.float64)
+    x[1, 2] = 0.0  # an all-zero map: its energy's gradient is zero in both (no NaN)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    out = grn(x)
+    assert out.grad_fn.name().startswith("_GRNFunction")
+    grad = torch.randn_like(out)
+    ours = torch.autograd.grad(out, (x, grn.gamma, grn.beta), grad)
+    scale, shift = grn.coefficients(x)  # the plain ops, differentiated by autograd
+    theirs = torch.autograd.grad(torch.addcmul(shift, x, scale), (x, grn.gamma, grn.beta), grad)
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        torch.testing.assert_close(out, grn(x))
+
+
+def test_conv_mlp_recomputes_two_hidden_maps_with_identical_gradients():
+    mlp = _randomise(layers.ConvMLP(6, 24, 6)).train()
+    x = torch.randn(2, 6, 11, 9).contiguous(memory_format=torch.channels_last).requires_grad_()
+    recomputed = []
+    original = layers.recompute_saved
+
+    def spy(tensor, recipe):
+        recomputed.append(weakref.ref(tensor))
+        return original(tensor, lambda: (recomputed.append("called"), recipe())[1])
+
+    layers.recompute_saved = spy
+    try:
+        out = mlp(x)
+    finally:
+        layers.recompute_saved = original
+    assert len(recomputed) == 2 and all(ref() is None for ref in recomputed)  # not held by the graph
+    grad = torch.randn_like(out)
+    ours = torch.autograd.grad(out, [x, *mlp.parameters()], grad)
+    assert recomputed.count("called") == 2
+    token = layers.RECOMPUTE_SAVED.set(False)
+    try:
+        plain = mlp(x)
+        theirs = torch.autograd.grad(plain, [x, *mlp.parameters()], grad)
+    finally:
+        layers.RECOMPUTE_SAVED.reset(token)
+    torch.testing.assert_close(out, plain, rtol=0, atol=0)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
