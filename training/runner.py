@@ -160,8 +160,11 @@ def _train(
         trainer.load_state_dict(state, str(run.last))
         if dist.is_main:
             run.remove_stale_temporaries()
-            _reconcile_best(run, state, trainer, plan)
-            _sync_best_model(run, reporter)  # after the repair: the model file follows best.pt
+            rebuilt = _reconcile_best(run, state, trainer, plan)
+            # The model file follows best.pt: after a repair, when it is missing (a run of an older
+            # overlock) or when the run goes on; a finished, consistent run is left exactly as it is.
+            if rebuilt or not run.best_model.exists() or trainer.step < plan.total_steps:
+                _sync_best_model(run, reporter)
         if trainer.step >= plan.total_steps:  # nothing left: leave the finished run exactly as it is
             reporter.line(
                 f"{plain(str(run.root))} is already finished ({trainer.step}/{plan.total_steps} steps): nothing to resume"
@@ -218,8 +221,9 @@ def _sync_best_model(run: RunDir, reporter: Reporter) -> None:
         reporter.line(f"{plain(str(run.best))} is unreadable ({plain(detail)}); {run.best_model.name} left as it is")
 
 
-def _reconcile_best(run: RunDir, state: dict[str, Any], trainer: Trainer, plan: Plan) -> None:
-    """Make best.pt agree with the best epoch last.pt records, or say why it cannot (before resuming).
+def _reconcile_best(run: RunDir, state: dict[str, Any], trainer: Trainer, plan: Plan) -> bool:
+    """Make best.pt agree with the best epoch last.pt records, or say why it cannot (before resuming);
+    True when best.pt was rewritten.
 
     A kill during best.pt's save (or a best.pt left by an older overlock, which wrote last.pt first)
     leaves last.pt naming a best epoch whose weights best.pt does not hold. When last.pt was written
@@ -229,7 +233,7 @@ def _reconcile_best(run: RunDir, state: dict[str, Any], trainer: Trainer, plan: 
     """
     problem, best = checkpoint.best_problem(state, run.best)
     if problem is None:
-        return
+        return False
     progress = state["progress"]
     epoch, top1 = progress["best_epoch"], progress["best_top1"]
     record = checkpoint.describe_best(epoch, top1) if epoch else "no evaluated epoch yet"
@@ -237,7 +241,7 @@ def _reconcile_best(run: RunDir, state: dict[str, Any], trainer: Trainer, plan: 
     if epoch and progress["epoch"] == epoch and progress["batch_in_epoch"] == 0:
         checkpoint.save_atomic(state, run.best)
         _warn(f"{lines[0]}\nRebuilt {run.best} from last.pt, which was saved at the end of epoch {epoch}.")
-        return
+        return True
     if epoch:
         lines.append(
             f"The weights of epoch {epoch} are no longer on disk (last.pt was saved later, at step {progress['step']}), "
@@ -259,6 +263,7 @@ def _reconcile_best(run: RunDir, state: dict[str, Any], trainer: Trainer, plan: 
             else "The resumed run writes a new best.pt at its next evaluated epoch."
         )
     _warn("\n".join(lines))
+    return False
 
 
 def _warn(message: str) -> None:
