@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import types
 import typing
+from pathlib import Path
 
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
@@ -112,6 +113,21 @@ def mixers_markdown() -> str:
         args = ", ".join(f"`{name}`" for name in model.model_fields if name != "type") or "none"
         lines.append(f"| `{tag}` | {args} | {_first_paragraph(model.__doc__)} |")
     return "\n".join(lines) + "\n"
+
+
+def write_readme_section(readme: Path, name: str, text: str) -> None:
+    """Replace what stands between `<!-- NAME:start -->` and `<!-- NAME:end -->` in `readme` with
+    `text`: how every generated table gets into the README (numbers from commands, never typed)."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    try:
+        current = readme.read_text()
+    except OSError as exc:
+        raise SystemExit(f"cannot read {readme}: {exc.strerror or exc}") from None
+    if current.count(start) != 1 or current.count(end) != 1 or current.index(start) > current.index(end):
+        raise SystemExit(f"{readme} needs exactly one {start} ... {end} pair of markers")
+    head, rest = current.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{text.strip(chr(10))}\n{end}{tail}")
 
 
 if __name__ == "__main__":

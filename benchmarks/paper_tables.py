@@ -10,10 +10,10 @@ Parameters are those of the inference model (deploy form, no auxiliary head), FL
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
 from overlock import archspec
+from overlock.archspec.docs import write_readme_section
 from overlock.archspec.paper import paper_rows
 from overlock.builder import build, inference_params
 from overlock.builder.flops import count_flops
@@ -49,13 +49,7 @@ def main() -> None:
     print()
     print(text)
     if args.readme:
-        start, end = f"<!-- paper-{args.table}:start -->\n", f"<!-- paper-{args.table}:end -->"
-        readme = README.read_text()
-        if start not in readme:
-            raise SystemExit(f"README.md has no {start.strip()} marker")
-        README.write_text(
-            re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: start + text + end, readme, flags=re.S)
-        )
+        write_readme_section(README, f"paper-{args.table}", text)
         print(f"updated {README}")
 
 

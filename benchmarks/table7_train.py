@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from overlock import archspec
+from overlock.archspec.docs import write_readme_section
 from overlock.archspec.paper import paper_rows
 from overlock.bench import device_name
 from overlock.builder import build
@@ -44,7 +45,6 @@ from overlock.explore.compare import TrainSettings, measure, static_row, trained
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 RESULTS = ROOT / "benchmarks" / "results"
-MARKERS = ("<!-- table7-train:start -->\n", "<!-- table7-train:end -->")
 # 10 classes of digits; synthetic sources name theirs (synthetic:classes=N,...).
 DIGITS_CLASSES = 10
 
@@ -196,13 +196,7 @@ def main() -> None:
     print()
     print(text)
     if args.readme:
-        start, end = MARKERS
-        readme = README.read_text()
-        if start not in readme:
-            raise SystemExit(f"README.md has no {start.strip()} marker")
-        README.write_text(
-            re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: start + text + end, readme, flags=re.S)
-        )
+        write_readme_section(README, "table7-train", text)
         print(f"updated {README}")
 
 

@@ -244,3 +244,19 @@ def test_the_worked_example_variant_is_valid():
     example = Path(__file__).resolve().parents[1] / "examples" / "xt-wide-focus.yaml"
     spec = archspec.load(example)
     assert spec.focus.stages[0].groups == 8 and spec.context_width == 112 and spec.base.stages[0].width == 56
+
+
+def test_write_readme_section_replaces_only_between_its_markers(tmp_path):
+    from overlock.archspec.docs import write_readme_section
+
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- t:start -->\nold\n<!-- t:end -->\n<!-- u:start -->\nkeep\n<!-- u:end -->\n")
+    write_readme_section(readme, "t", "| a |\n| 1 |\n")
+    assert (
+        readme.read_text()
+        == "intro\n<!-- t:start -->\n| a |\n| 1 |\n<!-- t:end -->\n<!-- u:start -->\nkeep\n<!-- u:end -->\n"
+    )
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="<!-- t:start -->"):
+        write_readme_section(readme, "t", "x")
+    assert readme.read_text() == "no markers\n"

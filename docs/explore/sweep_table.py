@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-START, END = "<!-- pico-sweep:start -->", "<!-- pico-sweep:end -->"
+from overlock.archspec.docs import write_readme_section
 
 
 def table(rows: list[dict]) -> str:
@@ -33,13 +33,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    readme = Path(sys.argv[1])
-    text = readme.read_text()
-    if START not in text or END not in text:
-        sys.exit(f"{readme} has no {START} ... {END} markers")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{table(json.load(sys.stdin))}\n{END}{tail}")
+    write_readme_section(Path(sys.argv[1]), "pico-sweep", table(json.load(sys.stdin)))
 
 
 if __name__ == "__main__":
