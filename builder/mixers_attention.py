@@ -202,6 +202,39 @@ class Involution(nn.Module):
         return out[:, :, :height, :width]
 
 
+def _check_kernel_bank(kernel_size: int, num_kernels: int, reduction: int, temperature: float) -> None:
+    """The arguments DyConv and ODConv share: an odd kernel, a bank, a reduction, a temperature > 0."""
+    _check_odd("kernel_size", kernel_size)
+    _check_positive("num_kernels", num_kernels)
+    _check_positive("reduction", reduction)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+
+
+def kernel_bank(num_kernels: int, width: int, kernel_size: int) -> nn.Parameter:
+    """A bank of `num_kernels` depthwise K x K kernels (num_kernels, C, 1, K, K), each initialised as
+    nn.Conv2d initialises its own weight."""
+    bank = nn.Parameter(torch.empty(num_kernels, width, 1, kernel_size, kernel_size))
+    for kernel in bank:
+        nn.init.kaiming_uniform_(kernel, a=5**0.5)
+    return bank
+
+
+def per_sample_depthwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A depthwise conv with a different (C, 1, K, K) kernel per sample (weight (B, C, 1, K, K), bias
+    (B, C)), 'same' padding: the batch runs as one convolution with B * C groups, no loop over samples."""
+    batch, channels, height, width = x.shape
+    size = weight.shape[-1]
+    out = F.conv2d(
+        x.reshape(1, batch * channels, height, width),
+        weight.reshape(batch * channels, 1, size, size),
+        None if bias is None else bias.reshape(batch * channels),
+        padding=size // 2,
+        groups=batch * channels,
+    )
+    return out.reshape(batch, channels, height, width)
+
+
 class DynamicConv(nn.Module):
     """DyConv, separable: per sample, a softmax(logits / temperature) mixture of a bank of
     `num_kernels` depthwise K x K kernels (attention from global average pooling -> 1x1 -> ReLU
@@ -215,37 +248,20 @@ class DynamicConv(nn.Module):
         self, width: int, *, kernel_size: int = 7, num_kernels: int = 4, reduction: int = 4, temperature: float = 1.0
     ) -> None:
         super().__init__()
-        _check_odd("kernel_size", kernel_size)
-        _check_positive("num_kernels", num_kernels)
-        _check_positive("reduction", reduction)
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        _check_kernel_bank(kernel_size, num_kernels, reduction, temperature)
         self.kernel_size, self.temperature = kernel_size, float(temperature)
         hidden = max(1, width // reduction)
         self.attention = nn.Sequential(
             nn.AdaptiveAvgPool2d(1), nn.Conv2d(width, hidden, 1), nn.ReLU(), nn.Conv2d(hidden, num_kernels, 1)
         )
-        self.weight = nn.Parameter(torch.empty(num_kernels, width, 1, kernel_size, kernel_size))
+        self.weight = kernel_bank(num_kernels, width, kernel_size)
         self.bias = nn.Parameter(torch.zeros(num_kernels, width))
-        for kernel in self.weight:
-            nn.init.kaiming_uniform_(kernel, a=5**0.5)  # nn.Conv2d's own initialisation, per bank member
         self.pointwise = nn.Conv2d(width, width, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, channels, height, width = x.shape
         attention = (self.attention(x).flatten(1) / self.temperature).softmax(-1)  # (B, num_kernels)
-        weight = torch.einsum("bn,nckij->bckij", attention, self.weight).reshape(
-            batch * channels, 1, *self.weight.shape[-2:]
-        )
-        bias = (attention @ self.bias).reshape(batch * channels)
-        out = F.conv2d(
-            x.reshape(1, batch * channels, height, width),
-            weight,
-            bias,
-            padding=self.kernel_size // 2,
-            groups=batch * channels,
-        )
-        return self.pointwise(out.reshape(batch, channels, height, width))
+        weight = torch.einsum("bn,nckij->bckij", attention, self.weight)
+        return self.pointwise(per_sample_depthwise(x, weight, attention @ self.bias))
 
 
 class ODConv(nn.Module):
@@ -263,37 +279,24 @@ class ODConv(nn.Module):
         self, width: int, *, kernel_size: int = 7, num_kernels: int = 4, reduction: int = 4, temperature: float = 1.0
     ) -> None:
         super().__init__()
-        _check_odd("kernel_size", kernel_size)
-        _check_positive("num_kernels", num_kernels)
-        _check_positive("reduction", reduction)
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        _check_kernel_bank(kernel_size, num_kernels, reduction, temperature)
         self.kernel_size, self.temperature = kernel_size, float(temperature)
         hidden = max(1, width // reduction)
         self.squeeze = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(width, hidden, 1), nn.ReLU())
         self.channel_attention = nn.Conv2d(hidden, width, 1)
         self.spatial_attention = nn.Conv2d(hidden, kernel_size * kernel_size, 1)
         self.kernel_attention = nn.Conv2d(hidden, num_kernels, 1)
-        self.weight = nn.Parameter(torch.empty(num_kernels, width, 1, kernel_size, kernel_size))
-        for kernel in self.weight:
-            nn.init.kaiming_uniform_(kernel, a=5**0.5)
+        self.weight = kernel_bank(num_kernels, width, kernel_size)
         self.pointwise = nn.Conv2d(width, width, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, channels, height, width = x.shape
-        k = self.kernel_size
+        batch, k = x.shape[0], self.kernel_size
         squeezed = self.squeeze(x)
         channel = self.channel_attention(squeezed).sigmoid()  # (B, C, 1, 1)
         spatial = self.spatial_attention(squeezed).sigmoid().reshape(batch, 1, 1, k, k)
         mixture = (self.kernel_attention(squeezed).flatten(1) / self.temperature).softmax(-1)  # (B, num_kernels)
         weight = torch.einsum("bn,nckij->bckij", mixture, self.weight) * spatial
-        out = F.conv2d(
-            (x * channel).reshape(1, batch * channels, height, width),
-            weight.reshape(batch * channels, 1, k, k),
-            padding=k // 2,
-            groups=batch * channels,
-        )
-        return self.pointwise(out.reshape(batch, channels, height, width))
+        return self.pointwise(per_sample_depthwise(x * channel, weight))
 
 
 class OutlookAttention(nn.Module):
