@@ -114,7 +114,10 @@ class ContMix(nn.Module):
             small, self.rpb_small, value[0], self.small_kernel_size, backend=self.contmix_backend
         )
         out_large = kernels.contmix(large, self.rpb_large, value[1], self.kernel_size, backend=self.contmix_backend)
-        out = torch.cat([out_small, out_large], dim=1).permute(0, 1, 4, 2, 3).reshape(batch, d, h, w)
+        # (B, 2h, H, W, c) -> (B, d, H, W) in the channels_last layout the convs after it prefer
+        # (one copy, as the NCHW reshape was).
+        out = torch.cat([out_small, out_large], dim=1).permute(0, 2, 3, 1, 4).reshape(batch, h, w, d)
+        out = out.permute(0, 3, 1, 2)
         if exporting():
             out = adaptive_avg_pool(out, height, width)
         elif resize:

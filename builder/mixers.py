@@ -20,11 +20,12 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ..archspec import MixerConfig
 from .contmix import ContMix, ContMixBlock
-from .layers import ConvMLP, DilatedRepConv, Mlp, block_norm, conv_bn
+from .layers import ConvMLP, DilatedRepConv, Mlp, block_norm, conv_bn, exporting
 from .mixers_attention import (
     DynamicConv,
     Involution,
@@ -154,6 +155,27 @@ FFNS: dict[str, Callable[[int, int, int], nn.Module]] = {"conv_ffn": ConvMLP, "m
 
 
 # Stems: (in channels, hidden width, out channels, norm) -> module at 1/4 resolution.
+class Stem(nn.Sequential):
+    """The stem's layers in order; on CPU the input first goes to channels_last memory layout.
+
+    Every later layer keeps the layout it is given, and PyTorch's CPU convolutions (oneDNN) are
+    much faster on channels_last data for the depthwise and full 3x3 convs of this family (a 3x3
+    depthwise conv on 224 x 56 x 56 maps: ~7x; the stem's convs ~2x), while the 1x1 convs and
+    element-wise ops run at the same speed either way. With an NCHW image the network starts in
+    NCHW, and every concatenation, upsampling and reshape that meets an NCHW tensor drops back
+    to it. The copy costs one pass over a 3-channel image. Measured on XT, batch 8, 224, one
+    thread (benchmarks/results/issue10_speed.md, round 3): inference ~1.06x, training step ~1.1x.
+    The values are the same convolutions', within float rounding. Not on other devices (nothing
+    measured there), nor while a graph is traced or exported (a layout is no part of the model).
+    Same module names and state dict as the plain `nn.Sequential` it replaces.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dim() == 4 and not (torch.jit.is_tracing() or exporting()):
+            x = x.contiguous(memory_format=torch.channels_last)
+        return super().forward(x)
+
+
 def conv_stem(in_channels: int, hidden: int, out_channels: int, norm: str) -> nn.Sequential:
     """Four 3x3 convs (two of stride 2) to 1/4 resolution (OverLoCK)."""
     layers: OrderedDict[str, nn.Module] = OrderedDict()
@@ -163,14 +185,12 @@ def conv_stem(in_channels: int, hidden: int, out_channels: int, norm: str) -> nn
         layers[f"bn{i}"] = nn.BatchNorm2d(cout)
         if i < len(plan):
             layers[f"act{i}"] = nn.GELU()
-    return nn.Sequential(layers)
+    return Stem(layers)
 
 
 def patch_stem(in_channels: int, hidden: int, out_channels: int, norm: str) -> nn.Sequential:
     """Non-overlapping 4x4 patch embedding (kernel = stride) + norm (Swin, ConvNeXt)."""
-    return nn.Sequential(
-        OrderedDict(conv=nn.Conv2d(in_channels, out_channels, 4, 4), norm=block_norm(norm, out_channels))
-    )
+    return Stem(OrderedDict(conv=nn.Conv2d(in_channels, out_channels, 4, 4), norm=block_norm(norm, out_channels)))
 
 
 STEMS: dict[str, Callable[[int, int, int, str], nn.Module]] = {"conv": conv_stem, "patch": patch_stem}

@@ -174,3 +174,59 @@ def test_conv_mlp_recomputes_two_hidden_maps_with_identical_gradients():
     torch.testing.assert_close(out, plain, rtol=0, atol=0)
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_dilated_rep_conv_recomputes_its_branch_outputs_with_identical_gradients():
+    """The branches' BNs keep a recipe, not the branch output: the same gradients, bit for bit."""
+    layer = _randomise(DilatedRepConv(4, 13)).train()
+    x = torch.randn(2, 4, 15, 14).contiguous(memory_format=torch.channels_last).requires_grad_()
+    recomputed = []
+    original = layers.recompute_saved
+
+    def spy(tensor, recipe):
+        recomputed.append(weakref.ref(tensor))
+        return original(tensor, lambda: (recomputed.append("called"), recipe())[1])
+
+    layers.recompute_saved = spy
+    try:
+        out = layer(x)
+    finally:
+        layers.recompute_saved = original
+    branches = len(layer.branches)
+    assert len(recomputed) == branches and all(ref() is None for ref in recomputed)  # not held by the graph
+    grad = torch.randn_like(out)
+    ours = torch.autograd.grad(out, [x, *layer.parameters()], grad)
+    assert recomputed.count("called") == branches
+    token = layers.RECOMPUTE_SAVED.set(False)
+    try:
+        plain = layer(x)
+        theirs = torch.autograd.grad(plain, [x, *layer.parameters()], grad)
+    finally:
+        layers.RECOMPUTE_SAVED.reset(token)
+    torch.testing.assert_close(out, plain, rtol=0, atol=0)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_stem_runs_cpu_inputs_in_channels_last_with_the_plain_outputs():
+    """The stem's layout switch changes the speed, not the values, and stays out of traced graphs."""
+    from overlock.builder import build
+    from overlock.builder.mixers import Stem
+
+    torch.manual_seed(0)
+    model = build("pico").eval()
+    stem = model.base.stem
+    assert isinstance(stem, Stem) and not any(k.startswith(("0.", "1.")) for k in stem.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert stem(x).is_contiguous(memory_format=torch.channels_last)
+        fast = model(x)
+        plain = torch.nn.Sequential.forward
+        original, Stem.forward = Stem.forward, plain
+        try:
+            expected = model(x)
+        finally:
+            Stem.forward = original
+        torch.testing.assert_close(fast, expected, rtol=1e-4, atol=1e-5)
+        traced = torch.jit.trace(stem, x)
+    assert "contiguous" not in str(traced.graph)
