@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from .layers import GRN, DilatedRepConv, LargeKernelBN, RegionPool, adaptive_avg_pool, conv_bn, exporting, generic_trace
+from .layers import GRN, DilatedRepConv, LargeKernelBN, Pointwise, RegionPool, adaptive_avg_pool, conv_bn, exporting, generic_trace
 
 
 class ContMix(nn.Module):
@@ -43,7 +43,7 @@ class ContMix(nn.Module):
                 **dict(conv_bn(key_width, width // 2).named_children()),
             )
         )
-        self.kernel_proj = nn.Conv2d(region_centers**2, small_kernel_size**2 + kernel_size**2, 1)
+        self.kernel_proj = Pointwise(region_centers**2, small_kernel_size**2 + kernel_size**2)
         self.rpb_small = nn.Parameter(torch.zeros(self.heads, 2 * small_kernel_size - 1, 2 * small_kernel_size - 1))
         self.rpb_large = nn.Parameter(torch.zeros(self.heads, 2 * kernel_size - 1, 2 * kernel_size - 1))
 
@@ -134,7 +134,7 @@ def fusion_layer(in_channels: int, out_channels: int) -> nn.Sequential:
             dwconv=nn.Conv2d(in_channels, in_channels, 3, padding=1, groups=in_channels),
             bn=nn.BatchNorm2d(in_channels),
             act=nn.GELU(),
-            proj=nn.Conv2d(in_channels, out_channels, 1),
+            proj=Pointwise(in_channels, out_channels),
             grn=GRN(out_channels),
         )
     )
@@ -155,7 +155,7 @@ def lepe_layer(width: int, kernel_size: int, deploy: bool) -> LargeKernelBN:
 
 def output_projection(width: int, out_channels: int) -> nn.Sequential:
     """BN -> conv1x1 (with bias): the last step of the dynamic block's mixing branch."""
-    return nn.Sequential(OrderedDict(bn=nn.BatchNorm2d(width), conv=nn.Conv2d(width, out_channels, 1)))
+    return nn.Sequential(OrderedDict(bn=nn.BatchNorm2d(width), conv=Pointwise(width, out_channels)))
 
 
 class ContMixBlock(nn.Module):
