@@ -3,6 +3,7 @@
     python benchmarks/compare_convnext.py                         # xt, t vs the three timm models
     python benchmarks/compare_convnext.py --presets xt --timm convnext_tiny --rounds 3
     python benchmarks/compare_convnext.py --modes infer,train     # skip the deploy form
+    python benchmarks/compare_convnext.py --readme                # and replace the summary table in README.md
 
 The question it answers (issue 10): does a FLOP of OverLoCK cost what a FLOP of ConvNeXt costs?
 Every contender runs in this one process at one thread (`--threads`), interleaved call by call
@@ -43,12 +44,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from overlock.archspec.docs import write_readme_section
 from overlock.bench import PeakMemory, _loss, device_name
 from overlock.builder import build
 from overlock.builder.flops import count_flops
 
 TIMM_NAMES = {"convnext_tiny": "convnext_tiny", "resnet50": "resnet50", "swin_tiny": "swin_tiny_patch4_window7_224"}
 RESULTS = Path(__file__).resolve().parent / "results"
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def import_timm():
@@ -229,6 +232,34 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary(report: dict, results_file: str) -> str:
+    """The README's table: every model's GFLOP/s ratio per mode and its training memory per image."""
+    modes = list(report["results"])
+    names = list(next(iter(report["results"].values())))
+    titles = {"infer": "inference", "deploy": "deploy form", "train": "training step"}
+    header = ["GFLOP/s vs convnext_tiny", *(titles[m] for m in modes)]
+    if "train" in modes:
+        header.append("training MiB/img")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in names:
+        cells = [name]
+        for mode in modes:
+            row = report["results"][mode][name]
+            cells.append(f"{next(v for k, v in row.items() if k.startswith('ratio_vs_')):.2f}x")
+        if "train" in modes:
+            peak = report["results"]["train"][name]["peak_mib_per_image"]
+            cells.append("-" if peak is None else f"{peak:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    load = report["load_average"][0]
+    lines += [
+        "",
+        f"({report['device']}, {report['threads']} thread(s), torch {report['torch']}, batch {report['batch_size']}, "
+        f"{report['img_size']}x{report['img_size']}, {report['rounds']} interleaved rounds, load average {load:.1f} "
+        f"at the end; `{results_file}`.)",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default="xt,t", type=lambda s: [p for p in s.split(",") if p])
@@ -241,6 +272,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--label", default="cpu_1thread", help="file-name suffix and title of the results")
+    parser.add_argument(
+        "--readme", action="store_true", help="replace the summary table between its markers in README.md"
+    )
     args = parser.parse_args(argv)
     unknown = [t for t in args.timm if t not in TIMM_NAMES]
     bad_modes = [m for m in args.modes if m not in ("infer", "deploy", "train")]
@@ -255,6 +289,8 @@ def main(argv: list[str] | None = None) -> dict:
     text = markdown(report)
     stem.with_suffix(".md").write_text(text)
     print(text)
+    if args.readme:
+        write_readme_section(README, "compare-convnext", summary(report, f"benchmarks/results/{stem.name}.md"))
     return report
 
 

@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from overlock.builder import blocks, build, layers
+from overlock.builder import blocks, build, layers, mixers
 from overlock.kernels import depthwise
 
 
@@ -63,6 +63,25 @@ def old_dilated_rep_conv(self, x):
     return out
 
 
+def branch_outputs_kept(self, x):
+    """DilatedRepConv's training forward before round 3: each branch's BN keeps the branch output."""
+    folded = self.folded()
+    if folded is not None:
+        return layers.depthwise_conv2d(x, *folded)
+    out = self.lk_bn(layers.depthwise_conv2d(x, self.lk.weight))
+    for branch in self.branches.values():
+        out = out + branch.bn(layers.depthwise_conv2d(x, branch.conv.weight, dilation=branch.conv.dilation[0]))
+    return out
+
+
+def stem_keeps_layout(self, x):
+    return layers.FoldingSequential.forward(self, x)  # looked up at call time: may itself be patched
+
+
+def pointwise_as_conv(self, x, weight, bias):
+    return torch.nn.Conv2d._conv_forward(self, x, weight, bias)
+
+
 def unfolded_large_kernel_bn(conv, bn, x):
     return bn(conv(x))
 
@@ -95,6 +114,10 @@ OLD = {
     ],
     "dilated 9x9+ not polyphase": [(depthwise, "POLYPHASE_MIN_KERNEL", 10**9)],
     "MLP keeps every hidden map": [(layers, "RECOMPUTE_SAVED", contextvars.ContextVar("off", default=False))],
+    "input stays NCHW": [(mixers.Stem, "forward", stem_keeps_layout)],
+    "1x1 convs as conv2d": [(layers.Pointwise, "_conv_forward", pointwise_as_conv)],
+    "DilatedRepConv keeps branch outputs": [(layers.DilatedRepConv, "forward", branch_outputs_kept)],
+    "conv -> BN not folded in eval": [(layers.FoldingSequential, "forward", torch.nn.Sequential.forward)],
 }
 # Everything the second round of issue 10 changed, put back at once (the code of the first round).
 OLD["before round 2 (the 5 above)"] = [
@@ -108,9 +131,22 @@ OLD["before round 2 (the 5 above)"] = [
     )
     for patch in OLD[name]
 ]
+ROUND_3 = (
+    "input stays NCHW",
+    "1x1 convs as conv2d",
+    "DilatedRepConv keeps branch outputs",
+    "conv -> BN not folded in eval",
+)
+OLD["before round 3 (the 4 above)"] = [patch for name in ROUND_3 for patch in OLD[name]]
 # Variants that replace an attribute another variant replaces too stay out of "all old" (the code
 # before issue 10).
-SAME_ATTRIBUTE = ("custom op only 13+ on 28+", "GRN autograd backward", "before round 2 (the 5 above)")
+SAME_ATTRIBUTE = (
+    "custom op only 13+ on 28+",
+    "GRN autograd backward",
+    "before round 2 (the 5 above)",
+    "DilatedRepConv keeps branch outputs",
+    "before round 3 (the 4 above)",
+)
 ALL_OLD = [patch for name, patches in OLD.items() if name not in SAME_ATTRIBUTE for patch in patches]
 
 

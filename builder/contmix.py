@@ -9,7 +9,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from .layers import GRN, DilatedRepConv, LargeKernelBN, Pointwise, RegionPool, adaptive_avg_pool, conv_bn, exporting, generic_trace
+from .layers import (
+    GRN,
+    DilatedRepConv,
+    FoldingSequential,
+    LargeKernelBN,
+    Pointwise,
+    RegionPool,
+    adaptive_avg_pool,
+    conv_bn,
+    exporting,
+    generic_trace,
+)
 
 
 class ContMix(nn.Module):
@@ -37,7 +48,7 @@ class ContMix(nn.Module):
         self.contmix_backend = "auto"
         self.query = conv_bn(width, width // 2)
         # Keys: the SxS region centres of the context.
-        self.key = nn.Sequential(
+        self.key = FoldingSequential(
             OrderedDict(
                 pool=RegionPool(region_centers),
                 **dict(conv_bn(key_width, width // 2).named_children()),
@@ -127,9 +138,9 @@ class ContMix(nn.Module):
 
 # The parts of the dynamic block around its mixer (ARCHITECTURE.md section 4), shared by
 # blocks.DynamicBlock and ContMixBlock; module names are those of the published checkpoints.
-def fusion_layer(in_channels: int, out_channels: int) -> nn.Sequential:
+def fusion_layer(in_channels: int, out_channels: int) -> FoldingSequential:
     """dwconv3x3 -> BN -> GELU -> conv1x1 -> GRN: in the dynamic block it merges features and prior into z."""
-    return nn.Sequential(
+    return FoldingSequential(
         OrderedDict(
             dwconv=nn.Conv2d(in_channels, in_channels, 3, padding=1, groups=in_channels),
             bn=nn.BatchNorm2d(in_channels),
@@ -140,7 +151,7 @@ def fusion_layer(in_channels: int, out_channels: int) -> nn.Sequential:
     )
 
 
-def gate_layer(width: int) -> nn.Sequential:
+def gate_layer(width: int) -> FoldingSequential:
     """SiLU(BN(conv1x1(z))): multiplies the mixed output."""
     gate = conv_bn(width, width)
     gate.add_module("act", nn.SiLU())

@@ -182,15 +182,15 @@ class Pointwise(nn.Conv2d):
     def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
         super().__init__(in_channels, out_channels, 1, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if (
             x.device.type == "cpu"
             and x.dim() == 4
             and x.is_contiguous(memory_format=torch.channels_last)
             and not (torch.jit.is_tracing() or exporting())
         ):
-            return F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)
-        return self._conv_forward(x, self.weight, self.bias)
+            return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
+        return super()._conv_forward(x, weight, bias)
 
 
 def exporting() -> bool:
@@ -331,7 +331,9 @@ def recompute_saved(tensor: torch.Tensor, recipe: Callable[[], torch.Tensor]) ->
             with torch.no_grad():
                 value = recipe()
             if value.stride() != stride:
-                raise RuntimeError(f"recompute_saved: the recipe's layout {value.stride()} is not the original's {stride}")
+                raise RuntimeError(
+                    f"recompute_saved: the recipe's layout {value.stride()} is not the original's {stride}"
+                )
             return value.as_strided(packed.shape, packed.stride)
         return packed
 
@@ -397,13 +399,13 @@ class DropPath(nn.Module):
         return f"rate={self.rate:.3f}"
 
 
-def conv_bn(in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1) -> nn.Sequential:
+def conv_bn(in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1) -> FoldingSequential:
     """conv (no bias) + BN, the reference's downsampling and projection unit."""
     if kernel_size == 1 and stride == 1:
         conv = Pointwise(in_channels, out_channels, bias=False)
     else:
         conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=False)
-    return nn.Sequential(OrderedDict(conv=conv, bn=nn.BatchNorm2d(out_channels)))
+    return FoldingSequential(OrderedDict(conv=conv, bn=nn.BatchNorm2d(out_channels)))
 
 
 def fuse_bn(
@@ -414,6 +416,53 @@ def fuse_bn(
     scale = bn.weight / std
     shift = bn.running_mean if bias is None else bn.running_mean - bias
     return kernel * scale.reshape(-1, 1, 1, 1), bn.bias - shift * scale
+
+
+def _hooked(module: nn.Module) -> bool:
+    """True if forward hooks would see this module's call (then it must really be called)."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or nn.modules.module._global_forward_hooks
+        or nn.modules.module._global_forward_pre_hooks
+    )
+
+
+def foldable_bn(conv: nn.Module, bn: nn.Module) -> bool:
+    """Whether `bn(conv(x))` may run as one conv with the BN folded in: an eval-mode BN with running
+    statistics after a plain conv, no hooks on either, and no tracer or exporter watching (fvcore
+    counts the BN's FLOPs; exported graphs keep the model's own structure)."""
+    return (
+        isinstance(conv, nn.Conv2d)
+        and isinstance(bn, nn.BatchNorm2d)
+        and not bn.training
+        and bn.running_var is not None
+        and not (torch.jit.is_tracing() or exporting() or _hooked(conv) or _hooked(bn))
+    )
+
+
+class FoldingSequential(nn.Sequential):
+    """nn.Sequential (same names, same state dict) whose eval forward folds each BN into the conv before it.
+
+    In eval mode a BN is a per-channel affine map, so conv -> BN is one conv with a scaled kernel
+    and a shifted bias (as `reparameterize` folds DilatedRepConv): one pass over the map fewer
+    (the stem, downsampling, the ContMix query/key/output projections, the gate, the fusion's
+    depthwise conv). The outputs are those of the two modules, float rounding aside.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        modules = list(self)
+        index = 0
+        while index < len(modules):
+            module = modules[index]
+            follower = modules[index + 1] if index + 1 < len(modules) else None
+            if follower is not None and foldable_bn(module, follower):
+                x = module._conv_forward(x, *fuse_bn(module.weight, follower, module.bias))
+                index += 2
+            else:
+                x = module(x)
+                index += 1
+        return x
 
 
 class DilatedRepConv(nn.Module):

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..archspec import MixerConfig
 from .contmix import ContMix, ContMixBlock
-from .layers import ConvMLP, DilatedRepConv, Mlp, block_norm, conv_bn, exporting
+from .layers import ConvMLP, DilatedRepConv, FoldingSequential, Mlp, block_norm, conv_bn, exporting
 from .mixers_attention import (
     DynamicConv,
     Involution,
@@ -155,7 +155,7 @@ FFNS: dict[str, Callable[[int, int, int], nn.Module]] = {"conv_ffn": ConvMLP, "m
 
 
 # Stems: (in channels, hidden width, out channels, norm) -> module at 1/4 resolution.
-class Stem(nn.Sequential):
+class Stem(FoldingSequential):
     """The stem's layers in order; on CPU the input first goes to channels_last memory layout.
 
     Every later layer keeps the layout it is given, and PyTorch's CPU convolutions (oneDNN) are
@@ -167,7 +167,8 @@ class Stem(nn.Sequential):
     thread (benchmarks/results/issue10_speed.md, round 3): inference ~1.06x, training step ~1.1x.
     The values are the same convolutions', within float rounding. Not on other devices (nothing
     measured there), nor while a graph is traced or exported (a layout is no part of the model).
-    Same module names and state dict as the plain `nn.Sequential` it replaces.
+    Same module names and state dict as the plain `nn.Sequential` it replaces; in eval mode its
+    BNs fold into the convs (`FoldingSequential`).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

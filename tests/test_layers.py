@@ -230,3 +230,35 @@ def test_stem_runs_cpu_inputs_in_channels_last_with_the_plain_outputs():
         torch.testing.assert_close(fast, expected, rtol=1e-4, atol=1e-5)
         traced = torch.jit.trace(stem, x)
     assert "contiguous" not in str(traced.graph)
+
+
+def test_folding_sequential_folds_eval_bns_into_the_conv_before_them_only():
+    """Eval: conv -> BN runs as one conv (no BN call), same outputs; training, hooks and traces run the BN."""
+    seq = _randomise(
+        layers.FoldingSequential(
+            OrderedDict(
+                dw=torch.nn.Conv2d(6, 6, 3, padding=1, groups=6),
+                bn=torch.nn.BatchNorm2d(6),
+                act=torch.nn.GELU(),
+                proj=layers.Pointwise(6, 4, bias=False),
+                bn2=torch.nn.BatchNorm2d(4),
+                bn3=torch.nn.BatchNorm2d(4),  # a BN after a BN is not folded
+            )
+        )
+    ).eval()
+    x = torch.randn(2, 6, 9, 7).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = torch.nn.Sequential.forward(seq, x)
+        bn_calls = []
+        for bn in (seq.bn, seq.bn2):
+            original = bn.forward
+            bn.forward = lambda *a, _f=original: (bn_calls.append(1), _f(*a))[1]
+        torch.testing.assert_close(seq(x), expected, rtol=1e-5, atol=1e-6)
+        assert bn_calls == []  # both folded; instance-level patches are not hooks
+        handle = seq.bn.register_forward_hook(lambda *a: None)
+        torch.testing.assert_close(seq(x), expected, rtol=1e-5, atol=1e-6)
+        assert len(bn_calls) == 1  # a hooked BN really runs
+        handle.remove()
+        assert str(torch.jit.trace(seq, x).inlined_graph).count("aten::batch_norm") == 3
+    seq.train()
+    torch.testing.assert_close(seq(x), torch.nn.Sequential.forward(copy.deepcopy(seq), x))
