@@ -320,6 +320,9 @@ def recompute_saved(tensor: torch.Tensor, recipe: Callable[[], torch.Tensor]) ->
     # The op may save a view of it (a 1x1 conv run as `F.linear` saves the (N, C) matrix view):
     # any tensor that starts at its first element and spans its elements is it, in another shape.
     pointer, numel, stride = tensor.data_ptr(), tensor.numel(), tensor.stride()
+    # The recipe runs in the backward under the forward's autocast state (its ops' dtypes then match).
+    device = tensor.device.type
+    autocast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
 
     def pack(saved: torch.Tensor) -> object:
         if saved.data_ptr() == pointer and saved.numel() == numel:
@@ -328,7 +331,7 @@ def recompute_saved(tensor: torch.Tensor, recipe: Callable[[], torch.Tensor]) ->
 
     def unpack(packed: object) -> torch.Tensor:
         if isinstance(packed, _Recompute):
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast(device, dtype=autocast[1], enabled=autocast[0]):
                 value = recipe()
             if value.stride() != stride:
                 raise RuntimeError(

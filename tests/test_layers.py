@@ -262,3 +262,20 @@ def test_folding_sequential_folds_eval_bns_into_the_conv_before_them_only():
         assert str(torch.jit.trace(seq, x).inlined_graph).count("aten::batch_norm") == 3
     seq.train()
     torch.testing.assert_close(seq(x), torch.nn.Sequential.forward(copy.deepcopy(seq), x))
+
+
+def test_recomputation_runs_under_the_forwards_autocast_state():
+    """Under bfloat16 autocast the recomputed branch outputs are bfloat16 too: same gradients as kept ones."""
+    layer = _randomise(DilatedRepConv(4, 7)).train()
+    x = torch.randn(2, 4, 12, 11, requires_grad=True)
+    grads = []
+    for recompute in (True, False):
+        token = layers.RECOMPUTE_SAVED.set(recompute)
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = layer(x)
+            grads.append(torch.autograd.grad(out.float().sum(), [x, *layer.parameters()]))
+        finally:
+            layers.RECOMPUTE_SAVED.reset(token)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
