@@ -112,7 +112,7 @@ class GRN(nn.Module):
         """GRN(x); with_recipe: also a function that recomputes it bit for bit (for `recompute_saved`)."""
         # x + beta + gamma * x * normed, written as x * (1 + gamma * normed) + beta: one pass over x
         # instead of three (the per-channel factor is tiny). With gradients, in float32/64 and
-        # eagerly, the hand-written backward (autocast and tracers get the plain ops).
+        # eagerly, the hand-written backward (autocast, tracers and torch.compile get the plain ops).
         fused = (
             torch.is_grad_enabled()
             and x.dtype in (torch.float32, torch.float64)
@@ -120,6 +120,7 @@ class GRN(nn.Module):
             and not torch.is_autocast_enabled(x.device.type)
             and not torch.jit.is_tracing()
             and not exporting()
+            and not torch.compiler.is_compiling()  # inductor fuses the plain ops itself
         )
         if fused:
             out, scale = _GRNFunction.apply(x, self.gamma, self.beta)
@@ -312,8 +313,13 @@ def recompute_saved(tensor: torch.Tensor, recipe: Callable[[], torch.Tensor]) ->
     value is the same op on the same inputs, so the gradients are bit for bit those of the plain
     run, and one full activation map per use is not held between forward and backward.
     """
-    # Meta tensors (estimates) have no data pointer to tell them apart.
-    if not (RECOMPUTE_SAVED.get() and tensor.requires_grad and torch.is_grad_enabled()) or tensor.is_meta:
+    # Meta tensors (estimates) have no data pointer to tell them apart; torch.compile plans what
+    # to keep and what to recompute itself (and would compile every recipe as a graph of its own).
+    if (
+        not (RECOMPUTE_SAVED.get() and tensor.requires_grad and torch.is_grad_enabled())
+        or tensor.is_meta
+        or torch.compiler.is_compiling()
+    ):
         yield
         return
     # The hooks live as long as the graph: they must not hold the tensor itself, only its identity.
@@ -357,7 +363,12 @@ class ConvMLP(nn.Module):
         self.fc2 = Pointwise(hidden, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (torch.is_grad_enabled() and RECOMPUTE_SAVED.get()) or torch.jit.is_tracing() or exporting():
+        if (
+            not (torch.is_grad_enabled() and RECOMPUTE_SAVED.get())
+            or torch.jit.is_tracing()
+            or exporting()
+            or torch.compiler.is_compiling()
+        ):
             return self.fc2(self.grn(self.dwconv(self.act(self.fc1(x)))))
         hidden = self.fc1(x)
         activated = self.act(hidden)
