@@ -56,6 +56,29 @@ CHUNK_BYTES = 32 * 2**20
 MIN_CHUNK_BYTES = 2 * 2**20
 INPUT_MULTIPLE = 4
 CHUNKS_PER_THREAD = 2
+# ContMix's softmax runs over the dense tile rows when they hold at most this many entries per
+# window slot (e.g. 14x14 with K=13 as one tile: 196 columns for 169 slots), else over the slots.
+DENSE_SOFTMAX_RATIO = 1.5
+
+
+@dataclass(frozen=True)
+class _Run:
+    """Along one axis, tiles [t0, t1) x tile rows [r0, r1) whose windows all shift regularly.
+
+    Tile row r of tile t is output position `position + (t - t0) * tile + (r - r0)`, and its window
+    starts at `local + step * (r - r0)` in the tile's source region (the same for every tile of
+    the run). step is 0 (windows clamped at a border) or 1 (interior: the window follows the row).
+    So the window slots of a run are one strided view of the dense tile matrix, and the run's
+    K*K entries per position one strided view of the (HW, K*K) logits: a block copy, no index.
+    """
+
+    t0: int
+    t1: int
+    r0: int
+    r1: int
+    local: int
+    step: int
+    position: int
 
 
 @dataclass(frozen=True, eq=False)  # identity hash: plans are cached, and tensors have no == for dicts
@@ -70,6 +93,24 @@ class _Plan:
     owned_rows: torch.Tensor  # (P,) rows of the (T*R*S) tile layout that own a position (edge tiles overlap)
     owned_positions: torch.Tensor  # (P,) the flat positions those rows own (a permutation of 0..HW-1)
     owned_mask: torch.Tensor  # (T, R*S, 1) 1.0 where the tile row owns its position, else 0.0
+    kernel_size: int
+    width: int  # W of the map
+    grid: tuple[int, int]  # tiles along rows and columns (T = grid[0] * grid[1])
+    span: tuple[int, int]  # the source region's rows and columns (region = span[0] * span[1])
+    blocks: tuple[tuple[_Run, _Run], ...]  # every tile row's window slots as strided blocks (see _slot_views)
+    owned_blocks: tuple[tuple[_Run, _Run], ...]  # the same, owned tile rows only (each position once)
+
+    @property
+    def whole(self) -> bool:
+        """One tile covering the whole map: tile rows are positions and region columns are positions."""
+        return self.grid == (1, 1) and self.tile == self.span
+
+    @property
+    def dense_softmax(self) -> bool:
+        """Whether ContMix normalises the dense tile rows rather than the K*K window slots (module docstring)."""
+        tiles, tile_rows = self.out_index.shape
+        positions = self.owned_positions.numel()
+        return tiles * tile_rows * self.region <= DENSE_SOFTMAX_RATIO * positions * self.kernel_size**2
 
 
 def _axis_cost(length: int, tile: int, kernel_size: int) -> tuple[int, int]:
@@ -114,6 +155,41 @@ def _axis_tiles(
     return index, region_start, local, owner
 
 
+def _axis_runs(length: int, tile: int, kernel_size: int, owned_only: bool) -> tuple[_Run, ...]:
+    """The tile rows of one axis as a few `_Run`s (every row once; with owned_only, owned rows only).
+
+    Within a tile, window starts move by 0 or 1 per row (clamped at a border, else following the
+    row), so each tile splits into at most a few runs; consecutive tiles with the same runs and
+    evenly spaced starts merge (all interior tiles share one run). A handful of runs per axis.
+    """
+    index, _, local, owner = _axis_tiles(length, tile, kernel_size)
+    starts = local[:, :, 0].tolist()
+    owned = owner.tolist() if owned_only else [[True] * tile for _ in starts]
+    per_tile = []
+    for window, own in zip(starts, owned, strict=True):
+        runs, row = [], 0
+        while row < tile:
+            if not own[row]:
+                row += 1
+                continue
+            first = row
+            step = window[row + 1] - window[row] if row + 1 < tile and own[row + 1] else 0
+            row += 1
+            while row < tile and own[row] and window[row] - window[row - 1] == step:
+                row += 1
+            runs.append((first, row, window[first], step))
+        per_tile.append(tuple(runs))
+    merged: list[_Run] = []
+    first_tile = 0
+    for t in range(1, len(per_tile) + 1):
+        if t < len(per_tile) and per_tile[t] == per_tile[t - 1] and index[t, 0] - index[t - 1, 0] == tile:
+            continue
+        for r0, r1, start, step in per_tile[first_tile]:
+            merged.append(_Run(first_tile, t, r0, r1, start, step, int(index[first_tile, r0])))
+        first_tile = t
+    return tuple(merged)
+
+
 @functools.lru_cache(maxsize=64)
 def _plan_cpu(height: int, width: int, kernel_size: int, channels: int) -> _Plan:
     rows, cols = _tile_size(height, width, kernel_size, channels)
@@ -133,7 +209,30 @@ def _plan_cpu(height: int, width: int, kernel_size: int, channels: int) -> _Plan
     owned_positions = out_index.flatten()[owned_rows]
     assert torch.equal(owned_positions.sort().values, torch.arange(height * width))
     mask = owned.to(torch.float32).reshape(n_r * n_c, rows * cols, 1)
-    return _Plan((rows, cols), span_r * span_c, out_index, src_index, slot_column, owned_rows, owned_positions, mask)
+    blocks = {
+        owned_only: tuple(
+            (run_r, run_c)
+            for run_r in _axis_runs(height, rows, kernel_size, owned_only)
+            for run_c in _axis_runs(width, cols, kernel_size, owned_only)
+        )
+        for owned_only in (False, True)
+    }
+    return _Plan(
+        (rows, cols),
+        span_r * span_c,
+        out_index,
+        src_index,
+        slot_column,
+        owned_rows,
+        owned_positions,
+        mask,
+        kernel_size,
+        width,
+        (n_r, n_c),
+        (span_r, span_c),
+        blocks[False],
+        blocks[True],
+    )
 
 
 def _plan(height: int, width: int, kernel_size: int, channels: int, device: torch.device) -> _Plan:
@@ -151,7 +250,12 @@ def _plan_on(plan: _Plan, device: torch.device) -> _Plan:
         for name in plan.__dataclass_fields__
         if isinstance(getattr(plan, name), torch.Tensor)
     }
-    return _Plan(plan.tile, plan.region, **moved)
+    fixed = {
+        name: getattr(plan, name)
+        for name in plan.__dataclass_fields__
+        if not isinstance(getattr(plan, name), torch.Tensor)
+    }
+    return _Plan(**fixed, **moved)
 
 
 def _chunk_rows(
@@ -229,18 +333,86 @@ def _run_chunks(work: Callable[[int, int], object], shapes: _Shapes) -> list[obj
 
 
 def _dense_tiles(probs: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """(n, HW, K*K) probabilities -> (n, T, R*S, region) dense per-tile aggregation matrices."""
-    rows = probs.shape[0]
+    """(n, HW, K*K) probabilities -> (n, T, R*S, region) dense per-tile aggregation matrices (zero off-window)."""
     tiles, tile_rows = plan.out_index.shape
-    per_tile = probs[:, plan.out_index]  # (n, T, R*S, K*K)
-    dense = probs.new_zeros(rows, tiles, tile_rows, plan.region)
-    return dense.scatter_(3, plan.slot_column.expand(rows, -1, -1, -1), per_tile)
+    dense = probs.new_zeros(probs.shape[0], tiles, tile_rows, plan.region)
+    for slots, entries in _slot_views(dense, probs, plan, plan.blocks):
+        slots.copy_(entries)
+    return dense
+
+
+def _read_slots(dense: torch.Tensor, plan: _Plan, out: torch.Tensor) -> None:
+    """out (n, HW, K*K) = the window slots of dense (n, T, R*S, region), each position from its owning tile row."""
+    for slots, entries in _slot_views(dense, out, plan, plan.owned_blocks):
+        entries.copy_(slots)
 
 
 def _untile(tiled: torch.Tensor, plan: _Plan, out: torch.Tensor) -> None:
     """Write (n, T, R*S, d) tile rows back to (n, HW, d) positions, each position exactly once."""
     rows = tiled.flatten(1, 2).index_select(1, plan.owned_rows)
     out.index_copy_(1, plan.owned_positions, rows)
+
+
+def _slot_views(
+    dense: torch.Tensor, rows: torch.Tensor, plan: _Plan, blocks: tuple[tuple[_Run, _Run], ...]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Pairs of equal-shape strided views: the window slots in dense (n, T, R*S, region) tile
+    matrices, and the same entries of (n, HW, K*K) rows, one pair per block of the plan.
+
+    Copying (or adding) one view into the other moves every window slot between the two layouts:
+    the block-copy form of `slot_column` (a scatter/gather per entry), a few strided copies per chunk.
+    Both views are (n, tiles down, tiles across, rows, cols, K, K); `dense` must be contiguous.
+    """
+    kernel_size = plan.kernel_size
+    n_c = plan.grid[1]
+    span_c = plan.span[1]
+    tile_c = plan.tile[1]
+    d_n, d_tile, d_row = dense.stride()[:3]
+    x_n, x_pos, x_slot = rows.stride()
+    width = plan.width
+    views = []
+    for run_r, run_c in blocks:
+        size = (
+            dense.shape[0],
+            run_r.t1 - run_r.t0,
+            run_c.t1 - run_c.t0,
+            run_r.r1 - run_r.r0,
+            run_c.r1 - run_c.r0,
+            kernel_size,
+            kernel_size,
+        )
+        dense_stride = (
+            d_n,
+            n_c * d_tile,
+            d_tile,
+            tile_c * d_row + run_r.step * span_c,
+            d_row + run_c.step,
+            span_c,
+            1,
+        )
+        dense_offset = (
+            (run_r.t0 * n_c + run_c.t0) * d_tile
+            + (run_r.r0 * tile_c + run_c.r0) * d_row
+            + run_r.local * span_c
+            + run_c.local
+        )
+        rows_stride = (
+            x_n,
+            plan.tile[0] * width * x_pos,
+            tile_c * x_pos,
+            width * x_pos,
+            x_pos,
+            kernel_size * x_slot,
+            x_slot,
+        )
+        rows_offset = (run_r.position * width + run_c.position) * x_pos
+        views.append(
+            (
+                dense.as_strided(size, dense_stride, dense.storage_offset() + dense_offset),
+                rows.as_strided(size, rows_stride, rows.storage_offset() + rows_offset),
+            )
+        )
+    return views
 
 
 class _Shapes:
@@ -258,6 +430,8 @@ class _Shapes:
         self.chunk = _chunk_rows(
             self.rows, self.plan, self.height, self.width, kernel_size, self.channels, itemsize, self.workers
         )
+        if self.chunk > self.heads:  # whole batch entries per chunk: the bias is a broadcast, not a gather
+            self.chunk -= self.chunk % self.heads
         self.head_of_row = torch.arange(self.rows, device=value.device) % self.heads
 
     def flat(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -273,41 +447,73 @@ class _Shapes:
         return torch.empty(value.shape, dtype=self.dtype, device=value.device)
 
 
-def _softmax_rows(
-    logits: torch.Tensor, bias: torch.Tensor, start: int, stop: int, shapes: _Shapes
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(logits + bias) of rows [start, stop) as one fresh (n, HW, K*K) tensor, and its (n, HW) log-sum-exp."""
-    probs = bias.index_select(0, shapes.head_of_row[start:stop])
-    probs += logits[start:stop]
-    peak = probs.amax(dim=-1, keepdim=True)
-    probs -= peak
-    probs.exp_()
-    total = probs.sum(dim=-1, keepdim=True)
-    probs /= total
-    return probs, (peak + total.log_()).squeeze(-1)
-
-
-def _saved_softmax_rows(
-    logits: torch.Tensor, bias: torch.Tensor, lse: torch.Tensor, start: int, stop: int, shapes: _Shapes
-) -> torch.Tensor:
-    """The same probabilities rebuilt from the forward's log-sum-exp: exp(logits + bias - lse), one pass."""
-    probs = bias.index_select(0, shapes.head_of_row[start:stop])
-    probs += logits[start:stop]
-    probs -= lse[start:stop].unsqueeze(-1)
-    return probs.exp_()
-
-
 def _flat_bias(rpb: torch.Tensor, shapes: _Shapes, kernel_size: int) -> torch.Tensor:
     """(h, 2K-1, 2K-1) -> (h, HW, K*K) bias of every window slot, in the compute dtype."""
     gathered = reference.gather_rpb(rpb.to(shapes.dtype), shapes.height, shapes.width, kernel_size)
     return gathered.reshape(shapes.heads, shapes.positions, shapes.kk)
 
 
+def _biased_rows(logits: torch.Tensor, bias: torch.Tensor, start: int, stop: int, shapes: _Shapes) -> torch.Tensor:
+    """logits + bias of rows [start, stop) at the window slots, one fresh (n, HW, K*K) tensor."""
+    batch = _per_head(shapes, start, stop)
+    if batch:
+        rows = logits[start:stop].reshape(batch, shapes.heads, shapes.positions, shapes.kk)
+        return torch.add(rows, bias).view(stop - start, shapes.positions, shapes.kk)
+    biased = bias.index_select(0, shapes.head_of_row[start:stop])
+    biased += logits[start:stop]
+    return biased
+
+
+def _bias_template(rpb: torch.Tensor, shapes: _Shapes, kernel_size: int) -> torch.Tensor:
+    """(h, T, R*S, region) dense biased-logit template of one call: the bias at every window slot, -inf elsewhere.
+
+    Every chunk starts from a copy of it and adds its logits at the window slots, so one softmax
+    over the region axis gives the dense tile matrices directly (exp(-inf) = 0 off the windows).
+    """
+    bias = _flat_bias(rpb, shapes, kernel_size)
+    tiles, tile_rows = shapes.plan.out_index.shape
+    template = bias.new_full((shapes.heads, tiles, tile_rows, shapes.plan.region), float("-inf"))
+    for slots, entries in _slot_views(template, bias, shapes.plan, shapes.plan.blocks):
+        slots.copy_(entries)
+    return template
+
+
+def _per_head(shapes: _Shapes, start: int, stop: int) -> int:
+    """Whole batch entries in rows [start, stop) (they are (batch, head) rows): their count, else 0."""
+    rows = stop - start
+    return rows // shapes.heads if start % shapes.heads == 0 and rows % shapes.heads == 0 else 0
+
+
+def _dense_logits(logits: torch.Tensor, template: torch.Tensor, start: int, stop: int, shapes: _Shapes) -> torch.Tensor:
+    """The dense biased logits of rows [start, stop), (n, T, R*S, region), -inf off the windows; fresh.
+
+    The template is copied per row (a broadcast copy when the chunk holds whole batch entries,
+    else an index_select by head) and the logits are added at the window slots by block views.
+    One in-place softmax over the region axis then gives the dense tile matrices: no
+    (n, HW, K*K) probability map, no scatter, one fused pass instead of max/subtract/exp/sum/divide.
+    """
+    batch = _per_head(shapes, start, stop)
+    if batch:
+        dense = template.new_empty((stop - start, *template.shape[1:]))
+        dense.view(batch, *template.shape).copy_(template)
+    else:
+        dense = template.index_select(0, shapes.head_of_row[start:stop])
+    for slots, entries in _slot_views(dense, logits[start:stop], shapes.plan, shapes.plan.blocks):
+        slots += entries
+    return dense
+
+
+def _aggregate_dense(dense: torch.Tensor, value: torch.Tensor, plan: _Plan, out: torch.Tensor) -> None:
+    """out = dense tile matrices @ value regions for a chunk of rows; one product straight into out for a whole-map tile."""
+    if plan.whole:
+        torch.matmul(dense[:, 0], value, out=out)
+    else:
+        _untile(torch.matmul(dense, value[:, plan.src_index]), plan, out)
+
+
 def _aggregate_rows(probs: torch.Tensor, value: torch.Tensor, plan: _Plan, out: torch.Tensor) -> None:
     """out[n] = NA(probs[n], value[n]) for a chunk of rows (all (n, HW, .) in the compute dtype)."""
-    dense = _dense_tiles(probs, plan)
-    regions = value[:, plan.src_index]  # (n, T, region, c)
-    _untile(torch.matmul(dense, regions), plan, out)
+    _aggregate_dense(_dense_tiles(probs, plan), value, plan, out)
 
 
 def aggregate_forward(probs: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -327,39 +533,86 @@ def aggregate_forward(probs: torch.Tensor, value: torch.Tensor, kernel_size: int
 def contmix_forward(
     logits: torch.Tensor, rpb: torch.Tensor, value: torch.Tensor, kernel_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The output and the log-sum-exp of every position (saved for the backward).
+
+    With the dense softmax, lse = peak - log(max probability): the row maximum before the softmax
+    and the largest probability after it (= 1 / sum exp(z - peak)), two cheap reductions.
+    """
     shapes = _Shapes(value, kernel_size, logits, rpb)
-    bias = _flat_bias(rpb, shapes, kernel_size)
+    plan = shapes.plan
     z, v = shapes.flat(logits), shapes.flat(value).to(shapes.dtype)
     result = shapes.new_output(value)
     out = shapes.flat(result)
     lse = torch.empty(value.shape[:4], dtype=shapes.dtype, device=value.device)
     lse_rows = lse.view(shapes.rows, shapes.positions)
 
-    def work(start: int, stop: int) -> None:
-        probs, lse_rows[start:stop] = _softmax_rows(z, bias, start, stop, shapes)
-        _aggregate_rows(probs, v[start:stop], shapes.plan, out[start:stop])
+    if plan.dense_softmax:
+        template = _bias_template(rpb, shapes, kernel_size)
+
+        def work(start: int, stop: int) -> None:
+            dense = _dense_logits(z, template, start, stop, shapes)
+            peak = dense.amax(dim=-1)
+            torch.softmax(dense, -1, out=dense)
+            tile_lse = peak.sub_(dense.amax(dim=-1).log_())  # (n, T, R*S)
+            if plan.whole:
+                lse_rows[start:stop] = tile_lse[:, 0]
+            else:
+                _untile(tile_lse.unsqueeze(-1), plan, lse_rows[start:stop].unsqueeze(-1))
+            _aggregate_dense(dense, v[start:stop], plan, out[start:stop])
+
+    else:
+        bias = _flat_bias(rpb, shapes, kernel_size)
+
+        def work(start: int, stop: int) -> None:
+            probs = _biased_rows(z, bias, start, stop, shapes)
+            peak = probs.amax(dim=-1, keepdim=True)
+            probs -= peak
+            probs.exp_()
+            total = probs.sum(dim=-1, keepdim=True)
+            probs /= total
+            lse_rows[start:stop] = (peak + total.log_()).squeeze(-1)
+            _aggregate_rows(probs, v[start:stop], plan, out[start:stop])
 
     _run_chunks(work, shapes)
     return result.to(value.dtype), lse
 
 
+def _tile_rows(rows: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """(n, HW, d) -> (n, T, R*S, d) in tile layout (a view for a whole-map tile, else a gather)."""
+    return rows.unsqueeze(1) if plan.whole else rows[:, plan.out_index]
+
+
+def _dense_backward(
+    grad: torch.Tensor, dense: torch.Tensor, value: torch.Tensor, plan: _Plan, dvalue: torch.Tensor
+) -> torch.Tensor:
+    """For a chunk of rows with dense tile matrices `dense`: add the value gradient into dvalue
+    (n, HW, c; zeros, or any contents for a whole-map tile, which overwrites it), return
+    d dense = grad @ region^T (n, T, R*S, region).
+
+    dvalue[region] += dense^T @ grad; for a whole-map tile that is one product, else tile rows
+    that do not own their position are masked out (overlapping edge tiles count once) and the
+    regions are index-added back.
+    """
+    if plan.whole:
+        torch.matmul(dense[:, 0].transpose(-1, -2), grad, out=dvalue)  # every position once: no accumulation
+        return torch.matmul(grad, value.transpose(-1, -2)).unsqueeze(1)
+    grad_tiles = grad[:, plan.out_index]  # (n, T, R*S, c)
+    dregions = torch.matmul(dense.transpose(-1, -2), grad_tiles * plan.owned_mask)
+    dvalue.index_add_(1, plan.src_index.flatten(), dregions.flatten(1, 2))
+    del dregions
+    return torch.matmul(grad_tiles, value[:, plan.src_index].transpose(-1, -2))
+
+
 def _backward_rows(
     grad: torch.Tensor, probs: torch.Tensor, value: torch.Tensor, plan: _Plan, dvalue: torch.Tensor
 ) -> torch.Tensor:
-    """For a chunk of rows: add the value gradient into dvalue, return d probs in tile layout.
+    """For a chunk of rows: add the value gradient into dvalue, return d probs in tile layout (n, T, R*S, K*K).
 
-    dvalue[region] += dense^T @ grad (tile rows that do not own their position are masked out, so
-    overlapping edge tiles count once); d dense = grad @ region^T, read back at the window slots.
+    (The tile layout is what cpu_neighborhood.py consumes; `aggregate_backward` reads the slots
+    straight into position layout instead.)
     """
-    rows = probs.shape[0]
-    dense = _dense_tiles(probs, plan)
-    grad_tiles = grad[:, plan.out_index]  # (n, T, R*S, c)
-    regions = value[:, plan.src_index]  # (n, T, region, c)
-    dregions = torch.matmul(dense.transpose(-1, -2), grad_tiles * plan.owned_mask)
-    dvalue.index_add_(1, plan.src_index.flatten(), dregions.flatten(1, 2))
-    del dense, dregions
-    ddense = torch.matmul(grad_tiles, regions.transpose(-1, -2))  # (n, T, R*S, region)
-    return ddense.gather(3, plan.slot_column.expand(rows, -1, -1, -1))  # (n, T, R*S, K*K)
+    ddense = _dense_backward(grad, _dense_tiles(probs, plan), value, plan, dvalue)
+    return ddense.gather(3, plan.slot_column.expand(probs.shape[0], -1, -1, -1))
 
 
 def aggregate_backward(
@@ -371,14 +624,11 @@ def aggregate_backward(
     dprobs = torch.empty(shapes.rows, shapes.positions, shapes.kk, dtype=probs.dtype, device=value.device)
 
     def work(start: int, stop: int) -> None:
-        dp = _backward_rows(
-            g[start:stop].to(shapes.dtype),
-            p[start:stop].to(shapes.dtype),
-            v[start:stop].to(shapes.dtype),
-            shapes.plan,
-            dvalue[start:stop],
+        dense = _dense_tiles(p[start:stop].to(shapes.dtype), shapes.plan)
+        ddense = _dense_backward(
+            g[start:stop].to(shapes.dtype), dense, v[start:stop].to(shapes.dtype), shapes.plan, dvalue[start:stop]
         )
-        _untile(dp.to(probs.dtype), shapes.plan, dprobs[start:stop])
+        _read_slots(ddense, shapes.plan, dprobs[start:stop])
 
     _run_chunks(work, shapes)
     return dprobs.view(probs.shape), dvalue.view(value.shape).to(value.dtype)
@@ -393,33 +643,54 @@ def contmix_backward(
     lse: torch.Tensor,
     kernel_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rebuilds the probabilities per chunk from the saved log-sum-exp; d logits = p * (dp - D).
+    """Rebuilds the probabilities per chunk; d logits = p * (dp - D), read at the window slots.
+
+    Dense softmax: the dense tile matrices are rebuilt as the forward built them (template +
+    logits, one softmax) rather than as exp(z - lse): an element-wise exp over the -inf entries is
+    several times slower than the softmax's fused pass (MKL's exp takes a slow path for them), so
+    `lse` is not read. Window softmax: p = exp(z + bias - lse) over the K*K slots, one pass.
 
     D = sum_s p_s dp_s equals grad . out (out = sum_s p_s v_s), a c-long dot product per position
     instead of a K*K one. The bias gradient first sums d logits per head over the batch (an
     (h, HW, K*K) buffer, 1/B of the logits), then folds that into the (2K-1)^2 table once at the end.
     """
     shapes = _Shapes(value, kernel_size, logits, rpb, grad)
-    bias = _flat_bias(rpb, shapes, kernel_size)
+    plan = shapes.plan
     g, z, v, o = shapes.flat(grad), shapes.flat(logits), shapes.flat(value), shapes.flat(out)
     lse = lse.reshape(shapes.rows, shapes.positions)
-    plan = shapes.plan
     dvalue = torch.zeros(shapes.rows, shapes.positions, shapes.channels, dtype=shapes.dtype, device=value.device)
     dlogits = torch.empty(shapes.rows, shapes.positions, shapes.kk, dtype=shapes.dtype, device=value.device)
+    template = _bias_template(rpb, shapes, kernel_size) if plan.dense_softmax else None
+    bias = None if plan.dense_softmax else _flat_bias(rpb, shapes, kernel_size)
 
     def work(start: int, stop: int) -> torch.Tensor:
         """The chunk's rows of dlogits and dvalue; returns its (h, HW, K*K) share of the bias gradient."""
         grad_rows = g[start:stop].to(shapes.dtype)
-        probs = _saved_softmax_rows(z, bias, lse, start, stop, shapes)
-        dprobs = _backward_rows(grad_rows, probs, v[start:stop].to(shapes.dtype), plan, dvalue[start:stop])
-        _untile(dprobs, plan, dlogits[start:stop])
-        del dprobs
+        total = torch.linalg.vecdot(grad_rows, o[start:stop].to(shapes.dtype)).unsqueeze(-1)  # D, (n, HW, 1)
         dz = dlogits[start:stop]
-        # softmax backward in place: dz = p * (dp - D), D = grad . out
-        dz -= torch.linalg.vecdot(grad_rows, o[start:stop].to(shapes.dtype)).unsqueeze(-1)
-        dz *= probs
-        del probs
-        return torch.zeros_like(bias).index_add_(0, shapes.head_of_row[start:stop], dz)
+        if template is not None:
+            dense = _dense_logits(z, template, start, stop, shapes)
+            torch.softmax(dense, -1, out=dense)
+            ddense = _dense_backward(grad_rows, dense, v[start:stop].to(shapes.dtype), plan, dvalue[start:stop])
+            ddense -= _tile_rows(total, plan)  # softmax backward on the dense rows: p * (dp - D)
+            ddense *= dense
+            del dense
+            _read_slots(ddense, plan, dz)
+        else:
+            probs = _biased_rows(z, bias, start, stop, shapes)
+            probs -= lse[start:stop].to(shapes.dtype).unsqueeze(-1)
+            probs.exp_()
+            dense = _dense_tiles(probs, plan)
+            ddense = _dense_backward(grad_rows, dense, v[start:stop].to(shapes.dtype), plan, dvalue[start:stop])
+            del dense
+            _read_slots(ddense, plan, dz)
+            del ddense
+            dz -= total  # softmax backward on the slots: p * (dp - D)
+            dz *= probs
+        batch = _per_head(shapes, start, stop)
+        if batch:
+            return dz.view(batch, shapes.heads, shapes.positions, shapes.kk).sum(0)
+        return dz.new_zeros(shapes.heads, shapes.positions, shapes.kk).index_add_(0, shapes.head_of_row[start:stop], dz)
 
     partial = _run_chunks(work, shapes)
     dbias = partial[0]
