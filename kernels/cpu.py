@@ -56,9 +56,6 @@ CHUNK_BYTES = 32 * 2**20
 MIN_CHUNK_BYTES = 2 * 2**20
 INPUT_MULTIPLE = 4
 CHUNKS_PER_THREAD = 2
-# ContMix's softmax runs over the dense tile rows when they hold at most this many entries per
-# window slot (e.g. 14x14 with K=13 as one tile: 196 columns for 169 slots), else over the slots.
-DENSE_SOFTMAX_RATIO = 1.5
 
 
 @dataclass(frozen=True)
@@ -93,6 +90,7 @@ class _Plan:
     owned_rows: torch.Tensor  # (P,) rows of the (T*R*S) tile layout that own a position (edge tiles overlap)
     owned_positions: torch.Tensor  # (P,) the flat positions those rows own (a permutation of 0..HW-1)
     owned_mask: torch.Tensor  # (T, R*S, 1) 1.0 where the tile row owns its position, else 0.0
+    bias_index: torch.Tensor  # (HW*K*K,) index into the flat (2K-1)^2 bias table of every window slot
     kernel_size: int
     width: int  # W of the map
     grid: tuple[int, int]  # tiles along rows and columns (T = grid[0] * grid[1])
@@ -104,13 +102,6 @@ class _Plan:
     def whole(self) -> bool:
         """One tile covering the whole map: tile rows are positions and region columns are positions."""
         return self.grid == (1, 1) and self.tile == self.span
-
-    @property
-    def dense_softmax(self) -> bool:
-        """Whether ContMix normalises the dense tile rows rather than the K*K window slots (module docstring)."""
-        tiles, tile_rows = self.out_index.shape
-        positions = self.owned_positions.numel()
-        return tiles * tile_rows * self.region <= DENSE_SOFTMAX_RATIO * positions * self.kernel_size**2
 
 
 def _axis_cost(length: int, tile: int, kernel_size: int) -> tuple[int, int]:
@@ -226,6 +217,7 @@ def _plan_cpu(height: int, width: int, kernel_size: int, channels: int) -> _Plan
         owned_rows,
         owned_positions,
         mask,
+        reference.rpb_index(height, width, kernel_size).flatten(),
         kernel_size,
         width,
         (n_r, n_c),
@@ -449,8 +441,9 @@ class _Shapes:
 
 def _flat_bias(rpb: torch.Tensor, shapes: _Shapes, kernel_size: int) -> torch.Tensor:
     """(h, 2K-1, 2K-1) -> (h, HW, K*K) bias of every window slot, in the compute dtype."""
-    gathered = reference.gather_rpb(rpb.to(shapes.dtype), shapes.height, shapes.width, kernel_size)
-    return gathered.reshape(shapes.heads, shapes.positions, shapes.kk)
+    del kernel_size  # the plan's index knows it
+    gathered = rpb.to(shapes.dtype).flatten(1).index_select(1, shapes.plan.bias_index)  # = reference.gather_rpb
+    return gathered.view(shapes.heads, shapes.positions, shapes.kk)
 
 
 def _biased_rows(logits: torch.Tensor, bias: torch.Tensor, start: int, stop: int, shapes: _Shapes) -> torch.Tensor:
@@ -464,43 +457,10 @@ def _biased_rows(logits: torch.Tensor, bias: torch.Tensor, start: int, stop: int
     return biased
 
 
-def _bias_template(rpb: torch.Tensor, shapes: _Shapes, kernel_size: int) -> torch.Tensor:
-    """(h, T, R*S, region) dense biased-logit template of one call: the bias at every window slot, -inf elsewhere.
-
-    Every chunk starts from a copy of it and adds its logits at the window slots, so one softmax
-    over the region axis gives the dense tile matrices directly (exp(-inf) = 0 off the windows).
-    """
-    bias = _flat_bias(rpb, shapes, kernel_size)
-    tiles, tile_rows = shapes.plan.out_index.shape
-    template = bias.new_full((shapes.heads, tiles, tile_rows, shapes.plan.region), float("-inf"))
-    for slots, entries in _slot_views(template, bias, shapes.plan, shapes.plan.blocks):
-        slots.copy_(entries)
-    return template
-
-
 def _per_head(shapes: _Shapes, start: int, stop: int) -> int:
     """Whole batch entries in rows [start, stop) (they are (batch, head) rows): their count, else 0."""
     rows = stop - start
     return rows // shapes.heads if start % shapes.heads == 0 and rows % shapes.heads == 0 else 0
-
-
-def _dense_logits(logits: torch.Tensor, template: torch.Tensor, start: int, stop: int, shapes: _Shapes) -> torch.Tensor:
-    """The dense biased logits of rows [start, stop), (n, T, R*S, region), -inf off the windows; fresh.
-
-    The template is copied per row (a broadcast copy when the chunk holds whole batch entries,
-    else an index_select by head) and the logits are added at the window slots by block views.
-    One in-place softmax over the region axis then gives the dense tile matrices: no
-    (n, HW, K*K) probability map, no scatter, one fused pass instead of max/subtract/exp/sum/divide.
-    """
-    batch = _per_head(shapes, start, stop)
-    if batch:
-        dense = template.new_empty((stop - start, *template.shape[1:]))
-        dense.view(batch, *template.shape).copy_(template)
-    else:
-        dense = template.index_select(0, shapes.head_of_row[start:stop])
-    for slots, entries in _slot_views(dense, logits[start:stop], shapes.plan, shapes.plan.blocks):
-        slots += entries
-    return dense
 
 
 def _aggregate_dense(dense: torch.Tensor, value: torch.Tensor, plan: _Plan, out: torch.Tensor) -> None:
@@ -535,51 +495,30 @@ def contmix_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The output and the log-sum-exp of every position (saved for the backward).
 
-    With the dense softmax, lse = peak - log(max probability): the row maximum before the softmax
-    and the largest probability after it (= 1 / sum exp(z - peak)), two cheap reductions.
+    The aggregation multiplies the unnormalised exp(z - peak) and divides the (n, HW, c) result
+    by their sum: c divisions per position instead of K*K.
     """
     shapes = _Shapes(value, kernel_size, logits, rpb)
     plan = shapes.plan
+    bias = _flat_bias(rpb, shapes, kernel_size)
     z, v = shapes.flat(logits), shapes.flat(value).to(shapes.dtype)
     result = shapes.new_output(value)
     out = shapes.flat(result)
     lse = torch.empty(value.shape[:4], dtype=shapes.dtype, device=value.device)
     lse_rows = lse.view(shapes.rows, shapes.positions)
 
-    if plan.dense_softmax:
-        template = _bias_template(rpb, shapes, kernel_size)
-
-        def work(start: int, stop: int) -> None:
-            dense = _dense_logits(z, template, start, stop, shapes)
-            peak = dense.amax(dim=-1)
-            torch.softmax(dense, -1, out=dense)
-            tile_lse = peak.sub_(dense.amax(dim=-1).log_())  # (n, T, R*S)
-            if plan.whole:
-                lse_rows[start:stop] = tile_lse[:, 0]
-            else:
-                _untile(tile_lse.unsqueeze(-1), plan, lse_rows[start:stop].unsqueeze(-1))
-            _aggregate_dense(dense, v[start:stop], plan, out[start:stop])
-
-    else:
-        bias = _flat_bias(rpb, shapes, kernel_size)
-
-        def work(start: int, stop: int) -> None:
-            probs = _biased_rows(z, bias, start, stop, shapes)
-            peak = probs.amax(dim=-1, keepdim=True)
-            probs -= peak
-            probs.exp_()
-            total = probs.sum(dim=-1, keepdim=True)
-            probs /= total
-            lse_rows[start:stop] = (peak + total.log_()).squeeze(-1)
-            _aggregate_rows(probs, v[start:stop], plan, out[start:stop])
+    def work(start: int, stop: int) -> None:
+        weights = _biased_rows(z, bias, start, stop, shapes)
+        peak = weights.amax(dim=-1, keepdim=True)
+        weights -= peak
+        weights.exp_()
+        total = weights.sum(dim=-1, keepdim=True)
+        _aggregate_rows(weights, v[start:stop], plan, out[start:stop])
+        out[start:stop] /= total
+        lse_rows[start:stop] = (peak + total.log_()).squeeze(-1)
 
     _run_chunks(work, shapes)
     return result.to(value.dtype), lse
-
-
-def _tile_rows(rows: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """(n, HW, d) -> (n, T, R*S, d) in tile layout (a view for a whole-map tile, else a gather)."""
-    return rows.unsqueeze(1) if plan.whole else rows[:, plan.out_index]
 
 
 def _dense_backward(
@@ -643,16 +582,11 @@ def contmix_backward(
     lse: torch.Tensor,
     kernel_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rebuilds the probabilities per chunk; d logits = p * (dp - D), read at the window slots.
-
-    Dense softmax: the dense tile matrices are rebuilt as the forward built them (template +
-    logits, one softmax) rather than as exp(z - lse): an element-wise exp over the -inf entries is
-    several times slower than the softmax's fused pass (MKL's exp takes a slow path for them), so
-    `lse` is not read. Window softmax: p = exp(z + bias - lse) over the K*K slots, one pass.
+    """Rebuilds the probabilities per chunk from the saved log-sum-exp; d logits = p * (dp - D).
 
     D = sum_s p_s dp_s equals grad . out (out = sum_s p_s v_s), a c-long dot product per position
-    instead of a K*K one. The bias gradient first sums d logits per head over the batch (an
-    (h, HW, K*K) buffer, 1/B of the logits), then folds that into the (2K-1)^2 table once at the end.
+    instead of a K*K one. The bias gradient sums d logits per head over the batch once at the end
+    (an (h, HW, K*K) buffer, 1/B of the logits), then folds that into the (2K-1)^2 table.
     """
     shapes = _Shapes(value, kernel_size, logits, rpb, grad)
     plan = shapes.plan
@@ -660,45 +594,28 @@ def contmix_backward(
     lse = lse.reshape(shapes.rows, shapes.positions)
     dvalue = torch.zeros(shapes.rows, shapes.positions, shapes.channels, dtype=shapes.dtype, device=value.device)
     dlogits = torch.empty(shapes.rows, shapes.positions, shapes.kk, dtype=shapes.dtype, device=value.device)
-    template = _bias_template(rpb, shapes, kernel_size) if plan.dense_softmax else None
-    bias = None if plan.dense_softmax else _flat_bias(rpb, shapes, kernel_size)
+    bias = _flat_bias(rpb, shapes, kernel_size)
 
-    def work(start: int, stop: int) -> torch.Tensor:
-        """The chunk's rows of dlogits and dvalue; returns its (h, HW, K*K) share of the bias gradient."""
+    def work(start: int, stop: int) -> None:
+        """The chunk's rows of dlogits and dvalue."""
         grad_rows = g[start:stop].to(shapes.dtype)
-        total = torch.linalg.vecdot(grad_rows, o[start:stop].to(shapes.dtype)).unsqueeze(-1)  # D, (n, HW, 1)
+        probs = _biased_rows(z, bias, start, stop, shapes)
+        probs -= lse[start:stop].to(shapes.dtype).unsqueeze(-1)
+        probs.exp_()
+        dense = _dense_tiles(probs, plan)
+        ddense = _dense_backward(grad_rows, dense, v[start:stop].to(shapes.dtype), plan, dvalue[start:stop])
+        del dense
         dz = dlogits[start:stop]
-        if template is not None:
-            dense = _dense_logits(z, template, start, stop, shapes)
-            torch.softmax(dense, -1, out=dense)
-            ddense = _dense_backward(grad_rows, dense, v[start:stop].to(shapes.dtype), plan, dvalue[start:stop])
-            ddense -= _tile_rows(total, plan)  # softmax backward on the dense rows: p * (dp - D)
-            ddense *= dense
-            del dense
-            _read_slots(ddense, plan, dz)
-        else:
-            probs = _biased_rows(z, bias, start, stop, shapes)
-            probs -= lse[start:stop].to(shapes.dtype).unsqueeze(-1)
-            probs.exp_()
-            dense = _dense_tiles(probs, plan)
-            ddense = _dense_backward(grad_rows, dense, v[start:stop].to(shapes.dtype), plan, dvalue[start:stop])
-            del dense
-            _read_slots(ddense, plan, dz)
-            del ddense
-            dz -= total  # softmax backward on the slots: p * (dp - D)
-            dz *= probs
-        batch = _per_head(shapes, start, stop)
-        if batch:
-            return dz.view(batch, shapes.heads, shapes.positions, shapes.kk).sum(0)
-        return dz.new_zeros(shapes.heads, shapes.positions, shapes.kk).index_add_(0, shapes.head_of_row[start:stop], dz)
+        _read_slots(ddense, plan, dz)
+        del ddense
+        # softmax backward in place: dz = p * (dp - D), D = grad . out
+        dz -= torch.linalg.vecdot(grad_rows, o[start:stop].to(shapes.dtype)).unsqueeze(-1)
+        dz *= probs
 
-    partial = _run_chunks(work, shapes)
-    dbias = partial[0]
-    for share in partial[1:]:
-        dbias += share
-    index = reference.rpb_index(shapes.height, shapes.width, kernel_size, rpb.device).flatten()
+    _run_chunks(work, shapes)
+    dbias = dlogits.view(shapes.batch, shapes.heads, shapes.positions, shapes.kk).sum(0)
     drpb = torch.zeros(shapes.heads, rpb[0].numel(), dtype=shapes.dtype, device=rpb.device)
-    drpb.index_add_(1, index, dbias.reshape(shapes.heads, -1))
+    drpb.index_add_(1, plan.bias_index, dbias.view(shapes.heads, -1))
     return (
         dlogits.view(logits.shape).to(logits.dtype),
         drpb.view(rpb.shape).to(rpb.dtype),
