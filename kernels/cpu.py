@@ -339,6 +339,12 @@ def _read_slots(dense: torch.Tensor, plan: _Plan, out: torch.Tensor) -> None:
         entries.copy_(slots)
 
 
+def _gather_rows(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """rows[:, index] for (n, HW, d) rows and a (T, m) index: (n, T, m, d), by index_select (several
+    times faster than advanced indexing on CPU)."""
+    return rows.index_select(1, index.flatten()).view(rows.shape[0], *index.shape, rows.shape[-1])
+
+
 def _untile(tiled: torch.Tensor, plan: _Plan, out: torch.Tensor) -> None:
     """Write (n, T, R*S, d) tile rows back to (n, HW, d) positions, each position exactly once."""
     rows = tiled.flatten(1, 2).index_select(1, plan.owned_rows)
@@ -422,8 +428,13 @@ class _Shapes:
         self.chunk = _chunk_rows(
             self.rows, self.plan, self.height, self.width, kernel_size, self.channels, itemsize, self.workers
         )
-        if self.chunk > self.heads:  # whole batch entries per chunk: the bias is a broadcast, not a gather
-            self.chunk -= self.chunk % self.heads
+        # The same number of chunks, evenly filled; whole batch entries where a chunk holds a batch
+        # entry's rows (so the bias is added by a broadcast, not a gather).
+        if self.chunk >= self.heads:
+            chunks = -(-self.batch // (self.chunk // self.heads))
+            self.chunk = -(-self.batch // chunks) * self.heads
+        else:
+            self.chunk = -(-self.rows // -(-self.rows // self.chunk))
         self.head_of_row = torch.arange(self.rows, device=value.device) % self.heads
 
     def flat(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -468,7 +479,7 @@ def _aggregate_dense(dense: torch.Tensor, value: torch.Tensor, plan: _Plan, out:
     if plan.whole:
         torch.matmul(dense[:, 0], value, out=out)
     else:
-        _untile(torch.matmul(dense, value[:, plan.src_index]), plan, out)
+        _untile(torch.matmul(dense, _gather_rows(value, plan.src_index)), plan, out)
 
 
 def _aggregate_rows(probs: torch.Tensor, value: torch.Tensor, plan: _Plan, out: torch.Tensor) -> None:
@@ -535,11 +546,11 @@ def _dense_backward(
     if plan.whole:
         torch.matmul(dense[:, 0].transpose(-1, -2), grad, out=dvalue)  # every position once: no accumulation
         return torch.matmul(grad, value.transpose(-1, -2)).unsqueeze(1)
-    grad_tiles = grad[:, plan.out_index]  # (n, T, R*S, c)
+    grad_tiles = _gather_rows(grad, plan.out_index)  # (n, T, R*S, c)
     dregions = torch.matmul(dense.transpose(-1, -2), grad_tiles * plan.owned_mask)
     dvalue.index_add_(1, plan.src_index.flatten(), dregions.flatten(1, 2))
     del dregions
-    return torch.matmul(grad_tiles, value[:, plan.src_index].transpose(-1, -2))
+    return torch.matmul(grad_tiles, _gather_rows(value, plan.src_index).transpose(-1, -2))
 
 
 def _backward_rows(
