@@ -324,13 +324,42 @@ def _run_chunks(work: Callable[[int, int], object], shapes: _Shapes) -> list[obj
         torch.set_num_threads(threads)
 
 
-def _dense_tiles(probs: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """(n, HW, K*K) probabilities -> (n, T, R*S, region) dense per-tile aggregation matrices (zero off-window)."""
-    tiles, tile_rows = plan.out_index.shape
-    dense = probs.new_zeros(probs.shape[0], tiles, tile_rows, plan.region)
+def _dense_tiles(probs: torch.Tensor, plan: _Plan, buffers: _DenseBuffers | None = None) -> torch.Tensor:
+    """(n, HW, K*K) probabilities -> (n, T, R*S, region) dense per-tile aggregation matrices (zero off-window).
+
+    In a fresh zero tensor, or in the calling thread's buffer of `buffers` (zero off-window already).
+    """
+    if buffers is None:
+        tiles, tile_rows = plan.out_index.shape
+        dense = probs.new_zeros(probs.shape[0], tiles, tile_rows, plan.region)
+    else:
+        dense = buffers.get(probs.shape[0])
     for slots, entries in _slot_views(dense, probs, plan, plan.blocks):
         slots.copy_(entries)
     return dense
+
+
+class _DenseBuffers:
+    """One zeroed (chunk, T, R*S, region) dense tile buffer per thread, for the chunks of one call.
+
+    Every chunk writes the same window slots (one plan), so the entries off the windows stay zero
+    after the first fill: a thread's chunks reuse its buffer instead of allocating and zeroing a
+    fresh one each (for 56x56 maps with K=13 that is one fill per thread instead of one per row).
+    Readers must not write to a buffer, and must be done with it before their thread's next chunk.
+    """
+
+    def __init__(self, shapes: _Shapes) -> None:
+        tiles, tile_rows = shapes.plan.out_index.shape
+        self.shape = (shapes.chunk, tiles, tile_rows, shapes.plan.region)
+        self.dtype = shapes.dtype
+        self.device = shapes.plan.out_index.device
+        self.local = threading.local()
+
+    def get(self, rows: int) -> torch.Tensor:
+        buffer = getattr(self.local, "buffer", None)
+        if buffer is None:
+            buffer = self.local.buffer = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        return buffer[:rows]
 
 
 def _read_slots(dense: torch.Tensor, plan: _Plan, out: torch.Tensor) -> None:
@@ -482,9 +511,11 @@ def _aggregate_dense(dense: torch.Tensor, value: torch.Tensor, plan: _Plan, out:
         _untile(torch.matmul(dense, _gather_rows(value, plan.src_index)), plan, out)
 
 
-def _aggregate_rows(probs: torch.Tensor, value: torch.Tensor, plan: _Plan, out: torch.Tensor) -> None:
+def _aggregate_rows(
+    probs: torch.Tensor, value: torch.Tensor, plan: _Plan, out: torch.Tensor, buffers: _DenseBuffers | None = None
+) -> None:
     """out[n] = NA(probs[n], value[n]) for a chunk of rows (all (n, HW, .) in the compute dtype)."""
-    _aggregate_dense(_dense_tiles(probs, plan), value, plan, out)
+    _aggregate_dense(_dense_tiles(probs, plan, buffers), value, plan, out)
 
 
 def aggregate_forward(probs: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -492,9 +523,10 @@ def aggregate_forward(probs: torch.Tensor, value: torch.Tensor, kernel_size: int
     p, v = shapes.flat(probs), shapes.flat(value).to(shapes.dtype)
     result = shapes.new_output(value)
     out = shapes.flat(result)
+    buffers = _DenseBuffers(shapes)
     _run_chunks(
         lambda start, stop: _aggregate_rows(
-            p[start:stop].to(shapes.dtype), v[start:stop], shapes.plan, out[start:stop]
+            p[start:stop].to(shapes.dtype), v[start:stop], shapes.plan, out[start:stop], buffers
         ),
         shapes,
     )
@@ -517,6 +549,7 @@ def contmix_forward(
     out = shapes.flat(result)
     lse = torch.empty(value.shape[:4], dtype=shapes.dtype, device=value.device)
     lse_rows = lse.view(shapes.rows, shapes.positions)
+    buffers = _DenseBuffers(shapes)
 
     def work(start: int, stop: int) -> None:
         weights = _biased_rows(z, bias, start, stop, shapes)
@@ -524,7 +557,7 @@ def contmix_forward(
         weights -= peak
         weights.exp_()
         total = weights.sum(dim=-1, keepdim=True)
-        _aggregate_rows(weights, v[start:stop], plan, out[start:stop])
+        _aggregate_rows(weights, v[start:stop], plan, out[start:stop], buffers)
         out[start:stop] /= total
         lse_rows[start:stop] = (peak + total.log_()).squeeze(-1)
 
@@ -572,9 +605,10 @@ def aggregate_backward(
     g, p, v = (shapes.flat(t) for t in (grad, probs, value))
     dvalue = torch.zeros(shapes.rows, shapes.positions, shapes.channels, dtype=shapes.dtype, device=value.device)
     dprobs = torch.empty(shapes.rows, shapes.positions, shapes.kk, dtype=probs.dtype, device=value.device)
+    buffers = _DenseBuffers(shapes)
 
     def work(start: int, stop: int) -> None:
-        dense = _dense_tiles(p[start:stop].to(shapes.dtype), shapes.plan)
+        dense = _dense_tiles(p[start:stop].to(shapes.dtype), shapes.plan, buffers)
         ddense = _dense_backward(
             g[start:stop].to(shapes.dtype), dense, v[start:stop].to(shapes.dtype), shapes.plan, dvalue[start:stop]
         )
@@ -606,6 +640,7 @@ def contmix_backward(
     dvalue = torch.zeros(shapes.rows, shapes.positions, shapes.channels, dtype=shapes.dtype, device=value.device)
     dlogits = torch.empty(shapes.rows, shapes.positions, shapes.kk, dtype=shapes.dtype, device=value.device)
     bias = _flat_bias(rpb, shapes, kernel_size)
+    buffers = _DenseBuffers(shapes)
 
     def work(start: int, stop: int) -> None:
         """The chunk's rows of dlogits and dvalue."""
@@ -613,7 +648,7 @@ def contmix_backward(
         probs = _biased_rows(z, bias, start, stop, shapes)
         probs -= lse[start:stop].to(shapes.dtype).unsqueeze(-1)
         probs.exp_()
-        dense = _dense_tiles(probs, plan)
+        dense = _dense_tiles(probs, plan, buffers)
         ddense = _dense_backward(grad_rows, dense, v[start:stop].to(shapes.dtype), plan, dvalue[start:stop])
         del dense
         dz = dlogits[start:stop]
