@@ -457,13 +457,13 @@ class _Shapes:
         self.chunk = _chunk_rows(
             self.rows, self.plan, self.height, self.width, kernel_size, self.channels, itemsize, self.workers
         )
-        # The same number of chunks, evenly filled; whole batch entries where a chunk holds a batch
-        # entry's rows (so the bias is added by a broadcast, not a gather).
+        # The same number of chunks, evenly filled, in whole batch entries where a chunk holds a
+        # batch entry's rows (so the bias is added by a broadcast, not a gather).
         if self.chunk >= self.heads:
             chunks = -(-self.batch // (self.chunk // self.heads))
             self.chunk = -(-self.batch // chunks) * self.heads
-        else:
-            self.chunk = -(-self.rows // -(-self.rows // self.chunk))
+        else:  # a divisor of heads: no chunk straddles two batch entries (the bias is a slice)
+            self.chunk = max(d for d in range(1, self.chunk + 1) if self.heads % d == 0)
         self.head_of_row = torch.arange(self.rows, device=value.device) % self.heads
 
     def flat(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -487,14 +487,18 @@ def _flat_bias(rpb: torch.Tensor, shapes: _Shapes, kernel_size: int) -> torch.Te
 
 
 def _biased_rows(logits: torch.Tensor, bias: torch.Tensor, start: int, stop: int, shapes: _Shapes) -> torch.Tensor:
-    """logits + bias of rows [start, stop) at the window slots, one fresh (n, HW, K*K) tensor."""
+    """logits + bias of rows [start, stop) at the window slots, one fresh (n, HW, K*K) tensor.
+
+    The bias is broadcast over whole batch entries, or sliced for rows within one batch entry
+    (`_Shapes` makes every chunk one or the other): never gathered by head.
+    """
     batch = _per_head(shapes, start, stop)
     if batch:
         rows = logits[start:stop].reshape(batch, shapes.heads, shapes.positions, shapes.kk)
         return torch.add(rows, bias).view(stop - start, shapes.positions, shapes.kk)
-    biased = bias.index_select(0, shapes.head_of_row[start:stop])
-    biased += logits[start:stop]
-    return biased
+    first = start % shapes.heads
+    assert first + stop - start <= shapes.heads, "chunks hold whole batch entries or rows of one"
+    return torch.add(logits[start:stop], bias[first : first + stop - start])
 
 
 def _per_head(shapes: _Shapes, start: int, stop: int) -> int:

@@ -250,21 +250,22 @@ def test_cpu_block_views_move_the_window_slots_of_the_index_plan(monkeypatch, he
 
 @pytest.mark.parametrize(
     ("shape", "whole"),
-    [((4, 2, 14, 14, 5, 13), True), ((4, 3, 7, 7, 4, 5), True), ((4, 2, 14, 14, 5, 5), False)],
+    [((4, 4, 14, 14, 5, 13), True), ((4, 3, 7, 7, 4, 5), True), ((4, 4, 14, 14, 5, 5), False)],
     ids=["14x14_K13_one_tile", "7x7_K5_one_tile", "14x14_K5_tiles"],
 )
-@pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["batch_entries", "single_rows"])
-def test_cpu_whole_map_and_tiled_paths_match_reference_in_float64(monkeypatch, shape, whole, chunk_bytes):
+@pytest.mark.parametrize("chunk_rows", [None, 1, 3, 8], ids=["budget", "rows_1", "rows_3", "rows_8"])
+def test_cpu_whole_map_and_tiled_paths_match_reference_in_float64(monkeypatch, shape, whole, chunk_rows):
     """The one-tile path (products straight into the output) and the tiled path (gathers and
-    untiling), with chunks of whole batch entries (bias by broadcast) and of single (batch, head)
-    rows (bias by head index): ContMix and the aggregation, forward and gradients."""
-    if chunk_bytes is not None:
-        monkeypatch.setattr(cpu, "CHUNK_BYTES", chunk_bytes)
+    untiling), with chunks of whole batch entries (bias by broadcast) and of rows within one batch
+    entry (bias by slice; 3 rows become 2 of 4 heads): ContMix and the aggregation, forward and gradients."""
+    if chunk_rows is not None:
+        monkeypatch.setattr(cpu, "_chunk_rows", lambda *args, **kwargs: chunk_rows)
     batch, heads, height, width, channels, k = shape
     assert cpu._plan_cpu(height, width, k, channels).whole == whole
     logits, rpb, value, grad = (t.double() for t in make_inputs(*shape))
     chunk = cpu._Shapes(value, k, logits).chunk
-    assert chunk < heads if chunk_bytes else chunk % heads == 0
+    if chunk_rows is not None:
+        assert chunk % heads == 0 if chunk_rows >= heads else heads % chunk == 0 and chunk < heads
     out, grads = grads_of(lambda a, b, c: kernels.contmix(a, b, c, k, backend="cpu"), (logits, rpb, value), grad)
     ref_out, ref_grads = grads_of(lambda a, b, c: reference.contmix(a, b, c, k), (logits, rpb, value), grad)
     assert_close(out, ref_out, atol=1e-12)
