@@ -6,14 +6,31 @@ K*K slots costs K*K passes of small element-wise ops. Instead, cut the output ma
 Because window starts are clamped and move by at most one row per output row, all windows of a
 tile lie inside one source region of min(R+K-1, H) x min(S+K-1, W) positions. Within a tile the
 aggregation is then a small *dense* product (RS x region) @ (region x c) in which each row holds
-the K*K probabilities of one position scattered to the columns of its window and zeros elsewhere.
+the K*K probabilities of one position placed at the columns of its window and zeros elsewhere.
 All tiles of all (batch, head) pairs go through one `matmul`, so the work runs in BLAS and the
 number of Python-level ops does not depend on K.
 
 The tile size trades two costs, both per output position: the dense rows (`region` entries instead
 of K*K) and the value regions gathered per tile (`region * c / (R*S)` entries, the halo overlap).
 `_tile_size` minimises their sum; for the Focus-Net maps at 224 input (14x14 with K=13, 7x7 with
-K=7) the best tile is the whole map, i.e. one dense (HW x HW) product per head.
+K=7 and K=5) the best tile is the whole map, i.e. one dense (HW x HW) product per head. Then
+nothing is gathered or untiled: the product writes straight into the output (`_Plan.whole`).
+
+Block copies, not index copies. Moving the K*K slots between the (HW, K*K) layout and the dense
+tile matrices is the op's main memory traffic. Along each axis the window start moves by 0
+(clamped at a border) or 1 (interior) per tile row, and interior tiles all look alike, so the
+(tile, row) pairs of an axis fall into a handful of `_Run`s in which both layouts are affine in
+(tile, row, slot): every run pair is one strided view of each layout (`_slot_views`), and a chunk
+moves its slots with a few block copies (4 for 14x14 with K=13, 21 for 28x28) instead of a
+per-entry scatter or gather through `slot_column` (which stays in the plan as the definition the
+tests check the views against). The entries off the windows are the same zeros for every chunk,
+so each thread fills its dense buffer once per call and reuses it (`_DenseBuffers`).
+
+Softmax. It runs on the (HW, K*K) slots: bias added by a broadcast (or a slice; chunks hold whole
+batch entries or rows of one), peak, exp, sum. The forward multiplies the unnormalised weights
+and divides the (HW, c) output by the sum, c divisions per position instead of K*K. (Normalising
+the dense rows instead, with -inf off the windows and one fused softmax, was tried: slower at
+every Focus-Net shape, and an element-wise exp over -inf entries hits a slow path in MKL.)
 
 Memory: the work is chunked over the (batch * heads) axis so that the transient buffers (the
 probability map of the chunk, the dense tile matrices, the gathered regions) stay under
@@ -29,8 +46,8 @@ parallelism: a pool of that many worker threads, each running whole chunks with 
 thread, takes chunks from a shared queue. One parallel region per call instead of ~15 per chunk,
 and a stalled worker only delays its own chunk while the others keep taking work. Chunks are sized
 so that every worker gets at least `CHUNKS_PER_THREAD` of them (load balance) within the same total
-memory budget. Results do not depend on the thread count except for the summation order of the
-bias gradient across chunks.
+memory budget. Each chunk writes only its own rows and the bias gradient is one sum over the batch
+after all chunks, so the thread count changes results at most by rounding (chunk sizes differ).
 
 The functions only use PyTorch tensor ops, so they run on any device; `auto` picks them for CPU
 tensors (and for CUDA tensors only when Triton is missing).
