@@ -283,7 +283,8 @@ def _chunk_rows(
     kk = kernel_size * kernel_size
     per_row = tiles * tile_rows * plan.region * 2  # dense tile matrix and its gradient
     per_row += tiles * plan.region * channels * 2  # gathered regions and their gradient
-    per_row += height * width * kk * 3 + tiles * tile_rows * (kk * 2 + channels * 2)  # probabilities, tile copies
+    # probabilities and their copies (a bound: the slots no longer pass through a tile layout)
+    per_row += height * width * kk * 3 + tiles * tile_rows * (kk * 2 + channels * 2)
     inputs = rows * height * width * (kk + channels) * itemsize
     budget = min(CHUNK_BYTES, max(MIN_CHUNK_BYTES, INPUT_MULTIPLE * inputs)) // workers
     chunk = max(1, min(rows, budget // (per_row * itemsize)))
@@ -489,7 +490,7 @@ class _Shapes:
             self.chunk = -(-self.batch // chunks) * self.heads
         else:  # a divisor of heads: no chunk straddles two batch entries (the bias is a slice)
             self.chunk = max(d for d in range(1, self.chunk + 1) if self.heads % d == 0)
-        self.head_of_row = torch.arange(self.rows, device=value.device) % self.heads
+        self.head_of_row = torch.arange(self.rows, device=value.device) % self.heads  # (for cpu_neighborhood)
 
     def flat(self, tensor: torch.Tensor) -> torch.Tensor:
         """(B, h, H, W, d) -> (B*h, HW, d); a copy only where the layout or dtype requires one."""
@@ -504,9 +505,8 @@ class _Shapes:
         return torch.empty(value.shape, dtype=self.dtype, device=value.device)
 
 
-def _flat_bias(rpb: torch.Tensor, shapes: _Shapes, kernel_size: int) -> torch.Tensor:
+def _flat_bias(rpb: torch.Tensor, shapes: _Shapes) -> torch.Tensor:
     """(h, 2K-1, 2K-1) -> (h, HW, K*K) bias of every window slot, in the compute dtype."""
-    del kernel_size  # the plan's index knows it
     gathered = rpb.to(shapes.dtype).flatten(1).index_select(1, shapes.plan.bias_index)  # = reference.gather_rpb
     return gathered.view(shapes.heads, shapes.positions, shapes.kk)
 
@@ -572,7 +572,7 @@ def contmix_forward(
     """
     shapes = _Shapes(value, kernel_size, logits, rpb, forward=True)
     plan = shapes.plan
-    bias = _flat_bias(rpb, shapes, kernel_size)
+    bias = _flat_bias(rpb, shapes)
     z, v = shapes.flat(logits), shapes.flat(value).to(shapes.dtype)
     result = shapes.new_output(value)
     out = shapes.flat(result)
@@ -618,7 +618,7 @@ def _dense_backward(
 def _backward_rows(
     grad: torch.Tensor, probs: torch.Tensor, value: torch.Tensor, plan: _Plan, dvalue: torch.Tensor
 ) -> torch.Tensor:
-    """For a chunk of rows: add the value gradient into dvalue, return d probs in tile layout (n, T, R*S, K*K).
+    """For a chunk of rows: the value gradient into dvalue (see `_dense_backward`), d probs in tile layout (n, T, R*S, K*K).
 
     (The tile layout is what cpu_neighborhood.py consumes; `aggregate_backward` reads the slots
     straight into position layout instead.)
@@ -668,7 +668,7 @@ def contmix_backward(
     lse = lse.reshape(shapes.rows, shapes.positions)
     dvalue = torch.zeros(shapes.rows, shapes.positions, shapes.channels, dtype=shapes.dtype, device=value.device)
     dlogits = torch.empty(shapes.rows, shapes.positions, shapes.kk, dtype=shapes.dtype, device=value.device)
-    bias = _flat_bias(rpb, shapes, kernel_size)
+    bias = _flat_bias(rpb, shapes)
     buffers = _DenseBuffers(shapes)
 
     def work(start: int, stop: int) -> None:
