@@ -250,7 +250,7 @@ def test_cpu_block_views_move_the_window_slots_of_the_index_plan(monkeypatch, he
 
 @pytest.mark.parametrize(
     ("shape", "whole"),
-    [((4, 4, 14, 14, 5, 13), True), ((4, 3, 7, 7, 4, 5), True), ((4, 4, 14, 14, 5, 5), False)],
+    [((4, 4, 14, 14, 5, 13), True), ((3, 3, 7, 7, 4, 5), True), ((4, 4, 14, 14, 5, 5), False)],
     ids=["14x14_K13_one_tile", "7x7_K5_one_tile", "14x14_K5_tiles"],
 )
 @pytest.mark.parametrize("chunk_rows", [None, 1, 3, 8], ids=["budget", "rows_1", "rows_3", "rows_8"])
