@@ -2,6 +2,7 @@
 
     python benchmarks/contmix_ab.py --base HEAD~1               # Focus-Net shapes at 224 (+ 28x28, 56x56 K=13)
     python benchmarks/contmix_ab.py --base main --reps 21 --threads 1
+    python benchmarks/contmix_ab.py --base HEAD~1 --presets xt,t,s,b --reps 5   # every Focus-Net shape at 224/448/512
 
 For every shape it times the forward (`contmix_forward`, no grad) and forward+backward
 (`contmix_forward` then `contmix_backward`) of both versions, alternating base and new call by call
@@ -74,13 +75,20 @@ def main() -> None:
     parser.add_argument("--base", default="HEAD", help="git revision whose kernels/cpu.py is the baseline")
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--presets", help="comma-separated presets: their Focus-Net shapes at 224, 448, 512 instead")
     args = parser.parse_args()
+    shapes = SHAPES
+    if args.presets:
+        from contmix import focus_cases  # benchmarks/ is on sys.path when this script runs
+
+        cases = focus_cases(args.presets.split(","), [224, 448, 512], 8)
+        shapes = [(c.batch, c.heads, c.height, c.channels, c.kernel_size) for c in cases if c.height == c.width]
     torch.set_num_threads(args.threads)
     base = load_base(args.base)
     print(f"base {args.base} vs working tree, {args.threads} thread(s), median of {args.reps}, ms")
     print("| shape (B, heads, HxW, c, K) | tile | pass | base | new | base/new | max diff |")
     print("|---|---|---|---|---|---|---|")
-    for shape in SHAPES:
+    for shape in shapes:
         for train in (False, True):
             runs = {"base": calls(base, shape, train), "new": calls(cpu, shape, train)}
             with torch.inference_mode(not train):
