@@ -6,14 +6,31 @@ K*K slots costs K*K passes of small element-wise ops. Instead, cut the output ma
 Because window starts are clamped and move by at most one row per output row, all windows of a
 tile lie inside one source region of min(R+K-1, H) x min(S+K-1, W) positions. Within a tile the
 aggregation is then a small *dense* product (RS x region) @ (region x c) in which each row holds
-the K*K probabilities of one position scattered to the columns of its window and zeros elsewhere.
+the K*K probabilities of one position placed at the columns of its window and zeros elsewhere.
 All tiles of all (batch, head) pairs go through one `matmul`, so the work runs in BLAS and the
 number of Python-level ops does not depend on K.
 
 The tile size trades two costs, both per output position: the dense rows (`region` entries instead
 of K*K) and the value regions gathered per tile (`region * c / (R*S)` entries, the halo overlap).
 `_tile_size` minimises their sum; for the Focus-Net maps at 224 input (14x14 with K=13, 7x7 with
-K=7) the best tile is the whole map, i.e. one dense (HW x HW) product per head.
+K=7 and K=5) the best tile is the whole map, i.e. one dense (HW x HW) product per head. Then
+nothing is gathered or untiled: the product writes straight into the output (`_Plan.whole`).
+
+Block copies, not index copies. Moving the K*K slots between the (HW, K*K) layout and the dense
+tile matrices is the op's main memory traffic. Along each axis the window start moves by 0
+(clamped at a border) or 1 (interior) per tile row, and interior tiles all look alike, so the
+(tile, row) pairs of an axis fall into a handful of `_Run`s in which both layouts are affine in
+(tile, row, slot): every run pair is one strided view of each layout (`_slot_views`), and a chunk
+moves its slots with a few block copies (4 for 14x14 with K=13, 21 for 28x28) instead of a
+per-entry scatter or gather through `slot_column` (which stays in the plan as the definition the
+tests check the views against). The entries off the windows are the same zeros for every chunk,
+so each thread fills its dense buffer once per call and reuses it (`_DenseBuffers`).
+
+Softmax. It runs on the (HW, K*K) slots: bias added by a broadcast (or a slice; chunks hold whole
+batch entries or rows of one), peak, exp, sum. The forward multiplies the unnormalised weights
+and divides the (HW, c) output by the sum, c divisions per position instead of K*K. (Normalising
+the dense rows instead, with -inf off the windows and one fused softmax, was tried: slower at
+every Focus-Net shape, and an element-wise exp over -inf entries hits a slow path in MKL.)
 
 Memory: the work is chunked over the (batch * heads) axis so that the transient buffers (the
 probability map of the chunk, the dense tile matrices, the gathered regions) stay under
@@ -29,8 +46,8 @@ parallelism: a pool of that many worker threads, each running whole chunks with 
 thread, takes chunks from a shared queue. One parallel region per call instead of ~15 per chunk,
 and a stalled worker only delays its own chunk while the others keep taking work. Chunks are sized
 so that every worker gets at least `CHUNKS_PER_THREAD` of them (load balance) within the same total
-memory budget. Results do not depend on the thread count except for the summation order of the
-bias gradient across chunks.
+memory budget. Each chunk writes only its own rows and the bias gradient is one sum over the batch
+after all chunks, so the thread count changes results at most by rounding (chunk sizes differ).
 
 The functions only use PyTorch tensor ops, so they run on any device; `auto` picks them for CPU
 tensors (and for CUDA tensors only when Triton is missing).
@@ -56,6 +73,30 @@ CHUNK_BYTES = 32 * 2**20
 MIN_CHUNK_BYTES = 2 * 2**20
 INPUT_MULTIPLE = 4
 CHUNKS_PER_THREAD = 2
+# The forwards (no gradient buffers) take smaller chunks: their dense tile matrices and softmax
+# weights stay near L2 size, passes over them hit the cache. Measured at one thread: 14x14 with K=13
+# (batch 8, 8 heads) 8 rows per chunk vs 32: 1.3-1.5x; 28x28 with K=13: 2 rows vs 4 the same.
+FORWARD_CHUNK_BYTES = 3 * 2**20
+
+
+@dataclass(frozen=True)
+class _Run:
+    """Along one axis, tiles [t0, t1) x tile rows [r0, r1) whose windows all shift regularly.
+
+    Tile row r of tile t is output position `position + (t - t0) * tile + (r - r0)`, and its window
+    starts at `local + step * (r - r0)` in the tile's source region (the same for every tile of
+    the run). step is 0 (windows clamped at a border) or 1 (interior: the window follows the row).
+    So the window slots of a run are one strided view of the dense tile matrix, and the run's
+    K*K entries per position one strided view of the (HW, K*K) logits: a block copy, no index.
+    """
+
+    t0: int
+    t1: int
+    r0: int
+    r1: int
+    local: int
+    step: int
+    position: int
 
 
 @dataclass(frozen=True, eq=False)  # identity hash: plans are cached, and tensors have no == for dicts
@@ -70,6 +111,18 @@ class _Plan:
     owned_rows: torch.Tensor  # (P,) rows of the (T*R*S) tile layout that own a position (edge tiles overlap)
     owned_positions: torch.Tensor  # (P,) the flat positions those rows own (a permutation of 0..HW-1)
     owned_mask: torch.Tensor  # (T, R*S, 1) 1.0 where the tile row owns its position, else 0.0
+    bias_index: torch.Tensor  # (HW*K*K,) index into the flat (2K-1)^2 bias table of every window slot
+    kernel_size: int
+    width: int  # W of the map
+    grid: tuple[int, int]  # tiles along rows and columns (T = grid[0] * grid[1])
+    span: tuple[int, int]  # the source region's rows and columns (region = span[0] * span[1])
+    blocks: tuple[tuple[_Run, _Run], ...]  # every tile row's window slots as strided blocks (see _slot_views)
+    owned_blocks: tuple[tuple[_Run, _Run], ...]  # the same, owned tile rows only (each position once)
+
+    @property
+    def whole(self) -> bool:
+        """One tile covering the whole map: tile rows are positions and region columns are positions."""
+        return self.grid == (1, 1) and self.tile == self.span
 
 
 def _axis_cost(length: int, tile: int, kernel_size: int) -> tuple[int, int]:
@@ -114,6 +167,41 @@ def _axis_tiles(
     return index, region_start, local, owner
 
 
+def _axis_runs(length: int, tile: int, kernel_size: int, owned_only: bool) -> tuple[_Run, ...]:
+    """The tile rows of one axis as a few `_Run`s (every row once; with owned_only, owned rows only).
+
+    Within a tile, window starts move by 0 or 1 per row (clamped at a border, else following the
+    row), so each tile splits into at most a few runs; consecutive tiles with the same runs and
+    evenly spaced starts merge (all interior tiles share one run). A handful of runs per axis.
+    """
+    index, _, local, owner = _axis_tiles(length, tile, kernel_size)
+    starts = local[:, :, 0].tolist()
+    owned = owner.tolist() if owned_only else [[True] * tile for _ in starts]
+    per_tile = []
+    for window, own in zip(starts, owned, strict=True):
+        runs, row = [], 0
+        while row < tile:
+            if not own[row]:
+                row += 1
+                continue
+            first = row
+            step = window[row + 1] - window[row] if row + 1 < tile and own[row + 1] else 0
+            row += 1
+            while row < tile and own[row] and window[row] - window[row - 1] == step:
+                row += 1
+            runs.append((first, row, window[first], step))
+        per_tile.append(tuple(runs))
+    merged: list[_Run] = []
+    first_tile = 0
+    for t in range(1, len(per_tile) + 1):
+        if t < len(per_tile) and per_tile[t] == per_tile[t - 1] and index[t, 0] - index[t - 1, 0] == tile:
+            continue
+        for r0, r1, start, step in per_tile[first_tile]:
+            merged.append(_Run(first_tile, t, r0, r1, start, step, int(index[first_tile, r0])))
+        first_tile = t
+    return tuple(merged)
+
+
 @functools.lru_cache(maxsize=64)
 def _plan_cpu(height: int, width: int, kernel_size: int, channels: int) -> _Plan:
     rows, cols = _tile_size(height, width, kernel_size, channels)
@@ -133,7 +221,31 @@ def _plan_cpu(height: int, width: int, kernel_size: int, channels: int) -> _Plan
     owned_positions = out_index.flatten()[owned_rows]
     assert torch.equal(owned_positions.sort().values, torch.arange(height * width))
     mask = owned.to(torch.float32).reshape(n_r * n_c, rows * cols, 1)
-    return _Plan((rows, cols), span_r * span_c, out_index, src_index, slot_column, owned_rows, owned_positions, mask)
+    blocks = {
+        owned_only: tuple(
+            (run_r, run_c)
+            for run_r in _axis_runs(height, rows, kernel_size, owned_only)
+            for run_c in _axis_runs(width, cols, kernel_size, owned_only)
+        )
+        for owned_only in (False, True)
+    }
+    return _Plan(
+        (rows, cols),
+        span_r * span_c,
+        out_index,
+        src_index,
+        slot_column,
+        owned_rows,
+        owned_positions,
+        mask,
+        reference.rpb_index(height, width, kernel_size).flatten(),
+        kernel_size,
+        width,
+        (n_r, n_c),
+        (span_r, span_c),
+        blocks[False],
+        blocks[True],
+    )
 
 
 def _plan(height: int, width: int, kernel_size: int, channels: int, device: torch.device) -> _Plan:
@@ -151,7 +263,12 @@ def _plan_on(plan: _Plan, device: torch.device) -> _Plan:
         for name in plan.__dataclass_fields__
         if isinstance(getattr(plan, name), torch.Tensor)
     }
-    return _Plan(plan.tile, plan.region, **moved)
+    fixed = {
+        name: getattr(plan, name)
+        for name in plan.__dataclass_fields__
+        if not isinstance(getattr(plan, name), torch.Tensor)
+    }
+    return _Plan(**fixed, **moved)
 
 
 def _chunk_rows(
@@ -166,7 +283,8 @@ def _chunk_rows(
     kk = kernel_size * kernel_size
     per_row = tiles * tile_rows * plan.region * 2  # dense tile matrix and its gradient
     per_row += tiles * plan.region * channels * 2  # gathered regions and their gradient
-    per_row += height * width * kk * 3 + tiles * tile_rows * (kk * 2 + channels * 2)  # probabilities, tile copies
+    # probabilities and their copies (a bound: the slots no longer pass through a tile layout)
+    per_row += height * width * kk * 3 + tiles * tile_rows * (kk * 2 + channels * 2)
     inputs = rows * height * width * (kk + channels) * itemsize
     budget = min(CHUNK_BYTES, max(MIN_CHUNK_BYTES, INPUT_MULTIPLE * inputs)) // workers
     chunk = max(1, min(rows, budget // (per_row * itemsize)))
@@ -228,13 +346,54 @@ def _run_chunks(work: Callable[[int, int], object], shapes: _Shapes) -> list[obj
         torch.set_num_threads(threads)
 
 
-def _dense_tiles(probs: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """(n, HW, K*K) probabilities -> (n, T, R*S, region) dense per-tile aggregation matrices."""
-    rows = probs.shape[0]
-    tiles, tile_rows = plan.out_index.shape
-    per_tile = probs[:, plan.out_index]  # (n, T, R*S, K*K)
-    dense = probs.new_zeros(rows, tiles, tile_rows, plan.region)
-    return dense.scatter_(3, plan.slot_column.expand(rows, -1, -1, -1), per_tile)
+def _dense_tiles(probs: torch.Tensor, plan: _Plan, buffers: _DenseBuffers | None = None) -> torch.Tensor:
+    """(n, HW, K*K) probabilities -> (n, T, R*S, region) dense per-tile aggregation matrices (zero off-window).
+
+    In a fresh zero tensor, or in the calling thread's buffer of `buffers` (zero off-window already).
+    """
+    if buffers is None:
+        tiles, tile_rows = plan.out_index.shape
+        dense = probs.new_zeros(probs.shape[0], tiles, tile_rows, plan.region)
+    else:
+        dense = buffers.get(probs.shape[0])
+    for slots, entries in _slot_views(dense, probs, plan, plan.blocks):
+        slots.copy_(entries)
+    return dense
+
+
+class _DenseBuffers:
+    """One zeroed (chunk, T, R*S, region) dense tile buffer per thread, for the chunks of one call.
+
+    Every chunk writes the same window slots (one plan), so the entries off the windows stay zero
+    after the first fill: a thread's chunks reuse its buffer instead of allocating and zeroing a
+    fresh one each (for 56x56 maps with K=13 that is one fill per thread instead of one per row).
+    Readers must not write to a buffer, and must be done with it before their thread's next chunk.
+    """
+
+    def __init__(self, shapes: _Shapes) -> None:
+        tiles, tile_rows = shapes.plan.out_index.shape
+        self.shape = (shapes.chunk, tiles, tile_rows, shapes.plan.region)
+        self.dtype = shapes.dtype
+        self.device = shapes.plan.out_index.device
+        self.local = threading.local()
+
+    def get(self, rows: int) -> torch.Tensor:
+        buffer = getattr(self.local, "buffer", None)
+        if buffer is None:
+            buffer = self.local.buffer = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        return buffer[:rows]
+
+
+def _read_slots(dense: torch.Tensor, plan: _Plan, out: torch.Tensor) -> None:
+    """out (n, HW, K*K) = the window slots of dense (n, T, R*S, region), each position from its owning tile row."""
+    for slots, entries in _slot_views(dense, out, plan, plan.owned_blocks):
+        entries.copy_(slots)
+
+
+def _gather_rows(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """rows[:, index] for (n, HW, d) rows and a (T, m) index: (n, T, m, d), by index_select (several
+    times faster than advanced indexing on CPU)."""
+    return rows.index_select(1, index.flatten()).view(rows.shape[0], *index.shape, rows.shape[-1])
 
 
 def _untile(tiled: torch.Tensor, plan: _Plan, out: torch.Tensor) -> None:
@@ -243,10 +402,72 @@ def _untile(tiled: torch.Tensor, plan: _Plan, out: torch.Tensor) -> None:
     out.index_copy_(1, plan.owned_positions, rows)
 
 
+def _slot_views(
+    dense: torch.Tensor, rows: torch.Tensor, plan: _Plan, blocks: tuple[tuple[_Run, _Run], ...]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Pairs of equal-shape strided views: the window slots in dense (n, T, R*S, region) tile
+    matrices, and the same entries of (n, HW, K*K) rows, one pair per block of the plan.
+
+    Copying (or adding) one view into the other moves every window slot between the two layouts:
+    the block-copy form of `slot_column` (a scatter/gather per entry), a few strided copies per chunk.
+    Both views are (n, tiles down, tiles across, rows, cols, K, K); `dense` must be contiguous.
+    """
+    kernel_size = plan.kernel_size
+    n_c = plan.grid[1]
+    span_c = plan.span[1]
+    tile_c = plan.tile[1]
+    d_n, d_tile, d_row = dense.stride()[:3]
+    x_n, x_pos, x_slot = rows.stride()
+    width = plan.width
+    views = []
+    for run_r, run_c in blocks:
+        size = (
+            dense.shape[0],
+            run_r.t1 - run_r.t0,
+            run_c.t1 - run_c.t0,
+            run_r.r1 - run_r.r0,
+            run_c.r1 - run_c.r0,
+            kernel_size,
+            kernel_size,
+        )
+        dense_stride = (
+            d_n,
+            n_c * d_tile,
+            d_tile,
+            tile_c * d_row + run_r.step * span_c,
+            d_row + run_c.step,
+            span_c,
+            1,
+        )
+        dense_offset = (
+            (run_r.t0 * n_c + run_c.t0) * d_tile
+            + (run_r.r0 * tile_c + run_c.r0) * d_row
+            + run_r.local * span_c
+            + run_c.local
+        )
+        rows_stride = (
+            x_n,
+            plan.tile[0] * width * x_pos,
+            tile_c * x_pos,
+            width * x_pos,
+            x_pos,
+            kernel_size * x_slot,
+            x_slot,
+        )
+        rows_offset = (run_r.position * width + run_c.position) * x_pos
+        views.append(
+            (
+                dense.as_strided(size, dense_stride, dense.storage_offset() + dense_offset),
+                rows.as_strided(size, rows_stride, rows.storage_offset() + rows_offset),
+            )
+        )
+    return views
+
+
 class _Shapes:
     """Flattened views shared by the four entry points: (B*h, HW, ...) rows in the compute dtype."""
 
-    def __init__(self, value: torch.Tensor, kernel_size: int, *others: torch.Tensor) -> None:
+    def __init__(self, value: torch.Tensor, kernel_size: int, *others: torch.Tensor, forward: bool = False) -> None:
         self.batch, self.heads, self.height, self.width, self.channels = value.shape
         self.rows = self.batch * self.heads
         self.positions = self.height * self.width
@@ -258,7 +479,18 @@ class _Shapes:
         self.chunk = _chunk_rows(
             self.rows, self.plan, self.height, self.width, kernel_size, self.channels, itemsize, self.workers
         )
-        self.head_of_row = torch.arange(self.rows, device=value.device) % self.heads
+        if forward:  # a forward chunk's dense matrices and weights stay about cache-sized
+            tiles, tile_rows = self.plan.out_index.shape
+            per_row = (tiles * tile_rows * self.plan.region + self.positions * self.kk) * itemsize
+            self.chunk = max(1, min(self.chunk, FORWARD_CHUNK_BYTES // per_row))
+        # The same number of chunks, evenly filled, in whole batch entries where a chunk holds a
+        # batch entry's rows (so the bias is added by a broadcast, not a gather).
+        if self.chunk >= self.heads:
+            chunks = -(-self.batch // (self.chunk // self.heads))
+            self.chunk = -(-self.batch // chunks) * self.heads
+        else:  # a divisor of heads: no chunk straddles two batch entries (the bias is a slice)
+            self.chunk = max(d for d in range(1, self.chunk + 1) if self.heads % d == 0)
+        self.head_of_row = torch.arange(self.rows, device=value.device) % self.heads  # (for cpu_neighborhood)
 
     def flat(self, tensor: torch.Tensor) -> torch.Tensor:
         """(B, h, H, W, d) -> (B*h, HW, d); a copy only where the layout or dtype requires one."""
@@ -273,51 +505,57 @@ class _Shapes:
         return torch.empty(value.shape, dtype=self.dtype, device=value.device)
 
 
-def _softmax_rows(
-    logits: torch.Tensor, bias: torch.Tensor, start: int, stop: int, shapes: _Shapes
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(logits + bias) of rows [start, stop) as one fresh (n, HW, K*K) tensor, and its (n, HW) log-sum-exp."""
-    probs = bias.index_select(0, shapes.head_of_row[start:stop])
-    probs += logits[start:stop]
-    peak = probs.amax(dim=-1, keepdim=True)
-    probs -= peak
-    probs.exp_()
-    total = probs.sum(dim=-1, keepdim=True)
-    probs /= total
-    return probs, (peak + total.log_()).squeeze(-1)
-
-
-def _saved_softmax_rows(
-    logits: torch.Tensor, bias: torch.Tensor, lse: torch.Tensor, start: int, stop: int, shapes: _Shapes
-) -> torch.Tensor:
-    """The same probabilities rebuilt from the forward's log-sum-exp: exp(logits + bias - lse), one pass."""
-    probs = bias.index_select(0, shapes.head_of_row[start:stop])
-    probs += logits[start:stop]
-    probs -= lse[start:stop].unsqueeze(-1)
-    return probs.exp_()
-
-
-def _flat_bias(rpb: torch.Tensor, shapes: _Shapes, kernel_size: int) -> torch.Tensor:
+def _flat_bias(rpb: torch.Tensor, shapes: _Shapes) -> torch.Tensor:
     """(h, 2K-1, 2K-1) -> (h, HW, K*K) bias of every window slot, in the compute dtype."""
-    gathered = reference.gather_rpb(rpb.to(shapes.dtype), shapes.height, shapes.width, kernel_size)
-    return gathered.reshape(shapes.heads, shapes.positions, shapes.kk)
+    gathered = rpb.to(shapes.dtype).flatten(1).index_select(1, shapes.plan.bias_index)  # = reference.gather_rpb
+    return gathered.view(shapes.heads, shapes.positions, shapes.kk)
 
 
-def _aggregate_rows(probs: torch.Tensor, value: torch.Tensor, plan: _Plan, out: torch.Tensor) -> None:
+def _biased_rows(logits: torch.Tensor, bias: torch.Tensor, start: int, stop: int, shapes: _Shapes) -> torch.Tensor:
+    """logits + bias of rows [start, stop) at the window slots, one fresh (n, HW, K*K) tensor.
+
+    The bias is broadcast over whole batch entries, or sliced for rows within one batch entry
+    (`_Shapes` makes every chunk one or the other): never gathered by head.
+    """
+    batch = _per_head(shapes, start, stop)
+    if batch:
+        rows = logits[start:stop].reshape(batch, shapes.heads, shapes.positions, shapes.kk)
+        return torch.add(rows, bias).view(stop - start, shapes.positions, shapes.kk)
+    first = start % shapes.heads
+    assert first + stop - start <= shapes.heads, "chunks hold whole batch entries or rows of one"
+    return torch.add(logits[start:stop], bias[first : first + stop - start])
+
+
+def _per_head(shapes: _Shapes, start: int, stop: int) -> int:
+    """Whole batch entries in rows [start, stop) (they are (batch, head) rows): their count, else 0."""
+    rows = stop - start
+    return rows // shapes.heads if start % shapes.heads == 0 and rows % shapes.heads == 0 else 0
+
+
+def _aggregate_dense(dense: torch.Tensor, value: torch.Tensor, plan: _Plan, out: torch.Tensor) -> None:
+    """out = dense tile matrices @ value regions for a chunk of rows; one product straight into out for a whole-map tile."""
+    if plan.whole:
+        torch.matmul(dense[:, 0], value, out=out)
+    else:
+        _untile(torch.matmul(dense, _gather_rows(value, plan.src_index)), plan, out)
+
+
+def _aggregate_rows(
+    probs: torch.Tensor, value: torch.Tensor, plan: _Plan, out: torch.Tensor, buffers: _DenseBuffers | None = None
+) -> None:
     """out[n] = NA(probs[n], value[n]) for a chunk of rows (all (n, HW, .) in the compute dtype)."""
-    dense = _dense_tiles(probs, plan)
-    regions = value[:, plan.src_index]  # (n, T, region, c)
-    _untile(torch.matmul(dense, regions), plan, out)
+    _aggregate_dense(_dense_tiles(probs, plan, buffers), value, plan, out)
 
 
 def aggregate_forward(probs: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    shapes = _Shapes(value, kernel_size, probs)
+    shapes = _Shapes(value, kernel_size, probs, forward=True)
     p, v = shapes.flat(probs), shapes.flat(value).to(shapes.dtype)
     result = shapes.new_output(value)
     out = shapes.flat(result)
+    buffers = _DenseBuffers(shapes)
     _run_chunks(
         lambda start, stop: _aggregate_rows(
-            p[start:stop].to(shapes.dtype), v[start:stop], shapes.plan, out[start:stop]
+            p[start:stop].to(shapes.dtype), v[start:stop], shapes.plan, out[start:stop], buffers
         ),
         shapes,
     )
@@ -327,39 +565,66 @@ def aggregate_forward(probs: torch.Tensor, value: torch.Tensor, kernel_size: int
 def contmix_forward(
     logits: torch.Tensor, rpb: torch.Tensor, value: torch.Tensor, kernel_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    shapes = _Shapes(value, kernel_size, logits, rpb)
-    bias = _flat_bias(rpb, shapes, kernel_size)
+    """The output and the log-sum-exp of every position (saved for the backward).
+
+    The aggregation multiplies the unnormalised exp(z - peak) and divides the (n, HW, c) result
+    by their sum: c divisions per position instead of K*K.
+    """
+    shapes = _Shapes(value, kernel_size, logits, rpb, forward=True)
+    plan = shapes.plan
+    bias = _flat_bias(rpb, shapes)
     z, v = shapes.flat(logits), shapes.flat(value).to(shapes.dtype)
     result = shapes.new_output(value)
     out = shapes.flat(result)
     lse = torch.empty(value.shape[:4], dtype=shapes.dtype, device=value.device)
     lse_rows = lse.view(shapes.rows, shapes.positions)
+    buffers = _DenseBuffers(shapes)
 
     def work(start: int, stop: int) -> None:
-        probs, lse_rows[start:stop] = _softmax_rows(z, bias, start, stop, shapes)
-        _aggregate_rows(probs, v[start:stop], shapes.plan, out[start:stop])
+        weights = _biased_rows(z, bias, start, stop, shapes)
+        peak = weights.amax(dim=-1, keepdim=True)
+        weights -= peak
+        weights.exp_()
+        total = weights.sum(dim=-1, keepdim=True)
+        _aggregate_rows(weights, v[start:stop], plan, out[start:stop], buffers)
+        out[start:stop] /= total
+        lse_rows[start:stop] = (peak + total.log_()).squeeze(-1)
 
     _run_chunks(work, shapes)
     return result.to(value.dtype), lse
 
 
+def _dense_backward(
+    grad: torch.Tensor, dense: torch.Tensor, value: torch.Tensor, plan: _Plan, dvalue: torch.Tensor
+) -> torch.Tensor:
+    """For a chunk of rows with dense tile matrices `dense`: add the value gradient into dvalue
+    (n, HW, c; zeros, or any contents for a whole-map tile, which overwrites it), return
+    d dense = grad @ region^T (n, T, R*S, region).
+
+    dvalue[region] += dense^T @ grad; for a whole-map tile that is one product, else tile rows
+    that do not own their position are masked out (overlapping edge tiles count once) and the
+    regions are index-added back.
+    """
+    if plan.whole:
+        torch.matmul(dense[:, 0].transpose(-1, -2), grad, out=dvalue)  # every position once: no accumulation
+        return torch.matmul(grad, value.transpose(-1, -2)).unsqueeze(1)
+    grad_tiles = _gather_rows(grad, plan.out_index)  # (n, T, R*S, c)
+    dregions = torch.matmul(dense.transpose(-1, -2), grad_tiles * plan.owned_mask)
+    dvalue.index_add_(1, plan.src_index.flatten(), dregions.flatten(1, 2))
+    del dregions
+    return torch.matmul(grad_tiles, _gather_rows(value, plan.src_index).transpose(-1, -2))
+
+
 def _backward_rows(
     grad: torch.Tensor, probs: torch.Tensor, value: torch.Tensor, plan: _Plan, dvalue: torch.Tensor
 ) -> torch.Tensor:
-    """For a chunk of rows: add the value gradient into dvalue, return d probs in tile layout.
+    """For a chunk of rows: the value gradient into dvalue (see `_dense_backward`), d probs in tile layout (n, T, R*S, K*K).
 
-    dvalue[region] += dense^T @ grad (tile rows that do not own their position are masked out, so
-    overlapping edge tiles count once); d dense = grad @ region^T, read back at the window slots.
+    (The tile layout is what cpu_neighborhood.py consumes; `aggregate_backward` reads the slots
+    straight into position layout instead.)
     """
-    rows = probs.shape[0]
-    dense = _dense_tiles(probs, plan)
-    grad_tiles = grad[:, plan.out_index]  # (n, T, R*S, c)
-    regions = value[:, plan.src_index]  # (n, T, region, c)
-    dregions = torch.matmul(dense.transpose(-1, -2), grad_tiles * plan.owned_mask)
-    dvalue.index_add_(1, plan.src_index.flatten(), dregions.flatten(1, 2))
-    del dense, dregions
-    ddense = torch.matmul(grad_tiles, regions.transpose(-1, -2))  # (n, T, R*S, region)
-    return ddense.gather(3, plan.slot_column.expand(rows, -1, -1, -1))  # (n, T, R*S, K*K)
+    ddense = _dense_backward(grad, _dense_tiles(probs, plan), value, plan, dvalue)
+    return ddense.gather(3, plan.slot_column.expand(probs.shape[0], -1, -1, -1))
 
 
 def aggregate_backward(
@@ -369,16 +634,14 @@ def aggregate_backward(
     g, p, v = (shapes.flat(t) for t in (grad, probs, value))
     dvalue = torch.zeros(shapes.rows, shapes.positions, shapes.channels, dtype=shapes.dtype, device=value.device)
     dprobs = torch.empty(shapes.rows, shapes.positions, shapes.kk, dtype=probs.dtype, device=value.device)
+    buffers = _DenseBuffers(shapes)
 
     def work(start: int, stop: int) -> None:
-        dp = _backward_rows(
-            g[start:stop].to(shapes.dtype),
-            p[start:stop].to(shapes.dtype),
-            v[start:stop].to(shapes.dtype),
-            shapes.plan,
-            dvalue[start:stop],
+        dense = _dense_tiles(p[start:stop].to(shapes.dtype), shapes.plan, buffers)
+        ddense = _dense_backward(
+            g[start:stop].to(shapes.dtype), dense, v[start:stop].to(shapes.dtype), shapes.plan, dvalue[start:stop]
         )
-        _untile(dp.to(probs.dtype), shapes.plan, dprobs[start:stop])
+        _read_slots(ddense, shapes.plan, dprobs[start:stop])
 
     _run_chunks(work, shapes)
     return dprobs.view(probs.shape), dvalue.view(value.shape).to(value.dtype)
@@ -396,38 +659,38 @@ def contmix_backward(
     """Rebuilds the probabilities per chunk from the saved log-sum-exp; d logits = p * (dp - D).
 
     D = sum_s p_s dp_s equals grad . out (out = sum_s p_s v_s), a c-long dot product per position
-    instead of a K*K one. The bias gradient first sums d logits per head over the batch (an
-    (h, HW, K*K) buffer, 1/B of the logits), then folds that into the (2K-1)^2 table once at the end.
+    instead of a K*K one. The bias gradient sums d logits per head over the batch once at the end
+    (an (h, HW, K*K) buffer, 1/B of the logits), then folds that into the (2K-1)^2 table.
     """
     shapes = _Shapes(value, kernel_size, logits, rpb, grad)
-    bias = _flat_bias(rpb, shapes, kernel_size)
+    plan = shapes.plan
     g, z, v, o = shapes.flat(grad), shapes.flat(logits), shapes.flat(value), shapes.flat(out)
     lse = lse.reshape(shapes.rows, shapes.positions)
-    plan = shapes.plan
     dvalue = torch.zeros(shapes.rows, shapes.positions, shapes.channels, dtype=shapes.dtype, device=value.device)
     dlogits = torch.empty(shapes.rows, shapes.positions, shapes.kk, dtype=shapes.dtype, device=value.device)
+    bias = _flat_bias(rpb, shapes)
+    buffers = _DenseBuffers(shapes)
 
-    def work(start: int, stop: int) -> torch.Tensor:
-        """The chunk's rows of dlogits and dvalue; returns its (h, HW, K*K) share of the bias gradient."""
+    def work(start: int, stop: int) -> None:
+        """The chunk's rows of dlogits and dvalue."""
         grad_rows = g[start:stop].to(shapes.dtype)
-        probs = _saved_softmax_rows(z, bias, lse, start, stop, shapes)
-        dprobs = _backward_rows(grad_rows, probs, v[start:stop].to(shapes.dtype), plan, dvalue[start:stop])
-        _untile(dprobs, plan, dlogits[start:stop])
-        del dprobs
+        probs = _biased_rows(z, bias, start, stop, shapes)
+        probs -= lse[start:stop].to(shapes.dtype).unsqueeze(-1)
+        probs.exp_()
+        dense = _dense_tiles(probs, plan, buffers)
+        ddense = _dense_backward(grad_rows, dense, v[start:stop].to(shapes.dtype), plan, dvalue[start:stop])
+        del dense
         dz = dlogits[start:stop]
+        _read_slots(ddense, plan, dz)
+        del ddense
         # softmax backward in place: dz = p * (dp - D), D = grad . out
         dz -= torch.linalg.vecdot(grad_rows, o[start:stop].to(shapes.dtype)).unsqueeze(-1)
         dz *= probs
-        del probs
-        return torch.zeros_like(bias).index_add_(0, shapes.head_of_row[start:stop], dz)
 
-    partial = _run_chunks(work, shapes)
-    dbias = partial[0]
-    for share in partial[1:]:
-        dbias += share
-    index = reference.rpb_index(shapes.height, shapes.width, kernel_size, rpb.device).flatten()
+    _run_chunks(work, shapes)
+    dbias = dlogits.view(shapes.batch, shapes.heads, shapes.positions, shapes.kk).sum(0)
     drpb = torch.zeros(shapes.heads, rpb[0].numel(), dtype=shapes.dtype, device=rpb.device)
-    drpb.index_add_(1, index, dbias.reshape(shapes.heads, -1))
+    drpb.index_add_(1, plan.bias_index, dbias.view(shapes.heads, -1))
     return (
         dlogits.view(logits.shape).to(logits.dtype),
         drpb.view(rpb.shape).to(rpb.dtype),

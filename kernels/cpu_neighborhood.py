@@ -53,7 +53,7 @@ def _prepare(query, key, value, rpb, kernel_size, *others):
     shapes = cpu._Shapes(value, kernel_size, query, key, *extra, *others)
     bias = None
     if rpb is not None:
-        bias = cpu._flat_bias(rpb, shapes, kernel_size)
+        bias = cpu._flat_bias(rpb, shapes)
     q, k, v = (shapes.flat(t).to(shapes.dtype) for t in (query, key, value))
     return shapes, bias, q, k, v
 

@@ -215,6 +215,72 @@ def test_cpu_chunking_over_batch_and_heads_accumulates_bias_gradient(monkeypatch
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("height", "width", "k", "tile"),
+    [
+        (14, 14, 13, None),
+        (7, 7, 5, None),
+        (14, 14, 5, None),
+        (28, 28, 13, None),
+        (11, 9, 5, (4, 4)),
+        (9, 11, 3, (2, 3)),
+    ],
+)
+def test_cpu_block_views_move_the_window_slots_of_the_index_plan(monkeypatch, height, width, k, tile):
+    """The strided block views (_slot_views) against the plan's per-entry index (slot_column): the same
+    dense tile matrices, and the same slots read back, each position from its owning tile row."""
+    if tile is not None:
+        monkeypatch.setattr(cpu, "_tile_size", lambda *args: tile)
+    cpu._plan_cpu.cache_clear()
+    try:
+        plan = cpu._plan_cpu(height, width, k, 4)
+    finally:
+        cpu._plan_cpu.cache_clear()
+    rows = torch.randn(3, height * width, k * k, dtype=torch.float64)
+    tiles, tile_rows = plan.out_index.shape
+    want = rows.new_zeros(3, tiles, tile_rows, plan.region)
+    want.scatter_(3, plan.slot_column.expand(3, -1, -1, -1), rows[:, plan.out_index])
+    assert torch.equal(cpu._dense_tiles(rows, plan), want)
+    assert torch.equal(cpu._dense_tiles(rows.transpose(0, 1).contiguous().transpose(0, 1), plan), want)
+    back = torch.full_like(rows, float("nan"))
+    cpu._read_slots(want, plan, back)
+    assert torch.equal(back, rows)
+    assert plan.whole == (tiles == 1 and plan.region == height * width)
+
+
+@pytest.mark.parametrize(
+    ("shape", "whole"),
+    [((4, 4, 14, 14, 5, 13), True), ((3, 3, 7, 7, 4, 5), True), ((4, 4, 14, 14, 5, 5), False)],
+    ids=["14x14_K13_one_tile", "7x7_K5_one_tile", "14x14_K5_tiles"],
+)
+@pytest.mark.parametrize("chunk_rows", [None, 1, 3, 8], ids=["budget", "rows_1", "rows_3", "rows_8"])
+def test_cpu_whole_map_and_tiled_paths_match_reference_in_float64(monkeypatch, shape, whole, chunk_rows):
+    """The one-tile path (products straight into the output) and the tiled path (gathers and
+    untiling), with chunks of whole batch entries (bias by broadcast) and of rows within one batch
+    entry (bias by slice; 3 rows become 2 of 4 heads): ContMix and the aggregation, forward and gradients."""
+    if chunk_rows is not None:
+        monkeypatch.setattr(cpu, "_chunk_rows", lambda *args, **kwargs: chunk_rows)
+    batch, heads, height, width, channels, k = shape
+    assert cpu._plan_cpu(height, width, k, channels).whole == whole
+    logits, rpb, value, grad = (t.double() for t in make_inputs(*shape))
+    chunk = cpu._Shapes(value, k, logits).chunk
+    if chunk_rows is not None:
+        assert chunk % heads == 0 if chunk_rows >= heads else heads % chunk == 0 and chunk < heads
+    out, grads = grads_of(lambda a, b, c: kernels.contmix(a, b, c, k, backend="cpu"), (logits, rpb, value), grad)
+    ref_out, ref_grads = grads_of(lambda a, b, c: reference.contmix(a, b, c, k), (logits, rpb, value), grad)
+    assert_close(out, ref_out, atol=1e-12)
+    for name, got, want in zip(("logits", "rpb", "value"), grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-11, rtol=1e-11, msg=name)
+    _, lse = torch.ops.overlock.contmix(logits, rpb, value, k, "cpu")
+    torch.testing.assert_close(lse, reference.biased_logits(logits, rpb, k).logsumexp(-1), atol=1e-12, rtol=0)
+    probs = reference.probabilities(logits, rpb, k)
+    out, grads = grads_of(lambda p, v: kernels.aggregate(p, v, k, backend="cpu"), (probs, value), grad)
+    ref_out, ref_grads = grads_of(lambda p, v: reference.aggregate(p, v, k), (probs, value), grad)
+    assert_close(out, ref_out, atol=1e-12)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-11, rtol=1e-11)
+
+
 def test_cpu_tile_choice_avoids_window_copies_at_focus_net_shapes():
     """At 224 input the whole map is one tile (one dense product per head); larger maps get tiles
     whose gathered regions stay far below the K*K copies of the unfold algorithm."""
