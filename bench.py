@@ -252,6 +252,22 @@ def device_name(device: torch.device) -> str:
     return "CPU"
 
 
+def warm_up(step: Callable[[], object], settings: BenchSettings) -> None:
+    """One untimed call; with --compile, a compiler failure is the user's one-screen error, not a traceback
+    (the compiler's own messages stay above it in the log)."""
+    if not settings.compile:
+        step()
+        return
+    try:
+        step()
+    except Exception as exc:  # torch._dynamo / inductor errors have no common public base class
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise OverlockError(
+            f"--compile: torch.compile failed ({type(exc).__name__}: {reason[:300]}); "
+            "run without --compile to measure the eager model"
+        ) from None
+
+
 def bench(model: nn.Module, settings: BenchSettings, name: str = "", num_classes: int | None = None) -> BenchResult:
     """Measure `model` as `settings` say (the model is changed in place: mode, device, form).
 
@@ -265,7 +281,7 @@ def bench(model: nn.Module, settings: BenchSettings, name: str = "", num_classes
         model = prepare(model, settings)
         step = make_step(model, settings, num_classes)
         for _ in range(max(1, settings.warmup)):
-            step()
+            warm_up(step, settings)
         times = timed(step, device, settings.reps, settings.budget_s)
         memory = PeakMemory(device)
         peak = memory.measure(step)

@@ -304,8 +304,9 @@ class _Recompute:
     stride: tuple[int, ...]
 
 
-@contextlib.contextmanager
-def recompute_saved(tensor: torch.Tensor, recipe: Callable[[], torch.Tensor]) -> Iterator[None]:
+def recompute_saved(
+    tensor: torch.Tensor, recipe: Callable[[], torch.Tensor]
+) -> contextlib.AbstractContextManager[None]:
     """Ops run inside that save `tensor` for their backward keep `recipe` instead, and call it then.
 
     For activations that are cheap to recompute from tensors the graph keeps anyway (a GELU's
@@ -314,14 +315,20 @@ def recompute_saved(tensor: torch.Tensor, recipe: Callable[[], torch.Tensor]) ->
     run, and one full activation map per use is not held between forward and backward.
     """
     # Meta tensors (estimates) have no data pointer to tell them apart; torch.compile plans what
-    # to keep and what to recompute itself (and would compile every recipe as a graph of its own).
+    # to keep and what to recompute itself (and breaks its graph at saved-tensor hooks), so it gets
+    # a plain nullcontext, which it traces through.
     if (
-        not (RECOMPUTE_SAVED.get() and tensor.requires_grad and torch.is_grad_enabled())
+        torch.compiler.is_compiling()  # first: dynamo cannot trace ContextVar.get
+        or not (RECOMPUTE_SAVED.get() and tensor.requires_grad and torch.is_grad_enabled())
         or tensor.is_meta
-        or torch.compiler.is_compiling()
     ):
-        yield
-        return
+        return contextlib.nullcontext()
+    return _recomputed(tensor, recipe)
+
+
+@contextlib.contextmanager
+def _recomputed(tensor: torch.Tensor, recipe: Callable[[], torch.Tensor]) -> Iterator[None]:
+    """The saved-tensor hooks of `recompute_saved`."""
     # The hooks live as long as the graph: they must not hold the tensor itself, only its identity.
     # The op may save a view of it (a 1x1 conv run as `F.linear` saves the (N, C) matrix view):
     # any tensor that starts at its first element and spans its elements is it, in another shape.
@@ -364,10 +371,10 @@ class ConvMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
-            not (torch.is_grad_enabled() and RECOMPUTE_SAVED.get())
+            torch.compiler.is_compiling()  # first: dynamo cannot trace ContextVar.get
+            or not (torch.is_grad_enabled() and RECOMPUTE_SAVED.get())
             or torch.jit.is_tracing()
             or exporting()
-            or torch.compiler.is_compiling()
         ):
             return self.fc2(self.grn(self.dwconv(self.act(self.fc1(x)))))
         hidden = self.fc1(x)

@@ -88,3 +88,17 @@ def test_grad_checkpoint_is_switched_on_where_the_model_has_it_and_refused_where
     plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
     with pytest.raises(OverlockError, match="set_grad_checkpointing"):
         bench(plain, settings, num_classes=10)
+
+
+def test_a_compiler_failure_is_a_clear_error_without_traceback(monkeypatch):
+    def broken_compile(model):
+        def compiled(*args):
+            raise RuntimeError("InductorError: cannot determine truth value of Relational\nlong internal stack")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    result = run("bench", "pico", *SMALL, "--compile")
+    assert result.exit_code == 2, result.output
+    assert "torch.compile failed (RuntimeError: InductorError" in result.output
+    assert "run without --compile" in result.output and "Traceback" not in result.output

@@ -279,3 +279,27 @@ def test_recomputation_runs_under_the_forwards_autocast_state():
             layers.RECOMPUTE_SAVED.reset(token)
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_training_mode_compiles_as_one_graph_with_the_eager_gradients():
+    """Under torch.compile the eager-only fast paths (recompute hooks, hand-written backward functions,
+    the custom depthwise op) step aside: one graph, no breaks, and the eager gradients."""
+    from overlock.builder import build
+
+    torch.manual_seed(0)
+    model = build("pico").train()
+    x = torch.randn(2, 3, 64, 64)
+
+    def grads(run):
+        model.zero_grad(set_to_none=True)
+        out = run(x)
+        (out["main"].square().sum() + out["aux"].square().sum()).backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    state = copy.deepcopy(model.state_dict())  # BN running statistics move with every training call
+    eager = grads(model)
+    model.load_state_dict(state)
+    torch._dynamo.reset()
+    compiled = grads(torch.compile(model, fullgraph=True, backend="aot_eager"))
+    for name, grad in eager.items():
+        torch.testing.assert_close(compiled[name], grad, rtol=1e-4, atol=1e-5, msg=name)
