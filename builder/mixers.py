@@ -160,11 +160,12 @@ class Stem(FoldingSequential):
 
     Every later layer keeps the layout it is given, and PyTorch's CPU convolutions (oneDNN) are
     much faster on channels_last data for the depthwise and full 3x3 convs of this family (a 3x3
-    depthwise conv on 224 x 56 x 56 maps: ~7x; the stem's convs ~2x), while the 1x1 convs and
+    depthwise conv on 224 x 56 x 56 maps: ~7x; the stem's convs 1.4-4x), while the 1x1 convs and
     element-wise ops run at the same speed either way. With an NCHW image the network starts in
     NCHW, and every concatenation, upsampling and reshape that meets an NCHW tensor drops back
     to it. The copy costs one pass over a 3-channel image. Measured on XT, batch 8, 224, one
-    thread (benchmarks/results/issue10_speed.md, round 3): inference ~1.06x, training step ~1.1x.
+    thread (`benchmarks/layers_ab.py`, round 3 of benchmarks/results/issue10_speed.md): inference
+    and training step 1.04x each.
     The values are the same convolutions', within float rounding. Not on other devices (nothing
     measured there), nor while a graph is traced or exported (a layout is no part of the model).
     Same module names and state dict as the plain `nn.Sequential` it replaces; in eval mode its
