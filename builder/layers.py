@@ -450,12 +450,12 @@ def _hooked(module: nn.Module) -> bool:
 
 
 def foldable_bn(conv: nn.Module, bn: nn.Module) -> bool:
-    """Whether `bn(conv(x))` may run as one conv with the BN folded in: an eval-mode BN with running
-    statistics after a plain conv, no hooks on either, and no tracer or exporter watching (fvcore
-    counts the BN's FLOPs; exported graphs keep the model's own structure)."""
+    """Whether `bn(conv(x))` may run as one convolution with the BN folded in (the caller knows how to
+    get the conv's kernel): an eval-mode BN with running statistics, no hooks on either module, and no
+    tracer or exporter watching (fvcore counts the BN's FLOPs; exported graphs keep the model's own
+    structure)."""
     return (
-        isinstance(conv, nn.Conv2d)
-        and isinstance(bn, nn.BatchNorm2d)
+        isinstance(bn, nn.BatchNorm2d)
         and not bn.training
         and bn.running_var is not None
         and not (torch.jit.is_tracing() or exporting() or _hooked(conv) or _hooked(bn))
@@ -477,7 +477,7 @@ class FoldingSequential(nn.Sequential):
         while index < len(modules):
             module = modules[index]
             follower = modules[index + 1] if index + 1 < len(modules) else None
-            if follower is not None and foldable_bn(module, follower):
+            if follower is not None and isinstance(module, nn.Conv2d) and foldable_bn(module, follower):
                 x = module._conv_forward(x, *fuse_bn(module.weight, follower, module.bias))
                 index += 2
             else:
@@ -577,10 +577,10 @@ def large_kernel_bn(conv: nn.Module, bn: nn.BatchNorm2d, x: torch.Tensor) -> tor
 
     The BN after the large kernel (Base-Net blocks, the Focus-Net LePE) is per-channel affine in
     eval mode, so it folds into the (already merged) kernel and bias: one pass over the map fewer
-    per block at inference. Training mode, other mixers and tracing (fvcore counts the BN's FLOPs)
-    run the two modules as they are.
+    per block at inference. Training mode, other mixers, hooks and tracing (`foldable_bn`) run the
+    two modules as they are.
     """
-    if bn.training or not isinstance(conv, DilatedRepConv) or torch.jit.is_tracing():
+    if not (isinstance(conv, DilatedRepConv) and foldable_bn(conv, bn)):
         return bn(conv(x))
     folded = conv.folded()
     if folded is None:
