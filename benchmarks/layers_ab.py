@@ -78,6 +78,12 @@ def stem_keeps_layout(self, x):
     return layers.FoldingSequential.forward(self, x)  # looked up at call time: may itself be patched
 
 
+def residual_not_in_place(skip, branch, scale, drop, res_scale):
+    if scale is None:
+        return skip + drop(branch)
+    return scale(skip) + drop(branch) if res_scale else skip + drop(scale(branch))
+
+
 def pointwise_as_conv(self, x, weight, bias):
     return torch.nn.Conv2d._conv_forward(self, x, weight, bias)
 
@@ -118,6 +124,7 @@ OLD = {
     "1x1 convs as conv2d": [(layers.Pointwise, "_conv_forward", pointwise_as_conv)],
     "DilatedRepConv keeps branch outputs": [(layers.DilatedRepConv, "forward", branch_outputs_kept)],
     "conv -> BN not folded in eval": [(layers.FoldingSequential, "forward", torch.nn.Sequential.forward)],
+    "residual sum not in place": [(blocks, "residual", residual_not_in_place)],
 }
 # Everything the second round of issue 10 changed, put back at once (the code of the first round).
 OLD["before round 2 (the 5 above)"] = [
@@ -134,10 +141,11 @@ OLD["before round 2 (the 5 above)"] = [
 ROUND_3 = (
     "input stays NCHW",
     "1x1 convs as conv2d",
-    "DilatedRepConv keeps branch outputs",
+    "DilatedRepConv keeps branch outputs",  # and sums them out of place
     "conv -> BN not folded in eval",
+    "residual sum not in place",
 )
-OLD["before round 3 (the 4 above)"] = [patch for name in ROUND_3 for patch in OLD[name]]
+OLD["before round 3 (the 5 above)"] = [patch for name in ROUND_3 for patch in OLD[name]]
 # Variants that replace an attribute another variant replaces too stay out of "all old" (the code
 # before issue 10).
 SAME_ATTRIBUTE = (
@@ -145,7 +153,7 @@ SAME_ATTRIBUTE = (
     "GRN autograd backward",
     "before round 2 (the 5 above)",
     "DilatedRepConv keeps branch outputs",
-    "before round 3 (the 4 above)",
+    "before round 3 (the 5 above)",
 )
 ALL_OLD = [patch for name, patches in OLD.items() if name not in SAME_ATTRIBUTE for patch in patches]
 

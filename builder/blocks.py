@@ -25,7 +25,8 @@ def residual(
     """LS(skip) + drop(branch) with residual scaling (reference), else skip + drop(LS(branch))."""
     if scale is None:
         return skip + drop(branch)
-    return scale(skip) + drop(branch) if res_scale else skip + drop(scale(branch))
+    # scale(skip) is a fresh tensor that no backward needs: the sum goes into it in place.
+    return scale(skip).add_(drop(branch)) if res_scale else skip + drop(scale(branch))
 
 
 def _maybe(module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:

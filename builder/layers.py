@@ -523,7 +523,7 @@ class DilatedRepConv(nn.Module):
             # there from x instead (a small depthwise conv), so a block holds one map instead of
             # one per branch (six fewer for K >= 13). Same op on the same inputs: same gradients.
             with recompute_saved(small, conv):
-                out = out + branch.bn(small)
+                out = out.add_(branch.bn(small))  # in place: `out` is this loop's own sum, saved by nothing
         return out
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor] | None:
