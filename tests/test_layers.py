@@ -146,9 +146,9 @@ def test_grn_hand_written_backward_equals_autograd_of_the_formula(channels_last)
         torch.testing.assert_close(out, grn(x))
 
 
-def test_conv_mlp_recomputes_two_hidden_maps_with_identical_gradients():
-    mlp = _randomise(layers.ConvMLP(6, 24, 6)).train()
-    x = torch.randn(2, 6, 11, 9).contiguous(memory_format=torch.channels_last).requires_grad_()
+def _assert_recomputes(module: torch.nn.Module, x: torch.Tensor, count: int) -> None:
+    """`module` keeps `count` recipes instead of tensors (none held by the graph, each called once in
+    the backward), and its outputs and gradients are bit for bit those of the run that keeps them."""
     recomputed = []
     original = layers.recompute_saved
 
@@ -158,54 +158,35 @@ def test_conv_mlp_recomputes_two_hidden_maps_with_identical_gradients():
 
     layers.recompute_saved = spy
     try:
-        out = mlp(x)
+        out = module(x)
     finally:
         layers.recompute_saved = original
-    assert len(recomputed) == 2 and all(ref() is None for ref in recomputed)  # not held by the graph
+    assert len(recomputed) == count and all(ref() is None for ref in recomputed)  # not held by the graph
     grad = torch.randn_like(out)
-    ours = torch.autograd.grad(out, [x, *mlp.parameters()], grad)
-    assert recomputed.count("called") == 2
+    ours = torch.autograd.grad(out, [x, *module.parameters()], grad)
+    assert recomputed.count("called") == count
     token = layers.RECOMPUTE_SAVED.set(False)
     try:
-        plain = mlp(x)
-        theirs = torch.autograd.grad(plain, [x, *mlp.parameters()], grad)
+        plain = module(x)
+        theirs = torch.autograd.grad(plain, [x, *module.parameters()], grad)
     finally:
         layers.RECOMPUTE_SAVED.reset(token)
     torch.testing.assert_close(out, plain, rtol=0, atol=0)
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_conv_mlp_recomputes_two_hidden_maps_with_identical_gradients():
+    mlp = _randomise(layers.ConvMLP(6, 24, 6)).train()
+    x = torch.randn(2, 6, 11, 9).contiguous(memory_format=torch.channels_last).requires_grad_()
+    _assert_recomputes(mlp, x, count=2)
 
 
 def test_dilated_rep_conv_recomputes_its_branch_outputs_with_identical_gradients():
     """The branches' BNs keep a recipe, not the branch output: the same gradients, bit for bit."""
     layer = _randomise(DilatedRepConv(4, 13)).train()
     x = torch.randn(2, 4, 15, 14).contiguous(memory_format=torch.channels_last).requires_grad_()
-    recomputed = []
-    original = layers.recompute_saved
-
-    def spy(tensor, recipe):
-        recomputed.append(weakref.ref(tensor))
-        return original(tensor, lambda: (recomputed.append("called"), recipe())[1])
-
-    layers.recompute_saved = spy
-    try:
-        out = layer(x)
-    finally:
-        layers.recompute_saved = original
-    branches = len(layer.branches)
-    assert len(recomputed) == branches and all(ref() is None for ref in recomputed)  # not held by the graph
-    grad = torch.randn_like(out)
-    ours = torch.autograd.grad(out, [x, *layer.parameters()], grad)
-    assert recomputed.count("called") == branches
-    token = layers.RECOMPUTE_SAVED.set(False)
-    try:
-        plain = layer(x)
-        theirs = torch.autograd.grad(plain, [x, *layer.parameters()], grad)
-    finally:
-        layers.RECOMPUTE_SAVED.reset(token)
-    torch.testing.assert_close(out, plain, rtol=0, atol=0)
-    for a, b in zip(ours, theirs, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    _assert_recomputes(layer, x, count=len(layer.branches))
 
 
 def test_stem_runs_cpu_inputs_in_channels_last_with_the_plain_outputs():
