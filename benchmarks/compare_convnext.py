@@ -26,6 +26,14 @@ script in a separate environment, with overlock on PYTHONPATH:
     /work/venv-timm/bin/pip install torch==2.14.1 torchvision==0.29.1 timm fvcore pydantic pyyaml typer rich safetensors
     PYTHONPATH=<dir holding the overlock checkout as "overlock"> /work/venv-timm/bin/python benchmarks/compare_convnext.py
 
+On a GPU (`--device cuda`, with `--amp` for bfloat16 autocast and `--compile` for torch.compile)
+the contenders are measured the same way, each timed sample being `--calls` consecutive calls
+between two synchronisations, and peak memory is the CUDA allocator's. A contender that
+torch.compile cannot compile is reported and left out; the others are still measured.
+
+    python benchmarks/compare_convnext.py --device cuda --batch-size 64 --calls 10 --amp --compile \
+        --timm convnext_tiny --modes infer,train --label h200_bf16_compile
+
 The table goes to benchmarks/results/compare_convnext_<label>.md (and .json).
 """
 
@@ -45,9 +53,10 @@ import torch
 from torch import nn
 
 from overlock.archspec.docs import write_readme_section
-from overlock.bench import PeakMemory, _loss, device_name
+from overlock.bench import BenchSettings, PeakMemory, _sync, device_name, make_step, prepare, warm_up
 from overlock.builder import build
 from overlock.builder.flops import count_flops
+from overlock.errors import OverlockError
 
 TIMM_NAMES = {"convnext_tiny": "convnext_tiny", "resnet50": "resnet50", "swin_tiny": "swin_tiny_patch4_window7_224"}
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -83,38 +92,44 @@ def fvcore_flops(model: nn.Module, size: int) -> int:
 
 
 class Contender:
-    """One model in one mode, with its step function and the samples collected so far."""
+    """One model in one mode, with its step function (overlock.bench's, so `overlock bench` and this
+    script time the same thing) and the samples collected so far."""
 
-    def __init__(self, name: str, model: nn.Module, mode: str, batch: int, size: int, flops: int) -> None:
-        self.name, self.mode, self.batch = name, mode, batch
-        self.flops = flops * batch * (3 if mode == "train" else 1)
+    def __init__(self, name: str, model: nn.Module, mode: str, flops: int, args) -> None:
+        self.name, self.mode, self.batch, self.calls = name, mode, args.batch_size, args.calls
+        self.flops = flops * self.batch * (3 if mode == "train" else 1)
         self.times: list[float] = []
         self.peak_mib: float | None = None
-        gen = torch.Generator().manual_seed(0)
-        self.image = torch.randn(batch, 3, size, size, generator=gen)
-        classes = getattr(getattr(model, "spec", None), "head", None)
-        classes = getattr(classes, "num_classes", None) or 1000
-        self.target = torch.randint(0, classes, (batch,), generator=gen)
-        self.model = model
-        if mode == "train":
-            model.train()
-            self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
-        else:
-            model.eval()
+        self.device = torch.device(args.device)
+        self.settings = BenchSettings(
+            batch_size=args.batch_size,
+            img_size=args.img_size,
+            device=args.device,
+            train=mode == "train",
+            amp=args.amp,
+            compile=args.compile,
+        )
+        head = getattr(getattr(model, "spec", None), "head", None)
+        self.step = make_step(prepare(model, self.settings), self.settings, getattr(head, "num_classes", None) or 1000)
 
-    def step(self) -> None:
-        if self.mode == "train":
-            self.optimizer.zero_grad(set_to_none=True)
-            _loss(self.model(self.image), self.target).backward()
-            self.optimizer.step()
-        else:
-            with torch.inference_mode():
-                self.model(self.image)
+    def warm_up(self) -> bool:
+        """The first calls (compilation with --compile); False, with the reason printed, when they fail."""
+        try:
+            for _ in range(2):
+                warm_up(self.step, self.settings)
+        except OverlockError as exc:
+            print(f"{self.name} ({self.mode}) left out: {exc}")
+            return False
+        return True
 
     def timed_step(self) -> None:
+        """One sample: `calls` consecutive steps between two synchronisations, per step."""
+        _sync(self.device)
         tick = time.perf_counter()
-        self.step()
-        self.times.append(time.perf_counter() - tick)
+        for _ in range(self.calls):
+            self.step()
+        _sync(self.device)
+        self.times.append((time.perf_counter() - tick) / self.calls)
 
     @property
     def median(self) -> float:
@@ -159,26 +174,31 @@ def run(args) -> dict:
     timm = import_timm()
     torch.set_num_threads(args.threads)
     models = make_models(args, timm)
-    memory = PeakMemory(torch.device("cpu"))
+    memory = PeakMemory(torch.device(args.device))
     table: dict[str, dict[str, dict]] = {}
+    left_out: dict[str, list[str]] = {}
     for mode in args.modes:
         contenders = []
         for name, (model, flops) in models.items():
             used = model
             if mode == "deploy":  # FLOPs of the deploy form itself (OverLoCK's merged kernels count less)
-                used = deploy_form(model)
+                used = deploy_form(model.to("cpu"))  # counted on the CPU; `prepare` moves it to the device
                 flops = fvcore_flops(used, args.img_size)
-            contenders.append(Contender(name, used, mode, args.batch_size, args.img_size, flops))
-        for contender in contenders:  # warm-up, then the peak memory of one more call
-            contender.step()
+            contenders.append(Contender(name, used, mode, flops, args))
+        ready = [c for c in contenders if c.warm_up()]
+        left_out[mode] = [c.name for c in contenders if c not in ready]
+        contenders = ready
+        for contender in contenders:  # the peak memory of one more call
             contender.peak_mib = memory.measure(contender.step)
         for round_ in range(args.rounds):
             for contender in contenders if round_ % 2 == 0 else reversed(contenders):
                 contender.timed_step()
             print(
                 f"{mode} round {round_ + 1}/{args.rounds}: "
-                + ", ".join(f"{c.name} {c.times[-1]:.2f}s" for c in contenders)
+                + ", ".join(f"{c.name} {c.times[-1]:.4f}s" for c in contenders)
             )
+        if not contenders:
+            continue
         reference = next((c for c in contenders if c.name == "convnext_tiny"), contenders[0])
         table[mode] = {
             c.name: {
@@ -193,16 +213,24 @@ def run(args) -> dict:
             for c in contenders
         }
         del contenders
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    device = torch.device(args.device)
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "label": args.label,
-        "device": device_name(torch.device("cpu")),
+        "device": device_name(device),
+        "device_type": device.type,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "timm": timm.__version__,
         "batch_size": args.batch_size,
         "img_size": args.img_size,
         "rounds": args.rounds,
+        "calls_per_sample": args.calls,
+        "dtype": "bfloat16 autocast" if args.amp else "float32",
+        "compile": args.compile,
+        "left_out": {mode: names for mode, names in left_out.items() if names},
         "load_average": os.getloadavg(),
         "memory_method": memory.method,
         "results": table,
@@ -214,9 +242,15 @@ def markdown(report: dict) -> str:
         f"# OverLoCK vs timm models, {report['label']}",
         "",
         f"{report['date']}; {report['device']}, {report['threads']} thread(s); torch {report['torch']}, timm "
-        f"{report['timm']}; batch {report['batch_size']}, {report['img_size']}x{report['img_size']}, float32; "
-        f"{report['rounds']} interleaved rounds, medians; load average at the end {report['load_average'][0]:.1f}.",
+        f"{report['timm']}; batch {report['batch_size']}, {report['img_size']}x{report['img_size']}, "
+        f"{report.get('dtype', 'float32')}{', torch.compile' if report.get('compile') else ''}; "
+        f"{report['rounds']} interleaved rounds of {report.get('calls_per_sample', 1)} call(s), medians; "
+        f"load average at the end {report['load_average'][0]:.1f}.",
         f"Peak memory: {report['memory_method']}.",
+        *(
+            f"Left out of {mode} (torch.compile failed): {', '.join(names)}."
+            for mode, names in report.get("left_out", {}).items()
+        ),
         "",
         "| model | mode | GFLOPs/img | median s/batch | images/s | GFLOP/s | vs convnext_tiny | peak MiB/img |",
         "|---|---|---|---|---|---|---|---|",
@@ -271,6 +305,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every contender")
+    parser.add_argument("--calls", type=int, default=1, help="consecutive calls per timed sample (GPU: 10 or so)")
     parser.add_argument("--label", default="cpu_1thread", help="file-name suffix and title of the results")
     parser.add_argument(
         "--readme", action="store_true", help="replace the summary table between its markers in README.md"
@@ -282,6 +320,10 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(
             f"unknown --timm {unknown} (valid: {sorted(TIMM_NAMES)}) or --modes {bad_modes} (infer, deploy, train)"
         )
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here")
+    if args.calls < 1:
+        parser.error(f"--calls {args.calls}: give at least 1")
     report = run(args)
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"compare_convnext_{args.label}"

@@ -1,32 +1,104 @@
 #!/usr/bin/env bash
-# Everything that only a GPU can show, in one command: what issues 3 (ContMix kernels) and 4
-# (`overlock train`) still need measured. No GPU has been lent to the sessions that wrote overlock
-# so far, so none of this has run yet; run it on a CUDA machine with overlock installed.
+# Everything that only a GPU can show, in one command: correctness of the CUDA paths (Triton
+# kernels compiled for real, whole models against the CPU), issue 10's table (OverLoCK XT/T
+# against timm's convnext_tiny on the GPU, float32 and bfloat16 autocast, eager and compiled),
+# the ContMix and neighbourhood-attention operators, and the training steps of issues 3 and 4.
+# Run it on a CUDA machine with overlock and timm importable (on the device tool's machines,
+# `benchmarks/gpu_lease.sh` sets that up and calls this script).
 #
-#   bash benchmarks/gpu_session.sh [OUT_DIR]        # default OUT_DIR: benchmarks/results
+#   bash benchmarks/gpu_session.sh [OUT_DIR [STEP...]]   # default OUT_DIR: benchmarks/results; all steps
+#   bash benchmarks/gpu_session.sh /tmp/res tests compare compare_compile
 #
-# Writes at most 8 files into OUT_DIR:
-#   gpu_triton_tests.log            the Triton kernels against the reference, compiled for real
-#   contmix_<gpu>.{json,md}         ContMix ops (float32) at every preset shape + XT/T models, vs unfold (and natten)
-#   contmix_<gpu>_fp16.{json,md}    the same ops in float16 (what --amp trains with on CUDA), no models
-#   gpu_train_step.log              T training step, ContMix backends interleaved
-#   gpu_train_t_amp_compile.log     a short T training with --amp --compile: images/s and peak memory in its summary
-#   gpu_train_t_metrics.jsonl       that run's per-step metrics
-set -euo pipefail
+# Steps, in order of what a short lease should get first (each under its own time limit, in
+# seconds, overridable as LIMIT_<step>=...; a failing or timed-out step does not stop the rest):
+#   tests            tests/test_cuda.py + the Triton kernel tests          -> gpu_tests.log
+#   compare          compare_convnext.py, eager, float32 and bf16 autocast -> compare_convnext_<gpu>_{fp32,bf16}.{json,md}
+#   compare_compile  the same with --compile (XT, T, convnext_tiny)        -> compare_convnext_<gpu>_{fp32,bf16}_compile.*
+#   contmix          ContMix ops at the preset shapes, float32 and float16 -> contmix_<gpu>[_fp16].{json,md}
+#   neighborhood     neighbourhood attention vs unfold (and natten)         -> neighborhood_<gpu>.{json,md}
+#   train_step       T training step, ContMix backends interleaved          -> gpu_train_step.log
+#   train            a short `overlock train t --amp --compile`             -> gpu_train_t_amp_compile.log, ..._metrics.jsonl
+# The outcome of every step (rc 0, failed, timed out) is appended to OUT_DIR/gpu_steps.txt.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-benchmarks/results}"
+shift || true
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(tests compare compare_compile contmix neighborhood train_step train)
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-
-python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: this script is for a GPU machine')"
 unset TRITON_INTERPRET
+# The interpreter that holds torch: $PYTHON, else `python`, else `python3` (GPU images often have only python3).
+PY="${PYTHON:-$(command -v python || command -v python3)}"
+export PY
 
-python -m pytest -q tests/test_kernels_triton.py 2>&1 | tee "$out/gpu_triton_tests.log"
-python benchmarks/contmix.py --out "$out"
-python benchmarks/contmix.py --dtype float16 --tag fp16 --no-model --out "$out"
-python benchmarks/train_step.py --preset t --batch-size 64 --rounds 4 2>&1 | tee "$out/gpu_train_step.log"
+"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: this script is for a GPU machine')" || exit 1
+gpu="$("$PY" -c "import re, torch; print(re.sub('[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")"
+echo "$(date -u +%FT%TZ) $gpu, torch $("$PY" -c 'import torch; print(torch.__version__)'), steps: ${steps[*]}" | tee -a "$out/gpu_steps.txt"
 
-run="$(mktemp -d)/t-amp-compile"
-overlock train t --data synthetic:classes=1000,train=4096,val=512 --img-size 224 --batch-size 128 \
-    --steps 60 --warmup 0.5 --workers 8 --amp --compile --out "$run" 2>&1 | tee "$out/gpu_train_t_amp_compile.log"
-cp "$run/metrics.jsonl" "$out/gpu_train_t_metrics.jsonl"
+# run LIMIT_SECONDS NAME COMMAND...: one step under `timeout`, its outcome recorded.
+run() {
+    local limit="$1" name="$2"
+    shift 2
+    local start=$SECONDS
+    timeout --kill-after=10 "$limit" "$@"
+    local rc=$?
+    local what="rc $rc"
+    [ $rc -eq 124 ] || [ $rc -eq 137 ] && what="timed out after ${limit}s"
+    echo "$name: $what ($((SECONDS - start)) s)" | tee -a "$out/gpu_steps.txt"
+}
+
+compare() {  # compare LABEL ARGS...: issue 10's interleaved table at a GPU batch size
+    local label="$1"
+    shift
+    "$PY" benchmarks/compare_convnext.py --device cuda --batch-size 64 --calls 5 --rounds 5 --threads 8 \
+        --label "${gpu}_$label" "$@" && cp benchmarks/results/compare_convnext_"${gpu}_$label".{json,md} "$out"/ 2>/dev/null
+}
+
+step_tests() {
+    local parallel=()
+    "$PY" -c "import xdist" 2>/dev/null && parallel=(-n 6)
+    "$PY" -m pytest -q "${parallel[@]}" tests/test_cuda.py tests/test_kernels_triton.py tests/test_neighborhood_triton.py \
+        2>&1 | tee "$out/gpu_tests.log"
+}
+step_compare() {
+    compare fp32 --modes infer,deploy,train
+    compare bf16 --modes infer,deploy,train --amp
+}
+step_compare_compile() {
+    compare bf16_compile --modes infer,train --amp --compile --timm convnext_tiny
+    compare fp32_compile --modes infer,train --compile --timm convnext_tiny
+}
+step_contmix() {
+    "$PY" benchmarks/contmix.py --presets xt t --resolutions 224 --reps 5 --budget 0.5 --model-reps 2 --model-budget 5 \
+        --out "$out"
+    "$PY" benchmarks/contmix.py --presets xt t --resolutions 224 --reps 5 --budget 0.5 --dtype float16 --tag fp16 \
+        --no-model --out "$out"
+}
+step_neighborhood() {
+    "$PY" benchmarks/neighborhood.py --device cuda --reps 5 --budget 10 --out "$out"
+}
+step_train_step() {
+    "$PY" benchmarks/train_step.py --preset t --batch-size 64 --rounds 4 2>&1 | tee "$out/gpu_train_step.log"
+}
+step_train() {
+    local run_dir
+    run_dir="$(mktemp -d)/t-amp-compile"
+    "$PY" -m overlock.cli train t --data synthetic:classes=1000,train=4096,val=512 --img-size 224 --batch-size 128 \
+        --steps 60 --warmup 0.5 --workers 8 --amp --compile --out "$run_dir" 2>&1 | tee "$out/gpu_train_t_amp_compile.log"
+    cp "$run_dir/metrics.jsonl" "$out/gpu_train_t_metrics.jsonl"
+}
+
+declare -A limit=([tests]=240 [compare]=240 [compare_compile]=420 [contmix]=180 [neighborhood]=90 [train_step]=120 [train]=300)
+for step in "${steps[@]}"; do
+    if [ -z "${limit[$step]:-}" ]; then
+        echo "unknown step '$step' (valid: tests compare compare_compile contmix neighborhood train_step train)" >&2
+        exit 2
+    fi
+done
+for step in "${steps[@]}"; do
+    var="LIMIT_$step"
+    export -f "step_$step" compare
+    export out gpu
+    run "${!var:-${limit[$step]}}" "$step" bash -c "step_$step"
+done

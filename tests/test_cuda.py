@@ -1,0 +1,138 @@
+"""The models on a CUDA device, where the Triton ContMix kernels and PyTorch's GPU ops run instead of
+the CPU paths every other test exercises: the pico goldens, CPU/GPU agreement of every preset-like
+and paper spec (forward and gradients), deploy equivalence, gradient checkpointing, bfloat16
+autocast and torch.compile.
+
+Skipped without CUDA (CI has no GPU); `benchmarks/gpu_session.sh` runs it on a lent GPU. TF32 is
+off in every test, so float32 on the GPU is float32 and the CPU tolerances (1e-4 of the largest
+logit) hold.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from overlock.archspec.paper import paper_rows
+from overlock.bench import _loss
+from overlock.builder import build, load_official
+from overlock.kernels.ops import resolve_backend
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+CUDA = torch.device("cuda")
+PAPER_SPECS = [row.path for row in paper_rows("table6") + paper_rows("table7")]
+
+
+@pytest.fixture(autouse=True)
+def exact_float32():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest absolute difference, relative to the largest absolute expected value (the goldens' rule)."""
+    expected = expected.detach().float().cpu()
+    return ((got.detach().float().cpu() - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
+
+
+def test_auto_backend_is_triton_on_cuda():
+    assert resolve_backend("auto", (torch.zeros(1, device=CUDA),)) == "triton"
+
+
+@pytest.mark.parametrize("case", ["square224", "small160x192"])
+def test_pico_reproduces_the_reference_logits_on_cuda(reference_dir, case):
+    golden = torch.load(reference_dir / "golden" / "pico.expected.pt", weights_only=True)["cases"][case]
+    state = torch.load(reference_dir / "golden" / "pico.official_state_dict.pt", weights_only=True)
+    image = golden["input"].to(CUDA)
+    with torch.no_grad():
+        model = load_official(build("pico"), state).to(CUDA).eval()
+        assert relative_error(model(image), golden["eval_logits"]) <= 1e-4
+        model.train()
+        out = model(image)
+        assert relative_error(out["main"], golden["train_main"]) <= 1e-4
+        assert relative_error(out["aux"], golden["train_aux"]) <= 1e-4
+        deployed = load_official(build("pico"), state).reparameterize().to(CUDA).eval()
+        assert relative_error(deployed(image), golden["eval_logits"]) <= 1e-4
+
+
+def gradients_on(model: torch.nn.Module, image: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    _loss(model(image), target).backward()
+    return {name: p.grad.detach().cpu() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_gradients(got: dict, expected: dict, tolerance: float) -> None:
+    assert got.keys() == expected.keys()
+    worst = max(got, key=lambda name: relative_error(got[name], expected[name]))
+    assert relative_error(got[worst], expected[worst]) <= tolerance, worst
+
+
+@pytest.mark.parametrize("spec", ["xt", "pico", *PAPER_SPECS], ids=lambda s: getattr(s, "stem", s))
+def test_cuda_forward_and_gradients_match_the_cpu(spec, randomize_batchnorm):
+    """Eval logits and one training step's gradients, CPU against CUDA, for the XT preset, pico and
+    every paper spec (Table 6 topologies, Table 7 token mixers). 96x80 makes the /32 Focus maps 3x2,
+    smaller than every ContMix kernel, so the resize path runs too."""
+    torch.manual_seed(0)
+    model = build(spec, overrides=["head.num_classes=10"])
+    randomize_batchnorm(model)
+    gen = torch.Generator().manual_seed(1)
+    image, target = torch.randn(2, 3, 96, 80, generator=gen), torch.randint(0, 10, (2,), generator=gen)
+    on_cuda = copy.deepcopy(model).to(CUDA)
+    with torch.no_grad():
+        expected = model.eval()(image)
+        assert relative_error(on_cuda.eval()(image.to(CUDA)), expected) <= 1e-4
+    expected_grads = gradients_on(model.train(), image, target)
+    got_grads = gradients_on(on_cuda.train(), image.to(CUDA), target.to(CUDA))
+    assert_same_gradients(got_grads, expected_grads, 1e-3)
+
+
+def test_deploy_form_equals_training_form_on_cuda(randomize_batchnorm):
+    torch.manual_seed(0)
+    model = build("t")
+    randomize_batchnorm(model)
+    model = model.to(CUDA).eval()
+    image = torch.randn(2, 3, 224, 224, device=CUDA)
+    with torch.no_grad():
+        expected = model(image)
+        assert relative_error(model.reparameterize()(image), expected) <= 1e-4
+
+
+def test_grad_checkpointing_on_cuda_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = build("pico").to(CUDA).train()
+    image, target = torch.randn(2, 3, 128, 128, device=CUDA), torch.randint(0, 10, (2,), device=CUDA)
+    plain = gradients_on(model, image, target)
+    model.set_grad_checkpointing(True)
+    assert_same_gradients(gradients_on(model, image, target), plain, 1e-6)
+
+
+def test_bfloat16_autocast_step_is_finite_and_close_to_float32():
+    torch.manual_seed(0)
+    model = build("xt").to(CUDA).train()
+    image, target = torch.randn(4, 3, 224, 224, device=CUDA), torch.randint(0, 1000, (4,), device=CUDA)
+    with torch.no_grad():
+        expected = model.eval()(image)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            low = model(image)
+    assert relative_error(low, expected) <= 0.05
+    model.train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = _loss(model(image), target)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_torch_compile_on_cuda_matches_eager():
+    torch.manual_seed(0)
+    model = build("pico").to(CUDA)
+    image, target = torch.randn(2, 3, 128, 128, device=CUDA), torch.randint(0, 10, (2,), device=CUDA)
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        assert relative_error(compiled.eval()(image), model.eval()(image)) <= 1e-4
+    expected = gradients_on(model.train(), image, target)
+    assert_same_gradients(gradients_on(compiled.train(), image, target), expected, 1e-3)
