@@ -88,6 +88,17 @@ def pointwise_as_conv(self, x, weight, bias):
     return torch.nn.Conv2d._conv_forward(self, x, weight, bias)
 
 
+def gelu_on_the_map(x, approximate="none", inplace=False):
+    """GELU before round 4: on the channels_last map itself."""
+    return F.gelu(x, approximate=approximate)
+
+
+def dilated_weight_grad_by_aten(height, width, kernel_size, dilation=1, method=depthwise.weight_grad_method):
+    """The weight-gradient method table before round 4: dilated small kernels through PyTorch's own."""
+    chosen = method(height, width, kernel_size, dilation)
+    return "aten" if chosen == "polyphase" else chosen
+
+
 def unfolded_large_kernel_bn(conv, bn, x):
     return bn(conv(x))
 
@@ -125,7 +136,11 @@ OLD = {
     "DilatedRepConv keeps branch outputs": [(layers.DilatedRepConv, "forward", branch_outputs_kept)],
     "conv -> BN not folded in eval": [(layers.FoldingSequential, "forward", torch.nn.Sequential.forward)],
     "residual sum not in place": [(blocks, "residual", residual_not_in_place)],
+    "GELU on the channels_last map": [(layers, "gelu", gelu_on_the_map)],
+    "dilated 3x3 weight grad by PyTorch": [(depthwise, "weight_grad_method", dilated_weight_grad_by_aten)],
 }
+ROUND_4 = ("GELU on the channels_last map", "dilated 3x3 weight grad by PyTorch")
+OLD["before round 4 (the 2 above)"] = [patch for name in ROUND_4 for patch in OLD[name]]
 # Everything the second round of issue 10 changed, put back at once (the code of the first round).
 OLD["before round 2 (the 5 above)"] = [
     patch
@@ -146,6 +161,7 @@ ROUND_3 = (
     "residual sum not in place",
 )
 OLD["before round 3 (the 5 above)"] = [patch for name in ROUND_3 for patch in OLD[name]]
+
 # Variants that replace an attribute another variant replaces too stay out of "all old" (the code
 # before issue 10).
 SAME_ATTRIBUTE = (
@@ -154,6 +170,7 @@ SAME_ATTRIBUTE = (
     "before round 2 (the 5 above)",
     "DilatedRepConv keeps branch outputs",
     "before round 3 (the 5 above)",
+    "before round 4 (the 2 above)",
 )
 ALL_OLD = [patch for name, patches in OLD.items() if name not in SAME_ATTRIBUTE for patch in patches]
 

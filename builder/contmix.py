@@ -10,6 +10,7 @@ from torch import nn
 
 from .. import kernels
 from .layers import (
+    GELU,
     GRN,
     DilatedRepConv,
     FoldingSequential,
@@ -144,7 +145,7 @@ def fusion_layer(in_channels: int, out_channels: int) -> FoldingSequential:
         OrderedDict(
             dwconv=nn.Conv2d(in_channels, in_channels, 3, padding=1, groups=in_channels),
             bn=nn.BatchNorm2d(in_channels),
-            act=nn.GELU(),
+            act=GELU(),
             proj=Pointwise(in_channels, out_channels),
             grn=GRN(out_channels),
         )

@@ -184,14 +184,39 @@ class Pointwise(nn.Conv2d):
         super().__init__(in_channels, out_channels, 1, bias=bias)
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if (
-            x.device.type == "cpu"
-            and x.dim() == 4
-            and x.is_contiguous(memory_format=torch.channels_last)
-            and not (torch.jit.is_tracing() or exporting())
-        ):
+        if cpu_channels_last(x):
             return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
         return super()._conv_forward(x, weight, bias)
+
+
+def cpu_channels_last(x: torch.Tensor) -> bool:
+    """A 4-D channels_last map on the CPU, outside tracing and export: its (B, H, W, C) permuted view
+    is a plain contiguous tensor, which some CPU kernels run faster than the map itself."""
+    return (
+        x.device.type == "cpu"
+        and x.dim() == 4
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and not (torch.jit.is_tracing() or exporting())
+    )
+
+
+def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """F.gelu, run on the (B, H, W, C) view of a channels_last CPU map.
+
+    ATen's CPU GELU is ~1.8x slower forward and ~1.4x slower backward on a 4-D channels_last tensor
+    than on the same memory seen as a contiguous NHWC tensor (224 x 56 x 56 maps, one thread);
+    other elementwise ops (add, mul, SiLU, sigmoid) run alike on both. Same values, same layout out.
+    """
+    if not x.is_contiguous() and cpu_channels_last(x):
+        return F.gelu(x.permute(0, 2, 3, 1), approximate=approximate).permute(0, 3, 1, 2)
+    return F.gelu(x, approximate=approximate)
+
+
+class GELU(nn.GELU):
+    """nn.GELU through `gelu` (the fast view of channels_last CPU maps)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gelu(x, self.approximate)
 
 
 def exporting() -> bool:
@@ -284,7 +309,7 @@ class SqueezeExcite(nn.Module):
         hidden = max(16, channels // 8)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc1 = nn.Conv2d(channels, hidden, 1)
-        self.act = nn.GELU()
+        self.act = GELU()
         self.fc2 = nn.Conv2d(hidden, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -364,7 +389,7 @@ class ConvMLP(nn.Module):
     def __init__(self, in_channels: int, hidden: int, out_channels: int) -> None:
         super().__init__()
         self.fc1 = Pointwise(in_channels, hidden)
-        self.act = nn.GELU()
+        self.act = GELU()
         self.dwconv = ResDWConv(hidden)
         self.grn = GRN(hidden)
         self.fc2 = Pointwise(hidden, out_channels)
@@ -381,8 +406,8 @@ class ConvMLP(nn.Module):
         activated = self.act(hidden)
         # The two hidden-width maps that only the next op needs are recomputed in the backward
         # (GELU's input and GRN's input are kept anyway): two of the MLP's four hidden maps.
-        # (F.gelu, not the module: a recomputation must not fire the module's hooks a second time.)
-        with recompute_saved(activated, lambda: F.gelu(hidden, approximate=self.act.approximate)):
+        # (`gelu`, not the module: a recomputation must not fire the module's hooks a second time.)
+        with recompute_saved(activated, lambda: gelu(hidden, self.act.approximate)):
             mixed = self.dwconv(activated)
         out, recipe = self.grn(mixed, with_recipe=True)
         with recompute_saved(out, recipe):
@@ -395,7 +420,7 @@ class Mlp(nn.Module):
     def __init__(self, in_channels: int, hidden: int, out_channels: int) -> None:
         super().__init__()
         self.fc1 = Pointwise(in_channels, hidden)
-        self.act = nn.GELU()
+        self.act = GELU()
         self.fc2 = Pointwise(hidden, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..archspec import MixerConfig
 from .contmix import ContMix, ContMixBlock
-from .layers import ConvMLP, DilatedRepConv, FoldingSequential, Mlp, block_norm, conv_bn, exporting
+from .layers import GELU, ConvMLP, DilatedRepConv, FoldingSequential, Mlp, block_norm, conv_bn, exporting
 from .mixers_attention import (
     DynamicConv,
     Involution,
@@ -186,7 +186,7 @@ def conv_stem(in_channels: int, hidden: int, out_channels: int, norm: str) -> nn
         layers[f"conv{i}"] = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         layers[f"bn{i}"] = nn.BatchNorm2d(cout)
         if i < len(plan):
-            layers[f"act{i}"] = nn.GELU()
+            layers[f"act{i}"] = GELU()
     return Stem(layers)
 
 

@@ -12,7 +12,7 @@ operator computes the same three results with fast primitives:
   (a correlation's adjoint is the convolution with the mirrored kernel). PyTorch's own input
   gradient is as fast for undilated kernels but 10-40x slower for dilated ones;
 - weight gradient: per channel, the correlation of the padded input with the output gradient,
-  summed over the batch, read at lags 0, d, 2d, ... (d = dilation). One of three methods, picked
+  summed over the batch, read at lags 0, d, 2d, ... (d = dilation). One of four methods, picked
   by shape (`weight_grad_method`, measured at one thread, batch 8):
   * "fft": in the frequency domain, one real FFT of the padded input and of the gradient, a
     product summed over the batch, one inverse FFT per channel; its cost does not grow with the
@@ -21,9 +21,12 @@ operator computes the same three results with fast primitives:
     into the channels: the input as (1, B*C, H, W) images, the gradient as (B*C, 1, H, W)
     kernels, stride d; then a sum over the batch. It runs on oneDNN's fast forward path and wins
     for kernels of 5 and more on maps up to 28x28 (13x13 at 14x14: ~60 ms -> ~10 ms);
-  * "aten": PyTorch's own weight gradient (weight only), for the rest (3x3 kernels, 56x56 maps
-    with small kernels), where it is the fastest of the three.
-  All three round like the direct sum (tests compare them with a float64 reference).
+  * "polyphase": for the other dilated kernels (3x3 and 5x5 with d >= 2), PyTorch's undilated
+    weight gradient of the d*d sub-lattices (`weight_grad_polyphase`), 1.1-1.8x faster than its
+    dilated one;
+  * "aten": PyTorch's own weight gradient (weight only), for the rest (undilated 3x3 kernels,
+    56x56 maps with small kernels), where it is the fastest.
+  All four round like the direct sum (tests compare them with a float64 reference).
 Only the stride-1, "same"-padded, odd-kernel case OverLoCK uses is covered; `depthwise_conv2d`
 falls back to `F.conv2d` (plain autograd) everywhere else: other devices, half dtypes, no grad.
 The backward is once-differentiable (no gradient of a gradient through this op).
@@ -89,16 +92,24 @@ def polyphase_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     d = dilation
     pad = d * (weight.shape[-1] - 1) // 2
     rows, cols = -(-(height + 2 * pad) // d), -(-(width + 2 * pad) // d)  # per sub-lattice
-    padded = x.new_zeros(batch, rows * d, cols * d, channels)
-    padded[:, pad : pad + height, pad : pad + width] = x.permute(0, 2, 3, 1)
-    lattices = padded.view(batch, rows, d, cols, d, channels).permute(2, 4, 0, 1, 3, 5)
-    lattices = lattices.reshape(d * d * batch, rows, cols, channels).permute(0, 3, 1, 2)
-    out = F.conv2d(lattices, weight, bias, groups=channels)
+    out = F.conv2d(sub_lattices(x, d, rows, cols, pad), weight, bias, groups=channels)
     out_rows, out_cols = out.shape[-2:]
     merged = x.new_empty(batch, out_rows, d, out_cols, d, channels)
     merged.permute(2, 4, 0, 1, 3, 5).copy_(out.permute(0, 2, 3, 1).view(d, d, batch, out_rows, out_cols, channels))
     merged = merged.view(batch, out_rows * d, out_cols * d, channels)[:, :height, :width]
     return merged.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+
+
+def sub_lattices(x: torch.Tensor, d: int, rows: int, cols: int, offset: int) -> torch.Tensor:
+    """The d*d sub-lattices [r::d, s::d] of x placed at (offset, offset) in a zero map of rows*d x cols*d.
+
+    (B, C, H, W) -> (d*d*B, C, rows, cols), channels_last, lattice (r, s) of image b at r*d*B + s*B + b.
+    """
+    batch, channels, height, width = x.shape
+    padded = x.new_zeros(batch, rows * d, cols * d, channels)
+    padded[:, offset : offset + height, offset : offset + width] = x.permute(0, 2, 3, 1)
+    lattices = padded.view(batch, rows, d, cols, d, channels).permute(2, 4, 0, 1, 3, 5)
+    return lattices.reshape(d * d * batch, rows, cols, channels).permute(0, 3, 1, 2)
 
 
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int) -> torch.Tensor:
@@ -161,22 +172,46 @@ def weight_grad_aten(x: torch.Tensor, grad: torch.Tensor, kernel_size: int, dila
     )[1]
 
 
-WEIGHT_GRAD_METHODS = {"fft": weight_grad_fft, "batch_channels": weight_grad_batch_channels, "aten": weight_grad_aten}
+def weight_grad_polyphase(x: torch.Tensor, grad: torch.Tensor, kernel_size: int, dilation: int) -> torch.Tensor:
+    """The weight gradient of a dilated conv as that of one undilated valid conv of the d*d sub-lattices.
+
+    With y = d*m + r, x = d*n + s: grad[y, x] * xpad[y + d*i, x + d*j] only pairs sub-lattice (r, s)
+    of the gradient with sub-lattice (r, s) of the padded input, lag (i, j) undilated. So the
+    lattices go through PyTorch's undilated weight gradient as a batch of d*d*B images, which sums
+    over them: 1.3-1.8x faster than its dilated one for 3x3 kernels (one thread, batch 8).
+    """
+    height, width = x.shape[-2:]
+    d, pad = dilation, dilation * (kernel_size - 1) // 2
+    rows, cols = -(-height // d), -(-width // d)  # gradient rows and columns per sub-lattice
+    images = sub_lattices(x, d, rows + kernel_size - 1, cols + kernel_size - 1, pad)
+    grads = sub_lattices(grad, d, rows, cols, 0)
+    weight = x.new_empty(x.shape[1], 1, kernel_size, kernel_size)  # only its shape is read
+    return torch.ops.aten.convolution_backward(
+        grads, images, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], x.shape[1], [False, True, False]
+    )[1]
 
 
-def weight_grad_method(height: int, width: int, kernel_size: int) -> str:
+WEIGHT_GRAD_METHODS = {
+    "fft": weight_grad_fft,
+    "batch_channels": weight_grad_batch_channels,
+    "polyphase": weight_grad_polyphase,
+    "aten": weight_grad_aten,
+}
+
+
+def weight_grad_method(height: int, width: int, kernel_size: int, dilation: int = 1) -> str:
     """Which of WEIGHT_GRAD_METHODS is fastest for this shape (measured; see the constants above)."""
     positions = height * width
     if kernel_size >= FFT_MIN_KERNEL and positions >= FFT_MIN_POSITIONS:
         return "fft"
     if kernel_size >= BATCH_CHANNELS_MIN_KERNEL and positions <= BATCH_CHANNELS_MAX_POSITIONS:
         return "batch_channels"
-    return "aten"
+    return "polyphase" if dilation > 1 else "aten"
 
 
 def weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel_size: int, dilation: int) -> torch.Tensor:
     """d loss / d weight of a same-padded depthwise conv, (C, 1, K, K), by the fastest method."""
-    method = WEIGHT_GRAD_METHODS[weight_grad_method(x.shape[-2], x.shape[-1], kernel_size)]
+    method = WEIGHT_GRAD_METHODS[weight_grad_method(x.shape[-2], x.shape[-1], kernel_size, dilation)]
     return method(x, grad, kernel_size, dilation)
 
 

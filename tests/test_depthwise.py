@@ -56,7 +56,8 @@ def test_custom_op_matches_conv2d_values_and_gradients(channels, size, kernel, d
 
 @pytest.mark.parametrize("method", sorted(WEIGHT_GRAD_METHODS))
 @pytest.mark.parametrize(
-    ("size", "kernel", "dilation"), [((9, 12), 5, 1), ((7, 7), 3, 3), ((13, 10), 7, 2), ((6, 5), 9, 1)]
+    ("size", "kernel", "dilation"),
+    [((9, 12), 5, 1), ((7, 7), 3, 3), ((13, 10), 7, 2), ((6, 5), 9, 1), ((14, 11), 3, 5), ((4, 9), 3, 4)],
 )
 def test_every_weight_gradient_method_equals_the_direct_sum(method, size, kernel, dilation):
     gen = torch.Generator().manual_seed(2)
@@ -92,6 +93,9 @@ def test_weight_gradient_method_follows_the_measured_table():
     assert weight_grad_method(7, 7, 5) == "batch_channels"
     assert weight_grad_method(56, 56, 7) == "aten"
     assert weight_grad_method(14, 14, 3) == "aten"
+    assert weight_grad_method(14, 14, 3, dilation=4) == "polyphase"
+    assert weight_grad_method(56, 56, 5, dilation=2) == "polyphase"
+    assert weight_grad_method(14, 14, 7, dilation=2) == "batch_channels"
 
 
 @pytest.mark.parametrize("method", ["batch_channels", "aten"])

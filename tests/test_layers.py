@@ -176,6 +176,35 @@ def _assert_recomputes(module: torch.nn.Module, x: torch.Tensor, count: int) -> 
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize(
+    "fast, plain",
+    [
+        (layers.GELU(), lambda x: F.gelu(x)),
+        (layers.GELU(approximate="tanh"), lambda x: F.gelu(x, approximate="tanh")),
+        (_randomise(layers.Pointwise(6, 5)), None),  # None: nn.Conv2d's own forward
+    ],
+    ids=["gelu", "gelu-tanh", "pointwise"],
+)
+def test_channels_last_views_compute_the_plain_op_in_the_same_layout(fast, plain, channels_last):
+    """GELU and the 1x1 conv run channels_last CPU maps on their NHWC view: same values, gradients, layout."""
+    plain = plain or (lambda x: torch.nn.Conv2d.forward(fast, x))
+    x = torch.randn(2, 6, 7, 5)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(2, fast.out_channels if hasattr(fast, "out_channels") else 6, 7, 5)
+    results = []
+    for forward in (fast, plain):
+        leaf = x.clone().requires_grad_()
+        out = forward(leaf)
+        out.backward(grad)
+        results.append((out, leaf.grad))
+    (out, dx), (expected, expected_dx) = results
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dx, expected_dx, rtol=1e-5, atol=1e-6)
+    assert out.stride() == expected.stride() and dx.stride() == expected_dx.stride()
+
+
 def test_conv_mlp_recomputes_two_hidden_maps_with_identical_gradients():
     mlp = _randomise(layers.ConvMLP(6, 24, 6)).train()
     x = torch.randn(2, 6, 11, 9).contiguous(memory_format=torch.channels_last).requires_grad_()
