@@ -60,16 +60,26 @@ def test_pico_reproduces_the_reference_logits_on_cuda(reference_dir, case):
         assert relative_error(deployed(image), golden["eval_logits"]) <= 1e-4
 
 
-def gradients_on(model: torch.nn.Module, image: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+def gradients_on(model: torch.nn.Module, image: torch.Tensor, target: torch.Tensor, forward=None) -> dict:
+    """{parameter name: gradient on the CPU} of one loss through `forward` (default: the model itself)."""
     model.zero_grad(set_to_none=True)
-    _loss(model(image), target).backward()
+    _loss((model if forward is None else forward)(image), target).backward()
     return {name: p.grad.detach().cpu() for name, p in model.named_parameters() if p.grad is not None}
 
 
 def assert_same_gradients(got: dict, expected: dict, tolerance: float) -> None:
+    """Each gradient within `tolerance` of its largest entry. A parameter whose gradient is zero but for
+    rounding (a bias before a training-mode BN, a BN bias before another normalisation) is held to
+    1e-3 of the model's largest gradient instead: on its own scale, rounding noise reads as a 200%
+    error (seen: CPU vs Triton ContMix, eager vs torch.compile)."""
     assert got.keys() == expected.keys()
-    worst = max(got, key=lambda name: relative_error(got[name], expected[name]))
-    assert relative_error(got[worst], expected[worst]) <= tolerance, worst
+    floor = 1e-3 * max(g.abs().max().item() for g in expected.values())
+
+    def error(name: str) -> float:
+        return (got[name] - expected[name]).abs().max().item() / max(expected[name].abs().max().item(), floor)
+
+    worst = max(got, key=error)
+    assert error(worst) <= tolerance, f"{worst}: {error(worst):.2e}"
 
 
 @pytest.mark.parametrize("spec", ["xt", "pico", *PAPER_SPECS], ids=lambda s: getattr(s, "stem", s))
@@ -108,7 +118,7 @@ def test_grad_checkpointing_on_cuda_gives_the_same_gradients():
     image, target = torch.randn(2, 3, 128, 128, device=CUDA), torch.randint(0, 10, (2,), device=CUDA)
     plain = gradients_on(model, image, target)
     model.set_grad_checkpointing(True)
-    assert_same_gradients(gradients_on(model, image, target), plain, 1e-6)
+    assert_same_gradients(gradients_on(model, image, target), plain, 1e-5)
 
 
 def test_bfloat16_autocast_step_is_finite_and_close_to_float32():
@@ -135,4 +145,4 @@ def test_torch_compile_on_cuda_matches_eager():
     with torch.no_grad():
         assert relative_error(compiled.eval()(image), model.eval()(image)) <= 1e-4
     expected = gradients_on(model.train(), image, target)
-    assert_same_gradients(gradients_on(compiled.train(), image, target), expected, 1e-3)
+    assert_same_gradients(gradients_on(model, image, target, forward=compiled), expected, 1e-3)
