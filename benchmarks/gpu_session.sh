@@ -13,18 +13,28 @@
 # seconds, overridable as LIMIT_<step>=...; a failing or timed-out step does not stop the rest):
 #   tests            tests/test_cuda.py + the Triton kernel tests          -> gpu_tests.log
 #   compare          compare_convnext.py, eager, float32 and bf16 autocast -> compare_convnext_<gpu>_{fp32,bf16}.{json,md}
-#   compare_compile  the same with --compile (XT, T, convnext_tiny)        -> compare_convnext_<gpu>_{fp32,bf16}_compile.*
+#   compare_compile  the same with --compile, bf16 (XT, T, convnext_tiny)  -> compare_convnext_<gpu>_bf16_compile.*
+#                    (torch.compile of 3 models x 2 modes: minutes; on the CPU a pico+convnext run took 7)
 #   contmix          ContMix ops at the preset shapes, float32 and float16 -> contmix_<gpu>[_fp16].{json,md}
 #   neighborhood     neighbourhood attention vs unfold (and natten)         -> neighborhood_<gpu>.{json,md}
 #   train_step       T training step, ContMix backends interleaved          -> gpu_train_step.log
 #   train            a short `overlock train t --amp --compile`             -> gpu_train_t_amp_compile.log, ..._metrics.jsonl
+#   compare_compile_fp32  compare_compile in float32                        -> compare_convnext_<gpu>_fp32_compile.*
 # The outcome of every step (rc 0, failed, timed out) is appended to OUT_DIR/gpu_steps.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-benchmarks/results}"
 shift || true
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(tests compare compare_compile contmix neighborhood train_step train)
+[ ${#steps[@]} -eq 0 ] && steps=(tests compare compare_compile contmix neighborhood train_step train compare_compile_fp32)
+# Seconds per step (LIMIT_<step> overrides); a typo in a step name is caught before anything runs.
+declare -A limit=([tests]=240 [compare]=240 [compare_compile]=420 [compare_compile_fp32]=420 [contmix]=180 [neighborhood]=90 [train_step]=120 [train]=300)
+for step in "${steps[@]}"; do
+    if [ -z "${limit[$step]:-}" ]; then
+        echo "unknown step '$step' (valid: tests compare compare_compile compare_compile_fp32 contmix neighborhood train_step train)" >&2
+        exit 2
+    fi
+done
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
@@ -67,6 +77,8 @@ step_compare() {
 }
 step_compare_compile() {
     compare bf16_compile --modes infer,train --amp --compile --timm convnext_tiny
+}
+step_compare_compile_fp32() {
     compare fp32_compile --modes infer,train --compile --timm convnext_tiny
 }
 step_contmix() {
@@ -89,13 +101,6 @@ step_train() {
     cp "$run_dir/metrics.jsonl" "$out/gpu_train_t_metrics.jsonl"
 }
 
-declare -A limit=([tests]=240 [compare]=240 [compare_compile]=420 [contmix]=180 [neighborhood]=90 [train_step]=120 [train]=300)
-for step in "${steps[@]}"; do
-    if [ -z "${limit[$step]:-}" ]; then
-        echo "unknown step '$step' (valid: tests compare compare_compile contmix neighborhood train_step train)" >&2
-        exit 2
-    fi
-done
 for step in "${steps[@]}"; do
     var="LIMIT_$step"
     export -f "step_$step" compare
