@@ -154,21 +154,16 @@ def weight_grad_batch_channels(x: torch.Tensor, grad: torch.Tensor, kernel_size:
 
 def weight_grad_aten(x: torch.Tensor, grad: torch.Tensor, kernel_size: int, dilation: int) -> torch.Tensor:
     """PyTorch's own depthwise weight gradient (its input gradient is not computed)."""
+    return _aten_weight_grad(x, grad, kernel_size, dilation * (kernel_size - 1) // 2, dilation)
+
+
+def _aten_weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel_size: int, padding: int, dilation: int):
+    """PyTorch's weight gradient alone of a stride-1 depthwise conv of x with this padding and dilation."""
     channels = x.shape[1]
-    pad = dilation * (kernel_size - 1) // 2
     weight = x.new_empty(channels, 1, kernel_size, kernel_size)  # only its shape is read
+    mask = [False, True, False]
     return torch.ops.aten.convolution_backward(
-        grad,
-        x,
-        weight,
-        None,
-        [1, 1],
-        [pad, pad],
-        [dilation, dilation],
-        False,
-        [0, 0],
-        channels,
-        [False, True, False],
+        grad, x, weight, None, [1, 1], [padding] * 2, [dilation] * 2, False, [0, 0], channels, mask
     )[1]
 
 
@@ -184,11 +179,7 @@ def weight_grad_polyphase(x: torch.Tensor, grad: torch.Tensor, kernel_size: int,
     d, pad = dilation, dilation * (kernel_size - 1) // 2
     rows, cols = -(-height // d), -(-width // d)  # gradient rows and columns per sub-lattice
     images = sub_lattices(x, d, rows + kernel_size - 1, cols + kernel_size - 1, pad)
-    grads = sub_lattices(grad, d, rows, cols, 0)
-    weight = x.new_empty(x.shape[1], 1, kernel_size, kernel_size)  # only its shape is read
-    return torch.ops.aten.convolution_backward(
-        grads, images, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], x.shape[1], [False, True, False]
-    )[1]
+    return _aten_weight_grad(images, sub_lattices(grad, d, rows, cols, 0), kernel_size, padding=0, dilation=1)
 
 
 WEIGHT_GRAD_METHODS = {
