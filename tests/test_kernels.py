@@ -152,12 +152,17 @@ def test_contmix_output_is_saved_for_backward_so_in_place_edits_are_caught():
 def test_aggregate_matches_reference_forward_and_gradients(shape):
     *_, k = shape
     logits, rpb, value, grad = make_inputs(*shape)
-    probs = reference.probabilities(logits, rpb, k)
+    assert_aggregate_matches_reference(reference.probabilities(logits, rpb, k), value, k, grad, 2e-6, (2e-5, 1e-5))
+
+
+def assert_aggregate_matches_reference(probs, value, k, grad, out_atol, grad_tolerance) -> None:
+    """The CPU aggregate against the reference's: output within out_atol, gradients (atol, rtol)."""
     out, grads = grads_of(lambda p, v: kernels.aggregate(p, v, k, backend="cpu"), (probs, value), grad)
     ref_out, ref_grads = grads_of(lambda p, v: reference.aggregate(p, v, k), (probs, value), grad)
-    assert_close(out, ref_out, atol=2e-6)
+    assert_close(out, ref_out, atol=out_atol)
+    atol, rtol = grad_tolerance
     for got, want in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
 
 
 def test_cpu_bfloat16_accumulates_in_float32_and_keeps_dtypes():
@@ -273,12 +278,7 @@ def test_cpu_whole_map_and_tiled_paths_match_reference_in_float64(monkeypatch, s
         torch.testing.assert_close(got, want, atol=1e-11, rtol=1e-11, msg=name)
     _, lse = torch.ops.overlock.contmix(logits, rpb, value, k, "cpu")
     torch.testing.assert_close(lse, reference.biased_logits(logits, rpb, k).logsumexp(-1), atol=1e-12, rtol=0)
-    probs = reference.probabilities(logits, rpb, k)
-    out, grads = grads_of(lambda p, v: kernels.aggregate(p, v, k, backend="cpu"), (probs, value), grad)
-    ref_out, ref_grads = grads_of(lambda p, v: reference.aggregate(p, v, k), (probs, value), grad)
-    assert_close(out, ref_out, atol=1e-12)
-    for got, want in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(got, want, atol=1e-11, rtol=1e-11)
+    assert_aggregate_matches_reference(reference.probabilities(logits, rpb, k), value, k, grad, 1e-12, (1e-11, 1e-11))
 
 
 def test_cpu_tile_choice_avoids_window_copies_at_focus_net_shapes():
