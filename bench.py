@@ -18,6 +18,12 @@ backward time to the module whose forward op created the autograd node (matched 
 sequence number the profiler records for both). Reported per sub-network (the model's children),
 per part (modules grouped by their attribute name and class, e.g. `large_kernel (DilatedRepConv)`,
 inclusive time, so nested parts overlap) and per operator (ContMix's `overlock::` ops included).
+Hooked modules run as written (builder/layers.py `_hooked`): in the profiled call eval-mode BNs are
+not folded into their convs and ConvMLP runs GELU and its depthwise conv as separate ops, not as
+the one compiled kernel (kernels/gelu_dwconv.py), so the profile shows the parts by name while the
+timings above it measure the faster path.
+
+On the CPU, `cpu_kernels` says whether overlock's compiled C kernels ran (kernels/native.py).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import torch
 from torch import nn
 
 from .errors import OverlockError
+from .kernels import gelu_dwconv, native
 
 _SCOPE = "module::"
 
@@ -75,6 +82,8 @@ class BenchResult:
     peak_memory_mib: float | None
     peak_memory_method: str
     profile: dict | None = field(default=None)
+    # On the CPU: whether overlock's compiled C kernels ran, or PyTorch's composition and why (kernels.native).
+    cpu_kernels: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -297,6 +306,7 @@ def bench(model: nn.Module, settings: BenchSettings, name: str = "", num_classes
         peak_memory_mib=peak,
         peak_memory_method=memory.method,
         profile=profile,
+        cpu_kernels=native.status(gelu_dwconv.LIBRARY) if device.type == "cpu" else None,
         **stats,
     )
 
@@ -449,6 +459,9 @@ def render(result: BenchResult) -> list:
         str(result.reps),
         peak,
     )
+    if result.cpu_kernels:
+        summary.caption = f"C kernels: {result.cpu_kernels}"
+        summary.caption_justify = "left"
     tables = [summary]
     if not result.profile:
         return tables

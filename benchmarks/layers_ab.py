@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from overlock.builder import blocks, build, layers, mixers
-from overlock.kernels import depthwise
+from overlock.kernels import depthwise, gelu_dwconv
 
 
 def old_layer_scale(self, x):
@@ -99,6 +99,11 @@ def dilated_weight_grad_by_aten(height, width, kernel_size, dilation=1, method=d
     return "aten" if chosen == "polyphase" else chosen
 
 
+def middle_by_pytorch(hidden, weight, bias):
+    """ConvMLP before round 5: GELU, the 3x3 depthwise conv and GRN's energy as PyTorch ops."""
+    return False
+
+
 def unfolded_large_kernel_bn(conv, bn, x):
     return bn(conv(x))
 
@@ -138,6 +143,7 @@ OLD = {
     "residual sum not in place": [(blocks, "residual", residual_not_in_place)],
     "GELU on the channels_last map": [(layers, "gelu", gelu_on_the_map)],
     "dilated 3x3 weight grad by PyTorch": [(depthwise, "weight_grad_method", dilated_weight_grad_by_aten)],
+    "MLP middle by PyTorch ops": [(gelu_dwconv, "native_applies", middle_by_pytorch)],
 }
 ROUND_4 = ("GELU on the channels_last map", "dilated 3x3 weight grad by PyTorch")
 OLD["before round 4 (the 2 above)"] = [patch for name in ROUND_4 for patch in OLD[name]]
@@ -195,6 +201,9 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     variants = {"new": [], **OLD, "all old": ALL_OLD}
     if args.only:
+        unknown = [name for name in args.only.split(",") if name not in variants]
+        if unknown:
+            parser.error(f"--only: unknown variant(s) {unknown}; known: {', '.join(map(repr, variants))}")
         variants = {name: variants[name] for name in ["new", *args.only.split(",")]}
     saved = {(owner, name): getattr(owner, name) for patches in OLD.values() for owner, name, _ in patches}
 

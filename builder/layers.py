@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..archspec import DILATED_REPCONV_BRANCHES
 from ..kernels.depthwise import depthwise_conv2d
 
@@ -44,13 +45,17 @@ def block_norm(kind: str, channels: int) -> nn.Module:
 GRN_ENERGY_FLOOR = 1e-30
 
 
-def grn_energy(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L2 norm over H, W of every (b, c) map, mask of the maps where its gradient is not zero), (B, C, 1, 1)."""
-    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
-        energy = torch.linalg.vector_norm(x, ord=2, dim=(-1, -2), keepdim=True)
-        return energy, energy > 0
-    # vector_norm over H, W of channels_last data is 3-25x slower than a sum of squares.
-    squares = x.square().sum(dim=(-1, -2), keepdim=True)
+def grn_energy(x: torch.Tensor, squares: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L2 norm over H, W of every (b, c) map, mask of the maps where its gradient is not zero), (B, C, 1, 1).
+
+    `squares`: those maps' sums of squares, (B, C, 1, 1), where the op that made x summed them already.
+    """
+    if squares is None:
+        if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+            energy = torch.linalg.vector_norm(x, ord=2, dim=(-1, -2), keepdim=True)
+            return energy, energy > 0
+        # vector_norm over H, W of channels_last data is 3-25x slower than a sum of squares.
+        squares = x.square().sum(dim=(-1, -2), keepdim=True)
     return squares.clamp_min(GRN_ENERGY_FLOOR).sqrt(), squares > GRN_ENERGY_FLOOR
 
 
@@ -66,8 +71,8 @@ class _GRNFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, gamma, beta):
-        energy, live = grn_energy(x)
+    def forward(ctx, x, gamma, beta, squares):
+        energy, live = grn_energy(x, squares)
         mean = energy.mean(dim=1, keepdim=True) + 1e-6
         scale = torch.addcmul(torch.ones_like(energy), gamma, energy / mean)
         ctx.save_for_backward(x, gamma, energy, live, mean, scale)
@@ -89,7 +94,7 @@ class _GRNFunction(torch.autograd.Function):
         d_energy = d_normed / mean - (d_normed * energy).sum(dim=1, keepdim=True) / (x.shape[1] * mean * mean)
         grad_x = grad * scale
         grad_x.addcmul_(x, torch.where(live, d_energy / energy, 0.0))
-        return grad_x, grad_gamma, grad_beta
+        return grad_x, grad_gamma, grad_beta, None
 
 
 class GRN(nn.Module):
@@ -100,16 +105,20 @@ class GRN(nn.Module):
         self.gamma = nn.Parameter(torch.zeros(1, channels, 1, 1))
         self.beta = nn.Parameter(torch.zeros(1, channels, 1, 1))
 
-    def coefficients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def coefficients(self, x: torch.Tensor, squares: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, shift) with GRN(x) = x * scale + shift; scale (B, C, 1, 1), shift (1, C, 1, 1)."""
-        energy, _ = grn_energy(x)
+        energy, _ = grn_energy(x, squares)
         normed = energy / (energy.mean(dim=1, keepdim=True) + 1e-6)
         return torch.addcmul(torch.ones_like(normed), self.gamma, normed), self.beta
 
     def forward(
-        self, x: torch.Tensor, with_recipe: bool = False
+        self, x: torch.Tensor, with_recipe: bool = False, squares: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, Callable[[], torch.Tensor]]:
-        """GRN(x); with_recipe: also a function that recomputes it bit for bit (for `recompute_saved`)."""
+        """GRN(x); with_recipe: also a function that recomputes it bit for bit (for `recompute_saved`).
+
+        `squares`: x's sums of squares over H, W as (B, C, 1, 1), when the op that made x has them
+        (`kernels.gelu_dwconv3x3`): they carry no gradient, GRN differentiates through x itself.
+        """
         # x + beta + gamma * x * normed, written as x * (1 + gamma * normed) + beta: one pass over x
         # instead of three (the per-channel factor is tiny). With gradients, in float32/64 and
         # eagerly, the hand-written backward (autocast, tracers and torch.compile get the plain ops).
@@ -123,10 +132,10 @@ class GRN(nn.Module):
             and not torch.compiler.is_compiling()  # inductor fuses the plain ops itself
         )
         if fused:
-            out, scale = _GRNFunction.apply(x, self.gamma, self.beta)
+            out, scale = _GRNFunction.apply(x, self.gamma, self.beta, squares)
             shift = self.beta
         else:
-            scale, shift = self.coefficients(x)
+            scale, shift = self.coefficients(x, squares)
             out = torch.addcmul(shift, x, scale)
         return (out, lambda: torch.addcmul(shift, x, scale)) if with_recipe else out
 
@@ -164,10 +173,14 @@ class ResDWConv(nn.Conv2d):
         autocast = not x.is_meta and torch.is_autocast_enabled(x.device.type)  # meta: shapes only (estimates)
         if x.dtype not in (torch.float32, torch.float64) or autocast:
             return x + self._conv_forward(x, self.weight, self.bias)  # not super(): TorchScript lacks it
+        return self._conv_forward(x, self.folded_weight(), self.bias)
+
+    def folded_weight(self) -> torch.Tensor:
+        """The kernel with the identity in its centre tap: conv(x, folded) = x + conv(x, weight)."""
         centre = self.kernel_size[0] // 2
         weight = self.weight.clone()
         weight[:, :, centre, centre] += 1.0
-        return self._conv_forward(x, weight, self.bias)
+        return weight
 
 
 class Pointwise(nn.Conv2d):
@@ -395,14 +408,18 @@ class ConvMLP(nn.Module):
         self.fc2 = Pointwise(hidden, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            torch.compiler.is_compiling()  # first: dynamo cannot trace ContextVar.get
-            or not (torch.is_grad_enabled() and RECOMPUTE_SAVED.get())
-            or torch.jit.is_tracing()
-            or exporting()
-        ):
-            return self.fc2(self.grn(self.dwconv(self.act(self.fc1(x)))))
+        plain = torch.compiler.is_compiling() or torch.jit.is_tracing() or exporting()  # first: see below
         hidden = self.fc1(x)
+        if not plain and self._fused_middle(hidden):
+            # GELU -> dwconv -> GRN's energy in one pass (kernels/gelu_dwconv.py); it keeps only
+            # `hidden` for its backward, GRN keeps `mixed`, and GRN's output is recomputed.
+            mixed, squares = kernels.gelu_dwconv3x3(hidden, self.dwconv.folded_weight(), self.dwconv.bias)
+            out, recipe = self.grn(mixed, with_recipe=True, squares=squares)
+            with recompute_saved(out, recipe):
+                return self.fc2(out)
+        # (dynamo cannot trace ContextVar.get: `plain` is tested first)
+        if plain or not (torch.is_grad_enabled() and RECOMPUTE_SAVED.get()):
+            return self.fc2(self.grn(self.dwconv(self.act(hidden))))
         activated = self.act(hidden)
         # The two hidden-width maps that only the next op needs are recomputed in the backward
         # (GELU's input and GRN's input are kept anyway): two of the MLP's four hidden maps.
@@ -412,6 +429,18 @@ class ConvMLP(nn.Module):
         out, recipe = self.grn(mixed, with_recipe=True)
         with recompute_saved(out, recipe):
             return self.fc2(out)
+
+    def _fused_middle(self, hidden: torch.Tensor) -> bool:
+        """Whether GELU -> dwconv -> GRN's energy may run as the one compiled op: exact GELU, the
+        3x3 ResDWConv in float32 outside autocast, a map the op takes (`native_applies`), and no
+        hooks on the modules it stands in for (they must see their calls)."""
+        return (
+            self.act.approximate == "none"
+            and self.dwconv.kernel_size == (3, 3)
+            and kernels.gelu_dwconv.native_applies(hidden, self.dwconv.weight, self.dwconv.bias)  # CPU only
+            and not torch.is_autocast_enabled("cpu")
+            and not (_hooked(self.act) or _hooked(self.dwconv))
+        )
 
 
 class Mlp(nn.Module):

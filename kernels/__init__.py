@@ -4,16 +4,30 @@ neighbourhood attention on the same clamped windows (`neighborhood_attention`, k
 Layering (see STYLE.md): these functions check shapes and arguments and give clear errors ->
 `ops` (torch.library custom ops with autograd and fake implementations, and the backend
 dispatch) -> a backend (`reference`, `cpu`, `triton_kernels`; `unfold` as a baseline) -> kernels.
+
+Also here: the CPU depthwise convolution with a fast backward (`depthwise`), and overlock's compiled
+C kernels (`native` builds kernels/csrc/*.c on first use), of which `gelu_dwconv3x3` runs the middle
+of every MLP, GELU -> 3x3 depthwise conv -> GRN's energy, in one pass.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import neighborhood, ops, reference
+from . import gelu_dwconv, neighborhood, ops, reference
+from .gelu_dwconv import gelu_dwconv3x3
 from .ops import BACKENDS
 
-__all__ = ["BACKENDS", "check_backend", "aggregate", "contmix", "neighborhood_attention", "reference"]
+__all__ = [
+    "BACKENDS",
+    "check_backend",
+    "aggregate",
+    "contmix",
+    "gelu_dwconv",
+    "gelu_dwconv3x3",
+    "neighborhood_attention",
+    "reference",
+]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

@@ -31,6 +31,7 @@ def test_bench_json_reports_sane_timings_and_memory():
     assert data["settings"]["train"] is True and data["settings"]["img_size"] == 64
     assert data["peak_memory_mib"] is None or data["peak_memory_mib"] >= 0
     assert data["profile"] is None
+    assert data["cpu_kernels"].startswith("gelu_dwconv: ")  # compiled C kernels, or the fallback and why
 
 
 def test_profile_attributes_time_to_every_block_part_forward_and_backward():

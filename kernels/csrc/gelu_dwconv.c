@@ -1,0 +1,280 @@
+/* GELU -> 3x3 depthwise convolution (+ bias) -> per-(image, channel) sum of squares, and its backward.
+ *
+ * The middle of every OverLoCK MLP (builder/layers.py ConvMLP): fc1 -> GELU -> x + dwconv3x3(x) ->
+ * GRN -> fc2. PyTorch runs the middle as four passes over the 4x-wide hidden map (GELU, the conv,
+ * GRN's sum of squares, and in the backward GELU's recomputation, the conv's input and weight
+ * gradients, GELU's backward); here it is one pass forward and one backward. The GELU of each row
+ * is computed once into a three-row ring, from which the conv reads its window, and GRN's energy
+ * is summed as the outputs are written.
+ *
+ * Data: NHWC float32, contiguous ((B, H, W, C) in memory, i.e. a channels_last (B, C, H, W) map).
+ * Kernel taps are (9, C): tap ky*3+kx, channel innermost. The residual of ResDWConv is folded into
+ * the centre tap by the caller. Each call covers images [b0, b1) and rows [y0, y1) of them, so
+ * callers can split the work between threads; sums (squares, weight and bias gradients) are ADDED
+ * to the caller's buffers, one set per concurrent call. Returns 0, or -1 if a buffer could not be
+ * allocated.
+ *
+ * GELU is the exact one, 0.5 x (1 + erf(x / sqrt 2)), with erf from Abramowitz & Stegun 7.1.26
+ * (absolute error < 1.5e-7, the approximation ATen's vectorised CPU erf uses) and exp from a
+ * Cephes-style range reduction. Explicit GCC vector types keep it vectorised whatever the
+ * compiler's cost model decides (VW floats per vector: 16 with AVX-512, 8 with AVX, else 4).
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512F__)
+#define VW 16
+#elif defined(__AVX__)
+#define VW 8
+#else
+#define VW 4
+#endif
+
+typedef float vf __attribute__((vector_size(VW * sizeof(float))));
+typedef int vi __attribute__((vector_size(VW * sizeof(int))));
+
+static inline vf vload(const float* p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline void vstore(float* p, vf v) { memcpy(p, &v, sizeof v); }
+static inline vf vsplat(float a) { return (vf){0} + a; }
+
+/* e^x for x <= 0 */
+static inline vf vexp_nonpositive(vf x) {
+    vi low = x < vsplat(-87.0f);
+    x = (vf)(((vi)vsplat(-87.0f) & low) | ((vi)x & ~low));
+    vf n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest */
+    vf r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
+    vf p = vsplat(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    vi two_n = (__builtin_convertvector(n, vi) + 127) << 23;
+    return p * (vf)two_n;
+}
+
+/* GELU(x) into *act; returns GELU'(x) = Phi(x) + x phi(x) when want_grad, else 0. */
+static inline vf vgelu(vf x, vf* act, int want_grad) {
+    vf z = x * 0.70710678118654752f;
+    vi sign = (vi)z & ((vi){0} + (int)0x80000000);
+    vf a = (vf)((vi)z ^ sign);
+    vf t = 1.0f / (1.0f + 0.3275911f * a);
+    vf gauss = vexp_nonpositive(-a * a); /* exp(-x^2 / 2) */
+    vf y = vsplat(1.061405429f);
+    y = y * t - 1.453152027f;
+    y = y * t + 1.421413741f;
+    y = y * t - 0.284496736f;
+    y = y * t + 0.254829592f;
+    vf cdf = 0.5f + 0.5f * (vf)((vi)(1.0f - y * t * gauss) ^ sign); /* Phi(x) */
+    *act = x * cdf;
+    return want_grad ? cdf + x * gauss * 0.39894228040143268f : vsplat(0.0f);
+}
+
+/* act[i] = GELU(in[i]) and, if grad, grad[i] = GELU'(in[i]), for n floats. */
+static void gelu_row(const float* in, float* act, float* grad, long n) {
+    long i = 0;
+    vf a, d;
+    for (; i + VW <= n; i += VW) {
+        d = vgelu(vload(in + i), &a, grad != NULL);
+        vstore(act + i, a);
+        if (grad) vstore(grad + i, d);
+    }
+    if (i < n) {
+        float buf[VW] = {0};
+        memcpy(buf, in + i, (size_t)(n - i) * sizeof(float));
+        d = vgelu(vload(buf), &a, grad != NULL);
+        memcpy(act + i, &a, (size_t)(n - i) * sizeof(float));
+        if (grad) memcpy(grad + i, &d, (size_t)(n - i) * sizeof(float));
+    }
+}
+
+/* Slot of image row r (r >= -1) in a three-row ring of padded rows. */
+static inline float* slot(float* ring, long r, long padded_row) { return ring + ((r + 3) % 3) * padded_row; }
+
+/* Fill a padded ring row (one zero pixel left and right) with GELU of image row r, or zeros outside. */
+static void load_gelu(float* dst, float* grad, const float* image, long r, long H, long W, long C) {
+    if (r < 0 || r >= H) {
+        memset(dst, 0, (size_t)(W + 2) * C * sizeof(float));
+        return;
+    }
+    gelu_row(image + r * W * C, dst + C, grad, W * C);
+}
+
+static void load_copy(float* dst, const float* image, long r, long H, long W, long C) {
+    if (r < 0 || r >= H) {
+        memset(dst, 0, (size_t)(W + 2) * C * sizeof(float));
+        return;
+    }
+    memcpy(dst + C, image + r * W * C, (size_t)(W * C) * sizeof(float));
+}
+
+/* Zeroed, 64-byte aligned floats (vector loads that do not straddle cache lines where C is a multiple
+ * of 16), or NULL. */
+static float* zeroed(size_t count) {
+    size_t bytes = (count * sizeof(float) + 63) / 64 * 64;
+    float* p = aligned_alloc(64, bytes);
+    if (p) memset(p, 0, bytes);
+    return p;
+}
+
+/* The taps (9, C) and bias (C) copied with C rounded up to whole vectors (zeros after C), so that
+ * every vector load of them stays inside the buffer. */
+static float* padded_taps(const float* weight, const float* bias, long C, long Cp) {
+    float* taps = zeroed((size_t)(10 * Cp));
+    if (!taps) return NULL;
+    for (long k = 0; k < 9; k++) memcpy(taps + k * Cp, weight + k * C, (size_t)C * sizeof(float));
+    if (bias) memcpy(taps + 9 * Cp, bias, (size_t)C * sizeof(float));
+    return taps;
+}
+
+/* Store the first n lanes of v (n = VW but for the channels' last, partial vector). */
+static inline void vstore_n(float* p, vf v, long n) {
+    if (n == VW)
+        vstore(p, v);
+    else
+        memcpy(p, &v, (size_t)n * sizeof(float));
+}
+
+static inline void vadd_n(float* p, vf v, long n) {
+    float lanes[VW];
+    memcpy(lanes, &v, sizeof v);
+    for (long i = 0; i < n; i++) p[i] += lanes[i];
+}
+
+/* Rings hold padded rows with channel stride C; vector loads of the last, partial channel block
+ * read up to VW - 1 floats past a pixel (into the next pixel, or the slack after the last row):
+ * those lanes are computed and then dropped, never stored. */
+#define RING_FLOATS(padded_row) ((size_t)(3 * (padded_row) + VW))
+
+int overlock_gelu_dwconv3x3_forward(const float* restrict hidden, const float* restrict weight,
+                                     const float* restrict bias, float* restrict out, float* restrict squares,
+                                     long H, long W, long C, long b0, long b1, long y0, long y1) {
+    long padded_row = (W + 2) * C, Cp = (C + VW - 1) / VW * VW;
+    float* ring = zeroed(RING_FLOATS(padded_row));
+    float* taps = padded_taps(weight, bias, C, Cp);
+    if (!ring || !taps) {
+        free(ring);
+        free(taps);
+        return -1;
+    }
+    for (long b = b0; b < b1; b++) {
+        const float* image = hidden + b * H * W * C;
+        float* sq = squares + b * C;
+        memset(ring, 0, RING_FLOATS(padded_row) * sizeof(float));
+        load_gelu(slot(ring, y0 - 1, padded_row), NULL, image, y0 - 1, H, W, C);
+        load_gelu(slot(ring, y0, padded_row), NULL, image, y0, H, W, C);
+        for (long y = y0; y < y1; y++) {
+            load_gelu(slot(ring, y + 1, padded_row), NULL, image, y + 1, H, W, C);
+            const float* up = slot(ring, y - 1, padded_row);
+            const float* mid = slot(ring, y, padded_row);
+            const float* down = slot(ring, y + 1, padded_row);
+            float* o = out + (b * H + y) * W * C;
+            for (long c = 0; c < C; c += VW) {
+                long n = C - c < VW ? C - c : VW;
+                vf w0 = vload(taps + c), w1 = vload(taps + Cp + c), w2 = vload(taps + 2 * Cp + c);
+                vf w3 = vload(taps + 3 * Cp + c), w4 = vload(taps + 4 * Cp + c), w5 = vload(taps + 5 * Cp + c);
+                vf w6 = vload(taps + 6 * Cp + c), w7 = vload(taps + 7 * Cp + c), w8 = vload(taps + 8 * Cp + c);
+                vf shift = vload(taps + 9 * Cp + c), energy = vsplat(0.0f);
+                const float *u = up + c, *m = mid + c, *d = down + c;
+                for (long x = 0; x < W; x++, u += C, m += C, d += C) {
+                    vf s = shift + w0 * vload(u) + w1 * vload(u + C) + w2 * vload(u + 2 * C) + w3 * vload(m)
+                           + w4 * vload(m + C) + w5 * vload(m + 2 * C) + w6 * vload(d) + w7 * vload(d + C)
+                           + w8 * vload(d + 2 * C);
+                    vstore_n(o + x * C + c, s, n);
+                    energy += s * s;
+                }
+                vadd_n(sq + c, energy, n);
+            }
+        }
+    }
+    free(ring);
+    free(taps);
+    return 0;
+}
+
+/* With g = dL/d out (NHWC, like out) and a = GELU(hidden):
+ *   grad_hidden[y, x] = GELU'(hidden[y, x]) * sum_{ky, kx} w[ky, kx] g[y - ky + 1, x - kx + 1]
+ *   grad_weight[ky, kx] += sum_{b, y, x} g[y, x] a[y + ky - 1, x + kx - 1],  grad_bias += sum g.
+ * GELU and its derivative are recomputed row by row from hidden (nothing else is saved). For each
+ * row and block of channels the nine weight-gradient sums and the bias's stay in registers. */
+int overlock_gelu_dwconv3x3_backward(const float* restrict hidden, const float* restrict grad,
+                                      const float* restrict weight, float* restrict grad_hidden,
+                                      float* restrict grad_weight, float* restrict grad_bias, long H, long W,
+                                      long C, long b0, long b1, long y0, long y1) {
+    long padded_row = (W + 2) * C, Cp = (C + VW - 1) / VW * VW;
+    float* act_ring = zeroed(RING_FLOATS(padded_row));
+    float* grad_ring = zeroed(RING_FLOATS(padded_row));
+    float* slope = zeroed((size_t)(2 * W * C + VW)); /* GELU' of rows y and y + 1 */
+    float* taps = padded_taps(weight, NULL, C, Cp);
+    int status = 0;
+    if (!act_ring || !grad_ring || !slope || !taps) {
+        status = -1;
+        goto done;
+    }
+    for (long b = b0; b < b1; b++) {
+        const float* image = hidden + b * H * W * C;
+        const float* g_image = grad + b * H * W * C;
+        memset(act_ring, 0, RING_FLOATS(padded_row) * sizeof(float));
+        memset(grad_ring, 0, RING_FLOATS(padded_row) * sizeof(float));
+        load_gelu(slot(act_ring, y0 - 1, padded_row), NULL, image, y0 - 1, H, W, C);
+        load_gelu(slot(act_ring, y0, padded_row), slope + (y0 % 2) * W * C, image, y0, H, W, C);
+        load_copy(slot(grad_ring, y0 - 1, padded_row), g_image, y0 - 1, H, W, C);
+        load_copy(slot(grad_ring, y0, padded_row), g_image, y0, H, W, C);
+        for (long y = y0; y < y1; y++) {
+            load_gelu(slot(act_ring, y + 1, padded_row), slope + ((y + 1) % 2) * W * C, image, y + 1, H, W, C);
+            load_copy(slot(grad_ring, y + 1, padded_row), g_image, y + 1, H, W, C);
+            const float* a_up = slot(act_ring, y - 1, padded_row);
+            const float* a_mid = slot(act_ring, y, padded_row);
+            const float* a_down = slot(act_ring, y + 1, padded_row);
+            const float* g_up = slot(grad_ring, y - 1, padded_row);
+            const float* g_mid = slot(grad_ring, y, padded_row);
+            const float* g_down = slot(grad_ring, y + 1, padded_row);
+            const float* s_row = slope + (y % 2) * W * C;
+            float* gh = grad_hidden + (b * H + y) * W * C;
+            for (long c = 0; c < C; c += VW) {
+                long n = C - c < VW ? C - c : VW;
+                vf w0 = vload(taps + c), w1 = vload(taps + Cp + c), w2 = vload(taps + 2 * Cp + c);
+                vf w3 = vload(taps + 3 * Cp + c), w4 = vload(taps + 4 * Cp + c), w5 = vload(taps + 5 * Cp + c);
+                vf w6 = vload(taps + 6 * Cp + c), w7 = vload(taps + 7 * Cp + c), w8 = vload(taps + 8 * Cp + c);
+                vf z = vsplat(0.0f), d0 = z, d1 = z, d2 = z, d3 = z, d4 = z, d5 = z, d6 = z, d7 = z, d8 = z, db = z;
+                const float *au = a_up + c, *am = a_mid + c, *ad = a_down + c;
+                const float *gu = g_up + c, *gm = g_mid + c, *gd = g_down + c;
+                for (long x = 0; x < W; x++, au += C, am += C, ad += C, gu += C, gm += C, gd += C) {
+                    /* padded column x + 1 is image column x */
+                    vf da = w0 * vload(gd + 2 * C) + w1 * vload(gd + C) + w2 * vload(gd) + w3 * vload(gm + 2 * C)
+                            + w4 * vload(gm + C) + w5 * vload(gm) + w6 * vload(gu + 2 * C) + w7 * vload(gu + C)
+                            + w8 * vload(gu);
+                    vstore_n(gh + x * C + c, da * vload(s_row + x * C + c), n);
+                    vf gy = vload(gm + C);
+                    d0 += gy * vload(au);
+                    d1 += gy * vload(au + C);
+                    d2 += gy * vload(au + 2 * C);
+                    d3 += gy * vload(am);
+                    d4 += gy * vload(am + C);
+                    d5 += gy * vload(am + 2 * C);
+                    d6 += gy * vload(ad);
+                    d7 += gy * vload(ad + C);
+                    d8 += gy * vload(ad + 2 * C);
+                    db += gy;
+                }
+                vadd_n(grad_weight + c, d0, n);
+                vadd_n(grad_weight + C + c, d1, n);
+                vadd_n(grad_weight + 2 * C + c, d2, n);
+                vadd_n(grad_weight + 3 * C + c, d3, n);
+                vadd_n(grad_weight + 4 * C + c, d4, n);
+                vadd_n(grad_weight + 5 * C + c, d5, n);
+                vadd_n(grad_weight + 6 * C + c, d6, n);
+                vadd_n(grad_weight + 7 * C + c, d7, n);
+                vadd_n(grad_weight + 8 * C + c, d8, n);
+                vadd_n(grad_bias + c, db, n);
+            }
+        }
+    }
+done:
+    free(act_ring);
+    free(grad_ring);
+    free(slope);
+    free(taps);
+    return status;
+}

@@ -1,0 +1,150 @@
+"""GELU -> 3x3 depthwise conv (+ bias) -> each map's sum of squares: the middle of ConvMLP in one pass.
+
+Why. In every OverLoCK MLP (fc1 -> GELU -> dwconv3x3 -> GRN -> fc2) the three middle steps are
+element-wise or nearly so, on the widest map of the block (4x the block's channels), so on the
+CPU they cost as much as the two 1x1 convs around them: PyTorch makes one pass over the map per
+step (GELU, the conv, GRN's energy) and, in the backward, one per step again plus GELU's
+recomputation. `kernels/csrc/gelu_dwconv.c` does the forward in one pass (the GELU of each row is
+computed once into a three-row ring that the conv reads) and the backward in one (GELU and its
+derivative recomputed row by row from the saved input, so nothing else is kept). It runs on
+channels_last float32 CPU maps when the C library could be built (`kernels.native`); everything
+else, and the tests' reference, is `reference`, the PyTorch composition.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+from . import native
+from .cpu import _pool, _workers
+
+LIBRARY = "gelu_dwconv"
+
+
+def reference(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(conv(GELU(hidden)), sum over H, W of its square as (B, C, 1, 1)), in PyTorch ops."""
+    out = F.conv2d(F.gelu(hidden), weight, bias, padding=1, groups=hidden.shape[1])
+    return out, out.square().sum(dim=(-1, -2), keepdim=True)
+
+
+def native_applies(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether the compiled kernel takes these tensors: CPU float32, channels_last hidden map, a (C, 1, 3, 3) kernel."""
+    tensors = [hidden, weight] + ([bias] if bias is not None else [])
+    return (
+        hidden.dim() == 4
+        and hidden.numel() > 0
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 and not t.is_meta for t in tensors)
+        and hidden.is_contiguous(memory_format=torch.channels_last)
+        and tuple(weight.shape) == (hidden.shape[1], 1, 3, 3)
+        and native.library(LIBRARY) is not None
+    )
+
+
+def gelu_dwconv3x3(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """conv2d(GELU(hidden), weight, bias, padding=1, groups=C) and its (B, C, 1, 1) sums of squares.
+
+    The sums carry no gradient (GRN, their user, differentiates through its own input). The
+    compiled kernel where `native_applies`, else `reference`.
+    """
+    if not native_applies(hidden, weight, bias):
+        return reference(hidden, weight, bias)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if needs_grad:
+        return _GeluDWConv.apply(hidden, weight, bias)
+    return _forward(hidden, weight, bias)
+
+
+def _tasks(batch: int, rows: int, workers: int) -> list[tuple[int, int, int, int]]:
+    """(first image, end image, first row, end row) per call: whole images when there are enough of
+    them for every worker, else each image's rows split so that every worker gets some."""
+    if workers <= 1:
+        return [(0, batch, 0, rows)]
+    if batch >= workers:
+        edges = [batch * i // workers for i in range(workers + 1)]
+        return [(a, b, 0, rows) for a, b in itertools.pairwise(edges) if b > a]
+    parts = min(rows, -(-workers // batch))
+    edges = [rows * i // parts for i in range(parts + 1)]
+    return [(image, image + 1, a, b) for image in range(batch) for a, b in itertools.pairwise(edges) if b > a]
+
+
+def _run(function: str, tasks: list[tuple[int, int, int, int]], workers: int, arguments) -> None:
+    """function(*arguments(i), *tasks[i]) for every task, in the shared worker pool (kernels/cpu.py) when
+    there are several (ctypes releases the GIL for the call)."""
+    call = getattr(native.library(LIBRARY), function)
+
+    def run(index: int) -> int:
+        return call(*arguments(index), *tasks[index])
+
+    indices = range(len(tasks))
+    statuses = [run(i) for i in indices] if len(tasks) == 1 else list(_pool(workers).map(run, indices))
+    if any(statuses):
+        raise MemoryError(f"{function}: could not allocate its row buffers")
+
+
+def _pointer(tensor: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(tensor.data_ptr())
+
+
+def _taps(weight: torch.Tensor) -> torch.Tensor:
+    """(C, 1, 3, 3) -> (9, C): tap-major, channels innermost, as the C kernel reads them."""
+    return weight.detach().reshape(weight.shape[0], 9).t().contiguous()
+
+
+def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    batch, channels, rows, cols = hidden.shape
+    taps = _taps(weight)
+    shift = bias.detach().contiguous() if bias is not None else hidden.new_zeros(channels)
+    out = torch.empty_like(hidden, memory_format=torch.channels_last)
+    workers = _workers(hidden.device)
+    tasks = _tasks(batch, rows, workers)
+    squares = hidden.new_zeros(len(tasks), batch, channels)
+    pointers = [_pointer(hidden), _pointer(taps), _pointer(shift), _pointer(out)]
+    _run(
+        "overlock_gelu_dwconv3x3_forward",
+        tasks,
+        workers,
+        lambda i: (*pointers, _pointer(squares[i]), rows, cols, channels),
+    )
+    return out, squares.sum(dim=0).view(batch, channels, 1, 1)
+
+
+class _GeluDWConv(torch.autograd.Function):
+    """Saves the GELU's input and the kernel only; the backward recomputes GELU and GELU' per row."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias):
+        out, squares = _forward(hidden, weight, bias)
+        ctx.save_for_backward(hidden, weight)
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(squares)
+        return out, squares
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad, _):
+        hidden, weight = ctx.saved_tensors
+        batch, channels, rows, cols = hidden.shape
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        grad_hidden = torch.empty_like(hidden, memory_format=torch.channels_last)
+        workers = _workers(hidden.device)
+        tasks = _tasks(batch, rows, workers)
+        taps = _taps(weight)  # held here: the C call reads it through a raw pointer
+        grad_taps = hidden.new_zeros(len(tasks), 9, channels)
+        grad_bias = hidden.new_zeros(len(tasks), channels)
+        pointers = [_pointer(hidden), _pointer(grad), _pointer(taps), _pointer(grad_hidden)]
+        _run(
+            "overlock_gelu_dwconv3x3_backward",
+            tasks,
+            workers,
+            lambda i: (*pointers, _pointer(grad_taps[i]), _pointer(grad_bias[i]), rows, cols, channels),
+        )
+        grad_weight = grad_taps.sum(dim=0).t().reshape(weight.shape)
+        return grad_hidden, grad_weight, grad_bias.sum(dim=0) if ctx.has_bias else None

@@ -1,0 +1,182 @@
+"""kernels.native and kernels.gelu_dwconv: the compiled C kernels compute what PyTorch's ops compute,
+and everything still works (through PyTorch) where they cannot be built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from overlock import kernels
+from overlock.builder import layers
+from overlock.kernels import gelu_dwconv, native
+
+needs_library = pytest.mark.skipif(
+    native.library(gelu_dwconv.LIBRARY) is None, reason=native.status(gelu_dwconv.LIBRARY)
+)
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """An empty build cache and no loaded library; the real ones come back afterwards."""
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
+    native._load.cache_clear()
+    yield tmp_path
+    native._load.cache_clear()
+
+
+def _inputs(shape, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    batch, channels, rows, cols = shape
+    hidden = torch.randn(shape, generator=gen).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(channels, 1, 3, 3, generator=gen) * 0.5
+    bias = torch.randn(channels, generator=gen)
+    return hidden, weight, bias
+
+
+# Channel counts that are and are not whole vectors (4, 8, 16 floats), maps of one row or column.
+SHAPES = [(2, 13, 5, 7), (3, 40, 1, 6), (1, 17, 4, 1), (2, 48, 9, 8), (1, 1, 3, 3)]
+
+
+@needs_library
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_gelu_dwconv_matches_the_float64_composition(shape, threads):
+    """Outputs, sums of squares and all three gradients against PyTorch's GELU + conv2d in float64."""
+    hidden, weight, bias = (t.requires_grad_() for t in _inputs(shape))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out, squares = kernels.gelu_dwconv3x3(hidden, weight, bias)
+        assert out.grad_fn.name().startswith("_GeluDWConv")
+        grad = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (hidden, weight, bias), grad)
+    finally:
+        torch.set_num_threads(before)
+    assert out.is_contiguous(memory_format=torch.channels_last) and squares.shape == (shape[0], shape[1], 1, 1)
+    double = [t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
+    expected, expected_squares = gelu_dwconv.reference(*double)
+    expected_grads = torch.autograd.grad(expected, double, grad.double())
+    for ours, theirs in [(out, expected), (squares, expected_squares), *zip(grads, expected_grads, strict=True)]:
+        torch.testing.assert_close(ours.double(), theirs, rtol=2e-5, atol=2e-5 * theirs.abs().max().item())
+
+
+@needs_library
+def test_gelu_dwconv_without_grad_runs_the_forward_alone():
+    hidden, weight, bias = _inputs((2, 20, 6, 6))
+    with torch.no_grad():
+        out, squares = kernels.gelu_dwconv3x3(hidden, weight, bias)
+    expected, expected_squares = gelu_dwconv.reference(hidden, weight, bias)
+    assert out.grad_fn is None
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(squares, expected_squares, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda h, w, b: (h.double(), w.double(), b.double()),
+        lambda h, w, b: (h.contiguous(), w, b),  # NCHW
+        lambda h, w, b: (h, w.expand(-1, -1, 3, 3)[:, :, :, :2].contiguous(), b),  # not 3x3
+        lambda h, w, b: (h[:0], w, b),  # empty
+    ],
+    ids=["float64", "nchw", "3x2-kernel", "empty"],
+)
+def test_gelu_dwconv_takes_the_pytorch_composition_for_what_the_kernel_does_not_cover(change):
+    hidden, weight, bias = change(*_inputs((2, 6, 5, 5)))
+    assert not gelu_dwconv.native_applies(hidden, weight, bias)
+    if weight.shape[-1] != 3:
+        return
+    out, squares = kernels.gelu_dwconv3x3(hidden, weight, bias)
+    torch.testing.assert_close((out, squares), gelu_dwconv.reference(hidden, weight, bias))
+
+
+@pytest.mark.parametrize("batch, rows, workers", [(8, 56, 1), (8, 56, 2), (3, 14, 2), (1, 7, 4), (2, 1, 8), (5, 9, 3)])
+def test_tasks_cover_every_row_of_every_image_once(batch, rows, workers):
+    tasks = gelu_dwconv._tasks(batch, rows, workers)
+    covered = [(b, y) for b0, b1, y0, y1 in tasks for b in range(b0, b1) for y in range(y0, y1)]
+    assert sorted(covered) == [(b, y) for b in range(batch) for y in range(rows)]
+    assert len(tasks) >= min(workers, batch * rows)  # every worker gets some work where there is enough
+
+
+@needs_library
+@pytest.mark.parametrize("training", [False, True])
+def test_conv_mlp_with_the_compiled_middle_computes_the_composition(training, monkeypatch):
+    """The whole MLP (fc1 -> GELU -> dwconv -> GRN -> fc2), outputs and every gradient, against the
+    same module run through PyTorch's ops."""
+    mlp = layers.ConvMLP(12, 40, 12).train(training)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in mlp.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=gen) * 0.3)
+    x = torch.randn(2, 12, 9, 7, generator=gen).contiguous(memory_format=torch.channels_last).requires_grad_()
+    results = []
+    for compiled in (True, False):
+        if not compiled:
+            monkeypatch.setattr(gelu_dwconv, "native_applies", lambda *args: False)
+        calls = []
+        monkeypatch.setattr(gelu_dwconv, "_forward", _spy(calls, gelu_dwconv._forward))
+        out = mlp(x)
+        assert bool(calls) == compiled
+        grads = torch.autograd.grad(out, [x, *mlp.parameters()], torch.ones_like(out))
+        results.append((out, grads))
+    (out, grads), (expected, expected_grads) = results
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5 * theirs.abs().max().item())
+
+
+def _spy(calls, function):
+    def spied(*args, **kwargs):
+        calls.append(1)
+        return function(*args, **kwargs)
+
+    return spied
+
+
+@needs_library
+def test_conv_mlp_keeps_the_composition_where_hooks_watch_its_modules():
+    mlp = layers.ConvMLP(4, 8, 4)
+    assert mlp._fused_middle(torch.randn(1, 8, 3, 3).contiguous(memory_format=torch.channels_last))
+    mlp.act.register_forward_hook(lambda *args: None)
+    assert not mlp._fused_middle(torch.randn(1, 8, 3, 3).contiguous(memory_format=torch.channels_last))
+
+
+def test_without_a_compiler_everything_runs_through_pytorch(fresh_build, monkeypatch):
+    monkeypatch.setenv("CC", "no-such-compiler-overlock")
+    assert native.library(gelu_dwconv.LIBRARY) is None
+    assert "PyTorch fallback" in native.status(gelu_dwconv.LIBRARY)
+    assert "no C compiler" in native.status(gelu_dwconv.LIBRARY)
+    hidden, weight, bias = _inputs((2, 6, 5, 5))
+    assert not gelu_dwconv.native_applies(hidden, weight, bias)
+    out = layers.ConvMLP(3, 6, 3)(torch.randn(2, 3, 5, 5).contiguous(memory_format=torch.channels_last))
+    assert out.shape == (2, 3, 5, 5) and not list(fresh_build.iterdir())
+
+
+def test_the_switch_turns_the_kernels_off(fresh_build, monkeypatch):
+    monkeypatch.setenv(native.DISABLE_ENV, "0")
+    assert native.library(gelu_dwconv.LIBRARY) is None
+    assert f"{native.DISABLE_ENV}=0" in native.status(gelu_dwconv.LIBRARY)
+
+
+def test_a_compiler_error_is_reported_in_one_line(fresh_build, monkeypatch, tmp_path):
+    broken = tmp_path / "csrc"
+    broken.mkdir()
+    (broken / f"{gelu_dwconv.LIBRARY}.c").write_text("this is not C;\n")
+    monkeypatch.setattr(native, "SOURCE_DIR", broken)
+    if native.compiler() is None:
+        pytest.skip("no C compiler")
+    assert native.library(gelu_dwconv.LIBRARY) is None
+    status = native.status(gelu_dwconv.LIBRARY)
+    assert "failed on csrc/gelu_dwconv.c" in status and "\n" not in status
+    assert not [p for p in fresh_build.iterdir() if p.suffix == ".so"]  # no half-written library left
+
+
+@needs_library
+def test_the_build_is_cached_per_source_and_written_whole(fresh_build):
+    assert native.library(gelu_dwconv.LIBRARY) is not None
+    built = sorted(fresh_build.iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so" and not built[0].name.startswith(".")
+    stamp = built[0].stat().st_mtime_ns
+    native._load.cache_clear()
+    assert native.library(gelu_dwconv.LIBRARY) is not None
+    assert sorted(fresh_build.iterdir()) == built and built[0].stat().st_mtime_ns == stamp  # reused
