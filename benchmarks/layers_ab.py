@@ -104,6 +104,11 @@ def middle_by_pytorch(hidden, weight, bias):
     return False
 
 
+def weight_grads_by_pytorch(x, grad):
+    """Depthwise weight gradients before round 5: FFT, batch-folded conv, sub-lattices or PyTorch's own."""
+    return False
+
+
 def unfolded_large_kernel_bn(conv, bn, x):
     return bn(conv(x))
 
@@ -144,7 +149,10 @@ OLD = {
     "GELU on the channels_last map": [(layers, "gelu", gelu_on_the_map)],
     "dilated 3x3 weight grad by PyTorch": [(depthwise, "weight_grad_method", dilated_weight_grad_by_aten)],
     "MLP middle by PyTorch ops": [(gelu_dwconv, "native_applies", middle_by_pytorch)],
+    "depthwise weight grads by PyTorch ops": [(depthwise, "native_weight_grad_applies", weight_grads_by_pytorch)],
 }
+ROUND_5 = ("MLP middle by PyTorch ops", "depthwise weight grads by PyTorch ops")
+OLD["before round 5 (the 2 above)"] = [patch for name in ROUND_5 for patch in OLD[name]]
 ROUND_4 = ("GELU on the channels_last map", "dilated 3x3 weight grad by PyTorch")
 OLD["before round 4 (the 2 above)"] = [patch for name in ROUND_4 for patch in OLD[name]]
 # Everything the second round of issue 10 changed, put back at once (the code of the first round).
@@ -177,6 +185,7 @@ SAME_ATTRIBUTE = (
     "DilatedRepConv keeps branch outputs",
     "before round 3 (the 5 above)",
     "before round 4 (the 2 above)",
+    "before round 5 (the 2 above)",
 )
 ALL_OLD = [patch for name, patches in OLD.items() if name not in SAME_ATTRIBUTE for patch in patches]
 

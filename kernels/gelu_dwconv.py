@@ -13,14 +13,12 @@ else, and the tests' reference, is `reference`, the PyTorch composition.
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 
 import torch
 import torch.nn.functional as F
 
 from . import native
-from .cpu import _pool, _workers
 
 LIBRARY = "gelu_dwconv"
 
@@ -65,32 +63,11 @@ def gelu_dwconv3x3(
 def _tasks(batch: int, rows: int, workers: int) -> list[tuple[int, int, int, int]]:
     """(first image, end image, first row, end row) per call: whole images when there are enough of
     them for every worker, else each image's rows split so that every worker gets some."""
-    if workers <= 1:
-        return [(0, batch, 0, rows)]
     if batch >= workers:
-        edges = [batch * i // workers for i in range(workers + 1)]
-        return [(a, b, 0, rows) for a, b in itertools.pairwise(edges) if b > a]
+        return [(a, b, 0, rows) for a, b in native.image_ranges(batch, workers)]
     parts = min(rows, -(-workers // batch))
     edges = [rows * i // parts for i in range(parts + 1)]
     return [(image, image + 1, a, b) for image in range(batch) for a, b in itertools.pairwise(edges) if b > a]
-
-
-def _run(function: str, tasks: list[tuple[int, int, int, int]], workers: int, arguments) -> None:
-    """function(*arguments(i), *tasks[i]) for every task, in the shared worker pool (kernels/cpu.py) when
-    there are several (ctypes releases the GIL for the call)."""
-    call = getattr(native.library(LIBRARY), function)
-
-    def run(index: int) -> int:
-        return call(*arguments(index), *tasks[index])
-
-    indices = range(len(tasks))
-    statuses = [run(i) for i in indices] if len(tasks) == 1 else list(_pool(workers).map(run, indices))
-    if any(statuses):
-        raise MemoryError(f"{function}: could not allocate its row buffers")
-
-
-def _pointer(tensor: torch.Tensor) -> ctypes.c_void_p:
-    return ctypes.c_void_p(tensor.data_ptr())
 
 
 def _taps(weight: torch.Tensor) -> torch.Tensor:
@@ -103,15 +80,14 @@ def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     taps = _taps(weight)
     shift = bias.detach().contiguous() if bias is not None else hidden.new_zeros(channels)
     out = torch.empty_like(hidden, memory_format=torch.channels_last)
-    workers = _workers(hidden.device)
-    tasks = _tasks(batch, rows, workers)
+    tasks = _tasks(batch, rows, native.workers())
     squares = hidden.new_zeros(len(tasks), batch, channels)
-    pointers = [_pointer(hidden), _pointer(taps), _pointer(shift), _pointer(out)]
-    _run(
+    pointers = [native.pointer(hidden), native.pointer(taps), native.pointer(shift), native.pointer(out)]
+    native.run(
+        LIBRARY,
         "overlock_gelu_dwconv3x3_forward",
         tasks,
-        workers,
-        lambda i: (*pointers, _pointer(squares[i]), rows, cols, channels),
+        lambda i: (*pointers, native.pointer(squares[i]), rows, cols, channels),
     )
     return out, squares.sum(dim=0).view(batch, channels, 1, 1)
 
@@ -134,17 +110,16 @@ class _GeluDWConv(torch.autograd.Function):
         batch, channels, rows, cols = hidden.shape
         grad = grad.contiguous(memory_format=torch.channels_last)
         grad_hidden = torch.empty_like(hidden, memory_format=torch.channels_last)
-        workers = _workers(hidden.device)
-        tasks = _tasks(batch, rows, workers)
+        tasks = _tasks(batch, rows, native.workers())
         taps = _taps(weight)  # held here: the C call reads it through a raw pointer
         grad_taps = hidden.new_zeros(len(tasks), 9, channels)
         grad_bias = hidden.new_zeros(len(tasks), channels)
-        pointers = [_pointer(hidden), _pointer(grad), _pointer(taps), _pointer(grad_hidden)]
-        _run(
+        pointers = [native.pointer(hidden), native.pointer(grad), native.pointer(taps), native.pointer(grad_hidden)]
+        native.run(
+            LIBRARY,
             "overlock_gelu_dwconv3x3_backward",
             tasks,
-            workers,
-            lambda i: (*pointers, _pointer(grad_taps[i]), _pointer(grad_bias[i]), rows, cols, channels),
+            lambda i: (*pointers, native.pointer(grad_taps[i]), native.pointer(grad_bias[i]), rows, cols, channels),
         )
         grad_weight = grad_taps.sum(dim=0).t().reshape(weight.shape)
         return grad_hidden, grad_weight, grad_bias.sum(dim=0) if ctx.has_bias else None

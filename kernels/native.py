@@ -21,7 +21,12 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+import torch
+
+from .cpu import _pool, _workers
 
 SOURCE_DIR = Path(__file__).with_name("csrc")
 DISABLE_ENV = "OVERLOCK_NATIVE"
@@ -34,6 +39,9 @@ SIGNATURES = {
     "gelu_dwconv": {
         "overlock_gelu_dwconv3x3_forward": [_POINTER] * 5 + [_LONG] * 7,
         "overlock_gelu_dwconv3x3_backward": [_POINTER] * 6 + [_LONG] * 7,
+    },
+    "depthwise_weight_grad": {
+        "overlock_depthwise_weight_grad": [_POINTER] * 3 + [_LONG] * 7,
     },
 }
 
@@ -127,3 +135,36 @@ def status(name: str) -> str:
     """One line: whether csrc/<name>.c is in use and why (for `overlock bench` and bug reports)."""
     library_, reason = _load(name)
     return f"{name}: {'native' if library_ is not None else 'PyTorch fallback'} ({reason})"
+
+
+def pointer(tensor: torch.Tensor) -> ctypes.c_void_p:
+    """The tensor's data address, for a C call (the caller keeps the tensor alive through the call)."""
+    return ctypes.c_void_p(tensor.data_ptr())
+
+
+def workers() -> int:
+    """How many calls to run at once: torch's intra-op thread count (1 inside overlock's own workers)."""
+    return _workers(torch.device("cpu"))
+
+
+def image_ranges(batch: int, count: int) -> list[tuple[int, int]]:
+    """[first, end) image ranges that split a batch between `count` calls as evenly as whole images can."""
+    count = max(1, min(count, batch))
+    edges = [batch * i // count for i in range(count + 1)]
+    return [(a, b) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
+
+
+def run(name: str, function: str, tasks: Sequence[tuple[int, ...]], arguments: Callable[[int], tuple]) -> None:
+    """function(*arguments(i), *tasks[i]) from csrc/<name>.c for every task; several at once in the
+    shared worker pool (kernels/cpu.py) when torch has several threads (ctypes releases the GIL for
+    the call). Raises MemoryError if a call could not allocate its buffers."""
+    call = getattr(library(name), function)
+
+    def one(index: int) -> int:
+        return call(*arguments(index), *tasks[index])
+
+    indices = range(len(tasks))
+    count = workers()
+    statuses = [one(i) for i in indices] if count == 1 or len(tasks) == 1 else list(_pool(count).map(one, indices))
+    if any(statuses):
+        raise MemoryError(f"{function}: could not allocate its buffers")

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from overlock.kernels import depthwise
+from overlock.kernels import depthwise, native
 from overlock.kernels.depthwise import (
     WEIGHT_GRAD_METHODS,
     _DepthwiseConv,
@@ -54,11 +54,21 @@ def test_custom_op_matches_conv2d_values_and_gradients(channels, size, kernel, d
     )
 
 
-@pytest.mark.parametrize("method", sorted(WEIGHT_GRAD_METHODS))
-@pytest.mark.parametrize(
-    ("size", "kernel", "dilation"),
-    [((9, 12), 5, 1), ((7, 7), 3, 3), ((13, 10), 7, 2), ((6, 5), 9, 1), ((14, 11), 3, 5), ((4, 9), 3, 4)],
+WEIGHT_GRAD_CASES = [
+    ((9, 12), 5, 1),
+    ((7, 7), 3, 3),
+    ((13, 10), 7, 2),
+    ((6, 5), 9, 1),
+    ((14, 11), 3, 5),
+    ((4, 9), 3, 4),
+]
+needs_native = pytest.mark.skipif(
+    native.library(depthwise.NATIVE_LIBRARY) is None, reason=native.status(depthwise.NATIVE_LIBRARY)
 )
+
+
+@pytest.mark.parametrize("method", sorted(set(WEIGHT_GRAD_METHODS) - {"native"}))  # native: float32 only, below
+@pytest.mark.parametrize(("size", "kernel", "dilation"), WEIGHT_GRAD_CASES)
 def test_every_weight_gradient_method_equals_the_direct_sum(method, size, kernel, dilation):
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(3, 4, *size, generator=gen, dtype=torch.float64)
@@ -98,7 +108,35 @@ def test_weight_gradient_method_follows_the_measured_table():
     assert weight_grad_method(14, 14, 7, dilation=2) == "batch_channels"
 
 
-@pytest.mark.parametrize("method", ["batch_channels", "aten"])
+@needs_native
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize(("size", "kernel", "dilation"), [*WEIGHT_GRAD_CASES, ((14, 14), 13, 1), ((5, 6), 17, 1)])
+def test_the_c_weight_gradient_equals_the_float64_direct_sum(size, kernel, dilation, threads):
+    """Kernels larger than the map, channel counts that are not whole vectors, images split between threads."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 19, *size, generator=gen)
+    grad = torch.randn(5, 19, *size, generator=gen)
+    w = torch.zeros(19, 1, kernel, kernel, dtype=torch.float64, requires_grad=True)
+    expected = torch.autograd.grad(reference(x.double(), w, None, dilation), w, grad.double())[0]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for layout in (torch.contiguous_format, torch.channels_last):
+            ours = WEIGHT_GRAD_METHODS["native"](x.contiguous(memory_format=layout), grad, kernel, dilation)
+            assert ours.shape == (19, 1, kernel, kernel) and ours.dtype == torch.float32
+            torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_c_weight_gradient_refuses_what_it_does_not_cover():
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64)
+    assert not depthwise.native_weight_grad_applies(x, x)
+    with pytest.raises(ValueError, match="float32 CPU tensors"):
+        depthwise.weight_grad_native(x, x, 3, 1)
+
+
+@pytest.mark.parametrize("method", ["batch_channels", "aten", pytest.param("native", marks=needs_native)])
 def test_weight_gradient_methods_in_float32_are_as_accurate_as_pytorchs_own(method):
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(8, 6, 14, 14, generator=gen).contiguous(memory_format=torch.channels_last)
@@ -121,7 +159,9 @@ def test_weight_gradient_in_float32_is_as_accurate_as_pytorchs_own():
     w32 = torch.zeros(6, 1, 15, 15, requires_grad=True)
     direct = torch.autograd.grad(reference(x, w32, None, 1), w32, grad)[0]
     ours = weight_grad_fft(x, grad, 15, 1)
-    torch.testing.assert_close(weight_grad(x, grad, 15, 1), ours)  # the dispatch picks the FFT here
+    # The dispatch picks the C kernel for float32 where it is built, else the FFT here.
+    picked = "native" if depthwise.native_weight_grad_applies(x, grad) else "fft"
+    torch.testing.assert_close(weight_grad(x, grad, 15, 1), WEIGHT_GRAD_METHODS[picked](x, grad, 15, 1), rtol=0, atol=0)
     scale = exact.abs().max()
     assert (ours.double() - exact).abs().max() / scale < max(4 * (direct.double() - exact).abs().max() / scale, 1e-6)
 
