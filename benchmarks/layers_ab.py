@@ -150,9 +150,14 @@ OLD = {
     "dilated 3x3 weight grad by PyTorch": [(depthwise, "weight_grad_method", dilated_weight_grad_by_aten)],
     "MLP middle by PyTorch ops": [(gelu_dwconv, "native_applies", middle_by_pytorch)],
     "depthwise weight grads by PyTorch ops": [(depthwise, "native_weight_grad_applies", weight_grads_by_pytorch)],
+    "1x1 convs of channel slices as conv2d": [(layers, "cpu_channels_innermost", layers.cpu_channels_last)],
 }
-ROUND_5 = ("MLP middle by PyTorch ops", "depthwise weight grads by PyTorch ops")
-OLD["before round 5 (the 2 above)"] = [patch for name in ROUND_5 for patch in OLD[name]]
+ROUND_5 = (
+    "MLP middle by PyTorch ops",
+    "depthwise weight grads by PyTorch ops",
+    "1x1 convs of channel slices as conv2d",
+)
+OLD["before round 5 (the 3 above)"] = [patch for name in ROUND_5 for patch in OLD[name]]
 ROUND_4 = ("GELU on the channels_last map", "dilated 3x3 weight grad by PyTorch")
 OLD["before round 4 (the 2 above)"] = [patch for name in ROUND_4 for patch in OLD[name]]
 # Everything the second round of issue 10 changed, put back at once (the code of the first round).
@@ -185,7 +190,7 @@ SAME_ATTRIBUTE = (
     "DilatedRepConv keeps branch outputs",
     "before round 3 (the 5 above)",
     "before round 4 (the 2 above)",
-    "before round 5 (the 2 above)",
+    "before round 5 (the 3 above)",
 )
 ALL_OLD = [patch for name, patches in OLD.items() if name not in SAME_ATTRIBUTE for patch in patches]
 

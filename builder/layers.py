@@ -197,9 +197,25 @@ class Pointwise(nn.Conv2d):
         super().__init__(in_channels, out_channels, 1, bias=bias)
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if cpu_channels_last(x):
+        if cpu_channels_innermost(x):
             return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
         return super()._conv_forward(x, weight, bias)
+
+
+def cpu_channels_innermost(x: torch.Tensor) -> bool:
+    """`cpu_channels_last`, or a channel slice of such a map (the Focus-Net splits cat(x, prior) and
+    ContMix its normed input that way): its (B, H, W, C) view is a matrix with unit channel stride,
+    which a matrix product reads in place (oneDNN's 1x1 conv takes PyTorch's slow path there)."""
+    if not cpu_channels_last(x) and not (x.device.type == "cpu" and x.dim() == 4 and x.stride(1) == 1):
+        return False
+    batch, _, height, width = x.shape
+    pixel = x.stride(3)
+    return (
+        (width == 1 or pixel >= x.shape[1])
+        and (height == 1 or x.stride(2) == width * pixel)
+        and (batch == 1 or x.stride(0) == height * width * pixel)
+        and not (torch.jit.is_tracing() or exporting())
+    )
 
 
 def cpu_channels_last(x: torch.Tensor) -> bool:

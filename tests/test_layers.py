@@ -206,6 +206,22 @@ def test_channels_last_views_compute_the_plain_op_in_the_same_layout(fast, plain
     assert out.stride() == expected.stride() and dx.stride() == expected_dx.stride()
 
 
+def test_pointwise_reads_channel_slices_of_channels_last_maps_in_place():
+    """The Focus-Net's x / prior split and ContMix's query / key split hand 1x1 convs channel slices of
+    channels_last maps: they run as a matrix product on the slice (values and gradients of the conv)."""
+    conv = _randomise(layers.Pointwise(6, 5))
+    full = torch.randn(2, 10, 7, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    assert layers.cpu_channels_innermost(full[:, 3:9]) and not layers.cpu_channels_innermost(full[:, ::2])
+    grad = torch.randn(2, 5, 7, 5)
+    results = []
+    for forward in (conv, lambda x: torch.nn.Conv2d.forward(conv, x.contiguous())):
+        out = forward(full[:, 3:9])
+        results.append((out, *torch.autograd.grad(out, [full, conv.weight, conv.bias], grad)))
+    for ours, theirs in zip(*results, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert results[0][0].is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("compiled_middle", [False, True])
 def test_conv_mlp_recomputes_hidden_maps_with_identical_gradients(compiled_middle, monkeypatch):
     """PyTorch's composition recomputes GELU's output and GRN's; the compiled GELU -> dwconv op
