@@ -206,15 +206,17 @@ def cpu_channels_innermost(x: torch.Tensor) -> bool:
     """`cpu_channels_last`, or a channel slice of such a map (the Focus-Net splits cat(x, prior) and
     ContMix its normed input that way): its (B, H, W, C) view is a matrix with unit channel stride,
     which a matrix product reads in place (oneDNN's 1x1 conv takes PyTorch's slow path there)."""
-    if not cpu_channels_last(x) and not (x.device.type == "cpu" and x.dim() == 4 and x.stride(1) == 1):
+    if cpu_channels_last(x):
+        return True
+    if x.device.type != "cpu" or x.dim() != 4 or torch.jit.is_tracing() or exporting():
         return False
-    batch, _, height, width = x.shape
+    batch, channels, height, width = x.shape
     pixel = x.stride(3)
     return (
-        (width == 1 or pixel >= x.shape[1])
-        and (height == 1 or x.stride(2) == width * pixel)
+        x.stride(1) == 1
+        and pixel >= channels
+        and x.stride(2) == width * pixel
         and (batch == 1 or x.stride(0) == height * width * pixel)
-        and not (torch.jit.is_tracing() or exporting())
     )
 
 
@@ -424,7 +426,8 @@ class ConvMLP(nn.Module):
         self.fc2 = Pointwise(hidden, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        plain = torch.compiler.is_compiling() or torch.jit.is_tracing() or exporting()  # first: see below
+        # (tested before RECOMPUTE_SAVED.get(), which dynamo cannot trace)
+        plain = torch.compiler.is_compiling() or torch.jit.is_tracing() or exporting()
         hidden = self.fc1(x)
         if not plain and self._fused_middle(hidden):
             # GELU -> dwconv -> GRN's energy in one pass (kernels/gelu_dwconv.py); it keeps only
@@ -433,7 +436,6 @@ class ConvMLP(nn.Module):
             out, recipe = self.grn(mixed, with_recipe=True, squares=squares)
             with recompute_saved(out, recipe):
                 return self.fc2(out)
-        # (dynamo cannot trace ContextVar.get: `plain` is tested first)
         if plain or not (torch.is_grad_enabled() and RECOMPUTE_SAVED.get()):
             return self.fc2(self.grn(self.dwconv(self.act(hidden))))
         activated = self.act(hidden)

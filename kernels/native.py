@@ -85,11 +85,10 @@ def _build(name: str, cc: str) -> Path:
         return target
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        folder = target.parent
-    except OSError:  # an unwritable home: a private folder for this process
-        folder = Path(tempfile.mkdtemp(prefix="overlock-native-"))
-        target = folder / target.name
-    handle, partial = tempfile.mkstemp(dir=folder, prefix=f".{name}-", suffix=".so")
+        handle, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{name}-", suffix=".so")
+    except OSError:  # an unwritable cache folder: a private folder for this process
+        target = Path(tempfile.mkdtemp(prefix="overlock-native-")) / target.name
+        handle, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{name}-", suffix=".so")
     os.close(handle)
     try:
         subprocess.run(

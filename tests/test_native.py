@@ -180,3 +180,11 @@ def test_the_build_is_cached_per_source_and_written_whole(fresh_build):
     native._load.cache_clear()
     assert native.library(gelu_dwconv.LIBRARY) is not None
     assert sorted(fresh_build.iterdir()) == built and built[0].stat().st_mtime_ns == stamp  # reused
+
+
+@needs_library
+def test_an_unwritable_cache_folder_builds_in_a_private_one(fresh_build, monkeypatch):
+    blocked = fresh_build / "blocked"
+    blocked.write_text("a file where the cache folder should be")
+    monkeypatch.setenv(native.CACHE_ENV, str(blocked))
+    assert native.library(gelu_dwconv.LIBRARY) is not None
