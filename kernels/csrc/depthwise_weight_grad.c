@@ -53,7 +53,9 @@ static inline void vadd_n(float* p, vf v, long n) {
         for (int j = 0; j < KB && kx0 + j < K; j++) vadd_n(out + (ky * K + kx0 + j) * C + c, acc[j], n);     \
     }
 
+COLUMN_BLOCK(2)
 COLUMN_BLOCK(4)
+COLUMN_BLOCK(6)
 COLUMN_BLOCK(8)
 
 int overlock_depthwise_weight_grad(const float* restrict input, const float* restrict grad,
@@ -73,11 +75,23 @@ int overlock_depthwise_weight_grad(const float* restrict input, const float* res
         for (long c = 0; c < C; c += VW) {
             long n = C - c < VW ? C - c : VW;
             for (long ky = 0; ky < K; ky++) {
-                for (long kx0 = 0; kx0 < K; kx0 += 8) {
-                    if (K - kx0 <= 4)
-                        column_block_4(g, pad, grad_weight, H, W, C, Wp, K, d, ky, kx0, c, n);
-                    else
+                /* blocks of 8 columns, the rest in the narrowest block that holds it (at most one
+                 * column computed in vain: 13 = 8 + 6, 17 = 8 + 8 + 2, 5 -> 6, 3 -> 4) */
+                for (long kx0 = 0; kx0 < K;) {
+                    long rest = K - kx0;
+                    if (rest >= 7) {
                         column_block_8(g, pad, grad_weight, H, W, C, Wp, K, d, ky, kx0, c, n);
+                        kx0 += 8;
+                    } else if (rest >= 5) {
+                        column_block_6(g, pad, grad_weight, H, W, C, Wp, K, d, ky, kx0, c, n);
+                        kx0 += 6;
+                    } else if (rest >= 3) {
+                        column_block_4(g, pad, grad_weight, H, W, C, Wp, K, d, ky, kx0, c, n);
+                        kx0 += 4;
+                    } else {
+                        column_block_2(g, pad, grad_weight, H, W, C, Wp, K, d, ky, kx0, c, n);
+                        kx0 += 2;
+                    }
                 }
             }
         }
