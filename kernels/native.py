@@ -4,7 +4,7 @@ Why C and not a PyTorch C++ extension: the kernels need nothing from PyTorch but
 plain C file compiles in about a second (a C++ extension that includes torch's headers takes a
 minute) and loads with ctypes, which releases the GIL during the call, so that callers can run
 several calls in parallel threads. It is compiled for this machine's CPU (`-march=native`) and
-cached per source, compiler, flags and CPU in `$OVERLOCK_CACHE_DIR` (default
+cached per source (with csrc/*.h), compiler, flags and CPU in `$OVERLOCK_CACHE_DIR` (default
 `~/.cache/overlock/native`), written atomically, so concurrent processes share one build.
 
 Without a working C compiler (or with `OVERLOCK_NATIVE=0`) `library()` returns None and callers
@@ -77,8 +77,9 @@ def cache_dir() -> Path:
 def _build(name: str, cc: str) -> Path:
     """Compile csrc/<name>.c (or reuse the cached build) and return the shared library's path."""
     source = SOURCE_DIR / f"{name}.c"
+    headers = [header.read_text() for header in sorted(SOURCE_DIR.glob("*.h"))]  # what it may #include
     key = hashlib.sha256(
-        "\0".join([source.read_text(), cc, " ".join(flags()), _cpu_id(), platform.machine()]).encode()
+        "\0".join([source.read_text(), *headers, cc, " ".join(flags()), _cpu_id(), platform.machine()]).encode()
     ).hexdigest()[:16]
     target = cache_dir() / f"{name}-{key}.so"
     if target.exists():

@@ -188,3 +188,17 @@ def test_an_unwritable_cache_folder_builds_in_a_private_one(fresh_build, monkeyp
     blocked.write_text("a file where the cache folder should be")
     monkeypatch.setenv(native.CACHE_ENV, str(blocked))
     assert native.library(gelu_dwconv.LIBRARY) is not None
+
+
+@needs_library
+def test_a_changed_header_is_a_new_build(fresh_build, monkeypatch, tmp_path):
+    sources = tmp_path / "csrc"
+    sources.mkdir()
+    for path in native.SOURCE_DIR.iterdir():
+        (sources / path.name).write_text(path.read_text())
+    monkeypatch.setattr(native, "SOURCE_DIR", sources)
+    assert native.library(gelu_dwconv.LIBRARY) is not None
+    (sources / "vectors.h").write_text((sources / "vectors.h").read_text() + "\n/* changed */\n")
+    native._load.cache_clear()
+    assert native.library(gelu_dwconv.LIBRARY) is not None
+    assert len([p for p in fresh_build.iterdir() if p.name.startswith("gelu_dwconv-")]) == 2

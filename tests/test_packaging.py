@@ -24,7 +24,7 @@ def test_examples_and_c_sources_are_package_data_and_extras_cover_the_optional_f
     assert "examples/*.yaml" in package_data["overlock"]
     # The C kernels are compiled on first use (kernels/native.py): their sources must ship.
     sources = {path.name for path in (REPO / "kernels" / "csrc").glob("*.c")}
-    assert sources and "csrc/*.c" in package_data["overlock.kernels"]
+    assert sources and {"csrc/*.c", "csrc/*.h"} <= set(package_data["overlock.kernels"])
     extras = project["project"]["optional-dependencies"]
     names = {key: {req.split(">")[0].split("=")[0] for req in reqs} for key, reqs in extras.items()}
     assert {"onnx", "onnxruntime", "onnxscript"} <= names["onnx"] <= names["dev"]

@@ -12,26 +12,7 @@
  * Each call covers images [b0, b1) and ADDS to grad_weight ((K*K, C), tap-major): callers give
  * each concurrent call its own buffer. Returns 0, or -1 if the padded buffer could not be allocated.
  */
-#include <stdlib.h>
-#include <string.h>
-
-#if defined(__AVX512F__)
-#define VW 16
-#elif defined(__AVX__)
-#define VW 8
-#else
-#define VW 4
-#endif
-
-typedef float vf __attribute__((vector_size(VW * sizeof(float))));
-
-static inline vf vload(const float* p) { vf v; memcpy(&v, p, sizeof v); return v; }
-
-static inline void vadd_n(float* p, vf v, long n) {
-    float lanes[VW];
-    memcpy(lanes, &v, sizeof v);
-    for (long i = 0; i < n; i++) p[i] += lanes[i];
-}
+#include "vectors.h"
 
 /* The sums of KB consecutive kernel columns kx0 .. kx0 + KB - 1 of kernel row ky, channels [c, c + VW),
  * over all rows of one image; columns past K are computed on the buffer's zero slack and dropped. */
@@ -63,11 +44,8 @@ int overlock_depthwise_weight_grad(const float* restrict input, const float* res
                                    long b1) {
     long p = d * (K - 1) / 2, Hp = H + 2 * p, Wp = W + 2 * p;
     /* slack: the last column block may read 8 columns of d pixels past the last row */
-    size_t floats = (size_t)(Hp * Wp * C + 8 * d * C + VW);
-    size_t bytes = (floats * sizeof(float) + 63) / 64 * 64;
-    float* pad = aligned_alloc(64, bytes);
+    float* pad = zeroed((size_t)(Hp * Wp * C + 8 * d * C + VW));
     if (!pad) return -1;
-    memset(pad, 0, bytes);
     for (long b = b0; b < b1; b++) {
         for (long y = 0; y < H; y++)
             memcpy(pad + ((y + p) * Wp + p) * C, input + (b * H + y) * W * C, (size_t)(W * C) * sizeof(float));

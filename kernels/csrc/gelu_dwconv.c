@@ -16,26 +16,9 @@
  *
  * GELU is the exact one, 0.5 x (1 + erf(x / sqrt 2)), with erf from Abramowitz & Stegun 7.1.26
  * (absolute error < 1.5e-7, the approximation ATen's vectorised CPU erf uses) and exp from a
- * Cephes-style range reduction. Explicit GCC vector types keep it vectorised whatever the
- * compiler's cost model decides (VW floats per vector: 16 with AVX-512, 8 with AVX, else 4).
+ * Cephes-style range reduction (vector types: vectors.h).
  */
-#include <stdlib.h>
-#include <string.h>
-
-#if defined(__AVX512F__)
-#define VW 16
-#elif defined(__AVX__)
-#define VW 8
-#else
-#define VW 4
-#endif
-
-typedef float vf __attribute__((vector_size(VW * sizeof(float))));
-typedef int vi __attribute__((vector_size(VW * sizeof(int))));
-
-static inline vf vload(const float* p) { vf v; memcpy(&v, p, sizeof v); return v; }
-static inline void vstore(float* p, vf v) { memcpy(p, &v, sizeof v); }
-static inline vf vsplat(float a) { return (vf){0} + a; }
+#include "vectors.h"
 
 /* e^x for x <= 0 */
 static inline vf vexp_nonpositive(vf x) {
@@ -109,15 +92,6 @@ static void load_copy(float* dst, const float* image, long r, long H, long W, lo
     memcpy(dst + C, image + r * W * C, (size_t)(W * C) * sizeof(float));
 }
 
-/* Zeroed, 64-byte aligned floats (vector loads that do not straddle cache lines where C is a multiple
- * of 16), or NULL. */
-static float* zeroed(size_t count) {
-    size_t bytes = (count * sizeof(float) + 63) / 64 * 64;
-    float* p = aligned_alloc(64, bytes);
-    if (p) memset(p, 0, bytes);
-    return p;
-}
-
 /* The taps (9, C) and bias (C) copied with C rounded up to whole vectors (zeros after C), so that
  * every vector load of them stays inside the buffer. */
 static float* padded_taps(const float* weight, const float* bias, long C, long Cp) {
@@ -126,20 +100,6 @@ static float* padded_taps(const float* weight, const float* bias, long C, long C
     for (long k = 0; k < 9; k++) memcpy(taps + k * Cp, weight + k * C, (size_t)C * sizeof(float));
     if (bias) memcpy(taps + 9 * Cp, bias, (size_t)C * sizeof(float));
     return taps;
-}
-
-/* Store the first n lanes of v (n = VW but for the channels' last, partial vector). */
-static inline void vstore_n(float* p, vf v, long n) {
-    if (n == VW)
-        vstore(p, v);
-    else
-        memcpy(p, &v, (size_t)n * sizeof(float));
-}
-
-static inline void vadd_n(float* p, vf v, long n) {
-    float lanes[VW];
-    memcpy(lanes, &v, sizeof v);
-    for (long i = 0; i < n; i++) p[i] += lanes[i];
 }
 
 /* Rings hold padded rows with channel stride C; vector loads of the last, partial channel block
