@@ -102,6 +102,11 @@ static float* padded_taps(const float* weight, const float* bias, long C, long C
     return taps;
 }
 
+/* The nine taps' vectors for channels [c, c + VW) (padded_taps layout: tap k at k * Cp). */
+static inline void load_taps(vf w[9], const float* taps, long Cp, long c) {
+    for (int k = 0; k < 9; k++) w[k] = vload(taps + k * Cp + c);
+}
+
 /* Rings hold padded rows with channel stride C; vector loads of the last, partial channel block
  * read up to VW - 1 floats past a pixel (into the next pixel, or the slack after the last row):
  * those lanes are computed and then dropped, never stored. */
@@ -132,15 +137,14 @@ int overlock_gelu_dwconv3x3_forward(const float* restrict hidden, const float* r
             float* o = out + (b * H + y) * W * C;
             for (long c = 0; c < C; c += VW) {
                 long n = C - c < VW ? C - c : VW;
-                vf w0 = vload(taps + c), w1 = vload(taps + Cp + c), w2 = vload(taps + 2 * Cp + c);
-                vf w3 = vload(taps + 3 * Cp + c), w4 = vload(taps + 4 * Cp + c), w5 = vload(taps + 5 * Cp + c);
-                vf w6 = vload(taps + 6 * Cp + c), w7 = vload(taps + 7 * Cp + c), w8 = vload(taps + 8 * Cp + c);
+                vf w[9];
+                load_taps(w, taps, Cp, c);
                 vf shift = vload(taps + 9 * Cp + c), energy = vsplat(0.0f);
                 const float *u = up + c, *m = mid + c, *d = down + c;
                 for (long x = 0; x < W; x++, u += C, m += C, d += C) {
-                    vf s = shift + w0 * vload(u) + w1 * vload(u + C) + w2 * vload(u + 2 * C) + w3 * vload(m)
-                           + w4 * vload(m + C) + w5 * vload(m + 2 * C) + w6 * vload(d) + w7 * vload(d + C)
-                           + w8 * vload(d + 2 * C);
+                    vf s = shift + w[0] * vload(u) + w[1] * vload(u + C) + w[2] * vload(u + 2 * C) + w[3] * vload(m)
+                           + w[4] * vload(m + C) + w[5] * vload(m + 2 * C) + w[6] * vload(d) + w[7] * vload(d + C)
+                           + w[8] * vload(d + 2 * C);
                     vstore_n(o + x * C + c, s, n);
                     energy += s * s;
                 }
@@ -194,17 +198,16 @@ int overlock_gelu_dwconv3x3_backward(const float* restrict hidden, const float* 
             float* gh = grad_hidden + (b * H + y) * W * C;
             for (long c = 0; c < C; c += VW) {
                 long n = C - c < VW ? C - c : VW;
-                vf w0 = vload(taps + c), w1 = vload(taps + Cp + c), w2 = vload(taps + 2 * Cp + c);
-                vf w3 = vload(taps + 3 * Cp + c), w4 = vload(taps + 4 * Cp + c), w5 = vload(taps + 5 * Cp + c);
-                vf w6 = vload(taps + 6 * Cp + c), w7 = vload(taps + 7 * Cp + c), w8 = vload(taps + 8 * Cp + c);
+                vf w[9];
+                load_taps(w, taps, Cp, c);
                 vf z = vsplat(0.0f), d0 = z, d1 = z, d2 = z, d3 = z, d4 = z, d5 = z, d6 = z, d7 = z, d8 = z, db = z;
                 const float *au = a_up + c, *am = a_mid + c, *ad = a_down + c;
                 const float *gu = g_up + c, *gm = g_mid + c, *gd = g_down + c;
                 for (long x = 0; x < W; x++, au += C, am += C, ad += C, gu += C, gm += C, gd += C) {
                     /* padded column x + 1 is image column x */
-                    vf da = w0 * vload(gd + 2 * C) + w1 * vload(gd + C) + w2 * vload(gd) + w3 * vload(gm + 2 * C)
-                            + w4 * vload(gm + C) + w5 * vload(gm) + w6 * vload(gu + 2 * C) + w7 * vload(gu + C)
-                            + w8 * vload(gu);
+                    vf da = w[0] * vload(gd + 2 * C) + w[1] * vload(gd + C) + w[2] * vload(gd) + w[3] * vload(gm + 2 * C)
+                            + w[4] * vload(gm + C) + w[5] * vload(gm) + w[6] * vload(gu + 2 * C) + w[7] * vload(gu + C)
+                            + w[8] * vload(gu);
                     vstore_n(gh + x * C + c, da * vload(s_row + x * C + c), n);
                     vf gy = vload(gm + C);
                     d0 += gy * vload(au);
