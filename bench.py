@@ -18,7 +18,7 @@ backward time to the module whose forward op created the autograd node (matched 
 sequence number the profiler records for both). Reported per sub-network (the model's children),
 per part (modules grouped by their attribute name and class, e.g. `large_kernel (DilatedRepConv)`,
 inclusive time, so nested parts overlap) and per operator (ContMix's `overlock::` ops included).
-Hooked modules run as written (builder/layers.py `_hooked`): in the profiled call eval-mode BNs are
+Hooked modules run as written (builder/layers.py `hooked`): in the profiled call eval-mode BNs are
 not folded into their convs and ConvMLP runs GELU and its depthwise conv as separate ops, not as
 the one compiled kernel (kernels/gelu_dwconv.py), so the profile shows the parts by name while the
 timings above it measure the faster path.
@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from .errors import OverlockError
-from .kernels import gelu_dwconv, native
+from .kernels import native
 
 _SCOPE = "module::"
 
@@ -306,7 +306,7 @@ def bench(model: nn.Module, settings: BenchSettings, name: str = "", num_classes
         peak_memory_mib=peak,
         peak_memory_method=memory.method,
         profile=profile,
-        cpu_kernels=native.status(gelu_dwconv.LIBRARY) if device.type == "cpu" else None,
+        cpu_kernels=native.summary() if device.type == "cpu" else None,
         **stats,
     )
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,9 @@ from .layers import (
     conv_bn,
     exporting,
     generic_trace,
+    hooked,
+    recompute_saved,
+    shared_recipe,
 )
 
 
@@ -118,14 +123,30 @@ class ContMix(nn.Module):
         query = query.reshape(batch, heads, -1, h * w)
         key = key.reshape(batch, heads, -1, key.shape[-2] * key.shape[-1])
         affinity = torch.einsum("bgcn,bgcl->bgnl", query, key)
-        logits = self.kernel_proj(affinity.permute(0, 3, 1, 2))  # the S*S axis as channels
-        logits = logits.permute(0, 2, 3, 1).reshape(batch, heads, h, w, -1)
-        small, large = logits.split([self.small_kernel_size**2, self.kernel_size**2], dim=-1)
+        proj = self.kernel_proj
+
+        def kernel_logits(project: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, ...]:
+            logits = project(affinity.permute(0, 3, 1, 2))  # the S*S axis as channels
+            logits = logits.permute(0, 2, 3, 1).reshape(batch, heads, h, w, -1)
+            return logits.split([self.small_kernel_size**2, self.kernel_size**2], dim=-1)
+
+        small, large = kernel_logits(proj)
+        # The logits of both kernels are the widest map ContMix keeps for its backward; the kernel
+        # projection (kept anyway: its input and weight) recomputes them there, once for both ops
+        # (a (HW x S*S) @ (S*S x k*k + K*K) product per head, under 1% of a training step).
+        # (Not when hooks on the projection see its output: one may have changed it.)
+        again = shared_recipe(lambda: kernel_logits(lambda a: proj._conv_forward(a, proj.weight, proj.bias)))
+
+        def keeping(logits: torch.Tensor, part: int) -> contextlib.AbstractContextManager[None]:
+            return contextlib.nullcontext() if hooked(proj) else recompute_saved(logits, lambda: again()[part])
+
         value = z.reshape(batch, 2, heads, d // (2 * heads), h, w).permute(1, 0, 2, 4, 5, 3)
-        out_small = kernels.contmix(
-            small, self.rpb_small, value[0], self.small_kernel_size, backend=self.contmix_backend
-        )
-        out_large = kernels.contmix(large, self.rpb_large, value[1], self.kernel_size, backend=self.contmix_backend)
+        with keeping(small, 0):
+            out_small = kernels.contmix(
+                small, self.rpb_small, value[0], self.small_kernel_size, backend=self.contmix_backend
+            )
+        with keeping(large, 1):
+            out_large = kernels.contmix(large, self.rpb_large, value[1], self.kernel_size, backend=self.contmix_backend)
         # (B, 2h, H, W, c) -> (B, d, H, W) in the channels_last layout the convs after it prefer
         # (one copy, as the NCHW reshape was).
         out = torch.cat([out_small, out_large], dim=1).permute(0, 2, 3, 1, 4).reshape(batch, h, w, d)

@@ -112,12 +112,18 @@ class GRN(nn.Module):
         return torch.addcmul(torch.ones_like(normed), self.gamma, normed), self.beta
 
     def forward(
-        self, x: torch.Tensor, with_recipe: bool = False, squares: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        with_recipe: bool = False,
+        squares: torch.Tensor | None = None,
+        input_recipe: Callable[[], torch.Tensor] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Callable[[], torch.Tensor]]:
         """GRN(x); with_recipe: also a function that recomputes it bit for bit (for `recompute_saved`).
 
         `squares`: x's sums of squares over H, W as (B, C, 1, 1), when the op that made x has them
         (`kernels.gelu_dwconv3x3`): they carry no gradient, GRN differentiates through x itself.
+        `input_recipe`: where x itself is not kept either, the function that recomputes x; the
+        returned recipe then calls it instead of holding x.
         """
         # x + beta + gamma * x * normed, written as x * (1 + gamma * normed) + beta: one pass over x
         # instead of three (the per-channel factor is tiny). With gradients, in float32/64 and
@@ -137,7 +143,11 @@ class GRN(nn.Module):
         else:
             scale, shift = self.coefficients(x, squares)
             out = torch.addcmul(shift, x, scale)
-        return (out, lambda: torch.addcmul(shift, x, scale)) if with_recipe else out
+        if not with_recipe:
+            return out
+        if input_recipe is not None:  # a closure over x would keep x alive as long as the graph
+            return out, lambda: torch.addcmul(shift, input_recipe(), scale)
+        return out, lambda: torch.addcmul(shift, x, scale)
 
 
 class LayerScale(nn.Module):
@@ -382,6 +392,18 @@ def recompute_saved(
     return _recomputed(tensor, recipe)
 
 
+def shared_recipe(recipe: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """`recipe` for two saved tensors unpacked one after the other in one backward (a map and a
+    recomputed op's output that reads it): the first call computes, the next call gets that value
+    and it is forgotten, so the map is computed once and held only between the two unpacks."""
+    held: list[torch.Tensor] = []
+
+    def shared() -> torch.Tensor:
+        return held.pop() if held else (held.append(value := recipe()), value)[1]
+
+    return shared
+
+
 @contextlib.contextmanager
 def _recomputed(tensor: torch.Tensor, recipe: Callable[[], torch.Tensor]) -> Iterator[None]:
     """The saved-tensor hooks of `recompute_saved`."""
@@ -431,9 +453,15 @@ class ConvMLP(nn.Module):
         hidden = self.fc1(x)
         if not plain and self._fused_middle(hidden):
             # GELU -> dwconv -> GRN's energy in one pass (kernels/gelu_dwconv.py); it keeps only
-            # `hidden` for its backward, GRN keeps `mixed`, and GRN's output is recomputed.
-            mixed, squares = kernels.gelu_dwconv3x3(hidden, self.dwconv.folded_weight(), self.dwconv.bias)
-            out, recipe = self.grn(mixed, with_recipe=True, squares=squares)
+            # `hidden` for its backward. GRN's input and output are recomputed: the op's forward
+            # once more (about a third of its backward's time) for one hidden map fewer held
+            # between forward and backward. fc2's backward recomputes both, GRN's, right after,
+            # takes the same map (`shared_recipe`).
+            weight, bias = self.dwconv.folded_weight(), self.dwconv.bias
+            mixed, squares = kernels.gelu_dwconv3x3(hidden, weight, bias)
+            remix = shared_recipe(lambda: kernels.gelu_dwconv3x3(hidden, weight, bias)[0])
+            with recompute_saved(mixed, remix):
+                out, recipe = self.grn(mixed, with_recipe=True, squares=squares, input_recipe=remix)
             with recompute_saved(out, recipe):
                 return self.fc2(out)
         if plain or not (torch.is_grad_enabled() and RECOMPUTE_SAVED.get()):
@@ -457,7 +485,7 @@ class ConvMLP(nn.Module):
             and self.dwconv.kernel_size == (3, 3)
             and kernels.gelu_dwconv.native_applies(hidden, self.dwconv.weight, self.dwconv.bias)  # CPU only
             and not torch.is_autocast_enabled("cpu")
-            and not (_hooked(self.act) or _hooked(self.dwconv))
+            and not (hooked(self.act) or hooked(self.dwconv))
         )
 
 
@@ -511,7 +539,7 @@ def fuse_bn(
     return kernel * scale.reshape(-1, 1, 1, 1), bn.bias - shift * scale
 
 
-def _hooked(module: nn.Module) -> bool:
+def hooked(module: nn.Module) -> bool:
     """True if forward hooks would see this module's call (then it must really be called)."""
     return bool(
         module._forward_hooks
@@ -530,17 +558,51 @@ def foldable_bn(conv: nn.Module, bn: nn.Module) -> bool:
         isinstance(bn, nn.BatchNorm2d)
         and not bn.training
         and bn.running_var is not None
-        and not (torch.jit.is_tracing() or exporting() or _hooked(conv) or _hooked(bn))
+        and not (torch.jit.is_tracing() or exporting() or hooked(conv) or hooked(bn))
     )
 
 
+# The activations whose output a training FoldingSequential recomputes, as functions of the module
+# and its input that fire no hooks (the module's own forward, op for op).
+ACTIVATIONS: dict[type[nn.Module], Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {
+    GELU: lambda act, y: gelu(y, act.approximate),
+    nn.GELU: lambda act, y: F.gelu(y, approximate=act.approximate),
+    nn.SiLU: lambda act, y: F.silu(y),
+}
+
+
+def recomputable_bn_activation(bn: nn.Module, act: nn.Module) -> bool:
+    """Whether BN -> activation may keep only the BN's input for the backward: a BN normalising by
+    its batch's statistics, an activation of `ACTIVATIONS`, no hooks on either (a hook may change an
+    output the recomputation would not see), eagerly (compile and export plan memory themselves)."""
+    return (
+        isinstance(bn, nn.BatchNorm2d)
+        and bn.training
+        and type(act) in ACTIVATIONS
+        and not (torch.compiler.is_compiling() or torch.jit.is_tracing() or exporting())
+        and not (hooked(bn) or hooked(act))
+    )
+
+
+def batch_norm_again(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """A training BN's output once more from its input: the batch's statistics, running ones untouched."""
+    return F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+
+
 class FoldingSequential(nn.Sequential):
-    """nn.Sequential (same names, same state dict) whose eval forward folds each BN into the conv before it.
+    """nn.Sequential (same names, same state dict) whose eval forward folds each BN into the conv
+    before it, and whose training forward keeps one map, not three, for BN -> activation -> conv.
 
     In eval mode a BN is a per-channel affine map, so conv -> BN is one conv with a scaled kernel
     and a shifted bias (as `reparameterize` folds DilatedRepConv): one pass over the map fewer
     (the stem, downsampling, the ContMix query/key/output projections, the gate, the fusion's
     depthwise conv). The outputs are those of the two modules, float rounding aside.
+
+    In training, a BN keeps its input for its backward, the activation after it keeps the BN's
+    output and the conv after that the activation's output: three maps of one size. The last two
+    are recomputed in the backward from the first (`recompute_saved`; the BN's output computed once
+    for both, `shared_recipe`): a BN and an activation pass more per backward, bit for bit the same
+    gradients (the stem's 112x112 maps, the Focus-Net's fusion and gate).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -552,10 +614,32 @@ class FoldingSequential(nn.Sequential):
             if follower is not None and isinstance(module, nn.Conv2d) and foldable_bn(module, follower):
                 x = module._conv_forward(x, *fuse_bn(module.weight, follower, module.bias))
                 index += 2
+            elif follower is not None and recomputable_bn_activation(module, follower):
+                # the conv after them, which keeps the activation's output for its weight gradient
+                consumer = modules[index + 2] if index + 2 < len(modules) else None
+                consumer = consumer if isinstance(consumer, nn.Conv2d) else None
+                x = _bn_activation(module, follower, consumer, x)
+                index += 3 if consumer is not None else 2
             else:
                 x = module(x)
                 index += 1
         return x
+
+
+def _bn_activation(bn: nn.BatchNorm2d, act: nn.Module, consumer: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+    """consumer(act(bn(x))) (or act(bn(x))) with the BN's and the activation's outputs recomputed
+    (a conv keeps its input once: the BN's output is unpacked twice, by the conv's recipe and the
+    activation's, and computed once)."""
+    normed = bn(x)
+    again = functools.partial(batch_norm_again, bn, x)  # x: the BN keeps it anyway
+    if consumer is None:  # the caller's next op keeps the activation's output
+        with recompute_saved(normed, again):
+            return act(normed)
+    again = shared_recipe(again)  # two unpacks: the consumer's, then the activation's
+    with recompute_saved(normed, again):
+        activated = act(normed)
+    with recompute_saved(activated, lambda: ACTIVATIONS[type(act)](act, again())):
+        return consumer(activated)
 
 
 class DilatedRepConv(nn.Module):

@@ -562,14 +562,70 @@ def aggregate_forward(probs: torch.Tensor, value: torch.Tensor, kernel_size: int
     return result.to(value.dtype)
 
 
+NATIVE_LIBRARY = "contmix"
+# Value channels come to the C kernel in whole vectors (16 floats: AVX-512's, a multiple of the others').
+NATIVE_CHANNEL_MULTIPLE = 16
+
+
+def native_applies(*tensors: torch.Tensor) -> bool:
+    """Whether `contmix_forward` and `contmix_backward` run the compiled kernels (kernels/csrc/contmix.c):
+    float32 CPU tensors, eagerly, with the C library built (kernels/native.py); else the tiled PyTorch ops."""
+    from . import native  # (native imports this module's worker pool)
+
+    value = tensors[0]
+    return (
+        not torch.compiler.is_compiling()
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+        and value.numel() > 0
+        and native.library(NATIVE_LIBRARY) is not None
+    )
+
+
+def _padded_channels(tensor: torch.Tensor, channels: int) -> torch.Tensor:
+    """(..., c) -> the same values in a zeroed (..., channels) buffer, seen as (..., c) (the C kernels
+    read whole vectors of channels: the slack keeps them inside the buffer)."""
+    padded = tensor.new_zeros(*tensor.shape[:-1], channels)
+    return padded[..., : tensor.shape[-1]].copy_(tensor)
+
+
+def _contmix_forward_native(
+    logits: torch.Tensor, rpb: torch.Tensor, value: torch.Tensor, kernel_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`contmix_forward` by the C kernel, reading logits and value through their strides (the
+    callers' channel slices of channels_last maps need no copy); rows split between workers."""
+    from . import native
+
+    batch, heads, height, width, channels = value.shape
+    logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+    if channels % NATIVE_CHANNEL_MULTIPLE:  # the kernel reads whole vectors of channels
+        value = _padded_channels(value, -(-channels // NATIVE_CHANNEL_MULTIPLE) * NATIVE_CHANNEL_MULTIPLE)
+    elif value.stride(-1) != 1:
+        value = value.contiguous()
+    bias = rpb.flatten(1).index_select(1, _plan_cpu(height, width, kernel_size, channels).bias_index)
+    result = torch.empty(value.shape, dtype=value.dtype)
+    peak = torch.empty(value.shape[:4], dtype=value.dtype)
+    total = torch.empty(value.shape[:4], dtype=value.dtype)
+    pointers = [native.pointer(t) for t in (logits, bias, value, result, peak, total)]
+    native.run(
+        NATIVE_LIBRARY,
+        "overlock_contmix_forward",
+        native.image_ranges(batch * heads, native.workers()),
+        lambda i: (*pointers, heads, height, width, channels, kernel_size, *logits.stride()[:4], *value.stride()[:4]),
+    )
+    return result, peak.add_(total.log_())
+
+
 def contmix_forward(
     logits: torch.Tensor, rpb: torch.Tensor, value: torch.Tensor, kernel_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The output and the log-sum-exp of every position (saved for the backward).
 
     The aggregation multiplies the unnormalised exp(z - peak) and divides the (n, HW, c) result
-    by their sum: c divisions per position instead of K*K.
+    by their sum: c divisions per position instead of K*K. Where `native_applies`, the
+    compiled kernel computes the same in one pass per position.
     """
+    if native_applies(value, logits, rpb):
+        return _contmix_forward_native(logits, rpb, value, kernel_size)
     shapes = _Shapes(value, kernel_size, logits, rpb, forward=True)
     plan = shapes.plan
     bias = _flat_bias(rpb, shapes)
@@ -647,6 +703,63 @@ def aggregate_backward(
     return dprobs.view(probs.shape), dvalue.view(value.shape).to(value.dtype)
 
 
+def _contmix_backward_native(
+    grad: torch.Tensor,
+    logits: torch.Tensor,
+    rpb: torch.Tensor,
+    value: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    kernel_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`contmix_backward` by the C kernel. The values go channel-major, (B*heads, c, P) planes with a
+    vector of slack (P >= H*W + 16), so that a window row's neighbours are consecutive; the bias
+    gradient is d logits summed per head over the batch, folded into the (2K-1)^2 table."""
+    from . import native
+
+    batch, heads, height, width, channels = value.shape
+    rows, positions, kk = batch * heads, height * width, kernel_size * kernel_size
+    plane = positions + NATIVE_CHANNEL_MULTIPLE
+    padded = -(-channels // NATIVE_CHANNEL_MULTIPLE) * NATIVE_CHANNEL_MULTIPLE
+    dot = torch.linalg.vecdot(grad, out).reshape(rows, positions).contiguous()  # D = grad . out
+    if padded != channels:
+        grad = _padded_channels(grad, padded)
+    elif grad.stride(-1) != 1:
+        grad = grad.contiguous()
+    logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+    value_t = value.new_empty(rows, channels, plane)
+    value_t[..., :positions].view(batch, heads, channels, height, width).copy_(value.permute(0, 1, 4, 2, 3))
+    value_t[..., positions:].zero_()
+    dvalue = value.new_zeros(batch, heads, height, width, padded)
+    bias_index = _plan_cpu(height, width, kernel_size, channels).bias_index
+    bias = rpb.new_zeros(heads * positions * kk + NATIVE_CHANNEL_MULTIPLE)  # (read in whole vectors)
+    torch.index_select(rpb.flatten(1), 1, bias_index, out=bias[: heads * positions * kk].view(heads, -1))
+    dlogits = torch.empty(*logits.shape, dtype=logits.dtype)
+    lse = lse.reshape(rows, positions).contiguous()
+    pointers = [native.pointer(t) for t in (grad, logits, bias, lse, dot, value_t, dlogits, dvalue)]
+    native.run(
+        NATIVE_LIBRARY,
+        "overlock_contmix_backward",
+        native.image_ranges(rows, native.workers()),
+        lambda i: (
+            *pointers,
+            heads,
+            height,
+            width,
+            channels,
+            padded,
+            kernel_size,
+            plane,
+            *grad.stride()[:4],
+            *logits.stride()[:4],
+        ),
+    )
+    drpb = torch.zeros(heads, rpb[0].numel(), dtype=rpb.dtype)
+    drpb.index_add_(1, bias_index, dlogits.view(batch, heads, positions * kk).sum(dim=0))
+    dvalue = dvalue if padded == channels else dvalue[..., :channels].contiguous()
+    return dlogits, drpb.view(rpb.shape), dvalue
+
+
 def contmix_backward(
     grad: torch.Tensor,
     logits: torch.Tensor,
@@ -662,6 +775,8 @@ def contmix_backward(
     instead of a K*K one. The bias gradient sums d logits per head over the batch once at the end
     (an (h, HW, K*K) buffer, 1/B of the logits), then folds that into the (2K-1)^2 table.
     """
+    if native_applies(value, grad, logits, rpb, out, lse):
+        return _contmix_backward_native(grad, logits, rpb, value, out, lse, kernel_size)
     shapes = _Shapes(value, kernel_size, logits, rpb, grad)
     plan = shapes.plan
     g, z, v, o = shapes.flat(grad), shapes.flat(logits), shapes.flat(value), shapes.flat(out)

@@ -43,6 +43,10 @@ SIGNATURES = {
     "depthwise_weight_grad": {
         "overlock_depthwise_weight_grad": [_POINTER] * 3 + [_LONG] * 7,
     },
+    "contmix": {
+        "overlock_contmix_forward": [_POINTER] * 6 + [_LONG] * 15,
+        "overlock_contmix_backward": [_POINTER] * 8 + [_LONG] * 17,
+    },
 }
 
 
@@ -135,6 +139,15 @@ def status(name: str) -> str:
     """One line: whether csrc/<name>.c is in use and why (for `overlock bench` and bug reports)."""
     library_, reason = _load(name)
     return f"{name}: {'native' if library_ is not None else 'PyTorch fallback'} ({reason})"
+
+
+def summary() -> str:
+    """One line for every csrc/*.c library: all in use and how they were built, else each one's status."""
+    loaded = {name: _load(name) for name in SIGNATURES}
+    if all(library_ is not None for library_, _ in loaded.values()):
+        reasons = {reason for _, reason in loaded.values()}
+        return f"{', '.join(loaded)}: native ({'; '.join(sorted(reasons))})"
+    return "; ".join(status(name) for name in SIGNATURES)
 
 
 def pointer(tensor: torch.Tensor) -> ctypes.c_void_p:

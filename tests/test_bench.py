@@ -31,7 +31,7 @@ def test_bench_json_reports_sane_timings_and_memory():
     assert data["settings"]["train"] is True and data["settings"]["img_size"] == 64
     assert data["peak_memory_mib"] is None or data["peak_memory_mib"] >= 0
     assert data["profile"] is None
-    assert data["cpu_kernels"].startswith("gelu_dwconv: ")  # compiled C kernels, or the fallback and why
+    assert data["cpu_kernels"].startswith("gelu_dwconv")  # compiled C kernels, or the fallback and why
 
 
 def test_profile_attributes_time_to_every_block_part_forward_and_backward():
@@ -103,3 +103,24 @@ def test_a_compiler_failure_is_a_clear_error_without_traceback(monkeypatch):
     assert result.exit_code == 2, result.output
     assert "torch.compile failed (RuntimeError: InductorError" in result.output
     assert "run without --compile" in result.output and "Traceback" not in result.output
+
+
+def test_saved_tensors_script_reports_what_a_training_forward_keeps():
+    """benchmarks/saved_tensors.py (the memory table of issue 10's results): per-module MiB that sum to its total."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "saved_tensors.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--preset", "pico", "--img-size", "32", "--top", "100"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.rsplit(maxsplit=1) for line in done.stdout.splitlines()[1:]]
+    values = {name.strip(): float(value) for name, value in rows}
+    total = values.pop("total")
+    assert total > 0 and sum(values.values()) == pytest.approx(total, abs=0.01 * len(values))
+    assert "BatchNorm2d" in values and "(outside any module)" not in values

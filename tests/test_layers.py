@@ -150,6 +150,8 @@ def test_grn_hand_written_backward_equals_autograd_of_the_formula(channels_last)
 def _assert_recomputes(module: torch.nn.Module, x: torch.Tensor, count: int) -> None:
     """`module` keeps `count` recipes instead of tensors (none held by the graph, each called once in
     the backward), and its outputs and gradients are bit for bit those of the run that keeps them."""
+    from overlock.builder import contmix
+
     recomputed = []
     original = layers.recompute_saved
 
@@ -157,11 +159,14 @@ def _assert_recomputes(module: torch.nn.Module, x: torch.Tensor, count: int) -> 
         recomputed.append(weakref.ref(tensor))
         return original(tensor, lambda: (recomputed.append("called"), recipe())[1])
 
-    layers.recompute_saved = spy
+    users = (layers, contmix)  # the modules that call it
+    for user in users:
+        user.recompute_saved = spy
     try:
         out = module(x)
     finally:
-        layers.recompute_saved = original
+        for user in users:
+            user.recompute_saved = original
     assert len(recomputed) == count and all(ref() is None for ref in recomputed)  # not held by the graph
     grad = torch.randn_like(out)
     ours = torch.autograd.grad(out, [x, *module.parameters()], grad)
@@ -225,14 +230,15 @@ def test_pointwise_reads_channel_slices_of_channels_last_maps_in_place():
 @pytest.mark.parametrize("compiled_middle", [False, True])
 def test_conv_mlp_recomputes_hidden_maps_with_identical_gradients(compiled_middle, monkeypatch):
     """PyTorch's composition recomputes GELU's output and GRN's; the compiled GELU -> dwconv op
-    (kernels/gelu_dwconv.py) keeps no GELU output at all, so only GRN's is recomputed."""
+    (kernels/gelu_dwconv.py) keeps no GELU output at all, and GRN's input and output are recomputed
+    (the op's forward run once for both)."""
     if compiled_middle and not kernels.native.library(kernels.gelu_dwconv.LIBRARY):
         pytest.skip(kernels.native.status(kernels.gelu_dwconv.LIBRARY))
     if not compiled_middle:
         monkeypatch.setattr(kernels.gelu_dwconv, "native_applies", lambda *args: False)
     mlp = _randomise(layers.ConvMLP(6, 24, 6)).train()
     x = torch.randn(2, 6, 11, 9).contiguous(memory_format=torch.channels_last).requires_grad_()
-    _assert_recomputes(mlp, x, count=1 if compiled_middle else 2)
+    _assert_recomputes(mlp, x, count=2)
 
 
 def test_dilated_rep_conv_recomputes_its_branch_outputs_with_identical_gradients():
@@ -337,3 +343,74 @@ def test_training_mode_compiles_as_one_graph_with_the_eager_gradients():
     compiled = grads(torch.compile(model, fullgraph=True, backend="aot_eager"))
     for name, grad in eager.items():
         torch.testing.assert_close(compiled[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_shared_recipe_computes_once_for_two_unpacks_then_forgets():
+    calls = []
+    shared = layers.shared_recipe(lambda: (calls.append(1), torch.ones(3))[1])
+    first, second = shared(), shared()
+    assert first is second and len(calls) == 1  # the second unpack gets the first one's value
+    third = shared()  # a later backward (retain_graph) computes anew
+    assert third is not first and len(calls) == 2
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_training_stem_keeps_only_bn_inputs_with_identical_gradients(channels_last):
+    """conv -> BN -> GELU -> conv: the GELU's input and output are recomputed from the BN's input
+    (three BN -> GELU -> conv runs in the stem), bit for bit the gradients of the plain run."""
+    from overlock.builder.mixers import conv_stem
+
+    stem = _randomise(conv_stem(3, 6, 8, "batchnorm")).train()
+    x = torch.randn(2, 3, 20, 18)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    _assert_recomputes(stem, x.requires_grad_(), count=6)
+
+
+def test_training_bn_activation_at_the_end_recomputes_only_the_bn_output():
+    """The gate (conv -> BN -> SiLU) returns the activation: whoever reads it keeps it; the SiLU's
+    input is recomputed. A hooked activation is really called and keeps what it was given."""
+    gate = _randomise(layers.conv_bn(5, 5)).train()
+    gate.add_module("act", torch.nn.SiLU())
+    x = torch.randn(2, 5, 6, 7).requires_grad_()
+    _assert_recomputes(gate, x, count=1)
+    seen = []
+    gate.act.register_forward_hook(lambda module, args, out: seen.append(out))
+    _assert_recomputes(gate, x, count=0)
+    assert seen
+
+
+def test_training_bn_recomputation_updates_running_statistics_once():
+    from overlock.builder.mixers import conv_stem
+
+    stem = _randomise(conv_stem(3, 4, 4, "batchnorm")).train()
+    twin = copy.deepcopy(stem)
+    x = torch.randn(2, 3, 16, 16)
+    stem(x).sum().backward()  # the backward's recomputations must not touch the running statistics
+    token = layers.RECOMPUTE_SAVED.set(False)
+    try:
+        twin(x).sum().backward()
+    finally:
+        layers.RECOMPUTE_SAVED.reset(token)
+    for ours, theirs in zip(stem.buffers(), twin.buffers(), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_contmix_recomputes_its_kernel_logits_with_identical_gradients(channels_last):
+    """Both kernels' logits (one map, two views) come back from the kernel projection in the
+    backward, projected once; unless a hook sees the projection's output."""
+    from overlock.builder.contmix import ContMix
+
+    mixer = _randomise(ContMix(8, 8, kernel_size=5, small_kernel_size=3, groups=2, region_centers=3)).train()
+    x = torch.randn(2, 8, 9, 10)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    calls = []
+    original = mixer.kernel_proj._conv_forward
+    mixer.kernel_proj._conv_forward = lambda *args: (calls.append(1), original(*args))[1]
+    _assert_recomputes(mixer, x, count=2)
+    assert len(calls) == 3  # the recomputing run: forward + one backward recomputation; the plain run
+    mixer.kernel_proj.register_forward_hook(lambda module, args, out: None)
+    _assert_recomputes(mixer, x, count=0)

@@ -150,6 +150,10 @@ def test_without_a_compiler_everything_runs_through_pytorch(fresh_build, monkeyp
     assert not gelu_dwconv.native_applies(hidden, weight, bias)
     out = layers.ConvMLP(3, 6, 3)(torch.randn(2, 3, 5, 5).contiguous(memory_format=torch.channels_last))
     assert out.shape == (2, 3, 5, 5) and not list(fresh_build.iterdir())
+    logits, rpb, value = _contmix_inputs(1, 2, 5, 5, 4, 3)
+    assert not kernels.cpu.native_applies(value, logits, rpb)
+    assert kernels.contmix(logits, rpb, value, 3).shape == value.shape
+    assert native.summary().count("PyTorch fallback") == len(native.SIGNATURES)
 
 
 def test_the_switch_turns_the_kernels_off(fresh_build, monkeypatch):
@@ -202,3 +206,101 @@ def test_a_changed_header_is_a_new_build(fresh_build, monkeypatch, tmp_path):
     native._load.cache_clear()
     assert native.library(gelu_dwconv.LIBRARY) is not None
     assert len([p for p in fresh_build.iterdir() if p.name.startswith("gelu_dwconv-")]) == 2
+
+
+needs_contmix_library = pytest.mark.skipif(
+    native.library(kernels.cpu.NATIVE_LIBRARY) is None, reason=native.status(kernels.cpu.NATIVE_LIBRARY)
+)
+
+
+def _contmix_inputs(batch, heads, height, width, channels, kernel_size, seed=0):
+    """ContMix's operands as the model hands them over: the logits a view of a wider map (both
+    kernels' logits in one), the values a channel slice of a channels_last map, seen per head."""
+    gen = torch.Generator().manual_seed(seed)
+    kk = kernel_size * kernel_size
+    logits = (torch.randn(batch, heads, height, width, kk + 9, generator=gen) * 3)[..., 9:]
+    rpb = torch.randn(heads, 2 * kernel_size - 1, 2 * kernel_size - 1, generator=gen)
+    channels_last = torch.randn(batch, height, width, 2 * heads * channels, generator=gen)
+    value = channels_last[..., heads * channels :].view(batch, height, width, heads, channels).permute(0, 3, 1, 2, 4)
+    return logits, rpb, value
+
+
+@needs_contmix_library
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 3, 14, 14, 16, 13), (1, 2, 7, 9, 14, 7), (3, 1, 6, 5, 3, 5), (1, 2, 5, 8, 32, 5), (2, 5, 4, 4, 20, 3)],
+    ids=str,
+)
+def test_contmix_forward_kernel_matches_the_float64_reference(shape, threads):
+    """Output and log-sum-exp of the C forward against kernels/reference.py in float64: windows clamped
+    at every border (a window as large as the map, maps not square), channels that are and are not
+    whole vectors, (batch, head) rows split between threads."""
+    from overlock.kernels import cpu, reference
+
+    *_, height, width, _, kernel_size = shape
+    logits, rpb, value = _contmix_inputs(*shape)
+    assert cpu.native_applies(value, logits, rpb)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out, lse = cpu.contmix_forward(logits, rpb, value, kernel_size)
+    finally:
+        torch.set_num_threads(before)
+    scores = logits.double() + reference.gather_rpb(rpb.double(), height, width, kernel_size)
+    expected = reference.aggregate(torch.softmax(scores, dim=-1), value.double(), kernel_size)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(scores, dim=-1), rtol=1e-6, atol=1e-5)
+    assert out.shape == value.shape and out.is_contiguous()
+
+
+@needs_contmix_library
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 3, 14, 14, 16, 13), (1, 2, 7, 9, 14, 7), (3, 1, 6, 5, 3, 5), (1, 2, 20, 19, 16, 19), (2, 5, 4, 4, 20, 3)],
+    ids=str,
+)
+def test_contmix_backward_kernel_matches_autograd_of_the_float64_reference(shape, threads):
+    """d logits, d rpb and d value of the C backward (through the op, from the C forward's output and
+    log-sum-exp) against autograd of kernels/reference.py in float64: clamped windows, a window row
+    longer than a vector (K = 19), channels that are and are not whole vectors, rows split between threads."""
+    from overlock.kernels import reference
+
+    *_, height, width, _, kernel_size = shape
+    logits, rpb, value = (t.clone().requires_grad_() for t in _contmix_inputs(*shape, seed=1))
+    out = kernels.contmix(logits, rpb, value, kernel_size)
+    grad = torch.randn_like(out)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ours = torch.autograd.grad(out, (logits, rpb, value), grad)
+    finally:
+        torch.set_num_threads(before)
+    double = [t.detach().double().requires_grad_() for t in (logits, rpb, value)]
+    scores = double[0] + reference.gather_rpb(double[1], height, width, kernel_size)
+    expected = reference.aggregate(torch.softmax(scores, dim=-1), double[2], kernel_size)
+    theirs = torch.autograd.grad(expected, double, grad.double())
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+@needs_contmix_library
+def test_contmix_kernels_leave_the_rest_to_pytorch(monkeypatch):
+    """float64, and the switch: the tiled PyTorch ops, the same values and gradients."""
+    from overlock.kernels import cpu
+
+    logits, rpb, value = _contmix_inputs(2, 2, 7, 7, 16, 5)
+    assert not cpu.native_applies(value.double(), logits.double(), rpb.double())
+
+    def run():
+        inputs = [t.clone().requires_grad_() for t in (logits, rpb, value)]
+        out = kernels.contmix(*inputs, 5)
+        return out, *torch.autograd.grad(out, inputs, torch.ones_like(out))
+
+    ours = run()
+    monkeypatch.setattr(cpu, "native_applies", lambda *args: False)
+    theirs = run()
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -15,27 +15,10 @@
  * allocated.
  *
  * GELU is the exact one, 0.5 x (1 + erf(x / sqrt 2)), with erf from Abramowitz & Stegun 7.1.26
- * (absolute error < 1.5e-7, the approximation ATen's vectorised CPU erf uses) and exp from a
- * Cephes-style range reduction (vector types: vectors.h).
+ * (absolute error < 1.5e-7, the approximation ATen's vectorised CPU erf uses) and exp from
+ * vectors.h (`vexp_nonpositive`).
  */
 #include "vectors.h"
-
-/* e^x for x <= 0 */
-static inline vf vexp_nonpositive(vf x) {
-    vi low = x < vsplat(-87.0f);
-    x = (vf)(((vi)vsplat(-87.0f) & low) | ((vi)x & ~low));
-    vf n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest */
-    vf r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
-    vf p = vsplat(1.9875691500e-4f);
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    vi two_n = (__builtin_convertvector(n, vi) + 127) << 23;
-    return p * (vf)two_n;
-}
 
 /* GELU(x) into *act; returns GELU'(x) = Phi(x) + x phi(x) when want_grad, else 0. */
 static inline vf vgelu(vf x, vf* act, int want_grad) {

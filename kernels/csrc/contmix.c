@@ -1,0 +1,191 @@
+/* ContMix's mixing step on the CPU, forward and backward (kernels/cpu.py `contmix_forward`,
+ * `contmix_backward`):
+ *
+ *   p[k]    = softmax over the K x K window of (logits[pos, k] + rpb[head, offset of slot k])
+ *   out[pos] = sum_k p[k] * value[neighbour k of pos]
+ *
+ * with NATTEN's clamped windows (a window slides inwards at a border instead of being padded, so it
+ * always holds K*K real neighbours) and the bias of a slot looked up by the offset between the
+ * neighbour and the position (ARCHITECTURE.md section 4; kernels/reference.py is the definition).
+ * The forward writes each position's softmax peak and the sum of exp(w - peak), from which the
+ * caller forms the log-sum-exp the backward rebuilds the probabilities from.
+ *
+ * Why C. The work per position is tiny (K*K weights, then K*K multiply-adds of a head's c <= 64
+ * channels) and irregular at the borders; PyTorch ops (kernels/cpu.py) have to move the K*K slots
+ * into dense tile matrices and make several passes over the (HW, K*K) weights. Here each position
+ * is one pass: its weights stay in a small buffer, and each neighbour's channels are one or a few
+ * vectors.
+ *
+ * Layout: logits and value are addressed through element strides, so the callers' views need no
+ * copy: logits (B, heads, H, W, K*K) and value (B, heads, H, W, c), each with a unit innermost
+ * stride, value's channels readable in whole vectors (a multiple of 16, or padded to one by the
+ * caller); bias (heads, H*W, K*K), the relative position bias of every window slot, contiguous;
+ * out (B*heads, H*W, c), peak and total (B*heads, H*W), contiguous. A call covers rows [r0, r1) of the B*heads (batch, head) rows. Returns 0, or -1 if
+ * its buffer could not be allocated.
+ */
+#include "vectors.h"
+
+/* The first row (column) of the clamped window of position i on an axis of n >= K. */
+static inline long window_start(long i, long K, long n) {
+    long s = i - K / 2;
+    return s < 0 ? 0 : (s > n - K ? n - K : s);
+}
+
+int overlock_contmix_forward(const float* restrict logits, const float* restrict bias, const float* restrict value,
+                             float* restrict out, float* restrict peak_out, float* restrict total_out, long heads,
+                             long H, long W, long c, long K, long zb, long zh, long zy, long zx, long vb, long vh,
+                             long vy, long vx, long r0, long r1) {
+    long KK = K * K, HW = H * W, full = KK / VW, vectors = (KK + VW - 1) / VW;
+    float* weights = zeroed((size_t)(vectors * VW));
+    if (!weights) return -1;
+    for (long r = r0; r < r1; r++) {
+        long b = r / heads, h = r % heads;
+        for (long y = 0; y < H; y++) {
+            long sy = window_start(y, K, H);
+            for (long x = 0; x < W; x++) {
+                long sx = window_start(x, K, W), pos = y * W + x;
+                const float* z = logits + b * zb + h * zh + y * zy + x * zx;
+                const float* slot_bias = bias + (h * HW + pos) * KK;
+                /* w = logits + bias, and its peak; the last, partial vector's slots past K*K hold w[0] */
+                vf top = vsplat(z[0] + slot_bias[0]);
+                for (long v = 0; v < full; v++) {
+                    vf w = vload(z + v * VW) + vload(slot_bias + v * VW);
+                    vstore(weights + v * VW, w);
+                    vi above = w > top;
+                    top = (vf)((above & (vi)w) | (~above & (vi)top));
+                }
+                float peak = vmax(top);
+                for (long k = full * VW; k < KK; k++) {
+                    weights[k] = z[k] + slot_bias[k];
+                    peak = weights[k] > peak ? weights[k] : peak;
+                }
+                for (long k = KK; k < vectors * VW; k++) weights[k] = peak;
+                /* exp(w - peak), the slots past K*K zeroed, and their sum */
+                vf sums = {0};
+                for (long v = 0; v < vectors; v++) {
+                    vf e = vexp_nonpositive(vload(weights + v * VW) - peak);
+                    vstore(weights + v * VW, e);
+                    if (v == vectors - 1) {
+                        for (long k = KK; k < vectors * VW; k++) weights[k] = 0.0f;
+                        e = vload(weights + v * VW);
+                    }
+                    sums += e;
+                }
+                float total = vsum(sums);
+                /* the weighted sum of the window's values, whole vectors of channels (value's channels
+                 * are padded to a multiple of the vector width by the caller where they are not one) */
+                float scale = 1.0f / total;
+                const float* window = value + b * vb + h * vh + sy * vy + sx * vx;
+                float* o = out + (r * HW + pos) * c;
+                for (long c0 = 0; c0 < c; c0 += VW) {
+                    /* four chains (a multiply-add waits for the one before it), in registers: no array */
+                    vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+                    for (long ky = 0; ky < K; ky++) {
+                        const float* row = window + ky * vy + c0;
+                        const float* w = weights + ky * K;
+                        long kx = 0;
+                        for (; kx + 4 <= K; kx += 4) {
+                            a0 += vsplat(w[kx]) * vload(row + kx * vx);
+                            a1 += vsplat(w[kx + 1]) * vload(row + (kx + 1) * vx);
+                            a2 += vsplat(w[kx + 2]) * vload(row + (kx + 2) * vx);
+                            a3 += vsplat(w[kx + 3]) * vload(row + (kx + 3) * vx);
+                        }
+                        for (; kx < K; kx++) a0 += vsplat(w[kx]) * vload(row + kx * vx);
+                    }
+                    vf sum = (a0 + a1) + (a2 + a3);
+                    vstore_n(o + c0, sum * scale, c - c0 < VW ? c - c0 : VW);
+                }
+                peak_out[r * HW + pos] = peak;
+                total_out[r * HW + pos] = total;
+            }
+        }
+    }
+    free(weights);
+    return 0;
+}
+
+/* The backward, for rows [r0, r1) of the B*heads (batch, head) rows:
+ *
+ *   p[k] = exp(logits[pos, k] + bias[pos, k] - lse[pos])        (the forward's probabilities)
+ *   dp[k] = grad[pos] . value[neighbour k]
+ *   dlogits[pos, k] = p[k] (dp[k] - D[pos]),  D[pos] = grad[pos] . out[pos]  (given)
+ *   dvalue[neighbour k] += p[k] grad[pos]
+ *
+ * (the bias gradient is the caller's: dlogits summed per head and slot offset). A position is
+ * done one window row at a time, as vectors over the row's K neighbours: the values come
+ * channel-major, (B*heads, c, P) planes of P >= H*W + VW floats (the caller transposes them), so
+ * that the K neighbours of a row and channel are consecutive and dp of a window row is c
+ * multiply-adds, not K dot products. grad (unit channel stride) and dvalue ((B*heads, H*W, cv),
+ * zeroed) have their channels in whole vectors, cv of them (c rounded up to a multiple of 16; the
+ * caller pads grad where c is not one). The bias (heads, H*W, K*K) has a vector of slack at its end.
+ * Every store goes to an address no later load reads in part (a load that overlaps an earlier,
+ * different store waits for it to retire). Rows belong to one call each. Returns 0, or -1 if a
+ * buffer could not be allocated.
+ */
+int overlock_contmix_backward(const float* restrict grad, const float* restrict logits, const float* restrict bias,
+                              const float* restrict lse, const float* restrict dot, const float* restrict value_t,
+                              float* restrict dlogits, float* restrict dvalue, long heads, long H, long W, long c,
+                              long cv, long K, long P, long gb, long gh, long gy, long gx, long zb, long zh, long zy,
+                              long zx, long r0, long r1) {
+    long KK = K * K, HW = H * W;
+    float* row = zeroed(2 * VW); /* one window row's logits (the map's last ones), then its probabilities */
+    if (!row) return -1;
+    vf lanes; /* 0, 1, 2, ... */
+    for (int lane = 0; lane < VW; lane++) lanes[lane] = (float)lane;
+    for (long r = r0; r < r1; r++) {
+        long b = r / heads, h = r % heads;
+        const float* vplane = value_t + r * c * P;
+        for (long y = 0; y < H; y++) {
+            long sy = window_start(y, K, H);
+            for (long x = 0; x < W; x++) {
+                long sx = window_start(x, K, W), pos = y * W + x;
+                const float* z = logits + b * zb + h * zh + y * zy + x * zx;
+                const float* slot_bias = bias + (h * HW + pos) * KK;
+                const float* g = grad + b * gb + h * gh + y * gy + x * gx;
+                float* dz = dlogits + (r * HW + pos) * KK;
+                float top = lse[r * HW + pos], d = dot[r * HW + pos];
+                long offset = sy * W + sx;
+                for (long ky = 0; ky < K; ky++, offset += W) {
+                    for (long kx0 = 0; kx0 < K; kx0 += VW) {
+                        long k = ky * K + kx0, n = K - kx0 < VW ? K - kx0 : VW;
+                        vi live = lanes < (float)n;
+                        vf w;
+                        if (k + VW <= KK) {
+                            w = vload(z + k);
+                        } else { /* a full load could read past the logits' end */
+                            for (long i = 0; i < n; i++) row[VW + i] = z[k + i];
+                            w = vload(row + VW);
+                        }
+                        vf p = (vf)((vi)vexp_nonpositive(w + vload(slot_bias + k) - top) & live);
+                        vstore(row, p);
+                        /* dp in four chains (a multiply-add waits for the one before it) */
+                        vf dp0 = {0}, dp1 = {0}, dp2 = {0}, dp3 = {0};
+                        const float* v = vplane + offset + kx0;
+                        long ci = 0;
+                        for (; ci + 4 <= c; ci += 4) {
+                            dp0 += vsplat(g[ci]) * vload(v + ci * P);
+                            dp1 += vsplat(g[ci + 1]) * vload(v + (ci + 1) * P);
+                            dp2 += vsplat(g[ci + 2]) * vload(v + (ci + 2) * P);
+                            dp3 += vsplat(g[ci + 3]) * vload(v + (ci + 3) * P);
+                        }
+                        for (; ci < c; ci++) dp0 += vsplat(g[ci]) * vload(v + ci * P);
+                        vf dlogit = p * ((dp0 + dp1) + (dp2 + dp3) - d);
+                        /* lanes past the row land on the next row's slots, written after these */
+                        if (k + VW <= KK)
+                            vstore(dz + k, dlogit);
+                        else
+                            vstore_n(dz + k, dlogit, n);
+                        /* dvalue[neighbour] += p grad[pos], a neighbour's channels at a time: the same
+                         * addresses the neighbouring positions update */
+                        float* dv = dvalue + (r * HW + offset + kx0) * cv;
+                        for (long kx = 0; kx < n; kx++)
+                            for (long c0 = 0; c0 < cv; c0 += VW)
+                                vstore(dv + kx * cv + c0, vload(dv + kx * cv + c0) + vsplat(row[kx]) * vload(g + c0));
+                    }
+                }
+            }
+        }
+    }
+    free(row);
+    return 0;
+}
