@@ -6,7 +6,8 @@
 Every tensor an op saves for the backward passes through a saved-tensor hook; this one records the
 innermost module running at that moment and the size of the tensor's storage, counting each storage
 once (views of one map are one map) and leaving out the parameters (kept anyway). What
-`layers.recompute_saved` replaces by a recipe is not saved and does not appear. The module stack
+`layers.recompute_saved` replaces by a recipe is not saved and does not appear; what its hooks let
+through is counted (PyTorch calls only the innermost hooks: the script chains them). The module stack
 is tracked by wrapping each module's `forward` on the instance, not with forward hooks: hooks would
 switch off the fused paths that skip hooked modules (`layers.hooked`), and with them what they save.
 
@@ -68,8 +69,25 @@ def main() -> None:
         return tensor
 
     image = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(image)
+    hooks = torch.autograd.graph.saved_tensors_hooks
+
+    class Chained(hooks):
+        """The model's own saved-tensor hooks (`layers.recompute_saved`) are the innermost while they
+        are active, and PyTorch calls the innermost only: what they let through is counted here."""
+
+        def __init__(self, inner_pack, inner_unpack) -> None:
+            def chained_pack(tensor: torch.Tensor) -> object:
+                packed = inner_pack(tensor)
+                return pack(packed) if isinstance(packed, torch.Tensor) else packed
+
+            super().__init__(chained_pack, inner_unpack)
+
+    torch.autograd.graph.saved_tensors_hooks = Chained
+    try:
+        with hooks(pack, lambda tensor: tensor):
+            model(image)
+    finally:
+        torch.autograd.graph.saved_tensors_hooks = hooks
     totals: collections.Counter[str] = collections.Counter()
     for nbytes, owner in kept.values():
         totals[owner] += nbytes

@@ -13,7 +13,18 @@ from torch import nn
 
 from ..archspec import Block
 from .contmix import ContMix, fusion_layer, gate_layer, lepe_layer, output_projection
-from .layers import DropPath, LayerScale, ResDWConv, SqueezeExcite, block_norm, conv_bn, large_kernel_bn
+from .layers import (
+    DropPath,
+    LayerScale,
+    ResDWConv,
+    SqueezeExcite,
+    block_norm,
+    conv_bn,
+    exporting,
+    hooked,
+    large_kernel_bn,
+    recompute_saved,
+)
 from .mixers import FFNS, MixerPlace, build_mixer
 
 __all__ = ["BasicBlock", "ContMix", "DynamicBlock", "StaticFocusBlock"]
@@ -65,7 +76,16 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _maybe(self.dwconv, x)
-        y = self.mlp(_maybe(self.se, large_kernel_bn(self.large_kernel, self.bn, self.norm(x))))
+        mixed = large_kernel_bn(self.large_kernel, self.bn, self.norm(x))
+        traced = torch.compiler.is_compiling() or torch.jit.is_tracing() or exporting()
+        if self.se is None or hooked(self.se) or traced:
+            y = self.mlp(_maybe(self.se, mixed))
+        else:
+            # SE's output, the FFN's input, is SE's input times its gate, both kept for the
+            # product's backward: recomputed in the backward instead of kept a third time.
+            excited, recipe = self.se(mixed, with_recipe=True)
+            with recompute_saved(excited, recipe):
+                y = self.mlp(excited)
         return residual(x, y, self.layer_scale, self.drop_path, self.res_scale)
 
 

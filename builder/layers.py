@@ -353,8 +353,14 @@ class SqueezeExcite(nn.Module):
         self.act = GELU()
         self.fc2 = nn.Conv2d(hidden, channels, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(self.fc2(self.act(self.fc1(self.pool(x)))))
+    def forward(
+        self, x: torch.Tensor, with_recipe: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, Callable[[], torch.Tensor]]:
+        """SE(x); with_recipe: also a function that recomputes it bit for bit from x and the gate,
+        which the product keeps for its backward anyway (for `recompute_saved`)."""
+        gate = torch.sigmoid(self.fc2(self.act(self.fc1(self.pool(x)))))
+        out = x * gate
+        return (out, lambda: x * gate) if with_recipe else out
 
 
 # Off inside gradient checkpointing (builder/network.py), whose own saved-tensor hooks must see

@@ -150,7 +150,7 @@ def test_grn_hand_written_backward_equals_autograd_of_the_formula(channels_last)
 def _assert_recomputes(module: torch.nn.Module, x: torch.Tensor, count: int) -> None:
     """`module` keeps `count` recipes instead of tensors (none held by the graph, each called once in
     the backward), and its outputs and gradients are bit for bit those of the run that keeps them."""
-    from overlock.builder import contmix
+    from overlock.builder import blocks, contmix
 
     recomputed = []
     original = layers.recompute_saved
@@ -159,7 +159,7 @@ def _assert_recomputes(module: torch.nn.Module, x: torch.Tensor, count: int) -> 
         recomputed.append(weakref.ref(tensor))
         return original(tensor, lambda: (recomputed.append("called"), recipe())[1])
 
-    users = (layers, contmix)  # the modules that call it
+    users = (layers, contmix, blocks)  # the modules that call it
     for user in users:
         user.recompute_saved = spy
     try:
@@ -414,3 +414,17 @@ def test_contmix_recomputes_its_kernel_logits_with_identical_gradients(channels_
     assert len(calls) == 3  # the recomputing run: forward + one backward recomputation; the plain run
     mixer.kernel_proj.register_forward_hook(lambda module, args, out: None)
     _assert_recomputes(mixer, x, count=0)
+
+
+def test_basic_block_recomputes_the_excited_map_with_identical_gradients():
+    """SE's output (the FFN's input) is SE's input times its gate, both kept by the product: one
+    recipe more in a Base-Net block (beside its branches' and its ConvMLP's), the same gradients."""
+    from overlock.builder import build
+    from overlock.builder.blocks import BasicBlock
+
+    block = next(m for m in build("pico").modules() if isinstance(m, BasicBlock))
+    block = _randomise(block).train()
+    x = torch.randn(2, block.bn.num_features, 9, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
+    _assert_recomputes(block, x, count=len(block.large_kernel.branches) + 1 + 2)
+    block.se.register_forward_hook(lambda module, args, out: None)  # a watched SE runs as it is
+    _assert_recomputes(block, x, count=len(block.large_kernel.branches) + 2)
