@@ -50,7 +50,11 @@ memory budget. Each chunk writes only its own rows and the bias gradient is one 
 after all chunks, so the thread count changes results at most by rounding (chunk sizes differ).
 
 The functions only use PyTorch tensor ops, so they run on any device; `auto` picks them for CPU
-tensors (and for CUDA tensors only when Triton is missing).
+tensors (and for CUDA tensors only when Triton is missing). For float32 CPU tensors, where a C compiler
+is at hand (kernels/native.py), `contmix_forward` and `contmix_backward` run kernels/csrc/contmix.c
+instead: one position at a time, its K*K weights in a small buffer, no tiles (1.6-2.8x faster on the
+Focus-Net's maps; `benchmarks/contmix_ab.py`). float64, torch.compile and the aggregation alone keep
+the tiled path.
 """
 
 from __future__ import annotations
@@ -581,6 +585,23 @@ def native_applies(*tensors: torch.Tensor) -> bool:
     )
 
 
+def _check_native_shapes(logits: torch.Tensor, rpb: torch.Tensor, value: torch.Tensor, kernel_size: int) -> None:
+    """What the C kernels read past their buffers without (`kernels.contmix` checks the same for users;
+    these functions are also called directly): windows inside the map, K*K logits per position, a bias table per head."""
+    batch, heads, height, width, _ = value.shape
+    span = 2 * kernel_size - 1
+    if (
+        min(height, width) < kernel_size
+        or tuple(logits.shape) != (batch, heads, height, width, kernel_size * kernel_size)
+        or tuple(rpb.shape) != (heads, span, span)
+    ):
+        raise ValueError(
+            f"contmix on the CPU needs H, W >= K={kernel_size}, logits (B, heads, H, W, K*K) and rpb "
+            f"(heads, 2K-1, 2K-1) for value {tuple(value.shape)}; got logits {tuple(logits.shape)}, "
+            f"rpb {tuple(rpb.shape)}"
+        )
+
+
 def _padded_channels(tensor: torch.Tensor, channels: int) -> torch.Tensor:
     """(..., c) -> the same values in a zeroed (..., channels) buffer, seen as (..., c) (the C kernels
     read whole vectors of channels: the slack keeps them inside the buffer)."""
@@ -595,6 +616,7 @@ def _contmix_forward_native(
     callers' channel slices of channels_last maps need no copy); rows split between workers."""
     from . import native
 
+    _check_native_shapes(logits, rpb, value, kernel_size)
     batch, heads, height, width, channels = value.shape
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
     if channels % NATIVE_CHANNEL_MULTIPLE:  # the kernel reads whole vectors of channels
@@ -602,9 +624,9 @@ def _contmix_forward_native(
     elif value.stride(-1) != 1:
         value = value.contiguous()
     bias = rpb.flatten(1).index_select(1, _plan_cpu(height, width, kernel_size, channels).bias_index)
-    result = torch.empty(value.shape, dtype=value.dtype)
-    peak = torch.empty(value.shape[:4], dtype=value.dtype)
-    total = torch.empty(value.shape[:4], dtype=value.dtype)
+    result = torch.empty(value.shape, dtype=value.dtype, device=value.device)
+    peak = torch.empty(value.shape[:4], dtype=value.dtype, device=value.device)
+    total = torch.empty_like(peak)
     pointers = [native.pointer(t) for t in (logits, bias, value, result, peak, total)]
     native.run(
         NATIVE_LIBRARY,
@@ -717,6 +739,9 @@ def _contmix_backward_native(
     gradient is d logits summed per head over the batch, folded into the (2K-1)^2 table."""
     from . import native
 
+    _check_native_shapes(logits, rpb, value, kernel_size)
+    if grad.shape != value.shape or out.shape != value.shape or lse.shape != value.shape[:4]:
+        raise ValueError(f"contmix backward: grad, out and lse must match value {tuple(value.shape)}")
     batch, heads, height, width, channels = value.shape
     rows, positions, kk = batch * heads, height * width, kernel_size * kernel_size
     plane = positions + NATIVE_CHANNEL_MULTIPLE
@@ -734,7 +759,7 @@ def _contmix_backward_native(
     bias_index = _plan_cpu(height, width, kernel_size, channels).bias_index
     bias = rpb.new_zeros(heads * positions * kk + NATIVE_CHANNEL_MULTIPLE)  # (read in whole vectors)
     torch.index_select(rpb.flatten(1), 1, bias_index, out=bias[: heads * positions * kk].view(heads, -1))
-    dlogits = torch.empty(*logits.shape, dtype=logits.dtype)
+    dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     lse = lse.reshape(rows, positions).contiguous()
     pointers = [native.pointer(t) for t in (grad, logits, bias, lse, dot, value_t, dlogits, dvalue)]
     native.run(
@@ -754,7 +779,7 @@ def _contmix_backward_native(
             *logits.stride()[:4],
         ),
     )
-    drpb = torch.zeros(heads, rpb[0].numel(), dtype=rpb.dtype)
+    drpb = rpb.new_zeros(heads, rpb[0].numel())
     drpb.index_add_(1, bias_index, dlogits.view(batch, heads, positions * kk).sum(dim=0))
     dvalue = dvalue if padded == channels else dvalue[..., :channels].contiguous()
     return dlogits, drpb.view(rpb.shape), dvalue

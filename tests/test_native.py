@@ -304,3 +304,19 @@ def test_contmix_kernels_leave_the_rest_to_pytorch(monkeypatch):
     theirs = run()
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@needs_contmix_library
+def test_contmix_kernels_refuse_shapes_they_would_read_past():
+    """Called directly (not through `kernels.contmix`, which checks for users): a map smaller than
+    the window, or logits of the wrong width, is an error, never a read past a buffer."""
+    from overlock.kernels import cpu
+
+    logits, rpb, value = _contmix_inputs(1, 2, 5, 5, 16, 5)
+    out, lse = cpu.contmix_forward(logits, rpb, value, 5)
+    with pytest.raises(ValueError, match="H, W >= K=7"):
+        cpu.contmix_forward(torch.zeros(1, 2, 5, 5, 49), torch.zeros(2, 13, 13), value, 7)
+    with pytest.raises(ValueError, match="logits"):
+        cpu.contmix_forward(logits[..., :20], rpb, value, 5)
+    with pytest.raises(ValueError, match="must match value"):
+        cpu.contmix_backward(out[:, :1], logits, rpb, value, out, lse, 5)
