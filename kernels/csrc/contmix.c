@@ -25,6 +25,21 @@
  */
 #include "vectors.h"
 
+/* sum_i s[i] * v[i * stride .. + VW) for i < n, in four chains (a multiply-add waits for the one
+ * before it): the forward's window row of values weighted, the backward's dp of a window row. */
+static inline vf weighted_sum(const float* restrict s, const float* restrict v, long stride, long n) {
+    vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+    long i = 0;
+    for (; i + 4 <= n; i += 4) {
+        a0 += vsplat(s[i]) * vload(v + i * stride);
+        a1 += vsplat(s[i + 1]) * vload(v + (i + 1) * stride);
+        a2 += vsplat(s[i + 2]) * vload(v + (i + 2) * stride);
+        a3 += vsplat(s[i + 3]) * vload(v + (i + 3) * stride);
+    }
+    for (; i < n; i++) a0 += vsplat(s[i]) * vload(v + i * stride);
+    return (a0 + a1) + (a2 + a3);
+}
+
 /* The first row (column) of the clamped window of position i on an axis of n >= K. */
 static inline long window_start(long i, long K, long n) {
     long s = i - K / 2;
@@ -78,21 +93,9 @@ int overlock_contmix_forward(const float* restrict logits, const float* restrict
                 const float* window = value + b * vb + h * vh + sy * vy + sx * vx;
                 float* o = out + (r * HW + pos) * c;
                 for (long c0 = 0; c0 < c; c0 += VW) {
-                    /* four chains (a multiply-add waits for the one before it), in registers: no array */
-                    vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-                    for (long ky = 0; ky < K; ky++) {
-                        const float* row = window + ky * vy + c0;
-                        const float* w = weights + ky * K;
-                        long kx = 0;
-                        for (; kx + 4 <= K; kx += 4) {
-                            a0 += vsplat(w[kx]) * vload(row + kx * vx);
-                            a1 += vsplat(w[kx + 1]) * vload(row + (kx + 1) * vx);
-                            a2 += vsplat(w[kx + 2]) * vload(row + (kx + 2) * vx);
-                            a3 += vsplat(w[kx + 3]) * vload(row + (kx + 3) * vx);
-                        }
-                        for (; kx < K; kx++) a0 += vsplat(w[kx]) * vload(row + kx * vx);
-                    }
-                    vf sum = (a0 + a1) + (a2 + a3);
+                    vf sum = {0};
+                    for (long ky = 0; ky < K; ky++)
+                        sum += weighted_sum(weights + ky * K, window + ky * vy + c0, vx, K);
                     vstore_n(o + c0, sum * scale, c - c0 < VW ? c - c0 : VW);
                 }
                 peak_out[r * HW + pos] = peak;
@@ -158,18 +161,8 @@ int overlock_contmix_backward(const float* restrict grad, const float* restrict 
                         }
                         vf p = (vf)((vi)vexp_nonpositive(w + vload(slot_bias + k) - top) & live);
                         vstore(row, p);
-                        /* dp in four chains (a multiply-add waits for the one before it) */
-                        vf dp0 = {0}, dp1 = {0}, dp2 = {0}, dp3 = {0};
-                        const float* v = vplane + offset + kx0;
-                        long ci = 0;
-                        for (; ci + 4 <= c; ci += 4) {
-                            dp0 += vsplat(g[ci]) * vload(v + ci * P);
-                            dp1 += vsplat(g[ci + 1]) * vload(v + (ci + 1) * P);
-                            dp2 += vsplat(g[ci + 2]) * vload(v + (ci + 2) * P);
-                            dp3 += vsplat(g[ci + 3]) * vload(v + (ci + 3) * P);
-                        }
-                        for (; ci < c; ci++) dp0 += vsplat(g[ci]) * vload(v + ci * P);
-                        vf dlogit = p * ((dp0 + dp1) + (dp2 + dp3) - d);
+                        vf dp = weighted_sum(g, vplane + offset + kx0, P, c); /* the row's dp, channel by channel */
+                        vf dlogit = p * (dp - d);
                         /* lanes past the row land on the next row's slots, written after these */
                         if (k + VW <= KK)
                             vstore(dz + k, dlogit);
