@@ -20,8 +20,8 @@
  * copy: logits (B, heads, H, W, K*K) and value (B, heads, H, W, c), each with a unit innermost
  * stride, value's channels readable in whole vectors (a multiple of 16, or padded to one by the
  * caller); bias (heads, H*W, K*K), the relative position bias of every window slot, contiguous;
- * out (B*heads, H*W, c), peak and total (B*heads, H*W), contiguous. A call covers rows [r0, r1) of the B*heads (batch, head) rows. Returns 0, or -1 if
- * its buffer could not be allocated.
+ * out (B*heads, H*W, c), peak and total (B*heads, H*W), contiguous. A call covers rows [r0, r1) of
+ * the B*heads (batch, head) rows. Returns 0, or -1 if its buffer could not be allocated.
  */
 #include "vectors.h"
 
@@ -121,8 +121,9 @@ int overlock_contmix_forward(const float* restrict logits, const float* restrict
  * multiply-adds, not K dot products. grad (unit channel stride) and dvalue ((B*heads, H*W, cv),
  * zeroed) have their channels in whole vectors, cv of them (c rounded up to a multiple of 16; the
  * caller pads grad where c is not one). The bias (heads, H*W, K*K) has a vector of slack at its end.
- * Every store goes to an address no later load reads in part (a load that overlaps an earlier,
- * different store waits for it to retire). Rows belong to one call each. Returns 0, or -1 if a
+ * The value gradient is updated one neighbour's channel vector at a time, so that each load reads
+ * exactly what an earlier store wrote (a load that overlaps part of an earlier store waits for it
+ * to retire: updating it one window row at a time did, 15% slower). Rows belong to one call each. Returns 0, or -1 if a
  * buffer could not be allocated.
  */
 int overlock_contmix_backward(const float* restrict grad, const float* restrict logits, const float* restrict bias,
