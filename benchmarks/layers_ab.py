@@ -169,7 +169,11 @@ OLD = {
     "BN -> activation outputs kept": [(layers, "recomputable_bn_activation", lambda bn, act: False)],
     "ContMix logits kept": [(contmix, "hooked", lambda module: True)],  # as when a hook sees the projection
     "ContMix op by PyTorch ops": [(cpu, "native_applies", lambda *tensors: False)],
+    "11x11 and 13x13 depthwise by oneDNN": [(depthwise, "NATIVE_FORWARD_KERNELS", frozenset())],
+    "tall 1x1 convs by MKL at inference": [(layers, "ONEDNN_LINEAR_MIN_ROWS", 10**18)],
 }
+ROUND_7 = ("11x11 and 13x13 depthwise by oneDNN", "tall 1x1 convs by MKL at inference")
+OLD["before round 7 (the 2 above)"] = [patch for name in ROUND_7 for patch in OLD[name]]
 ROUND_6 = ("GRN input kept", "BN -> activation outputs kept", "ContMix logits kept", "ContMix op by PyTorch ops")
 OLD["before round 6 (the 4 above)"] = [patch for name in ROUND_6 for patch in OLD[name]]
 ROUND_5 = (
@@ -212,6 +216,7 @@ SAME_ATTRIBUTE = (
     "before round 4 (the 2 above)",
     "before round 5 (the 3 above)",
     "before round 6 (the 4 above)",
+    "before round 7 (the 2 above)",
 )
 ALL_OLD = [patch for name, patches in OLD.items() if name not in SAME_ATTRIBUTE for patch in patches]
 

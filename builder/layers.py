@@ -194,10 +194,11 @@ class ResDWConv(nn.Conv2d):
 
 
 class Pointwise(nn.Conv2d):
-    """A 1x1 conv (nn.Conv2d's parameters, names and state dict) that runs channels_last data as `F.linear`.
+    """A 1x1 conv (nn.Conv2d's parameters, names and state dict) that runs channels_last data as a matrix product.
 
     On channels_last CPU data the channels are innermost, so the conv is one matrix product over
-    them; as `F.linear` on the (B, H, W, C) view it is 5-30% faster than oneDNN's 1x1 conv, forward
+    them (`pixel_linear`: F.linear, or oneDNN's linear for tall products at inference); as `F.linear`
+    on the (B, H, W, C) view it is 5-30% faster than oneDNN's 1x1 conv, forward
     and backward (autograd's mm-based backward; XT shapes, one thread: 745 -> 679 ms for every 1x1
     conv of a training step). The result is the same product (float rounding aside) and comes back
     channels_last. NCHW data, other devices and traced or exported graphs take the conv.
@@ -208,8 +209,49 @@ class Pointwise(nn.Conv2d):
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if cpu_channels_innermost(x):
-            return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
+            product = pixel_linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias, inference=not self.training)
+            return product.permute(0, 3, 1, 2)
         return super()._conv_forward(x, weight, bias)
+
+
+# Products with at least this many rows (images x pixels) run through oneDNN's linear at inference.
+# It adds the bias as it writes each output tile; F.linear (MKL's addmm) first fills the whole output
+# with the bias and then accumulates into it, a second pass over a map that no longer fits in cache.
+# Measured (one thread, interleaved medians, `python benchmarks/pointwise.py`): 1.2-1.5x on XT's
+# 56x56 and 28x28 maps and ContMix's kernel projection (25088, 6272 and 12544 rows at batch 8),
+# 0.9-1.0x on 14x14 and 7x7 maps (1568 and 392 rows), whose outputs stay in cache.
+ONEDNN_LINEAR_MIN_ROWS = 4096
+
+
+def pixel_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, inference: bool = False
+) -> torch.Tensor:
+    """F.linear over the last dimension of a CPU map's (..., C) view; through oneDNN where it is faster.
+
+    oneDNN's linear has no autograd formula, so only at inference (a module in eval mode, with
+    nothing that needs a gradient; not in training mode under no_grad either: a recomputation in
+    the backward must repeat the forward's op exactly), for float32 outside autocast (which would
+    cast F.linear's inputs) and torch.compile (inductor picks its own kernels). The same product,
+    float rounding aside.
+    """
+    if (
+        inference
+        and x.numel() >= ONEDNN_LINEAR_MIN_ROWS * x.shape[-1]
+        and x.dtype == weight.dtype == torch.float32
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and not (bias is not None and torch.is_grad_enabled() and bias.requires_grad)
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+        and _onednn_linear_available()
+    ):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+@functools.cache
+def _onednn_linear_available() -> bool:
+    """PyTorch built with oneDNN and its fused linear op (the one inductor's CPU backend calls)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def cpu_channels_innermost(x: torch.Tensor) -> bool:

@@ -7,7 +7,9 @@ its forward is fast only in some layouts (channels_last for 56- and 112-channel 
 operator computes the same three results with fast primitives:
 - forward: `F.conv2d`, on channels_last data for maps of 28x28 and larger (oneDNN's NCHW depthwise
   path is the slow one there); large dilated kernels as undilated convs of the map's sub-lattices
-  (`polyphase_conv`: oneDNN's dilated path is slow for them);
+  (`polyphase_conv`: oneDNN's dilated path is slow for them); 13x13 kernels in C (`conv_native`,
+  kernels/csrc/depthwise_conv.c: oneDNN runs them 2.3-2.5x slower than the C loop, and slower
+  than its own 15x15);
 - input gradient: the same depthwise convolution of the output gradient with the flipped kernel
   (a correlation's adjoint is the convolution with the mirrored kernel). PyTorch's own input
   gradient is as fast for undilated kernels but 10-40x slower for dilated ones;
@@ -45,6 +47,13 @@ import torch.nn.functional as F
 from . import native
 
 NATIVE_LIBRARY = "depthwise_weight_grad"
+FORWARD_LIBRARY = "depthwise_conv"
+# Kernel sizes whose forward (and input gradient) runs in C where it can. Measured against oneDNN's
+# channels_last depthwise forward, batch 8, one thread (`python benchmarks/depthwise_forward.py`):
+# 13x13 is oneDNN's weak size, 1.4-2.7x slower than the C loop on maps from 7x7 to 80x80 and slower
+# than its own 15x15 on 14x14 maps; for 3x3 to 9x9 and for 15x15 and 17x17 oneDNN is as fast or
+# faster (the C loop pays for copying each image into a zero-bordered buffer).
+NATIVE_FORWARD_KERNELS = frozenset({11, 13})
 
 # Maps with at least this many positions run in channels_last (measured: 28x28 and 56x56 maps are
 # 10-30x faster there at one thread; 14x14 and 7x7 maps are about as fast in either layout).
@@ -119,7 +128,52 @@ def sub_lattices(x: torch.Tensor, d: int, rows: int, cols: int, offset: int) -> 
     return lattices.reshape(d * d * batch, rows, cols, channels).permute(0, 3, 1, 2)
 
 
+def conv_native(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int) -> torch.Tensor:
+    """The same-padded depthwise conv in C (kernels/csrc/depthwise_conv.c): float32 CPU maps, channels_last out.
+
+    Images are split between torch's threads, as for the weight gradient.
+    """
+    if not native_forward_applies(x, weight, bias):
+        raise ValueError(
+            f"conv_native needs float32 CPU tensors and the compiled kernel "
+            f"(got {x.dtype} on {x.device}; {native.status(FORWARD_LIBRARY)})"
+        )
+    batch, channels, height, width = x.shape
+    kernel_size = weight.shape[-1]
+    x = x.contiguous(memory_format=torch.channels_last)
+    out = torch.empty_like(x, memory_format=torch.channels_last)
+    taps = weight.reshape(channels, kernel_size * kernel_size).t().contiguous()  # (K*K, C), tap-major
+    bias = bias.contiguous() if bias is not None else None
+    pointers = (native.pointer(x), native.pointer(taps), native.pointer(bias) if bias is not None else None)
+    native.run(
+        FORWARD_LIBRARY,
+        "overlock_depthwise_conv_forward",
+        native.image_ranges(batch, native.workers()),
+        lambda i: (*pointers, native.pointer(out), height, width, channels, kernel_size, dilation),
+    )
+    return out
+
+
+def native_forward_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """float32 CPU tensors and a C compiler, eagerly (torch.compile and tracers see `F.conv2d`)."""
+    return (
+        not (torch.compiler.is_compiling() or torch.compiler.is_exporting())
+        and x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and (bias is None or bias.dtype == torch.float32)
+        and x.numel() > 0
+        and native.library(FORWARD_LIBRARY) is not None
+    )
+
+
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int) -> torch.Tensor:
+    if weight.shape[-1] in NATIVE_FORWARD_KERNELS and native_forward_applies(x, weight, bias):
+        return conv_native(x, weight, bias, dilation)
+    return conv_pytorch(x, weight, bias, dilation)
+
+
+def conv_pytorch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int) -> torch.Tensor:
+    """The same-padded depthwise conv through PyTorch's ops, in the layout or formulation they run fastest."""
     if dilation > 1 and weight.shape[-1] >= POLYPHASE_MIN_KERNEL:
         return polyphase_conv(x, weight, bias, dilation)
     padding = dilation * (weight.shape[-1] - 1) // 2

@@ -43,6 +43,9 @@ SIGNATURES = {
     "depthwise_weight_grad": {
         "overlock_depthwise_weight_grad": [_POINTER] * 3 + [_LONG] * 7,
     },
+    "depthwise_conv": {
+        "overlock_depthwise_conv_forward": [_POINTER] * 4 + [_LONG] * 7,
+    },
     "contmix": {
         "overlock_contmix_forward": [_POINTER] * 6 + [_LONG] * 15,
         "overlock_contmix_backward": [_POINTER] * 8 + [_LONG] * 17,

@@ -129,6 +129,77 @@ def test_the_c_weight_gradient_equals_the_float64_direct_sum(size, kernel, dilat
         torch.set_num_threads(before)
 
 
+needs_native_forward = pytest.mark.skipif(
+    native.library(depthwise.FORWARD_LIBRARY) is None, reason=native.status(depthwise.FORWARD_LIBRARY)
+)
+
+
+@needs_native_forward
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize(
+    ("size", "kernel", "dilation", "bias"),
+    [
+        ((14, 14), 13, 1, True),  # the presets' shape
+        ((9, 30), 13, 1, False),  # a row longer than one register block (14 + 14 + 2)
+        ((5, 7), 13, 1, True),  # kernel larger than the map: whole kernel rows skipped
+        ((11, 12), 11, 2, True),  # dilated, rows and columns past both borders
+        ((4, 23), 3, 3, False),  # row blocks of 14, 8 and 1
+    ],
+)
+def test_the_c_forward_equals_the_float64_conv(size, kernel, dilation, bias, threads):
+    """Channel counts that are not whole vectors, NCHW and channels_last input, images split between threads."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(5, 19, *size, generator=gen)
+    weight = torch.randn(19, 1, kernel, kernel, generator=gen)
+    b = torch.randn(19, generator=gen) if bias else None
+    expected = reference(x.double(), weight.double(), b.double() if bias else None, dilation)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for layout in (torch.contiguous_format, torch.channels_last):
+            ours = depthwise.conv_native(x.contiguous(memory_format=layout), weight, b, dilation)
+            assert ours.shape == x.shape and ours.dtype == torch.float32
+            assert ours.is_contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_native_forward
+def test_the_measured_kernel_sizes_run_the_c_forward_and_its_input_gradient(monkeypatch):
+    calls = []
+    original = depthwise.conv_native
+
+    def spy(*args):
+        calls.append(args[1].shape[-1])
+        return original(*args)
+
+    monkeypatch.setattr(depthwise, "conv_native", spy)
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 16, 14, 14, generator=gen, requires_grad=True)
+    for kernel in (13, 7):
+        weight = torch.randn(16, 1, kernel, kernel, generator=gen, requires_grad=True)
+        grad = torch.randn(2, 16, 14, 14, generator=gen)
+        out = depthwise_conv2d(x, weight)
+        ours = torch.autograd.grad(out, (x, weight), grad)
+        expected = reference(x.double(), weight.double(), None, 1)
+        theirs = torch.autograd.grad(expected, (x, weight), grad.double())
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
+        for mine, exact in zip(ours, theirs, strict=True):
+            torch.testing.assert_close(mine.double(), exact.double(), rtol=1e-5, atol=1e-4)
+    assert calls == [13, 13]  # forward and input gradient of the 13x13; the 7x7 stays with oneDNN
+    with torch.no_grad():
+        depthwise_conv2d(x.double(), torch.randn(16, 1, 13, 13, dtype=torch.float64))
+    assert calls == [13, 13]  # float64 is PyTorch's
+
+
+def test_the_c_forward_refuses_what_it_does_not_cover():
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64)
+    assert not depthwise.native_forward_applies(x, x.new_zeros(2, 1, 3, 3))
+    with pytest.raises(ValueError, match="float32 CPU tensors"):
+        depthwise.conv_native(x, x.new_zeros(2, 1, 3, 3), None, 1)
+
+
 def test_the_c_weight_gradient_refuses_what_it_does_not_cover():
     x = torch.randn(1, 2, 5, 5, dtype=torch.float64)
     assert not depthwise.native_weight_grad_applies(x, x)

@@ -227,6 +227,40 @@ def test_pointwise_reads_channel_slices_of_channels_last_maps_in_place():
     assert results[0][0].is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.skipif(not layers._onednn_linear_available(), reason="this PyTorch has no oneDNN linear")
+def test_tall_pointwise_products_take_onednns_linear_at_inference_only(monkeypatch):
+    """Maps of at least ONEDNN_LINEAR_MIN_ROWS pixels (images x height x width) run oneDNN's linear
+    in eval mode where nothing needs a gradient; the same product as F.linear. Training mode (even
+    without grad), gradients and autocast keep F.linear."""
+    taken = []
+    onednn = torch.ops.mkldnn._linear_pointwise
+
+    class Spy:
+        @staticmethod
+        def _linear_pointwise(*args):
+            taken.append(args[0].shape)
+            return onednn(*args)
+
+    monkeypatch.setattr(torch.ops, "mkldnn", Spy)
+    monkeypatch.setattr(layers, "ONEDNN_LINEAR_MIN_ROWS", 2 * 7 * 5)
+    conv = _randomise(layers.Pointwise(6, 5)).eval()
+    x = torch.randn(2, 6, 7, 5).contiguous(memory_format=torch.channels_last)
+    expected = torch.nn.Conv2d.forward(conv, x.contiguous())
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(conv(x.contiguous(memory_format=torch.channels_last)[:1]), expected[:1])
+    with torch.inference_mode():
+        out = conv(x)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert taken == [(2, 7, 5, 6), (2, 7, 5, 6)]  # not the one image: 35 rows are under the limit
+    conv(x).sum().backward()  # the weight needs its gradient
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv(x).dtype == torch.bfloat16
+    with torch.no_grad():  # training mode: a recomputation in the backward repeats the forward's op
+        conv.train()(x)
+    assert len(taken) == 2
+
+
 @pytest.mark.parametrize("compiled_middle", [False, True])
 def test_conv_mlp_recomputes_hidden_maps_with_identical_gradients(compiled_middle, monkeypatch):
     """PyTorch's composition recomputes GELU's output and GRN's; the compiled GELU -> dwconv op
