@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from overlock.builder import blocks, build, contmix, layers, mixers
-from overlock.kernels import cpu, depthwise, gelu_dwconv
+from overlock.kernels import cpu, depthwise, gelu_dwconv, grn
 
 
 def old_layer_scale(self, x):
@@ -171,9 +171,10 @@ OLD = {
     "ContMix op by PyTorch ops": [(cpu, "native_applies", lambda *tensors: False)],
     "11x11 and 13x13 depthwise by oneDNN": [(depthwise, "NATIVE_FORWARD_KERNELS", frozenset())],
     "tall 1x1 convs by MKL at inference": [(layers, "ONEDNN_LINEAR_MIN_ROWS", 10**18)],
+    "GRN backward by PyTorch ops": [(grn, "native_applies", lambda grad, x: False)],
 }
-ROUND_7 = ("11x11 and 13x13 depthwise by oneDNN", "tall 1x1 convs by MKL at inference")
-OLD["before round 7 (the 2 above)"] = [patch for name in ROUND_7 for patch in OLD[name]]
+ROUND_7 = ("11x11 and 13x13 depthwise by oneDNN", "tall 1x1 convs by MKL at inference", "GRN backward by PyTorch ops")
+OLD["before round 7 (the 3 above)"] = [patch for name in ROUND_7 for patch in OLD[name]]
 ROUND_6 = ("GRN input kept", "BN -> activation outputs kept", "ContMix logits kept", "ContMix op by PyTorch ops")
 OLD["before round 6 (the 4 above)"] = [patch for name in ROUND_6 for patch in OLD[name]]
 ROUND_5 = (
@@ -216,7 +217,7 @@ SAME_ATTRIBUTE = (
     "before round 4 (the 2 above)",
     "before round 5 (the 3 above)",
     "before round 6 (the 4 above)",
-    "before round 7 (the 2 above)",
+    "before round 7 (the 3 above)",
 )
 ALL_OLD = [patch for name, patches in OLD.items() if name not in SAME_ATTRIBUTE for patch in patches]
 

@@ -67,7 +67,8 @@ class _GRNFunction(torch.autograd.Function):
     with A = sum_hw(g * x), e the energy, m = mean_c(e) + eps, n = e / m:
         grad_beta = sum_bhw g,  grad_gamma = sum_b A * n,  dn = A * gamma,
         de = dn / m - sum_c(dn * e) / (C m^2),  grad_x = g * scale + x * de / e,
-    i.e. two reductions and one multiply-add over the map.
+    i.e. two reductions and one multiply-add over the map: on float32 channels_last CPU maps two
+    passes in C (`kernels.grn`: the reductions together, then the gradient).
     """
 
     @staticmethod
@@ -87,13 +88,21 @@ class _GRNFunction(torch.autograd.Function):
         # The gradient in x's layout (mixed layouts make every pass strided; the Focus-Net fusion's
         # GRN gets an NCHW gradient for channels_last data).
         grad = grad.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        grad_beta = grad.sum(dim=(0, 2, 3), keepdim=True)
-        response = (grad * x).sum(dim=(-1, -2), keepdim=True)
+        compiled = kernels.grn.native_applies(grad, x)  # both passes over the map in C
+        if compiled:
+            response, grad_sums = kernels.grn.backward_sums(grad, x)
+            grad_beta = grad_sums.sum(dim=0, keepdim=True)
+        else:
+            grad_beta = grad.sum(dim=(0, 2, 3), keepdim=True)
+            response = (grad * x).sum(dim=(-1, -2), keepdim=True)
         grad_gamma = (response * (energy / mean)).sum(dim=0, keepdim=True)
         d_normed = response * gamma
         d_energy = d_normed / mean - (d_normed * energy).sum(dim=1, keepdim=True) / (x.shape[1] * mean * mean)
+        coef = torch.where(live, d_energy / energy, 0.0)
+        if compiled:
+            return kernels.grn.input_grad(grad, x, scale, coef), grad_gamma, grad_beta, None
         grad_x = grad * scale
-        grad_x.addcmul_(x, torch.where(live, d_energy / energy, 0.0))
+        grad_x.addcmul_(x, coef)
         return grad_x, grad_gamma, grad_beta, None
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from . import gelu_dwconv, neighborhood, ops, reference
+from . import gelu_dwconv, grn, neighborhood, ops, reference
 from .gelu_dwconv import gelu_dwconv3x3
 from .ops import BACKENDS
 
@@ -25,6 +25,7 @@ __all__ = [
     "contmix",
     "gelu_dwconv",
     "gelu_dwconv3x3",
+    "grn",
     "neighborhood_attention",
     "reference",
 ]

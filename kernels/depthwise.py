@@ -50,9 +50,10 @@ NATIVE_LIBRARY = "depthwise_weight_grad"
 FORWARD_LIBRARY = "depthwise_conv"
 # Kernel sizes whose forward (and input gradient) runs in C where it can. Measured against oneDNN's
 # channels_last depthwise forward, batch 8, one thread (`python benchmarks/depthwise_forward.py`):
-# 13x13 is oneDNN's weak size, 1.4-2.7x slower than the C loop on maps from 7x7 to 80x80 and slower
-# than its own 15x15 on 14x14 maps; for 3x3 to 9x9 and for 15x15 and 17x17 oneDNN is as fast or
-# faster (the C loop pays for copying each image into a zero-bordered buffer).
+# 13x13 is oneDNN's weak size: 1.4-2.7x slower than the C loop on maps from 7x7 to 80x80, and slower
+# than its own 15x15 on the same map; 11x11 1.1-1.3x (0.9-1.1x on 7x7 maps). For 3x3 to 9x9 and for
+# 15x15 and 17x17 oneDNN is as fast or faster (0.5-0.95x; 1.3x only for 17x17 on XT's 56-channel
+# 56x56 maps): the C loop pays for copying each image into zero-bordered channel-block planes.
 NATIVE_FORWARD_KERNELS = frozenset({11, 13})
 
 # Maps with at least this many positions run in channels_last (measured: 28x28 and 56x56 maps are

@@ -46,6 +46,10 @@ SIGNATURES = {
     "depthwise_conv": {
         "overlock_depthwise_conv_forward": [_POINTER] * 4 + [_LONG] * 7,
     },
+    "grn": {
+        "overlock_grn_backward_sums": [_POINTER] * 4 + [_LONG] * 4,
+        "overlock_grn_input_grad": [_POINTER] * 5 + [_LONG] * 4,
+    },
     "contmix": {
         "overlock_contmix_forward": [_POINTER] * 6 + [_LONG] * 15,
         "overlock_contmix_backward": [_POINTER] * 8 + [_LONG] * 17,

@@ -320,3 +320,67 @@ def test_contmix_kernels_refuse_shapes_they_would_read_past():
         cpu.contmix_forward(logits[..., :20], rpb, value, 5)
     with pytest.raises(ValueError, match="must match value"):
         cpu.contmix_backward(out[:, :1], logits, rpb, value, out, lse, 5)
+
+
+needs_grn_library = pytest.mark.skipif(
+    native.library(kernels.grn.LIBRARY) is None, reason=native.status(kernels.grn.LIBRARY)
+)
+
+
+@needs_grn_library
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("shape", [(3, 19, 9, 10), (2, 48, 1, 7), (1, 5, 13, 11)], ids=str)
+def test_grn_backward_passes_equal_the_float64_sums(shape, threads):
+    """Channel counts that are and are not whole vectors, more pixels than one partial sum holds (64)."""
+    gen = torch.Generator().manual_seed(7)
+    x, grad = (torch.randn(shape, generator=gen).contiguous(memory_format=torch.channels_last) for _ in range(2))
+    scale, coef = (torch.randn(shape[0], shape[1], 1, 1, generator=gen) for _ in range(2))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        sum_gx, sum_g = kernels.grn.backward_sums(grad, x)
+        out = kernels.grn.input_grad(grad, x, scale, coef)
+    finally:
+        torch.set_num_threads(before)
+    g64, x64 = grad.double(), x.double()
+    torch.testing.assert_close(sum_gx.double(), (g64 * x64).sum(dim=(-1, -2), keepdim=True), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(sum_g.double(), g64.sum(dim=(-1, -2), keepdim=True), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(out.double(), g64 * scale.double() + x64 * coef.double(), rtol=1e-5, atol=1e-5)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_grn_library
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_grn_backward_in_c_matches_its_pytorch_ops(channels_last, monkeypatch):
+    """The GRN layer's gradients with the C passes (channels_last float32) and without them; NCHW maps
+    keep the PyTorch ops."""
+    grn = layers.GRN(21)
+    with torch.no_grad():
+        grn.gamma.normal_()
+        grn.beta.normal_()
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 21, 10, 9, generator=gen)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(3, 21, 10, 9, generator=gen)
+    calls = []
+    original = kernels.grn.input_grad
+    monkeypatch.setattr(kernels.grn, "input_grad", lambda *args: calls.append(1) or original(*args))
+
+    def run():
+        leaf = x.clone().requires_grad_()
+        return torch.autograd.grad(grn(leaf), [leaf, grn.gamma, grn.beta], grad)
+
+    ours = run()
+    assert calls == ([1] if channels_last else [])
+    monkeypatch.setattr(kernels.grn, "native_applies", lambda *args: False)
+    theirs = run()
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_grn_kernels_refuse_what_they_do_not_cover():
+    x = torch.randn(1, 3, 4, 4, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    assert not kernels.grn.native_applies(x, x)
+    with pytest.raises(ValueError, match="float32 channels_last CPU maps"):
+        kernels.grn.backward_sums(x, x)

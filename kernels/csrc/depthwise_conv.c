@@ -43,6 +43,15 @@ ROW_BLOCK(7)
 ROW_BLOCK(8)
 ROW_BLOCK(14)
 
+/* Outputs per register block for the `rest` columns left of a row: 14, then 8, 7, 4, 2, 1. */
+static long block_width(long rest) {
+    if (rest >= 14) return 14;
+    if (rest >= 8) return 8;
+    if (rest == 7) return 7;
+    if (rest >= 4) return 4;
+    return rest >= 2 ? 2 : 1;
+}
+
 int overlock_depthwise_conv_forward(const float* restrict input, const float* restrict weight,
                                     const float* restrict bias, float* restrict out, long H, long W, long C,
                                     long K, long d, long b0, long b1) {
@@ -66,35 +75,25 @@ int overlock_depthwise_conv_forward(const float* restrict input, const float* re
                            (size_t)(C - c < VW ? C - c : VW) * sizeof(float));
             }
         float* image = out + b * H * W * C;
-        for (long y = 0; y < H; y++) {
-            /* kernel rows whose input row y + d*ky - p lies in [0, H) */
-            long ky0 = y < p ? (p - y + d - 1) / d : 0;
-            long last = H - 1 - y + p; /* d*ky <= last */
-            long ky1 = last / d + 1 < K ? last / d + 1 : K;
-            float* orow = image + y * W * C;
-            for (long c = 0; c < C; c += VW) {
-                long n = C - c < VW ? C - c : VW;
-                const float* plane = pad + c / VW * Hp * Wp * VW;
-                for (long x0 = 0; x0 < W;) {
-                    long rest = W - x0;
-                    if (rest >= 14) {
-                        row_block_14(plane, taps, orow, C, Cp, Wp, K, d, y, x0, ky0, ky1, c, n);
-                        x0 += 14;
-                    } else if (rest >= 8) {
-                        row_block_8(plane, taps, orow, C, Cp, Wp, K, d, y, x0, ky0, ky1, c, n);
-                        x0 += 8;
-                    } else if (rest == 7) {
-                        row_block_7(plane, taps, orow, C, Cp, Wp, K, d, y, x0, ky0, ky1, c, n);
-                        x0 += 7;
-                    } else if (rest >= 4) {
-                        row_block_4(plane, taps, orow, C, Cp, Wp, K, d, y, x0, ky0, ky1, c, n);
-                        x0 += 4;
-                    } else if (rest >= 2) {
-                        row_block_2(plane, taps, orow, C, Cp, Wp, K, d, y, x0, ky0, ky1, c, n);
-                        x0 += 2;
-                    } else {
-                        row_block_1(plane, taps, orow, C, Cp, Wp, K, d, y, x0, ky0, ky1, c, n);
-                        x0 += 1;
+        for (long c = 0; c < C; c += VW) {
+            long n = C - c < VW ? C - c : VW;
+            const float* plane = pad + c / VW * Hp * Wp * VW;
+            /* a strip of columns at a time, down all rows: the strip's K input rows stay in L1 */
+            for (long x0 = 0, xb; x0 < W; x0 += xb) {
+                xb = block_width(W - x0);
+                for (long y = 0; y < H; y++) {
+                    /* kernel rows whose input row y + d*ky - p lies in [0, H) */
+                    long ky0 = y < p ? (p - y + d - 1) / d : 0;
+                    long last = H - 1 - y + p; /* d*ky <= last */
+                    long ky1 = last / d + 1 < K ? last / d + 1 : K;
+                    float* orow = image + y * W * C;
+                    switch (xb) {
+                        case 14: row_block_14(plane, taps, orow, C, Cp, Wp, K, d, y, x0, ky0, ky1, c, n); break;
+                        case 8: row_block_8(plane, taps, orow, C, Cp, Wp, K, d, y, x0, ky0, ky1, c, n); break;
+                        case 7: row_block_7(plane, taps, orow, C, Cp, Wp, K, d, y, x0, ky0, ky1, c, n); break;
+                        case 4: row_block_4(plane, taps, orow, C, Cp, Wp, K, d, y, x0, ky0, ky1, c, n); break;
+                        case 2: row_block_2(plane, taps, orow, C, Cp, Wp, K, d, y, x0, ky0, ky1, c, n); break;
+                        default: row_block_1(plane, taps, orow, C, Cp, Wp, K, d, y, x0, ky0, ky1, c, n);
                     }
                 }
             }
