@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from overlock.builder import blocks, build, contmix, layers, mixers
+from overlock.builder import blocks, build, contmix, layers, mixers, network
 from overlock.kernels import cpu, depthwise, gelu_dwconv, grn
 
 
@@ -141,6 +141,11 @@ def large_kernels_only_depthwise(x, weight, bias=None, dilation=1):
     return depthwise.depthwise_conv2d(x, weight, bias, dilation)  # its weight gradient is the FFT's there
 
 
+def sliced_channels(x, width):
+    """Channel splits before round 7: basic slicing, whose backward writes NCHW gradients."""
+    return x[:, :width], x[:, width:]
+
+
 OLD = {
     "LayerScale as conv": [(layers.LayerScale, "forward", old_layer_scale)],
     "GRN unfused": [(layers.GRN, "forward", old_grn)],
@@ -172,9 +177,20 @@ OLD = {
     "11x11 and 13x13 depthwise by oneDNN": [(depthwise, "NATIVE_FORWARD_KERNELS", frozenset())],
     "tall 1x1 convs by MKL at inference": [(layers, "ONEDNN_LINEAR_MIN_ROWS", 10**18)],
     "GRN backward by PyTorch ops": [(grn, "native_applies", lambda grad, x: False)],
+    "NCHW gradients (slices, mean, value reshape)": [
+        (network, "split_channels", sliced_channels),
+        (contmix, "split_channels", sliced_channels),
+        (layers, "channel_means", lambda x: x.mean(dim=(-2, -1), keepdim=True)),
+        (contmix, "cpu_channels_last", lambda x: False),
+    ],
 }
-ROUND_7 = ("11x11 and 13x13 depthwise by oneDNN", "tall 1x1 convs by MKL at inference", "GRN backward by PyTorch ops")
-OLD["before round 7 (the 3 above)"] = [patch for name in ROUND_7 for patch in OLD[name]]
+ROUND_7 = (
+    "11x11 and 13x13 depthwise by oneDNN",
+    "tall 1x1 convs by MKL at inference",
+    "GRN backward by PyTorch ops",
+    "NCHW gradients (slices, mean, value reshape)",
+)
+OLD["before round 7 (the 4 above)"] = [patch for name in ROUND_7 for patch in OLD[name]]
 ROUND_6 = ("GRN input kept", "BN -> activation outputs kept", "ContMix logits kept", "ContMix op by PyTorch ops")
 OLD["before round 6 (the 4 above)"] = [patch for name in ROUND_6 for patch in OLD[name]]
 ROUND_5 = (
@@ -217,7 +233,7 @@ SAME_ATTRIBUTE = (
     "before round 4 (the 2 above)",
     "before round 5 (the 3 above)",
     "before round 6 (the 4 above)",
-    "before round 7 (the 3 above)",
+    "before round 7 (the 4 above)",
 )
 ALL_OLD = [patch for name, patches in OLD.items() if name not in SAME_ATTRIBUTE for patch in patches]
 

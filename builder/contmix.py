@@ -21,11 +21,13 @@ from .layers import (
     RegionPool,
     adaptive_avg_pool,
     conv_bn,
+    cpu_channels_last,
     exporting,
     generic_trace,
     hooked,
     recompute_saved,
     shared_recipe,
+    split_channels,
 )
 
 
@@ -117,7 +119,7 @@ class ContMix(nn.Module):
         if normed is None or normed.shape[1] == d:
             query_source = key_source = z if normed is None else normed
         else:
-            query_source, key_source = normed[:, :d], normed[:, d:]
+            query_source, key_source = split_channels(normed, d)
         query = self.query(query_source) * self.scale
         key = self.key(key_source)
         query = query.reshape(batch, heads, -1, h * w)
@@ -140,13 +142,21 @@ class ContMix(nn.Module):
         def keeping(logits: torch.Tensor, part: int) -> contextlib.AbstractContextManager[None]:
             return contextlib.nullcontext() if hooked(proj) else recompute_saved(logits, lambda: again()[part])
 
-        value = z.reshape(batch, 2, heads, d // (2 * heads), h, w).permute(1, 0, 2, 4, 5, 3)
+        if cpu_channels_last(z):
+            # A view of the (B, H, W, d) memory, no copy; its gradient comes back channels_last like
+            # z's other gradients (an NCHW one would make every add that sums them mix layouts).
+            value = z.permute(0, 2, 3, 1).view(batch, h, w, 2, heads, -1).permute(3, 0, 4, 1, 2, 5)
+        else:
+            value = z.reshape(batch, 2, heads, d // (2 * heads), h, w).permute(1, 0, 2, 4, 5, 3)
+        value_small, value_large = value.unbind(0)
         with keeping(small, 0):
             out_small = kernels.contmix(
-                small, self.rpb_small, value[0], self.small_kernel_size, backend=self.contmix_backend
+                small, self.rpb_small, value_small, self.small_kernel_size, backend=self.contmix_backend
             )
         with keeping(large, 1):
-            out_large = kernels.contmix(large, self.rpb_large, value[1], self.kernel_size, backend=self.contmix_backend)
+            out_large = kernels.contmix(
+                large, self.rpb_large, value_large, self.kernel_size, backend=self.contmix_backend
+            )
         # (B, 2h, H, W, c) -> (B, d, H, W) in the channels_last layout the convs after it prefer
         # (one copy, as the NCHW reshape was).
         out = torch.cat([out_small, out_large], dim=1).permute(0, 2, 3, 1, 4).reshape(batch, h, w, d)

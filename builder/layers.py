@@ -281,6 +281,16 @@ def cpu_channels_innermost(x: torch.Tensor) -> bool:
     )
 
 
+def split_channels(x: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x[:, :width], x[:, width:]) as `torch.split`, whose backward concatenates the two gradients.
+
+    Slicing would give the same views, but its backward writes each gradient into a fresh NCHW map
+    of zeros, so a channels_last map's gradient turns NCHW there, and every add and conv backward it
+    meets mixes layouts (XT training step: ~50 such adds on 14x14 maps, 2-3x slower than unmixed).
+    """
+    return tuple(x.split([width, x.shape[1] - width], dim=1))
+
+
 def cpu_channels_last(x: torch.Tensor) -> bool:
     """A 4-D channels_last map on the CPU, outside tracing and export: its (B, H, W, C) permuted view
     is a plain contiguous tensor, which some CPU kernels run faster than the map itself."""
@@ -393,6 +403,16 @@ class RegionPool(nn.Module):
         return f"size={self.size}"
 
 
+def channel_means(x: torch.Tensor) -> torch.Tensor:
+    """The mean over H and W, (B, C, 1, 1), as a sum scaled once: what nn.AdaptiveAvgPool2d(1) computes.
+
+    The mean's backward writes the gradient out as a fresh NCHW map, which a channels_last input's
+    other gradient is then added to in mixed layouts (2-3x slower than unmixed); the sum's backward
+    hands on a broadcast view instead. Tracers keep the pooling op (fvcore counts its FLOPs).
+    """
+    return x.sum(dim=(-2, -1), keepdim=True) / (x.shape[-2] * x.shape[-1])
+
+
 class SqueezeExcite(nn.Module):
     """Channel attention: sigmoid(fc2(GELU(fc1(avgpool(x))))) * x, hidden width max(16, C // 8)."""
 
@@ -409,7 +429,8 @@ class SqueezeExcite(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, Callable[[], torch.Tensor]]:
         """SE(x); with_recipe: also a function that recomputes it bit for bit from x and the gate,
         which the product keeps for its backward anyway (for `recompute_saved`)."""
-        gate = torch.sigmoid(self.fc2(self.act(self.fc1(self.pool(x)))))
+        pooled = self.pool(x) if torch.jit.is_tracing() or exporting() else channel_means(x)
+        gate = torch.sigmoid(self.fc2(self.act(self.fc1(pooled))))
         out = x * gate
         return (out, lambda: x * gate) if with_recipe else out
 

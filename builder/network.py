@@ -19,7 +19,17 @@ from .. import kernels
 from ..archspec import BlockStage, DDSSpec, PyramidSpec
 from .blocks import BasicBlock, ContMix, DynamicBlock, StaticFocusBlock
 from .conventions import TimmConventions
-from .layers import GRN, RECOMPUTE_SAVED, DilatedRepConv, LayerNorm2d, LayerScale, block_norm, conv_bn, generic_trace
+from .layers import (
+    GRN,
+    RECOMPUTE_SAVED,
+    DilatedRepConv,
+    LayerNorm2d,
+    LayerScale,
+    block_norm,
+    conv_bn,
+    generic_trace,
+    split_channels,
+)
 from .mixers import DOWNSAMPLES, STEMS
 
 
@@ -204,7 +214,7 @@ class FocusStageModule(Checkpointed):
     def forward(self, x: torch.Tensor, prior: torch.Tensor, prior0: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
             f = self.run_block(block, x, prior, prior0)
-            x, prior = f[:, : self.width], f[:, self.width :]
+            x, prior = split_channels(f, self.width)
         return f
 
 
@@ -232,7 +242,7 @@ class FocusNet(nn.Module):
                 prior = here
             f = stage(x, prior, here)
             outputs.append(f)
-            x, prior = f[:, : stage.width], f[:, stage.width :]
+            x, prior = split_channels(f, stage.width)
         return outputs
 
 

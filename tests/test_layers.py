@@ -462,3 +462,41 @@ def test_basic_block_recomputes_the_excited_map_with_identical_gradients():
     _assert_recomputes(block, x, count=len(block.large_kernel.branches) + 1 + 2)
     block.se.register_forward_hook(lambda module, args, out: None)  # a watched SE runs as it is
     _assert_recomputes(block, x, count=len(block.large_kernel.branches) + 2)
+
+
+def test_channel_splits_and_means_hand_back_channels_last_gradients():
+    """A channels_last map's gradient stays channels_last through a channel split and SE's mean (basic
+    slicing and the mean's backward write NCHW maps, which every later add then mixes with
+    channels_last ones); the values are those of slicing and adaptive average pooling."""
+    gen = torch.Generator().manual_seed(3)
+    f = torch.randn(2, 10, 6, 7, generator=gen).contiguous(memory_format=torch.channels_last).requires_grad_()
+    a, b, c = (torch.randn(2, n, 6, 7, generator=gen) for n in (4, 6, 10))
+    c = c.contiguous(memory_format=torch.channels_last)  # as a gradient from the layers after SE
+
+    def loss(x, prior):
+        return (x * a).sum() + (prior * b).sum() + (f * layers.channel_means(f) * c).sum()
+
+    (ours,) = torch.autograd.grad(loss(*layers.split_channels(f, 4)), f)
+    (theirs,) = torch.autograd.grad(loss(f[:, :4], f[:, 4:]), f)
+    assert ours.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(layers.channel_means(f), torch.nn.AdaptiveAvgPool2d(1)(f))
+
+
+def test_contmix_reads_channels_last_values_in_place():
+    """ContMix's values are a view of a channels_last input (no copy) whose gradient comes back
+    channels_last; outputs and gradients equal those of the NCHW input (values reshaped)."""
+    from overlock.builder.contmix import ContMix
+
+    mixer = _randomise(ContMix(8, 8, kernel_size=5, small_kernel_size=3, groups=2, region_centers=3)).train()
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 8, 9, 10, generator=gen)
+    grad = torch.randn(2, 8, 9, 10, generator=gen)
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        leaf = x.contiguous(memory_format=layout).requires_grad_()
+        out = mixer(leaf)
+        results.append((out, *torch.autograd.grad(out, [leaf, *mixer.parameters()], grad)))
+    assert results[1][1].is_contiguous(memory_format=torch.channels_last)
+    for ours, theirs in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
