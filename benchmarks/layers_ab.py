@@ -177,7 +177,7 @@ OLD = {
     "11x11 and 13x13 depthwise by oneDNN": [(depthwise, "NATIVE_FORWARD_KERNELS", frozenset())],
     "tall 1x1 convs by MKL at inference": [(layers, "ONEDNN_LINEAR_MIN_ROWS", 10**18)],
     "GRN backward by PyTorch ops": [(grn, "native_applies", lambda grad, x: False)],
-    "NCHW gradients (slices, mean, value reshape)": [
+    "NCHW gradients (splits; SE mean; ContMix values)": [
         (network, "split_channels", sliced_channels),
         (contmix, "split_channels", sliced_channels),
         (layers, "channel_means", lambda x: x.mean(dim=(-2, -1), keepdim=True)),
@@ -188,7 +188,7 @@ ROUND_7 = (
     "11x11 and 13x13 depthwise by oneDNN",
     "tall 1x1 convs by MKL at inference",
     "GRN backward by PyTorch ops",
-    "NCHW gradients (slices, mean, value reshape)",
+    "NCHW gradients (splits; SE mean; ContMix values)",
 )
 OLD["before round 7 (the 4 above)"] = [patch for name in ROUND_7 for patch in OLD[name]]
 ROUND_6 = ("GRN input kept", "BN -> activation outputs kept", "ContMix logits kept", "ContMix op by PyTorch ops")
