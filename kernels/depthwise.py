@@ -7,9 +7,9 @@ its forward is fast only in some layouts (channels_last for 56- and 112-channel 
 operator computes the same three results with fast primitives:
 - forward: `F.conv2d`, on channels_last data for maps of 28x28 and larger (oneDNN's NCHW depthwise
   path is the slow one there); large dilated kernels as undilated convs of the map's sub-lattices
-  (`polyphase_conv`: oneDNN's dilated path is slow for them); 13x13 kernels in C (`conv_native`,
-  kernels/csrc/depthwise_conv.c: oneDNN runs them 2.3-2.5x slower than the C loop, and slower
-  than its own 15x15);
+  (`polyphase_conv`: oneDNN's dilated path is slow for them); 11x11 and 13x13 kernels in C
+  (`conv_native`, kernels/csrc/depthwise_conv.c: oneDNN runs 13x13 kernels 1.4-2.7x slower than
+  the C loop, and slower than its own 15x15);
 - input gradient: the same depthwise convolution of the output gradient with the flipped kernel
   (a correlation's adjoint is the convolution with the mirrored kernel). PyTorch's own input
   gradient is as fast for undilated kernels but 10-40x slower for dilated ones;
