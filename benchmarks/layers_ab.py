@@ -177,6 +177,7 @@ OLD = {
     "11x11 and 13x13 depthwise by oneDNN": [(depthwise, "NATIVE_FORWARD_KERNELS", frozenset())],
     "tall 1x1 convs by MKL at inference": [(layers, "ONEDNN_LINEAR_MIN_ROWS", 10**18)],
     "GRN backward by PyTorch ops": [(grn, "native_applies", lambda grad, x: False)],
+    "GRN after the compiled op at inference": [(layers.ConvMLP, "_inference_grn", lambda self, hidden: False)],
     "NCHW gradients (splits; SE mean; ContMix values)": [
         (network, "split_channels", sliced_channels),
         (contmix, "split_channels", sliced_channels),
@@ -189,8 +190,9 @@ ROUND_7 = (
     "tall 1x1 convs by MKL at inference",
     "GRN backward by PyTorch ops",
     "NCHW gradients (splits; SE mean; ContMix values)",
+    "GRN after the compiled op at inference",
 )
-OLD["before round 7 (the 4 above)"] = [patch for name in ROUND_7 for patch in OLD[name]]
+OLD["before round 7 (the 5 above)"] = [patch for name in ROUND_7 for patch in OLD[name]]
 ROUND_6 = ("GRN input kept", "BN -> activation outputs kept", "ContMix logits kept", "ContMix op by PyTorch ops")
 OLD["before round 6 (the 4 above)"] = [patch for name in ROUND_6 for patch in OLD[name]]
 ROUND_5 = (
@@ -233,7 +235,7 @@ SAME_ATTRIBUTE = (
     "before round 4 (the 2 above)",
     "before round 5 (the 3 above)",
     "before round 6 (the 4 above)",
-    "before round 7 (the 4 above)",
+    "before round 7 (the 5 above)",
 )
 ALL_OLD = [patch for name, patches in OLD.items() if name not in SAME_ATTRIBUTE for patch in patches]
 

@@ -43,6 +43,7 @@ def block_norm(kind: str, channels: int) -> nn.Module:
 # Floor of the sum of squares in GRN's channels_last energy: keeps sqrt's gradient finite for an
 # all-zero map (its energy stays ~1e-15, not 0).
 GRN_ENERGY_FLOOR = 1e-30
+GRN_MEAN_EPS = 1e-6  # added to the channels' mean energy before dividing by it
 
 
 def grn_energy(x: torch.Tensor, squares: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +75,7 @@ class _GRNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gamma, beta, squares):
         energy, live = grn_energy(x, squares)
-        mean = energy.mean(dim=1, keepdim=True) + 1e-6
+        mean = energy.mean(dim=1, keepdim=True) + GRN_MEAN_EPS
         scale = torch.addcmul(torch.ones_like(energy), gamma, energy / mean)
         ctx.save_for_backward(x, gamma, energy, live, mean, scale)
         ctx.mark_non_differentiable(scale)
@@ -117,7 +118,7 @@ class GRN(nn.Module):
     def coefficients(self, x: torch.Tensor, squares: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, shift) with GRN(x) = x * scale + shift; scale (B, C, 1, 1), shift (1, C, 1, 1)."""
         energy, _ = grn_energy(x, squares)
-        normed = energy / (energy.mean(dim=1, keepdim=True) + 1e-6)
+        normed = energy / (energy.mean(dim=1, keepdim=True) + GRN_MEAN_EPS)
         return torch.addcmul(torch.ones_like(normed), self.gamma, normed), self.beta
 
     def forward(
@@ -530,12 +531,19 @@ class ConvMLP(nn.Module):
         plain = torch.compiler.is_compiling() or torch.jit.is_tracing() or exporting()
         hidden = self.fc1(x)
         if not plain and self._fused_middle(hidden):
+            weight, bias = self.dwconv.folded_weight(), self.dwconv.bias
+            if self._inference_grn(hidden):
+                # GELU -> dwconv -> GRN in one compiled op, each image rescaled while it is in cache.
+                grn = self.grn
+                out = kernels.gelu_dwconv.gelu_dwconv3x3_grn(
+                    hidden, weight, bias, grn.gamma, grn.beta, GRN_ENERGY_FLOOR, GRN_MEAN_EPS
+                )
+                return self.fc2(out)
             # GELU -> dwconv -> GRN's energy in one pass (kernels/gelu_dwconv.py); it keeps only
             # `hidden` for its backward. GRN's input and output are recomputed: the op's forward
             # once more (about a third of its backward's time) for one hidden map fewer held
             # between forward and backward. fc2's backward recomputes both, GRN's, right after,
             # takes the same map (`shared_recipe`).
-            weight, bias = self.dwconv.folded_weight(), self.dwconv.bias
             mixed, squares = kernels.gelu_dwconv3x3(hidden, weight, bias)
             remix = shared_recipe(lambda: kernels.gelu_dwconv3x3(hidden, weight, bias)[0])
             with recompute_saved(mixed, remix):
@@ -553,6 +561,12 @@ class ConvMLP(nn.Module):
         out, recipe = self.grn(mixed, with_recipe=True)
         with recompute_saved(out, recipe):
             return self.fc2(out)
+
+    def _inference_grn(self, hidden: torch.Tensor) -> bool:
+        """Whether GRN may join the compiled op: nothing needs a gradient, no hook watches GRN."""
+        watched = (hidden, self.dwconv.weight, self.dwconv.bias, self.grn.gamma, self.grn.beta)
+        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in watched)
+        return not needs_grad and not hooked(self.grn)
 
     def _fused_middle(self, hidden: torch.Tensor) -> bool:
         """Whether GELU -> dwconv -> GRN's energy may run as the one compiled op: exact GELU, the

@@ -33,12 +33,13 @@ DISABLE_ENV = "OVERLOCK_NATIVE"
 CACHE_ENV = "OVERLOCK_CACHE_DIR"
 COMPILE_TIMEOUT_S = 120
 
-_POINTER, _LONG = ctypes.c_void_p, ctypes.c_long
+_POINTER, _LONG, _DOUBLE = ctypes.c_void_p, ctypes.c_long, ctypes.c_double
 # Every exported function: (name, argument types); all return an int status (0: done, -1: no memory).
 SIGNATURES = {
     "gelu_dwconv": {
         "overlock_gelu_dwconv3x3_forward": [_POINTER] * 5 + [_LONG] * 7,
         "overlock_gelu_dwconv3x3_backward": [_POINTER] * 6 + [_LONG] * 7,
+        "overlock_gelu_dwconv3x3_grn_forward": [_POINTER] * 6 + [_LONG] * 3 + [_DOUBLE] * 2 + [_LONG] * 2,
     },
     "depthwise_weight_grad": {
         "overlock_depthwise_weight_grad": [_POINTER] * 3 + [_LONG] * 7,

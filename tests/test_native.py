@@ -384,3 +384,53 @@ def test_grn_kernels_refuse_what_they_do_not_cover():
     assert not kernels.grn.native_applies(x, x)
     with pytest.raises(ValueError, match="float32 channels_last CPU maps"):
         kernels.grn.backward_sums(x, x)
+
+
+@needs_library
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("shape", [(2, 13, 5, 7), (3, 48, 9, 8), (1, 17, 4, 1)], ids=str)
+def test_gelu_dwconv_with_grn_matches_the_op_followed_by_grn(shape, threads):
+    """Inference: GRN applied image by image inside the compiled op equals GRN after it (float64 GRN
+    of the op's float64 composition)."""
+    hidden, weight, bias = _inputs(shape, seed=9)
+    gen = torch.Generator().manual_seed(10)
+    grn = layers.GRN(shape[1])
+    with torch.no_grad():
+        grn.gamma.copy_(torch.randn(grn.gamma.shape, generator=gen))
+        grn.beta.copy_(torch.randn(grn.beta.shape, generator=gen))
+    mixed, squares = gelu_dwconv.reference(hidden.double(), weight.double(), bias.double())
+    with torch.no_grad():
+        expected = grn.double()(mixed, squares=squares)
+        grn.float()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ours = gelu_dwconv.gelu_dwconv3x3_grn(
+            hidden, weight, bias, grn.gamma, grn.beta, layers.GRN_ENERGY_FLOOR, layers.GRN_MEAN_EPS
+        )
+    finally:
+        torch.set_num_threads(before)
+    assert ours.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+@needs_library
+def test_conv_mlp_takes_grn_into_the_compiled_op_only_where_nothing_needs_a_gradient(monkeypatch):
+    calls = []
+    original = gelu_dwconv.gelu_dwconv3x3_grn
+    monkeypatch.setattr(gelu_dwconv, "gelu_dwconv3x3_grn", lambda *args: calls.append(1) or original(*args))
+    mlp = layers.ConvMLP(6, 24, 6).eval()
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(2, 6, 11, 9).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        fused = mlp(x)
+    assert calls == [1]
+    expected = mlp(x)  # the parameters need gradients: the op, then the GRN module
+    assert calls == [1]
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+    mlp.grn.register_forward_hook(lambda module, args, out: None)  # a watched GRN runs as itself
+    with torch.no_grad():
+        mlp(x)
+    assert calls == [1]

@@ -18,6 +18,8 @@
  * (absolute error < 1.5e-7, the approximation ATen's vectorised CPU erf uses) and exp from
  * vectors.h (`vexp_nonpositive`).
  */
+#include <math.h>
+
 #include "vectors.h"
 
 /* GELU(x) into *act; returns GELU'(x) = Phi(x) + x phi(x) when want_grad, else 0. */
@@ -95,6 +97,37 @@ static inline void load_taps(vf w[9], const float* taps, long Cp, long c) {
  * those lanes are computed and then dropped, never stored. */
 #define RING_FLOATS(padded_row) ((size_t)(3 * (padded_row) + VW))
 
+/* Rows [y0, y1) of one image: out and, added to sq (C floats), each channel's sum of squares. */
+static void forward_image(const float* restrict image, const float* restrict taps, float* restrict out,
+                          float* restrict sq, float* restrict ring, long H, long W, long C, long y0, long y1) {
+    long padded_row = (W + 2) * C, Cp = (C + VW - 1) / VW * VW;
+    memset(ring, 0, RING_FLOATS(padded_row) * sizeof(float));
+    load_gelu(slot(ring, y0 - 1, padded_row), NULL, image, y0 - 1, H, W, C);
+    load_gelu(slot(ring, y0, padded_row), NULL, image, y0, H, W, C);
+    for (long y = y0; y < y1; y++) {
+        load_gelu(slot(ring, y + 1, padded_row), NULL, image, y + 1, H, W, C);
+        const float* up = slot(ring, y - 1, padded_row);
+        const float* mid = slot(ring, y, padded_row);
+        const float* down = slot(ring, y + 1, padded_row);
+        float* o = out + y * W * C;
+        for (long c = 0; c < C; c += VW) {
+            long n = C - c < VW ? C - c : VW;
+            vf w[9];
+            load_taps(w, taps, Cp, c);
+            vf shift = vload(taps + 9 * Cp + c), energy = vsplat(0.0f);
+            const float *u = up + c, *m = mid + c, *d = down + c;
+            for (long x = 0; x < W; x++, u += C, m += C, d += C) {
+                vf s = shift + w[0] * vload(u) + w[1] * vload(u + C) + w[2] * vload(u + 2 * C) + w[3] * vload(m)
+                       + w[4] * vload(m + C) + w[5] * vload(m + 2 * C) + w[6] * vload(d) + w[7] * vload(d + C)
+                       + w[8] * vload(d + 2 * C);
+                vstore_n(o + x * C + c, s, n);
+                energy += s * s;
+            }
+            vadd_n(sq + c, energy, n);
+        }
+    }
+}
+
 int overlock_gelu_dwconv3x3_forward(const float* restrict hidden, const float* restrict weight,
                                      const float* restrict bias, float* restrict out, float* restrict squares,
                                      long H, long W, long C, long b0, long b1, long y0, long y1) {
@@ -106,37 +139,58 @@ int overlock_gelu_dwconv3x3_forward(const float* restrict hidden, const float* r
         free(taps);
         return -1;
     }
+    for (long b = b0; b < b1; b++)
+        forward_image(hidden + b * H * W * C, taps, out + b * H * W * C, squares + b * C, ring, H, W, C, y0, y1);
+    free(ring);
+    free(taps);
+    return 0;
+}
+
+/* The forward followed by GRN (builder/layers.py `GRN`), for inference: each image's map is rescaled
+ * right after it is written, while it is still in cache, instead of in a pass of its own over the
+ * whole batch (and a second output buffer):
+ *   e[c] = sqrt(max(sum of squares[c], floor)),  scale[c] = 1 + gamma[c] * e[c] / (mean_c e + eps),
+ *   out = out * scale + beta.
+ * Whole images per call (the scale needs all of an image's rows). */
+int overlock_gelu_dwconv3x3_grn_forward(const float* restrict hidden, const float* restrict weight,
+                                         const float* restrict bias, const float* restrict gamma,
+                                         const float* restrict beta, float* restrict out, long H, long W, long C,
+                                         double floor, double eps, long b0, long b1) {
+    long padded_row = (W + 2) * C, Cp = (C + VW - 1) / VW * VW;
+    float* ring = zeroed(RING_FLOATS(padded_row));
+    float* taps = padded_taps(weight, bias, C, Cp);
+    float* coef = zeroed((size_t)(3 * Cp)); /* sums of squares, then scale; beta */
+    if (!ring || !taps || !coef) {
+        free(ring);
+        free(taps);
+        free(coef);
+        return -1;
+    }
+    float *scale = coef, *shift = coef + Cp, *g = coef + 2 * Cp;
+    memcpy(shift, beta, (size_t)C * sizeof(float));
+    memcpy(g, gamma, (size_t)C * sizeof(float));
     for (long b = b0; b < b1; b++) {
-        const float* image = hidden + b * H * W * C;
-        float* sq = squares + b * C;
-        memset(ring, 0, RING_FLOATS(padded_row) * sizeof(float));
-        load_gelu(slot(ring, y0 - 1, padded_row), NULL, image, y0 - 1, H, W, C);
-        load_gelu(slot(ring, y0, padded_row), NULL, image, y0, H, W, C);
-        for (long y = y0; y < y1; y++) {
-            load_gelu(slot(ring, y + 1, padded_row), NULL, image, y + 1, H, W, C);
-            const float* up = slot(ring, y - 1, padded_row);
-            const float* mid = slot(ring, y, padded_row);
-            const float* down = slot(ring, y + 1, padded_row);
-            float* o = out + (b * H + y) * W * C;
-            for (long c = 0; c < C; c += VW) {
-                long n = C - c < VW ? C - c : VW;
-                vf w[9];
-                load_taps(w, taps, Cp, c);
-                vf shift = vload(taps + 9 * Cp + c), energy = vsplat(0.0f);
-                const float *u = up + c, *m = mid + c, *d = down + c;
-                for (long x = 0; x < W; x++, u += C, m += C, d += C) {
-                    vf s = shift + w[0] * vload(u) + w[1] * vload(u + C) + w[2] * vload(u + 2 * C) + w[3] * vload(m)
-                           + w[4] * vload(m + C) + w[5] * vload(m + 2 * C) + w[6] * vload(d) + w[7] * vload(d + C)
-                           + w[8] * vload(d + 2 * C);
-                    vstore_n(o + x * C + c, s, n);
-                    energy += s * s;
-                }
-                vadd_n(sq + c, energy, n);
-            }
+        float* image = out + b * H * W * C;
+        memset(scale, 0, (size_t)Cp * sizeof(float));
+        forward_image(hidden + b * H * W * C, taps, image, scale, ring, H, W, C, 0, H);
+        float total = 0.0f;
+        for (long c = 0; c < C; c++) {
+            scale[c] = sqrtf(scale[c] > (float)floor ? scale[c] : (float)floor);
+            total += scale[c];
+        }
+        float mean = total / (float)C + (float)eps;
+        for (long c = 0; c < C; c++) scale[c] = 1.0f + g[c] * (scale[c] / mean);
+        long whole = C / VW * VW;
+        for (long p = 0; p < H * W; p++) {
+            float* px = image + p * C;
+            long c = 0;
+            for (; c < whole; c += VW) vstore(px + c, vload(px + c) * vload(scale + c) + vload(shift + c));
+            for (; c < C; c++) px[c] = px[c] * scale[c] + shift[c];
         }
     }
     free(ring);
     free(taps);
+    free(coef);
     return 0;
 }
 
