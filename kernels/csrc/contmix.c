@@ -4,9 +4,10 @@
  *   p[k]    = softmax over the K x K window of (logits[pos, k] + rpb[head, offset of slot k])
  *   out[pos] = sum_k p[k] * value[neighbour k of pos]
  *
- * with NATTEN's clamped windows (a window slides inwards at a border instead of being padded, so it
- * always holds K*K real neighbours) and the bias of a slot looked up by the offset between the
- * neighbour and the position (ARCHITECTURE.md section 4; kernels/reference.py is the definition).
+ * with neighbourhood attention's clamped windows (a window slides inwards at a border instead of
+ * being padded, so it always holds K*K real neighbours) and the bias of a slot looked up by the
+ * offset between the neighbour and the position (ARCHITECTURE.md section 4; kernels/reference.py
+ * is the definition).
  * The forward writes each position's softmax peak and the sum of exp(w - peak), from which the
  * caller forms the log-sum-exp the backward rebuilds the probabilities from.
  *
