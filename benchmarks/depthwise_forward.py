@@ -14,11 +14,9 @@ where the C loop wins are the ones the model sends to it (the input gradient is 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
-from depthwise_weight_grad import preset_kernels, relative_error
+from depthwise_weight_grad import interleaved_ms, preset_kernels, relative_error
 
 from overlock.archspec import DILATED_REPCONV_BRANCHES
 from overlock.kernels import depthwise, native
@@ -52,13 +50,7 @@ def main() -> None:
             contenders = {"C": depthwise.conv_native, "PyTorch": depthwise.conv_pytorch}
             exact = depthwise.conv_pytorch(x.double(), weight.double(), bias.double(), 1)
             errors = {key: relative_error(fn(x, weight, bias, 1), exact) for key, fn in contenders.items()}
-            times = {key: [] for key in contenders}
-            for _ in range(args.rounds):
-                for key, fn in contenders.items():
-                    start = time.perf_counter()
-                    fn(x, weight, bias, 1)
-                    times[key].append(time.perf_counter() - start)
-            ms = {key: 1e3 * statistics.median(values) for key, values in times.items()}
+            ms = interleaved_ms(contenders, (x, weight, bias, 1), args.rounds)
             print(
                 f"| {channels}, {side}x{side} | {kernel}x{kernel} | {ms['C']:.2f} | {ms['PyTorch']:.2f} | "
                 f"{ms['PyTorch'] / ms['C']:.2f}x | {errors['C']:.1e} / {errors['PyTorch']:.1e} |"

@@ -52,6 +52,18 @@ def preset_kernels(preset: str, size: int = 224) -> collections.Counter:
     return counts
 
 
+def interleaved_ms(contenders: dict, arguments: tuple, rounds: int) -> dict[str, float]:
+    """Median milliseconds of each contender called with `arguments`, the contenders taking turns
+    call by call (so that the machine's drift hits all alike)."""
+    times: dict[str, list[float]] = {key: [] for key in contenders}
+    for _ in range(rounds):
+        for key, fn in contenders.items():
+            start = time.perf_counter()
+            fn(*arguments)
+            times[key].append(time.perf_counter() - start)
+    return {key: 1e3 * statistics.median(values) for key, values in times.items()}
+
+
 def relative_error(ours: torch.Tensor, exact: torch.Tensor) -> float:
     return ((ours.double() - exact).abs().max() / exact.abs().max()).item()
 
@@ -84,13 +96,7 @@ def main() -> None:
             }
             exact = depthwise.WEIGHT_GRAD_METHODS["aten"](x.double(), grad.double(), kernel, dilation)
             errors = {key: relative_error(fn(x, grad, kernel, dilation), exact) for key, fn in contenders.items()}
-            times = {key: [] for key in contenders}
-            for _ in range(args.rounds):
-                for key, fn in contenders.items():
-                    start = time.perf_counter()
-                    fn(x, grad, kernel, dilation)
-                    times[key].append(time.perf_counter() - start)
-            ms = {key: 1e3 * statistics.median(values) for key, values in times.items()}
+            ms = interleaved_ms(contenders, (x, grad, kernel, dilation), args.rounds)
             for key in total:
                 total[key] += count * ms[key]
             print(

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import collections
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from depthwise_weight_grad import interleaved_ms
 
 from overlock.builder import build, layers
 
@@ -64,13 +63,7 @@ def main() -> None:
     for (rows, width, out), count in sorted(pointwise_shapes(args.preset, args.batch_size, args.img_size).items()):
         x, weight, bias = torch.randn(rows, width), torch.randn(out, width) / width**0.5, torch.randn(out)
         difference = (contenders["oneDNN"](x, weight, bias) - F.linear(x, weight, bias)).abs().max().item()
-        times = {key: [] for key in contenders}
-        for _ in range(args.rounds):
-            for key, fn in contenders.items():
-                start = time.perf_counter()
-                fn(x, weight, bias)
-                times[key].append(time.perf_counter() - start)
-        ms = {key: 1e3 * statistics.median(values) for key, values in times.items()}
+        ms = interleaved_ms(contenders, (x, weight, bias), args.rounds)
         for key in total:
             total[key] += count * ms[key]
         print(
