@@ -178,6 +178,7 @@ OLD = {
     "tall 1x1 convs by MKL at inference": [(layers, "ONEDNN_LINEAR_MIN_ROWS", 10**18)],
     "GRN backward by PyTorch ops": [(grn, "native_applies", lambda grad, x: False)],
     "GRN after the compiled op at inference": [(layers.ConvMLP, "_inference_grn", lambda self, hidden: False)],
+    "padding-7+ dilated depthwise by oneDNN or polyphase": [(depthwise, "NATIVE_DILATED_MIN_PADDING", 10**9)],
     "NCHW gradients (splits; SE mean; ContMix values)": [
         (network, "split_channels", sliced_channels),
         (contmix, "split_channels", sliced_channels),

@@ -7,9 +7,10 @@ its forward is fast only in some layouts (channels_last for 56- and 112-channel 
 operator computes the same three results with fast primitives:
 - forward: `F.conv2d`, on channels_last data for maps of 28x28 and larger (oneDNN's NCHW depthwise
   path is the slow one there); large dilated kernels as undilated convs of the map's sub-lattices
-  (`polyphase_conv`: oneDNN's dilated path is slow for them); 11x11 and 13x13 kernels in C
-  (`conv_native`, kernels/csrc/depthwise_conv.c: oneDNN runs 13x13 kernels 1.4-2.7x slower than
-  the C loop, and slower than its own 15x15);
+  (`polyphase_conv`: oneDNN's dilated path is slow for them); in C (`conv_native`,
+  kernels/csrc/depthwise_conv.c) where oneDNN has a weak spot: 11x11 and 13x13 kernels (13x13
+  1.4-2.7x slower than the C loop, and slower than its own 15x15) and dilated kernels that pad by
+  7 or more (3x3 dilation 7 and 9x9 dilation 2 of the 15x15 to 19x19 DilatedRepConvs: 1.8-9x);
 - input gradient: the same depthwise convolution of the output gradient with the flipped kernel
   (a correlation's adjoint is the convolution with the mirrored kernel). PyTorch's own input
   gradient is as fast for undilated kernels but 10-40x slower for dilated ones;
@@ -55,6 +56,13 @@ FORWARD_LIBRARY = "depthwise_conv"
 # 15x15 and 17x17 oneDNN is as fast or faster (0.5-0.95x; 1.3x only for 17x17 on XT's 56-channel
 # 56x56 maps): the C loop pays for copying each image into zero-bordered channel-block planes.
 NATIVE_FORWARD_KERNELS = frozenset({11, 13})
+# Dilated kernels that pad the map by this many pixels or more run in C as well. oneDNN's dilated
+# depthwise forward leaves its fast path there (padding 7 and up: 3x3 dilation 7 2.2-9x, 5x5
+# dilation 4 4-18x, 7x7 dilation 3 5-23x slower than the C loop; padding 6, 3x3 dilation 6 and 5x5
+# dilation 3, oneDNN is still 1.2-2.5x faster), and the polyphase form below of 9x9 dilation 2
+# (padding 8) is 1.8-6.7x slower than the C loop. On every preset map, 56 channels at 56x56 to 336
+# at 7x7, batch 8, one thread (`python benchmarks/depthwise_forward.py`).
+NATIVE_DILATED_MIN_PADDING = 7
 
 # Maps with at least this many positions run in channels_last (measured: 28x28 and 56x56 maps are
 # 10-30x faster there at one thread; 14x14 and 7x7 maps are about as fast in either layout).
@@ -73,7 +81,8 @@ BATCH_CHANNELS_MIN_KERNEL = 5
 BATCH_CHANNELS_MAX_POSITIONS = 28 * 28
 # Dilated kernels of this size or more run as d*d undilated convolutions on the sub-lattices of the
 # padded map (measured: oneDNN's dilated depthwise forward, 9x9 dilation 2 at 56x56, 107-123 ms ->
-# 31-33 ms; 3x3 and 7x7 dilated kernels are fast as they are and lose to the reshuffling).
+# 31-33 ms; 3x3 and 7x7 dilated kernels are fast as they are and lose to the reshuffling), where
+# the C loop is not at hand (no C compiler; torch.compile and tracers).
 POLYPHASE_MIN_KERNEL = 9
 
 
@@ -167,8 +176,14 @@ def native_forward_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     )
 
 
+def native_forward_wins(kernel_size: int, dilation: int) -> bool:
+    """Whether the C loop beats PyTorch's forward for this kernel (the measured rule above)."""
+    padding = dilation * (kernel_size - 1) // 2
+    return kernel_size in NATIVE_FORWARD_KERNELS or (dilation > 1 and padding >= NATIVE_DILATED_MIN_PADDING)
+
+
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int) -> torch.Tensor:
-    if weight.shape[-1] in NATIVE_FORWARD_KERNELS and native_forward_applies(x, weight, bias):
+    if native_forward_wins(weight.shape[-1], dilation) and native_forward_applies(x, weight, bias):
         return conv_native(x, weight, bias, dilation)
     return conv_pytorch(x, weight, bias, dilation)
 

@@ -144,6 +144,8 @@ needs_native_forward = pytest.mark.skipif(
         ((5, 7), 13, 1, True),  # kernel larger than the map: whole kernel rows skipped
         ((11, 12), 11, 2, True),  # dilated, rows and columns past both borders
         ((4, 23), 3, 3, False),  # row blocks of 14, 8 and 1
+        ((20, 17), 3, 7, True),  # the dilated branches the model sends to C: padding 7 and 8
+        ((16, 15), 9, 2, False),
     ],
 )
 def test_the_c_forward_equals_the_float64_conv(size, kernel, dilation, bias, threads):
@@ -166,31 +168,33 @@ def test_the_c_forward_equals_the_float64_conv(size, kernel, dilation, bias, thr
 
 
 @needs_native_forward
-def test_the_measured_kernel_sizes_run_the_c_forward_and_its_input_gradient(monkeypatch):
+def test_the_measured_kernels_run_the_c_forward_and_its_input_gradient(monkeypatch):
     calls = []
     original = depthwise.conv_native
 
     def spy(*args):
-        calls.append(args[1].shape[-1])
+        calls.append((args[1].shape[-1], args[3]))
         return original(*args)
 
     monkeypatch.setattr(depthwise, "conv_native", spy)
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(2, 16, 14, 14, generator=gen, requires_grad=True)
-    for kernel in (13, 7):
+    for kernel, dilation in ((13, 1), (7, 1), (3, 7), (3, 6)):
         weight = torch.randn(16, 1, kernel, kernel, generator=gen, requires_grad=True)
         grad = torch.randn(2, 16, 14, 14, generator=gen)
-        out = depthwise_conv2d(x, weight)
+        out = depthwise_conv2d(x, weight, dilation=dilation)
         ours = torch.autograd.grad(out, (x, weight), grad)
-        expected = reference(x.double(), weight.double(), None, 1)
+        expected = reference(x.double(), weight.double(), None, dilation)
         theirs = torch.autograd.grad(expected, (x, weight), grad.double())
         torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
         for mine, exact in zip(ours, theirs, strict=True):
             torch.testing.assert_close(mine.double(), exact.double(), rtol=1e-5, atol=1e-4)
-    assert calls == [13, 13]  # forward and input gradient of the 13x13; the 7x7 stays with oneDNN
+    # forward and input gradient of the 13x13 and of the 3x3 dilated by 7 (padding 7); the 7x7 and
+    # the 3x3 dilated by 6 (padding 6) stay with oneDNN
+    assert calls == [(13, 1), (13, 1), (3, 7), (3, 7)]
     with torch.no_grad():
         depthwise_conv2d(x.double(), torch.randn(16, 1, 13, 13, dtype=torch.float64))
-    assert calls == [13, 13]  # float64 is PyTorch's
+    assert len(calls) == 4  # float64 is PyTorch's
 
 
 def test_the_c_forward_refuses_what_it_does_not_cover():
