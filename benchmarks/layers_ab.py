@@ -78,7 +78,7 @@ def stem_keeps_layout(self, x):
     return layers.FoldingSequential.forward(self, x)  # looked up at call time: may itself be patched
 
 
-def residual_not_in_place(skip, branch, scale, drop, res_scale):
+def residual_not_in_place(skip, branch, scale, drop, res_scale, remade=None):
     if scale is None:
         return skip + drop(branch)
     return scale(skip) + drop(branch) if res_scale else skip + drop(scale(branch))
@@ -179,6 +179,8 @@ OLD = {
     "GRN backward by PyTorch ops": [(grn, "native_applies", lambda grad, x: False)],
     "GRN after the compiled op at inference": [(layers.ConvMLP, "_inference_grn", lambda self, hidden: False)],
     "padding-7+ dilated depthwise by oneDNN or polyphase": [(depthwise, "NATIVE_DILATED_MIN_PADDING", 10**9)],
+    "local conv outputs kept": [(blocks, "local_conv", lambda conv, x: (blocks._maybe(conv, x), None))],
+    "fc1 outputs kept": [(layers.ConvMLP, "_remade_hidden", lambda self, x, recipe: None)],
     "NCHW gradients (splits; SE mean; ContMix values)": [
         (network, "split_channels", sliced_channels),
         (contmix, "split_channels", sliced_channels),
@@ -193,6 +195,9 @@ ROUND_7 = (
     "NCHW gradients (splits; SE mean; ContMix values)",
     "GRN after the compiled op at inference",
 )
+ROUND_8 = ("padding-7+ dilated depthwise by oneDNN or polyphase", "local conv outputs kept", "fc1 outputs kept")
+OLD["before round 8 (the 3 above)"] = [patch for name in ROUND_8 for patch in OLD[name]]
+OLD["round 8 memory changes undone"] = OLD["local conv outputs kept"] + OLD["fc1 outputs kept"]
 OLD["before round 7 (the 5 above)"] = [patch for name in ROUND_7 for patch in OLD[name]]
 ROUND_6 = ("GRN input kept", "BN -> activation outputs kept", "ContMix logits kept", "ContMix op by PyTorch ops")
 OLD["before round 6 (the 4 above)"] = [patch for name in ROUND_6 for patch in OLD[name]]

@@ -14,14 +14,18 @@ from torch import nn
 from ..archspec import Block
 from .contmix import ContMix, fusion_layer, gate_layer, lepe_layer, output_projection
 from .layers import (
+    ConvMLP,
     DropPath,
+    LayerNorm2d,
     LayerScale,
+    RecomputedOnce,
     ResDWConv,
     SqueezeExcite,
     block_norm,
     conv_bn,
     exporting,
     hooked,
+    keeping,
     large_kernel_bn,
     recompute_saved,
 )
@@ -31,17 +35,65 @@ __all__ = ["BasicBlock", "ContMix", "DynamicBlock", "StaticFocusBlock"]
 
 
 def residual(
-    skip: torch.Tensor, branch: torch.Tensor, scale: nn.Module | None, drop: DropPath, res_scale: bool
+    skip: torch.Tensor,
+    branch: torch.Tensor,
+    scale: nn.Module | None,
+    drop: DropPath,
+    res_scale: bool,
+    remade: RecomputedOnce | None = None,
 ) -> torch.Tensor:
-    """LS(skip) + drop(branch) with residual scaling (reference), else skip + drop(LS(branch))."""
+    """LS(skip) + drop(branch) with residual scaling (reference), else skip + drop(LS(branch)).
+
+    `remade`: the recipe of `skip` (`local_conv`), for the LayerScale that keeps it."""
     if scale is None:
         return skip + drop(branch)
+    if not res_scale:
+        return skip + drop(scale(branch))
+    with keeping(skip, remade):
+        scaled = scale(skip)
     # scale(skip) is a fresh tensor that no backward needs: the sum goes into it in place.
-    return scale(skip).add_(drop(branch)) if res_scale else skip + drop(scale(branch))
+    return scaled.add_(drop(branch))
 
 
 def _maybe(module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
     return x if module is None else module(x)
+
+
+def _traced() -> bool:
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or exporting()
+
+
+def local_conv(conv: nn.Module | None, x: torch.Tensor) -> tuple[torch.Tensor, RecomputedOnce | None]:
+    """conv(x) (x itself without a local conv), and the recipe that remakes it in the backward.
+
+    The output is the block's input to its norm and its skip: the norm and the LayerScale on the
+    skip both keep it for their backward, a full map per block held from forward to backward.
+    The conv keeps its own input anyway (for its weight gradient), so the backward remakes the
+    output from that: one 3x3 depthwise conv per block, once for both (`RecomputedOnce`), the
+    same op on the same input, so bit for bit the same gradients. Not when hooks watch the conv
+    (one may have changed its output), nor in traced or compiled graphs.
+    """
+    if conv is None:
+        return x, None
+    out = conv(x)
+    if hooked(conv) or _traced():
+        return out, None
+    return out, RecomputedOnce(lambda: conv.forward(x))  # forward, not __call__: no hooks twice
+
+
+def normed_recipe(norm: nn.Module, remade: RecomputedOnce | None) -> RecomputedOnce | None:
+    """The recipe of norm(remade map), for a norm without running state whose output the next op
+    keeps (the FFN's first 1x1 conv): a LayerNorm more in the backward for one map fewer held."""
+    if remade is None or not isinstance(norm, LayerNorm2d) or hooked(norm):
+        return None
+    return RecomputedOnce(lambda: norm.forward(remade()))
+
+
+def feed_forward(mlp: nn.Module, x: torch.Tensor, recipe: RecomputedOnce | None) -> torch.Tensor:
+    """mlp(x), telling a ConvMLP the recipe of x (its hidden map's recipe then reads x through it)."""
+    if recipe is not None and isinstance(mlp, ConvMLP):
+        return mlp(x, input_recipe=recipe)
+    return mlp(x)
 
 
 class BasicBlock(nn.Module):
@@ -75,18 +127,20 @@ class BasicBlock(nn.Module):
         self.layer_scale = LayerScale(width, layer_scale) if layer_scale is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _maybe(self.dwconv, x)
-        mixed = large_kernel_bn(self.large_kernel, self.bn, self.norm(x))
-        traced = torch.compiler.is_compiling() or torch.jit.is_tracing() or exporting()
-        if self.se is None or hooked(self.se) or traced:
+        x, remade = local_conv(self.dwconv, x)
+        with keeping(x, remade):
+            normed = self.norm(x)
+        mixed = large_kernel_bn(self.large_kernel, self.bn, normed)
+        if self.se is None or hooked(self.se) or _traced():
             y = self.mlp(_maybe(self.se, mixed))
         else:
             # SE's output, the FFN's input, is SE's input times its gate, both kept for the
             # product's backward: recomputed in the backward instead of kept a third time.
             excited, recipe = self.se(mixed, with_recipe=True)
+            recipe = RecomputedOnce(recipe)
             with recompute_saved(excited, recipe):
-                y = self.mlp(excited)
-        return residual(x, y, self.layer_scale, self.drop_path, self.res_scale)
+                y = feed_forward(self.mlp, excited, recipe)
+        return residual(x, y, self.layer_scale, self.drop_path, self.res_scale, remade)
 
 
 class StaticFocusBlock(BasicBlock):
@@ -160,9 +214,9 @@ class DynamicBlock(nn.Module):
     def forward(self, x: torch.Tensor, prior: torch.Tensor, prior0: torch.Tensor) -> torch.Tensor:
         if self.alpha is not None:
             prior = self.alpha(prior) + self.beta(prior0)
-        f = _maybe(self.dwconv1, torch.cat([x, prior], dim=1))
-        identity = f
-        normed = self.norm1(f)
+        identity, remade = local_conv(self.dwconv1, torch.cat([x, prior], dim=1))
+        with keeping(identity, remade):
+            normed = self.norm1(identity)
         z = self.fusion(normed)
         gate = self.gate(z) if self.gate is not None else None
         lepe = self.lepe(z)
@@ -171,6 +225,11 @@ class DynamicBlock(nn.Module):
         if gate is not None:
             out = gate * out
         out = self.proj(out)
-        f = residual(identity, out, self.ls1, self.drop_path, self.res_scale)
-        f = _maybe(self.dwconv2, f)
-        return residual(f, self.mlp(self.norm2(f)), self.ls2, self.drop_path, self.res_scale)
+        f = residual(identity, out, self.ls1, self.drop_path, self.res_scale, remade)
+        f, remade = local_conv(self.dwconv2, f)
+        with keeping(f, remade):
+            normed = self.norm2(f)
+        renormed = normed_recipe(self.norm2, remade)
+        with keeping(normed, renormed):
+            y = feed_forward(self.mlp, normed, renormed)
+        return residual(f, y, self.ls2, self.drop_path, self.res_scale, remade)

@@ -483,6 +483,47 @@ def shared_recipe(recipe: Callable[[], torch.Tensor]) -> Callable[[], torch.Tens
     return shared
 
 
+class RecomputedOnce:
+    """The recipe of a map that several ops save (a block's input after its local conv is kept by
+    the norm and by the LayerScale on the skip): run at the first unpack in the backward, held
+    until the last, instead of once per unpack.
+
+    `recompute_saved` counts the saves it replaces (`packed`) and the unpacks (`unpacked`), which
+    may come from several of its contexts. A direct call (another map's recipe that reads this
+    one) computes it too and holds it while unpacks are still to come, but counts nothing. Unlike
+    `shared_recipe` (one value for exactly two readers, one of them a direct call), the number of
+    readers is whatever the forward saved; a second backward of a retained graph recomputes.
+    """
+
+    def __init__(self, recipe: Callable[[], torch.Tensor]) -> None:
+        self.recipe = recipe
+        self.value: torch.Tensor | None = None
+        self.pending = 0
+
+    def __call__(self) -> torch.Tensor:
+        if self.value is not None:
+            return self.value
+        value = self.recipe()
+        if self.pending > 0:
+            self.value = value
+        return value
+
+    def packed(self) -> None:
+        self.pending += 1
+
+    def unpacked(self) -> torch.Tensor:
+        value = self()
+        self.pending -= 1
+        if self.pending <= 0:
+            self.value = None
+        return value
+
+
+def keeping(tensor: torch.Tensor, recipe: RecomputedOnce | None) -> contextlib.AbstractContextManager[None]:
+    """`recompute_saved(tensor, recipe)`, or nothing where there is no recipe."""
+    return contextlib.nullcontext() if recipe is None else recompute_saved(tensor, recipe)
+
+
 @contextlib.contextmanager
 def _recomputed(tensor: torch.Tensor, recipe: Callable[[], torch.Tensor]) -> Iterator[None]:
     """The saved-tensor hooks of `recompute_saved`."""
@@ -494,15 +535,19 @@ def _recomputed(tensor: torch.Tensor, recipe: Callable[[], torch.Tensor]) -> Ite
     device = tensor.device.type
     autocast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
 
+    counted = isinstance(recipe, RecomputedOnce)
+
     def pack(saved: torch.Tensor) -> object:
         if saved.data_ptr() == pointer and saved.numel() == numel:
+            if counted:
+                recipe.packed()
             return _Recompute(tuple(saved.shape), saved.stride())
         return saved
 
     def unpack(packed: object) -> torch.Tensor:
         if isinstance(packed, _Recompute):
             with torch.no_grad(), torch.autocast(device, dtype=autocast[1], enabled=autocast[0]):
-                value = recipe()
+                value = recipe.unpacked() if counted else recipe()
             if value.stride() != stride:
                 raise RuntimeError(
                     f"recompute_saved: the recipe's layout {value.stride()} is not the original's {stride}"
@@ -526,10 +571,14 @@ class ConvMLP(nn.Module):
         self.grn = GRN(hidden)
         self.fc2 = Pointwise(hidden, out_channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, input_recipe: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+        """`input_recipe`: where the caller recomputes x in the backward, its recipe (the hidden
+        map's recipe reads x through it, so x need not be held for it)."""
         # (tested before RECOMPUTE_SAVED.get(), which dynamo cannot trace)
         plain = torch.compiler.is_compiling() or torch.jit.is_tracing() or exporting()
         hidden = self.fc1(x)
+        remade = None if plain else self._remade_hidden(x, input_recipe)
+        source = remade if remade is not None else (lambda: hidden)
         if not plain and self._fused_middle(hidden):
             weight, bias = self.dwconv.folded_weight(), self.dwconv.bias
             if self._inference_grn(hidden):
@@ -544,23 +593,38 @@ class ConvMLP(nn.Module):
             # once more (about a third of its backward's time) for one hidden map fewer held
             # between forward and backward. fc2's backward recomputes both, GRN's, right after,
             # takes the same map (`shared_recipe`).
-            mixed, squares = kernels.gelu_dwconv3x3(hidden, weight, bias)
-            remix = shared_recipe(lambda: kernels.gelu_dwconv3x3(hidden, weight, bias)[0])
+            with keeping(hidden, remade):
+                mixed, squares = kernels.gelu_dwconv3x3(hidden, weight, bias)
+            remix = shared_recipe(lambda: kernels.gelu_dwconv3x3(source(), weight, bias)[0])
             with recompute_saved(mixed, remix):
                 out, recipe = self.grn(mixed, with_recipe=True, squares=squares, input_recipe=remix)
             with recompute_saved(out, recipe):
                 return self.fc2(out)
         if plain or not (torch.is_grad_enabled() and RECOMPUTE_SAVED.get()):
             return self.fc2(self.grn(self.dwconv(self.act(hidden))))
-        activated = self.act(hidden)
+        with keeping(hidden, remade):
+            activated = self.act(hidden)
         # The two hidden-width maps that only the next op needs are recomputed in the backward
-        # (GELU's input and GRN's input are kept anyway): two of the MLP's four hidden maps.
+        # (GRN's input is kept anyway): with fc1's output, three of the MLP's four hidden maps.
         # (`gelu`, not the module: a recomputation must not fire the module's hooks a second time.)
-        with recompute_saved(activated, lambda: gelu(hidden, self.act.approximate)):
+        with recompute_saved(activated, lambda: gelu(source(), self.act.approximate)):
             mixed = self.dwconv(activated)
         out, recipe = self.grn(mixed, with_recipe=True)
         with recompute_saved(out, recipe):
             return self.fc2(out)
+
+    def _remade_hidden(self, x: torch.Tensor, input_recipe: Callable[[], torch.Tensor] | None) -> RecomputedOnce | None:
+        """The recipe of fc1's output, or None where it must be kept.
+
+        fc1's output, 2-4x as wide as x, is the widest map the MLP keeps for its backward (the op
+        after it needs it); the backward remakes it from x, which fc1 keeps anyway for its weight
+        gradient: one more fc1 product per MLP (about 2% of a T training step) for a quarter of
+        what a training step holds. Not when hooks watch fc1 (one may have changed its output).
+        """
+        if hooked(self.fc1):
+            return None
+        source = input_recipe if input_recipe is not None else (lambda: x)
+        return RecomputedOnce(lambda: self.fc1.forward(source()))
 
     def _inference_grn(self, hidden: torch.Tensor) -> bool:
         """Whether GRN may join the compiled op: nothing needs a gradient, no hook watches GRN."""

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from overlock.bench import BenchSettings, attribute, bench, module_scopes, spread
+from overlock.bench import BenchSettings, LiveMemory, attribute, bench, module_scopes, spread
 from overlock.builder import build
 from overlock.cli import app
 from overlock.errors import OverlockError
@@ -30,8 +30,28 @@ def test_bench_json_reports_sane_timings_and_memory():
     assert data["images_per_s"] == pytest.approx(2 / data["median_s"])
     assert data["settings"]["train"] is True and data["settings"]["img_size"] == 64
     assert data["peak_memory_mib"] is None or data["peak_memory_mib"] >= 0
+    live = data["live_memory_mib"]
+    assert live is None or 0 < live  # a training step keeps maps for its backward
     assert data["profile"] is None
     assert data["cpu_kernels"].startswith("gelu_dwconv")  # compiled C kernels, or the fallback and why
+
+
+@pytest.mark.skipif(not LiveMemory().available, reason="needs glibc's mallinfo2")
+def test_live_memory_is_the_peak_of_the_tensors_alive_at_once():
+    """Two 8 MiB tensors alive together, then one freed and a 4 MiB one made: 16 MiB at the peak,
+    whatever the heap keeps afterwards; nothing left alive after the call counts once freed."""
+    mib = 2**20
+
+    def fn():
+        first = torch.ones(2 * mib)  # 8 MiB of float32
+        second = first * 2
+        del first
+        third = torch.ones(mib) + second[:mib]
+        return third.sum()
+
+    peak = LiveMemory().measure(fn)
+    assert 16 <= peak < 16.5
+    assert LiveMemory().measure(lambda: torch.ones(mib).sum()) == pytest.approx(4, abs=0.5)
 
 
 def test_profile_attributes_time_to_every_block_part_forward_and_backward():

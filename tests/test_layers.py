@@ -265,14 +265,18 @@ def test_tall_pointwise_products_take_onednns_linear_at_inference_only(monkeypat
 def test_conv_mlp_recomputes_hidden_maps_with_identical_gradients(compiled_middle, monkeypatch):
     """PyTorch's composition recomputes GELU's output and GRN's; the compiled GELU -> dwconv op
     (kernels/gelu_dwconv.py) keeps no GELU output at all, and GRN's input and output are recomputed
-    (the op's forward run once for both)."""
+    (the op's forward run once for both). Both remake fc1's output from x, once per backward."""
     if compiled_middle and not kernels.native.library(kernels.gelu_dwconv.LIBRARY):
         pytest.skip(kernels.native.status(kernels.gelu_dwconv.LIBRARY))
     if not compiled_middle:
         monkeypatch.setattr(kernels.gelu_dwconv, "native_applies", lambda *args: False)
     mlp = _randomise(layers.ConvMLP(6, 24, 6)).train()
     x = torch.randn(2, 6, 11, 9).contiguous(memory_format=torch.channels_last).requires_grad_()
-    _assert_recomputes(mlp, x, count=2)
+    _assert_recomputes(mlp, x, count=3)
+    out = mlp(x)
+    calls = _count_forward_calls(mlp.fc1)
+    out.backward(torch.randn_like(out))
+    assert calls == [1]  # read by two recipes, made once
 
 
 def test_dilated_rep_conv_recomputes_its_branch_outputs_with_identical_gradients():
@@ -459,9 +463,77 @@ def test_basic_block_recomputes_the_excited_map_with_identical_gradients():
     block = next(m for m in build("pico").modules() if isinstance(m, BasicBlock))
     block = _randomise(block).train()
     x = torch.randn(2, block.bn.num_features, 9, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
-    _assert_recomputes(block, x, count=len(block.large_kernel.branches) + 1 + 2)
+    # the branches', SE's, the ConvMLP's three, and the local conv's output for the norm (and for
+    # the LayerScale on the skip, where the block has one)
+    branches, local = len(block.large_kernel.branches), 1 + (block.layer_scale is not None)
+    _assert_recomputes(block, x, count=branches + 1 + 3 + local)
     block.se.register_forward_hook(lambda module, args, out: None)  # a watched SE runs as it is
-    _assert_recomputes(block, x, count=len(block.large_kernel.branches) + 2)
+    _assert_recomputes(block, x, count=branches + 3 + local)
+    block.dwconv.register_forward_hook(lambda module, args, out: None)  # so does a watched local conv
+    _assert_recomputes(block, x, count=branches + 3)
+
+
+def _count_forward_calls(module: torch.nn.Module) -> list[int]:
+    calls = [0]
+    forward = module.forward
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return forward(*args, **kwargs)
+
+    module.forward = counted  # an instance attribute, not a hook: the fast paths stay on
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["BasicBlock", "DynamicBlock"])
+def test_blocks_remake_what_they_keep_once_however_many_ops_kept_it(kind):
+    """The map after a block's local conv is kept by its norm and by the LayerScale on the skip; in a
+    Focus-Net block the FFN's first 1x1 conv also keeps the LayerNorm of it; fc1's output is kept by
+    the op after it. The backward remakes them from what the graph keeps anyway: each local conv and
+    fc1 runs once more, not once per op (or recipe) that reads its output, and outputs, gradients
+    and BN statistics are bit for bit those of the run that keeps them."""
+    from overlock.builder import blocks, build
+
+    model = _randomise(build("pico")).train()
+    block = next(m for m in model.modules() if type(m).__name__ == kind)
+    gen = torch.Generator().manual_seed(3)
+    if kind == "BasicBlock":
+        inputs = [torch.randn(2, block.bn.num_features, 9, 8, generator=gen)]
+        convs = [block.dwconv, block.mlp.fc1]
+    else:
+        width = block.out_proj.conv.in_channels
+        context = block.norm1.normalized_shape[0] - width
+        inputs = [torch.randn(2, channels, 9, 8, generator=gen) for channels in (width, context, context)]
+        convs = [block.dwconv1, block.dwconv2, block.mlp.fc1]
+    inputs = [t.contiguous(memory_format=torch.channels_last).requires_grad_() for t in inputs]
+    state = copy.deepcopy(block.state_dict())
+    grad = None
+    results = []
+    for recompute in (True, False):
+        block.load_state_dict(state)
+        token = layers.RECOMPUTE_SAVED.set(recompute)
+        try:
+            calls = [_count_forward_calls(conv) for conv in convs]
+            out = block(*inputs)
+            assert [c[0] for c in calls] == [1] * len(convs)
+            grad = torch.randn(out.shape, generator=gen) if grad is None else grad
+            grads = torch.autograd.grad(out, [*inputs, *block.parameters()], grad, allow_unused=True)
+            assert [c[0] for c in calls] == ([2] if recompute else [1]) * len(convs)
+        finally:
+            layers.RECOMPUTE_SAVED.reset(token)
+            for conv in convs:
+                del conv.forward
+        results.append((out, grads, copy.deepcopy(block.state_dict())))
+    (out, grads, after), (plain, plain_grads, plain_after) = results
+    torch.testing.assert_close(out, plain, rtol=0, atol=0)
+    assert grads[0] is not None and grads[-1] is not None
+    for a, b in zip(grads, plain_grads, strict=True):
+        assert (a is None) == (b is None)  # pico's Focus-Net does not re-inject the first prior
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for name, value in after.items():
+        torch.testing.assert_close(value, plain_after[name], rtol=0, atol=0, msg=name)
+    assert blocks.RecomputedOnce is layers.RecomputedOnce
 
 
 def test_channel_splits_and_means_hand_back_channels_last_gradients():
