@@ -23,11 +23,11 @@ from .layers import (
     SqueezeExcite,
     block_norm,
     conv_bn,
-    exporting,
     hooked,
     keeping,
     large_kernel_bn,
     recompute_saved,
+    recording,
 )
 from .mixers import FFNS, MixerPlace, build_mixer
 
@@ -59,10 +59,6 @@ def _maybe(module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
     return x if module is None else module(x)
 
 
-def _traced() -> bool:
-    return torch.compiler.is_compiling() or torch.jit.is_tracing() or exporting()
-
-
 def local_conv(conv: nn.Module | None, x: torch.Tensor) -> tuple[torch.Tensor, RecomputedOnce | None]:
     """conv(x) (x itself without a local conv), and the recipe that remakes it in the backward.
 
@@ -76,7 +72,7 @@ def local_conv(conv: nn.Module | None, x: torch.Tensor) -> tuple[torch.Tensor, R
     if conv is None:
         return x, None
     out = conv(x)
-    if hooked(conv) or _traced():
+    if hooked(conv) or recording():
         return out, None
     return out, RecomputedOnce(lambda: conv.forward(x))  # forward, not __call__: no hooks twice
 
@@ -131,7 +127,7 @@ class BasicBlock(nn.Module):
         with keeping(x, remade):
             normed = self.norm(x)
         mixed = large_kernel_bn(self.large_kernel, self.bn, normed)
-        if self.se is None or hooked(self.se) or _traced():
+        if self.se is None or hooked(self.se) or recording():
             y = self.mlp(_maybe(self.se, mixed))
         else:
             # SE's output, the FFN's input, is SE's input times its gate, both kept for the
