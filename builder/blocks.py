@@ -78,8 +78,9 @@ def local_conv(conv: nn.Module | None, x: torch.Tensor) -> tuple[torch.Tensor, R
 
 
 def normed_recipe(norm: nn.Module, remade: RecomputedOnce | None) -> RecomputedOnce | None:
-    """The recipe of norm(remade map), for a norm without running state whose output the next op
-    keeps (the FFN's first 1x1 conv): a LayerNorm more in the backward for one map fewer held."""
+    """The recipe of norm(remade map), for a norm without running state whose output the ops after
+    it keep (the FFN's first 1x1 conv; the fusion's conv and ContMix's query and key projections):
+    a LayerNorm more in the backward for one map fewer held."""
     if remade is None or not isinstance(norm, LayerNorm2d) or hooked(norm):
         return None
     return RecomputedOnce(lambda: norm.forward(remade()))
@@ -213,10 +214,13 @@ class DynamicBlock(nn.Module):
         identity, remade = local_conv(self.dwconv1, torch.cat([x, prior], dim=1))
         with keeping(identity, remade):
             normed = self.norm1(identity)
-        z = self.fusion(normed)
+        renormed = normed_recipe(self.norm1, remade)  # kept by the fusion's conv, the query and key (slices)
+        with keeping(normed, renormed):
+            z = self.fusion(normed)
         gate = self.gate(z) if self.gate is not None else None
         lepe = self.lepe(z)
-        mixed = self.contmix(z, normed) if self.guided else self.contmix(z)
+        with keeping(normed, renormed):
+            mixed = self.contmix(z, normed) if self.guided else self.contmix(z)
         out = _maybe(self.se, self.out_proj(mixed) + lepe)
         if gate is not None:
             out = gate * out

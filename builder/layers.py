@@ -453,6 +453,13 @@ class _Recompute:
 
     shape: tuple[int, ...]
     stride: tuple[int, ...]
+    offset: int  # elements from the recomputed tensor's first element to the view's
+
+
+def _span_end(tensor: torch.Tensor) -> int:
+    """The address just past the last element a (non-empty, non-negatively strided) tensor reads."""
+    last = sum((size - 1) * step for size, step in zip(tensor.shape, tensor.stride(), strict=True))
+    return tensor.data_ptr() + (last + 1) * tensor.element_size()
 
 
 def recompute_saved(
@@ -534,9 +541,12 @@ def keeping(tensor: torch.Tensor, recipe: RecomputedOnce | None) -> contextlib.A
 def _recomputed(tensor: torch.Tensor, recipe: Callable[[], torch.Tensor]) -> Iterator[None]:
     """The saved-tensor hooks of `recompute_saved`."""
     # The hooks live as long as the graph: they must not hold the tensor itself, only its identity.
-    # The op may save a view of it (a 1x1 conv run as `F.linear` saves the (N, C) matrix view):
-    # any tensor that starts at its first element and spans its elements is it, in another shape.
-    pointer, numel, stride = tensor.data_ptr(), tensor.numel(), tensor.stride()
+    # The op may save a view of it (a 1x1 conv run as `F.linear` saves the (N, C) matrix view, the
+    # query projection a channel slice): any tensor of its storage whose elements lie within its
+    # span is such a view, remade as the same view (shape, strides, offset) of the recipe's value.
+    pointer, stride, itemsize = tensor.data_ptr(), tensor.stride(), tensor.element_size()
+    storage = tensor.untyped_storage().data_ptr()
+    end = _span_end(tensor)
     # The recipe runs in the backward under the forward's autocast state (its ops' dtypes then match).
     device = tensor.device.type
     autocast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
@@ -544,10 +554,16 @@ def _recomputed(tensor: torch.Tensor, recipe: Callable[[], torch.Tensor]) -> Ite
     counted = isinstance(recipe, RecomputedOnce)
 
     def pack(saved: torch.Tensor) -> object:
-        if saved.data_ptr() == pointer and saved.numel() == numel:
+        if (
+            saved.numel() > 0
+            and pointer <= saved.data_ptr()
+            and _span_end(saved) <= end
+            and saved.element_size() == itemsize
+            and saved.untyped_storage().data_ptr() == storage
+        ):
             if counted:
                 recipe.packed()
-            return _Recompute(tuple(saved.shape), saved.stride())
+            return _Recompute(tuple(saved.shape), saved.stride(), (saved.data_ptr() - pointer) // itemsize)
         return saved
 
     def unpack(packed: object) -> torch.Tensor:
@@ -558,7 +574,7 @@ def _recomputed(tensor: torch.Tensor, recipe: Callable[[], torch.Tensor]) -> Ite
                 raise RuntimeError(
                     f"recompute_saved: the recipe's layout {value.stride()} is not the original's {stride}"
                 )
-            return value.as_strided(packed.shape, packed.stride)
+            return value.as_strided(packed.shape, packed.stride, value.storage_offset() + packed.offset)
         return packed
 
     del tensor

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import weakref
 from collections import OrderedDict
@@ -340,6 +341,33 @@ def test_folding_sequential_folds_eval_bns_into_the_conv_before_them_only():
         assert str(torch.jit.trace(seq, x).inlined_graph).count("aten::batch_norm") == 3
     seq.train()
     torch.testing.assert_close(seq(x), torch.nn.Sequential.forward(copy.deepcopy(seq), x))
+
+
+def test_recompute_saved_remakes_views_of_the_tensor_and_nothing_outside_it():
+    """Ops may keep channel slices of the map (ContMix's query and key projections): each is remade as
+    the same view of the recipe's value; a slice of the same storage outside the map is kept as it is."""
+    gen = torch.Generator().manual_seed(4)
+    big = torch.randn(2, 9, 5, 4, generator=gen).contiguous(memory_format=torch.channels_last).requires_grad_()
+    weight = torch.randn(1, 3, 1, 1, generator=gen, requires_grad=True)
+
+    def run(recompute: bool):
+        calls = []
+        scaled = big * 3  # a fresh channels_last map; `inside` is the part the recipe remakes
+        inside = scaled[:, :6]
+
+        def recipe():
+            calls.append(1)
+            return (big.detach() * 3)[:, :6]
+
+        context = layers.recompute_saved(inside, recipe) if recompute else contextlib.nullcontext()
+        with context:
+            out = (inside[:, 1:4] * weight).sum() + (inside[:, 3:6] * weight).sum() + (scaled[:, 6:] * weight).sum()
+        return torch.autograd.grad(out, (big, weight)), calls
+
+    (ours, calls), (theirs, _) = run(True), run(False)
+    assert len(calls) == 2  # the two slices inside; the one outside was kept
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_recomputation_runs_under_the_forwards_autocast_state():
