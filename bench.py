@@ -12,8 +12,8 @@ Peak memory (`PeakMemory`): CUDA allocator statistics, or on Linux CPUs the resi
 high-water mark, reset before the call (glibc malloc_trim, then 5 into /proc/self/clear_refs) and
 read back (VmHWM) after it: the peak physical memory the call added above what was resident.
 That is what the operating system charges, and it includes memory glibc keeps after a free and
-cannot reuse for a larger request (its heap's holes): for OverLoCK, whose many small maps
-fragment the heap, 30-40% above the tensors alive at once (convnext_tiny ~10%). So on the CPU a
+cannot reuse for a larger request (its heap's holes): for OverLoCK, whose many map sizes fragment
+the heap, far above the tensors alive at once (`python benchmarks/allocator.py`). So on the CPU a
 second number, `LiveMemory`: the peak of the bytes malloc has handed out and not taken back
 (glibc's mallinfo2), sampled after every aten op: the tensors alive at once, as the CUDA
 allocator's max_memory_allocated counts them, whatever the allocator does with freed memory.
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import re
 import statistics
 import time
@@ -97,6 +98,12 @@ class BenchResult:
         return asdict(self)
 
 
+@functools.cache
+def _glibc() -> ctypes.CDLL:
+    """The C library's malloc controls (malloc_trim, mallinfo2); OSError where there is no glibc."""
+    return ctypes.CDLL("libc.so.6")
+
+
 class PeakMemory:
     """Peak memory added by a call: CUDA allocator stats, or the RSS high-water mark on Linux CPUs."""
 
@@ -105,9 +112,9 @@ class PeakMemory:
         self.libc = None
         if self.device.type == "cpu":
             try:
-                self.libc = ctypes.CDLL("libc.so.6")
                 with open("/proc/self/clear_refs", "w") as handle:
                     handle.write("5")
+                self.libc = _glibc()
             except OSError:
                 self.libc = None
 
@@ -164,9 +171,8 @@ class LiveMemory:
 
     def __init__(self) -> None:
         try:
-            libc = ctypes.CDLL("libc.so.6")
-            libc.mallinfo2.restype = _MallocInfo
-            self._mallinfo = libc.mallinfo2
+            self._mallinfo = _glibc().mallinfo2
+            self._mallinfo.restype = _MallocInfo
         except (OSError, AttributeError):
             self._mallinfo = None
 

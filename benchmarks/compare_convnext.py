@@ -19,7 +19,8 @@ FLOPs: fvcore, one multiply-add = one FLOP, of one eval-mode forward at 1x3xSxS 
 convention; the ratios do not depend on it). Peak memory: `overlock.bench.PeakMemory` (RSS
 high-water mark above the resident set before the call on CPU), per image; on the CPU also the
 peak of the tensors alive at once (`overlock.bench.LiveMemory`, without what glibc's heap keeps
-in holes after frees: RSS reads 30-40% above it for OverLoCK, ~10% for convnext_tiny).
+in holes after frees, which RSS counts and which OverLoCK's many map sizes make large:
+`benchmarks/allocator.py`).
 
 timm needs torchvision, which does not import beside this machine's CPU torch 2.13. Run the
 script in a separate environment, with overlock on PYTHONPATH:
