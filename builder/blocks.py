@@ -72,7 +72,7 @@ def local_conv(conv: nn.Module | None, x: torch.Tensor) -> tuple[torch.Tensor, R
     if conv is None:
         return x, None
     out = conv(x)
-    if hooked(conv) or recording():
+    if hooked(conv) or recording() or not torch.is_grad_enabled():  # without a graph nothing is kept
         return out, None
     return out, RecomputedOnce(lambda: conv.forward(x))  # forward, not __call__: no hooks twice
 

@@ -643,7 +643,7 @@ class ConvMLP(nn.Module):
         gradient: one more fc1 product per MLP (3-6% of a training step, measured) for a quarter
         of what a training step holds. Not when hooks watch fc1 (one may have changed its output).
         """
-        if hooked(self.fc1):
+        if hooked(self.fc1) or not torch.is_grad_enabled():  # no graph, nothing kept
             return None
         source = input_recipe if input_recipe is not None else (lambda: x)
         return RecomputedOnce(lambda: self.fc1.forward(source()))
