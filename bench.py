@@ -23,11 +23,13 @@ hooks, so any module tree works). Forward time goes to the innermost module rang
 backward time to the module whose forward op created the autograd node (matched by the autograd
 sequence number the profiler records for both). Reported per sub-network (the model's children),
 per part (modules grouped by their attribute name and class, e.g. `large_kernel (DilatedRepConv)`,
-inclusive time, so nested parts overlap) and per operator (ContMix's `overlock::` ops included).
-Hooked modules run as written (builder/layers.py `hooked`): in the profiled call eval-mode BNs are
-not folded into their convs and ConvMLP runs GELU and its depthwise conv as separate ops, not as
-the one compiled kernel (kernels/gelu_dwconv.py), so the profile shows the parts by name while the
-timings above it measure the faster path.
+inclusive time, so nested parts overlap) and per operator (ContMix's `overlock::` ops and the calls
+of overlock's C kernels included). The profiled call runs the path the timed calls run: the range
+hooks are marked as observers (builder/layers.py `observer`), which the fast paths ignore, and a
+path that does a module's work without calling it (a BN folded into its conv, GELU -> dwconv ->
+GRN as one compiled kernel) opens that module's range itself (`standing_in`), so that work is
+timed under the module it stands for (the MLP's middle under its `dwconv`; GELU and GRN then have
+no rows of their own).
 
 On the CPU, `cpu_kernels` says whether overlock's compiled C kernels ran (kernels/native.py).
 """
@@ -48,8 +50,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .builder.layers import PROFILE_SCOPE, observer
 from .errors import OverlockError
 from .kernels import native
+from .training.optim import build_optimizer
 
 _SCOPE = "module::"
 
@@ -249,7 +253,8 @@ def image_size(settings: BenchSettings) -> tuple[int, int]:
 
 
 def make_step(model: nn.Module, settings: BenchSettings, num_classes: int) -> Callable[[], object]:
-    """One inference forward (no grad), or one training step (forward, loss, backward, AdamW)."""
+    """One inference forward (no grad), or one training step (forward, loss, backward, AdamW as
+    `overlock train` builds it)."""
     device = torch.device(settings.device)
     memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
     gen = torch.Generator().manual_seed(0)
@@ -273,7 +278,8 @@ def make_step(model: nn.Module, settings: BenchSettings, num_classes: int) -> Ca
 
         return infer
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.05)
+    # `overlock train`'s optimizer (groups, fused kernel where the device has one): the step it runs
+    optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.05)
 
     def train_step() -> object:
         optimizer.zero_grad(set_to_none=True)
@@ -395,22 +401,32 @@ def module_scopes(model: nn.Module) -> Iterator[None]:
     open_ranges: dict[int, list] = defaultdict(list)
 
     def enter(name: str):
+        @observer
         def hook(module, args):
             open_ranges[id(module)].append(torch.ops.profiler._record_function_enter_new(_SCOPE + name, None))
 
         return hook
 
+    @observer
     def leave(module, args, output):
         stack = open_ranges[id(module)]
         if stack:
             torch.ops.profiler._record_function_exit._RecordFunction(stack.pop())
 
-    for name, module in model.named_modules():
-        handles.append(module.register_forward_pre_hook(enter(name or "<model>")))
+    names = {module: name or "<model>" for name, module in model.named_modules()}
+
+    def stand_in(module: nn.Module) -> contextlib.AbstractContextManager:
+        name = names.get(module)
+        return torch.profiler.record_function(_SCOPE + name) if name else contextlib.nullcontext()
+
+    for module, name in names.items():
+        handles.append(module.register_forward_pre_hook(enter(name)))
         handles.append(module.register_forward_hook(leave, always_call=True))
+    token = PROFILE_SCOPE.set(stand_in)
     try:
         yield
     finally:
+        PROFILE_SCOPE.reset(token)
         for handle in handles:
             handle.remove()
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from overlock.builder import blocks, build, contmix, layers, mixers, network
 from overlock.kernels import cpu, depthwise, gelu_dwconv, grn
+from overlock.training.optim import build_optimizer
 
 
 def old_layer_scale(self, x):
@@ -263,7 +264,7 @@ def main() -> None:
         logits = model.eval()(image[:1])
     classes = (logits["main"] if isinstance(logits, dict) else logits).shape[-1]
     target = torch.randint(0, classes, (args.batch_size,))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.05)  # `overlock train`'s
     variants = {"new": [], **OLD, "all old": ALL_OLD}
     if args.only:
         unknown = [name for name in args.only.split(",") if name not in variants]

@@ -606,16 +606,17 @@ class ConvMLP(nn.Module):
             if self._inference_grn(hidden):
                 # GELU -> dwconv -> GRN in one compiled op, each image rescaled while it is in cache.
                 grn = self.grn
-                out = kernels.gelu_dwconv.gelu_dwconv3x3_grn(
-                    hidden, weight, bias, grn.gamma, grn.beta, GRN_ENERGY_FLOOR, GRN_MEAN_EPS
-                )
+                with standing_in(self.dwconv):
+                    out = kernels.gelu_dwconv.gelu_dwconv3x3_grn(
+                        hidden, weight, bias, grn.gamma, grn.beta, GRN_ENERGY_FLOOR, GRN_MEAN_EPS
+                    )
                 return self.fc2(out)
             # GELU -> dwconv -> GRN's energy in one pass (kernels/gelu_dwconv.py); it keeps only
             # `hidden` for its backward. GRN's input and output are recomputed: the op's forward
             # once more (about a third of its backward's time) for one hidden map fewer held
             # between forward and backward. fc2's backward recomputes both, GRN's, right after,
             # takes the same map (`shared_recipe`).
-            with keeping(hidden, remade):
+            with keeping(hidden, remade), standing_in(self.dwconv):
                 mixed, squares = kernels.gelu_dwconv3x3(hidden, weight, bias)
             remix = shared_recipe(lambda: kernels.gelu_dwconv3x3(source(), weight, bias)[0])
             with recompute_saved(mixed, remix):
@@ -717,14 +718,45 @@ def fuse_bn(
     return kernel * scale.reshape(-1, 1, 1, 1), bn.bias - shift * scale
 
 
+# While a profile watches the model (bench.module_scopes), what opens a module's named range.
+PROFILE_SCOPE: contextvars.ContextVar[Callable[[nn.Module], contextlib.AbstractContextManager] | None] = (
+    contextvars.ContextVar("profile_scope", default=None)
+)
+
+
+def standing_in(module: nn.Module) -> contextlib.AbstractContextManager:
+    """Around work a fused or folded path does in place of calling `module` (which then fires no
+    hooks): while a profile watches, `module`'s named range, so the profile still times it as that
+    part; otherwise nothing."""
+    if recording():  # (before the ContextVar, which dynamo cannot trace) a graph has no profile ranges
+        return contextlib.nullcontext()
+    scope = PROFILE_SCOPE.get()
+    return contextlib.nullcontext() if scope is None else scope(module)
+
+
+# The attribute that marks a hook as an observer (`observer`).
+_OBSERVER = "overlock_observer"
+
+
+def observer(hook: Callable) -> Callable:
+    """Mark a forward (pre-)hook that only watches, returning nothing: a profiler range around the
+    call. `hooked` does not count it, so the model runs the path it runs without it (fused ops,
+    folded BNs, recomputed maps) and a profile times that path; the hook fires on the modules that
+    path calls."""
+    setattr(hook, _OBSERVER, True)
+    return hook
+
+
 def hooked(module: nn.Module) -> bool:
-    """True if forward hooks would see this module's call (then it must really be called)."""
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or nn.modules.module._global_forward_hooks
-        or nn.modules.module._global_forward_pre_hooks
+    """True if forward hooks would see this module's call (then it must really be called); hooks
+    marked `observer` do not count."""
+    tables = (
+        module._forward_hooks,
+        module._forward_pre_hooks,
+        nn.modules.module._global_forward_hooks,
+        nn.modules.module._global_forward_pre_hooks,
     )
+    return any(not getattr(hook, _OBSERVER, False) for table in tables if table for hook in table.values())
 
 
 def foldable_bn(conv: nn.Module, bn: nn.Module) -> bool:
@@ -790,7 +822,8 @@ class FoldingSequential(nn.Sequential):
             module = modules[index]
             follower = modules[index + 1] if index + 1 < len(modules) else None
             if follower is not None and isinstance(module, nn.Conv2d) and foldable_bn(module, follower):
-                x = module._conv_forward(x, *fuse_bn(module.weight, follower, module.bias))
+                with standing_in(module):
+                    x = module._conv_forward(x, *fuse_bn(module.weight, follower, module.bias))
                 index += 2
             elif follower is not None and recomputable_bn_activation(module, follower):
                 # the conv after them, which keeps the activation's output for its weight gradient
@@ -920,7 +953,8 @@ def large_kernel_bn(conv: nn.Module, bn: nn.BatchNorm2d, x: torch.Tensor) -> tor
     if folded is None:
         return bn(conv(x))
     kernel, bias = folded
-    return depthwise_conv2d(x, *fuse_bn(kernel, bn, bias))
+    with standing_in(conv):
+        return depthwise_conv2d(x, *fuse_bn(kernel, bn, bias))
 
 
 class LargeKernelBN(nn.Sequential):

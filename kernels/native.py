@@ -13,6 +13,7 @@ run their PyTorch composition instead: same results, slower. `status()` says whi
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -175,6 +176,9 @@ def image_ranges(batch: int, count: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
 
 
+_NO_RANGE = contextlib.nullcontext()
+
+
 def run(name: str, function: str, tasks: Sequence[tuple[int, ...]], arguments: Callable[[int], tuple]) -> None:
     """function(*arguments(i), *tasks[i]) from csrc/<name>.c for every task; several at once in the
     shared worker pool (kernels/cpu.py) when torch has several threads (ctypes releases the GIL for
@@ -186,6 +190,10 @@ def run(name: str, function: str, tasks: Sequence[tuple[int, ...]], arguments: C
 
     indices = range(len(tasks))
     count = workers()
-    statuses = [one(i) for i in indices] if count == 1 or len(tasks) == 1 else list(_pool(count).map(one, indices))
+    # While a profiler runs (torch.profiler, `overlock bench --profile`), a named range: ctypes
+    # calls are not aten ops, so the profile would not see them otherwise.
+    profiled = torch.autograd.profiler._is_profiler_enabled
+    with torch.profiler.record_function(function.replace("overlock_", "overlock::", 1)) if profiled else _NO_RANGE:
+        statuses = [one(i) for i in indices] if count == 1 or len(tasks) == 1 else list(_pool(count).map(one, indices))
     if any(statuses):
         raise MemoryError(f"{function}: could not allocate its buffers")

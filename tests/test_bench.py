@@ -11,8 +11,10 @@ from typer.testing import CliRunner
 
 from overlock.bench import BenchSettings, LiveMemory, attribute, bench, module_scopes, spread
 from overlock.builder import build
+from overlock.builder.layers import hooked, observer
 from overlock.cli import app
 from overlock.errors import OverlockError
+from overlock.kernels import gelu_dwconv, native
 
 SMALL = ["--batch-size", "2", "--img-size", "64", "--threads", "1", "--reps", "3"]
 
@@ -65,6 +67,51 @@ def test_profile_attributes_time_to_every_block_part_forward_and_backward():
     assert subnets["base"]["backward"] > 0 and subnets["focus"]["backward"] > 0
     assert any(op.startswith("overlock::contmix") for op in profile["operators"])
     assert sum(t["forward"] + t["backward"] for t in subnets.values()) <= profile["total_s"] + 1e-9
+
+
+@pytest.mark.skipif(native.library(gelu_dwconv.LIBRARY) is None, reason="no C compiler: no fused MLP op to profile")
+def test_inference_profile_times_the_fused_path_the_model_runs_and_names_its_parts():
+    model = build("pico").eval()
+    image = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        expected = model(image)
+        with module_scopes(model), torch.profiler.profile() as prof:
+            profiled = model(image)
+    assert torch.equal(profiled, expected)  # the same computation, profiled or not
+    per_module, per_op = attribute(prof.events())
+    # The fused MLP middle ran (profile ranges are not hooks that force the unfused path), and
+    # it shows as an operator timed under the dwconv it stands in for; GELU never ran as a module.
+    assert per_op["overlock::gelu_dwconv3x3_grn_forward"] > 0
+    assert not any(name.endswith("mlp.act") for name in per_module)
+    assert any(name.endswith("mlp.dwconv") and t["forward"] > 0 for name, t in per_module.items())
+    # The large kernel is folded with its BN in eval, and still timed as the large kernel.
+    assert any(name.endswith(".large_kernel") and t["forward"] > 0 for name, t in per_module.items())
+
+
+def test_profile_ranges_are_observers_that_leave_the_fast_paths_on_but_real_hooks_are_not():
+    conv = nn.Conv2d(2, 2, 1)
+    assert not hooked(conv)
+    handle = conv.register_forward_pre_hook(observer(lambda module, args: None))
+    assert not hooked(conv)
+    real = conv.register_forward_hook(lambda module, args, output: output * 2)
+    assert hooked(conv)
+    real.remove()
+    handle.remove()
+    anywhere = nn.modules.module.register_module_forward_hook(lambda module, args, output: None)
+    try:
+        assert hooked(conv)  # a global hook sees every module's call
+    finally:
+        anywhere.remove()
+    assert not hooked(conv)
+
+
+@pytest.mark.skipif(native.library(gelu_dwconv.LIBRARY) is None, reason="no C compiler")
+def test_c_kernel_calls_are_named_operators_only_while_a_profiler_runs():
+    hidden = torch.randn(1, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(4, 1, 3, 3)
+    with torch.profiler.profile() as prof:
+        gelu_dwconv.gelu_dwconv3x3(hidden, weight, None)
+    assert "overlock::gelu_dwconv3x3_forward" in {event.name for event in prof.events()}
 
 
 def test_attribution_sends_backward_time_to_the_module_that_ran_the_forward():

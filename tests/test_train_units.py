@@ -127,6 +127,37 @@ def test_optimizer_falls_back_to_low_rank_params_without_model_hint():
     assert len(no_decay["params"]) == 3
 
 
+def test_optimizer_is_fused_on_the_cpu_and_updates_as_the_per_parameter_loop():
+    from overlock.builder import build
+
+    fused_model, loop_model = build("pico"), build("pico")
+    loop_model.load_state_dict(fused_model.state_dict())
+    fused = build_optimizer(fused_model, lr=1e-2, weight_decay=0.05)
+    assert fused.defaults["fused"] is True
+    loop = build_optimizer(loop_model, lr=1e-2, weight_decay=0.05)
+    for group in loop.param_groups:
+        group["fused"], group["foreach"] = None, False
+    before = {name: p.detach().clone() for name, p in fused_model.named_parameters()}
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for a, b in zip(fused_model.parameters(), loop_model.parameters(), strict=True):
+            a.grad = torch.randn(a.shape, generator=gen)
+            b.grad = a.grad.clone()
+        fused.step()
+        loop.step()
+    for (name, a), b in zip(fused_model.named_parameters(), loop_model.parameters(), strict=True):
+        assert not torch.equal(a, before[name]), name  # three steps of lr 1e-2 moved every parameter
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_optimizer_falls_back_to_pytorchs_default_where_no_fused_kernel_applies():
+    from overlock.training.optim import fused_adamw_applies
+
+    assert fused_adamw_applies([torch.zeros(2), torch.zeros(3, 3)])
+    assert not fused_adamw_applies([torch.zeros(2, device="meta")])
+    assert not fused_adamw_applies([torch.zeros(2, dtype=torch.int64)])
+
+
 def test_optimizer_uses_the_real_models_no_weight_decay_set():
     from overlock.builder import build
 

@@ -4,6 +4,11 @@ Norm weights, biases, layer scales and relative position biases get no decay: sh
 toward zero changes what the network computes instead of limiting its capacity. The model says
 which parameters those are (`model.no_weight_decay()`); a module without that method falls back
 to "every parameter with fewer than two dimensions", which covers norms and biases.
+
+Where every parameter lives on a device with PyTorch's fused AdamW kernel (CPU, CUDA), the
+optimizer is the fused one: one pass over each parameter instead of a dozen element-wise ops,
+the same update (float rounding aside). On the CPU that is 4x faster (XT's 17.3M parameters:
+102 -> 27 ms a step, one thread; `python benchmarks/optimizer.py`), 2-3% of a training step.
 """
 
 from __future__ import annotations
@@ -19,8 +24,20 @@ def no_decay_names(model: nn.Module) -> set[str]:
     return {name for name, param in model.named_parameters() if param.ndim <= 1}
 
 
+# Devices with a fused AdamW kernel in every torch this project supports.
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
+def fused_adamw_applies(params: list[torch.Tensor]) -> bool:
+    """Whether `torch.optim.AdamW(..., fused=True)` takes these parameters: floating point, on one
+    device type that has the kernel."""
+    devices = {p.device.type for p in params}
+    return len(devices) == 1 and devices <= set(FUSED_ADAMW_DEVICES) and all(p.is_floating_point() for p in params)
+
+
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with two groups: decayed weights first, then the no-decay set (weight_decay=0)."""
+    """AdamW with two groups: decayed weights first, then the no-decay set (weight_decay=0);
+    fused where the parameters' device has the kernel."""
     skip = no_decay_names(model)
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -30,4 +47,5 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.o
         {"params": decay, "weight_decay": weight_decay, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
     ]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+    fused = fused_adamw_applies(decay + no_decay) or None  # None: PyTorch's own default
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=fused)
