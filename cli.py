@@ -141,16 +141,14 @@ def build(
         console.print(f"saved {plain(str(save))}")
 
 
-def _parse_input_size(text: str) -> tuple[int, int]:
+def _parse_input_size(text: str, option: str = "--input-size") -> tuple[int, int]:
     match = re.fullmatch(r"\s*(\d+)\s*(?:[x, ]\s*(\d+))?\s*", text)
     if not match:
-        raise OverlockError(f"--input-size {text!r}: expected S (square) or H W (also HxW), e.g. 224 or 160 192")
+        raise OverlockError(f"{option} {text!r}: expected S (square) or H W (also HxW), e.g. 224 or 160 192")
     height = int(match.group(1))
     width = int(match.group(2) or height)
     if height < 32 or width < 32:
-        raise OverlockError(
-            f"--input-size {height}x{width}: each side must be at least 32 (the network downsamples 32x)"
-        )
+        raise OverlockError(f"{option} {height}x{width}: each side must be at least 32 (the network downsamples 32x)")
     return height, width
 
 
@@ -291,7 +289,10 @@ def convert(
 def bench(
     spec: SpecArg,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per call.")] = 8,
-    img_size: Annotated[int, typer.Option("--img-size", min=32, help="Square input side.")] = 224,
+    img_size: Annotated[
+        str,
+        typer.Option("--img-size", help="S for SxS, or H W (also HxW): e.g. 1280 384 for a dense-prediction input."),
+    ] = "224",
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU intra-op threads.")] = None,
     train: Annotated[bool, typer.Option("--train", help="Time a training step (fwd, loss, bwd, AdamW).")] = False,
@@ -313,9 +314,10 @@ def bench(
 
     if device not in ("cpu", "cuda"):
         raise OverlockError(f"--device {device!r}: valid devices are cpu and cuda")
+    height, width = _parse_input_size(img_size, "--img-size")
     settings = BenchSettings(
         batch_size=batch_size,
-        img_size=img_size,
+        img_size=height if height == width else (height, width),
         device=device,
         threads=threads,
         train=train,
@@ -670,10 +672,12 @@ _register_training()
 
 
 def _split_input_size(argv: list[str]) -> list[str]:
-    """Accept `--input-size H W` (two words) by joining it into `--input-size HxW` for typer."""
+    """Accept `--input-size H W` (and `overlock bench`'s `--img-size H W`) as two words by joining
+    them into `HxW` for typer. (`overlock export --img-size` takes its two words as they are.)"""
     out = list(argv)
+    options = {"--input-size", "--img-size"} if out[:1] == ["bench"] else {"--input-size"}
     for i, word in enumerate(out[:-2]):
-        if word == "--input-size" and out[i + 1].isdigit() and out[i + 2].isdigit():
+        if word in options and out[i + 1].isdigit() and out[i + 2].isdigit():
             out[i + 1 : i + 3] = [f"{out[i + 1]}x{out[i + 2]}"]
             break
     return out

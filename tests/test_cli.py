@@ -77,6 +77,16 @@ def test_input_size_forms():
     assert result.exit_code == 2 and "expected S" in result.output
 
 
+def test_bench_takes_a_rectangular_img_size_in_the_same_forms_and_export_keeps_its_two_words():
+    data = json.loads(run("bench", "pico", "--img-size", "96x64", "--batch-size", "1", "--reps", "3", "--json").stdout)
+    assert data["settings"]["img_size"] == [96, 64]
+    assert _split_input_size(["bench", "t", "--img-size", "1280", "384"]) == ["bench", "t", "--img-size", "1280x384"]
+    export = ["export", "t", "m.onnx", "--img-size", "224", "160"]
+    assert _split_input_size(export) == export  # export's --img-size is a two-value option
+    result = run("bench", "pico", "--img-size", "20")
+    assert result.exit_code == 2 and "--img-size 20x20: each side must be at least 32" in result.output
+
+
 def test_validate_presets_and_schema():
     assert "ok" in run("validate", "s").output
     listing = run("presets").output

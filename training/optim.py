@@ -7,8 +7,9 @@ to "every parameter with fewer than two dimensions", which covers norms and bias
 
 Where every parameter lives on a device with PyTorch's fused AdamW kernel (CPU, CUDA), the
 optimizer is the fused one: one pass over each parameter instead of a dozen element-wise ops,
-the same update (float rounding aside). On the CPU that is 4x faster (XT's 17.3M parameters:
-102 -> 27 ms a step, one thread; `python benchmarks/optimizer.py`), 2-3% of a training step.
+the same update (float rounding aside). On the CPU, where PyTorch's default is its per-parameter
+loop, that is several times faster, a few percent of a training step (`python
+benchmarks/optimizer.py`; benchmarks/results/issue10_speed.md, round 9).
 """
 
 from __future__ import annotations
