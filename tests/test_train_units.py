@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import random
 
@@ -148,6 +149,36 @@ def test_optimizer_is_fused_on_the_cpu_and_updates_as_the_per_parameter_loop():
     for (name, a), b in zip(fused_model.named_parameters(), loop_model.parameters(), strict=True):
         assert not torch.equal(a, before[name]), name  # three steps of lr 1e-2 moved every parameter
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_resumed_optimizer_keeps_its_own_implementation_and_continues_the_saved_one():
+    from overlock.builder import build
+    from overlock.training.optim import load_optimizer_state
+
+    def with_grads(model, seed):
+        gen = torch.Generator().manual_seed(seed)
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gen)
+
+    saved_model = build("pico")
+    loop = build_optimizer(saved_model, lr=1e-2, weight_decay=0.05)
+    for group in loop.param_groups:  # a run saved by the per-parameter loop (an earlier overlock)
+        group["fused"], group["foreach"] = None, False
+    with_grads(saved_model, 0)
+    loop.step()
+    resumed_model = build("pico")
+    resumed_model.load_state_dict(saved_model.state_dict())
+    resumed = build_optimizer(resumed_model, lr=1e-2, weight_decay=0.05)
+    buffer = io.BytesIO()  # through a checkpoint's bytes (a state dict shares the live moments)
+    torch.save(loop.state_dict(), buffer)
+    buffer.seek(0)
+    load_optimizer_state(resumed, torch.load(buffer, weights_only=True))
+    assert all(group["fused"] is True for group in resumed.param_groups)
+    for model, optimizer in ((saved_model, loop), (resumed_model, resumed)):
+        with_grads(model, 1)
+        optimizer.step()
+    for (name, a), b in zip(resumed_model.named_parameters(), saved_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)  # the moments carried over
 
 
 def test_optimizer_falls_back_to_pytorchs_default_where_no_fused_kernel_applies():

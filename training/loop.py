@@ -36,7 +36,7 @@ from .ema import ModelEma
 from .errors import ConfigError, DataError, DivergenceError
 from .evaluate import EvalResult, autocast, evaluate
 from .loss import OverlockLoss
-from .optim import build_optimizer
+from .optim import build_optimizer, load_optimizer_state
 from .plot import plot_curves
 from .progress import Reporter
 from .rundir import MetricsLog, RunDir
@@ -300,7 +300,7 @@ class Trainer:
 
     def _load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])

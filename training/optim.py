@@ -50,3 +50,20 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.o
     ]
     fused = fused_adamw_applies(decay + no_decay) or None  # None: PyTorch's own default
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=fused)
+
+
+# The options that pick how the update is computed, not what it is.
+IMPLEMENTATION_OPTIONS = ("fused", "foreach")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """`optimizer.load_state_dict(state)`, keeping this optimizer's implementation.
+
+    A checkpoint's param groups carry the implementation they were saved with (a run begun with
+    the per-parameter loop, or on a device with another kernel); loading them as they are would
+    switch a resumed run to it. The implementation is this machine's choice, so the groups get the
+    optimizer's own before loading (which also moves the step counters where that one keeps them).
+    """
+    own = {key: optimizer.defaults[key] for key in IMPLEMENTATION_OPTIONS if key in optimizer.defaults}
+    groups = [{**group, **own} for group in state["param_groups"]]
+    optimizer.load_state_dict({**state, "param_groups": groups})
