@@ -128,6 +128,19 @@ def test_optimizer_falls_back_to_low_rank_params_without_model_hint():
     assert len(no_decay["params"]) == 3
 
 
+def _per_parameter_loop(optimizer):
+    """Make an optimizer from `build_optimizer` run PyTorch's per-parameter loop (as every earlier overlock did)."""
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = None, False
+    return optimizer
+
+
+def _random_grads(model, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen)
+
+
 def test_optimizer_is_fused_on_the_cpu_and_updates_as_the_per_parameter_loop():
     from overlock.builder import build
 
@@ -135,17 +148,12 @@ def test_optimizer_is_fused_on_the_cpu_and_updates_as_the_per_parameter_loop():
     loop_model.load_state_dict(fused_model.state_dict())
     fused = build_optimizer(fused_model, lr=1e-2, weight_decay=0.05)
     assert fused.defaults["fused"] is True
-    loop = build_optimizer(loop_model, lr=1e-2, weight_decay=0.05)
-    for group in loop.param_groups:
-        group["fused"], group["foreach"] = None, False
+    loop = _per_parameter_loop(build_optimizer(loop_model, lr=1e-2, weight_decay=0.05))
     before = {name: p.detach().clone() for name, p in fused_model.named_parameters()}
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(3):
-        for a, b in zip(fused_model.parameters(), loop_model.parameters(), strict=True):
-            a.grad = torch.randn(a.shape, generator=gen)
-            b.grad = a.grad.clone()
-        fused.step()
-        loop.step()
+    for seed in range(3):
+        for model, optimizer in ((fused_model, fused), (loop_model, loop)):
+            _random_grads(model, seed)
+            optimizer.step()
     for (name, a), b in zip(fused_model.named_parameters(), loop_model.parameters(), strict=True):
         assert not torch.equal(a, before[name]), name  # three steps of lr 1e-2 moved every parameter
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
@@ -155,16 +163,9 @@ def test_a_resumed_optimizer_keeps_its_own_implementation_and_continues_the_save
     from overlock.builder import build
     from overlock.training.optim import load_optimizer_state
 
-    def with_grads(model, seed):
-        gen = torch.Generator().manual_seed(seed)
-        for p in model.parameters():
-            p.grad = torch.randn(p.shape, generator=gen)
-
-    saved_model = build("pico")
-    loop = build_optimizer(saved_model, lr=1e-2, weight_decay=0.05)
-    for group in loop.param_groups:  # a run saved by the per-parameter loop (an earlier overlock)
-        group["fused"], group["foreach"] = None, False
-    with_grads(saved_model, 0)
+    saved_model = build("pico")  # a run saved by the per-parameter loop (an earlier overlock)
+    loop = _per_parameter_loop(build_optimizer(saved_model, lr=1e-2, weight_decay=0.05))
+    _random_grads(saved_model, 0)
     loop.step()
     resumed_model = build("pico")
     resumed_model.load_state_dict(saved_model.state_dict())
@@ -175,7 +176,7 @@ def test_a_resumed_optimizer_keeps_its_own_implementation_and_continues_the_save
     load_optimizer_state(resumed, torch.load(buffer, weights_only=True))
     assert all(group["fused"] is True for group in resumed.param_groups)
     for model, optimizer in ((saved_model, loop), (resumed_model, resumed)):
-        with_grads(model, 1)
+        _random_grads(model, 1)
         optimizer.step()
     for (name, a), b in zip(resumed_model.named_parameters(), saved_model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)  # the moments carried over
