@@ -24,7 +24,8 @@ backward time to the module whose forward op created the autograd node (matched 
 sequence number the profiler records for both). Reported per sub-network (the model's children),
 per part (modules grouped by their attribute name and class, e.g. `large_kernel (DilatedRepConv)`,
 inclusive time, so nested parts overlap) and per operator (ContMix's `overlock::` ops and the calls
-of overlock's C kernels included). The profiled call runs the path the timed calls run: the range
+of overlock's C kernels included). On CUDA the time is the GPU's: each operator is charged its
+kernels' device time (its CPU time there is only the asynchronous launches). The profiled call runs the path the timed calls run: the range
 hooks are marked as observers (builder/layers.py `observer`), which the fast paths ignore, and a
 path that does a module's work without calling it (a BN folded into its conv, GELU -> dwconv ->
 GRN as one compiled kernel) opens that module's range itself (`standing_in`), so that work is
@@ -49,6 +50,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.autograd import DeviceType
 
 from .builder.layers import PROFILE_SCOPE, observer
 from .errors import OverlockError
@@ -373,7 +375,7 @@ def bench(model: nn.Module, settings: BenchSettings, name: str = "", num_classes
         live = None
         if device.type == "cpu" and not settings.compile:
             live = LiveMemory().measure(step)
-        profile = profile_step(model, step) if settings.profile else None
+        profile = profile_step(model, step, device) if settings.profile else None
     stats = spread(times)
     return BenchResult(
         name=name,
@@ -441,10 +443,13 @@ def _innermost_scope(event) -> str | None:
 
 
 def _op_events(events) -> list:
-    """Top-level operator events (not module ranges, not nested inside another operator)."""
+    """Top-level operator events (not module ranges, not nested inside another operator, not the
+    GPU kernels themselves: their time counts in the operator that launched them)."""
     tops = []
     for event in events:
         if event.name.startswith(_SCOPE) or event.name.startswith("ProfilerStep"):
+            continue
+        if event.device_type != DeviceType.CPU:
             continue
         parent = event.cpu_parent
         while parent is not None and parent.name.startswith(_SCOPE):
@@ -454,8 +459,11 @@ def _op_events(events) -> list:
     return tops
 
 
-def attribute(events) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
-    """Seconds per innermost module ({name: {"forward", "backward"}}) and per top-level operator."""
+def attribute(events, device_time: bool = False) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """Seconds per innermost module ({name: {"forward", "backward"}}) and per top-level operator.
+
+    device_time: count each operator's GPU kernels' time (what a GPU step costs; its CPU time is
+    only the launches), else its CPU time."""
     per_module: dict[str, dict[str, float]] = defaultdict(lambda: {"forward": 0.0, "backward": 0.0})
     per_op: dict[str, float] = defaultdict(float)
     owner_of_sequence: dict[int, str] = {}
@@ -468,7 +476,7 @@ def attribute(events) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
             owner_of_sequence.setdefault(event.sequence_nr, scope)
     tops = _op_events(events)
     for event in tops:
-        seconds = event.cpu_time_total / 1e6
+        seconds = (event.device_time_total if device_time else event.cpu_time_total) / 1e6
         if event.name.startswith(backward_prefix):
             node = event.name[len(backward_prefix) :]
             per_op[f"{node} (backward)"] += seconds
@@ -486,13 +494,17 @@ def _part_key(name: str, module: nn.Module) -> str:
     return f"{parts[-1] if parts else '<model>'} ({type(module).__name__})"
 
 
-def profile_step(model: nn.Module, step: Callable[[], object]) -> dict:
-    """Profile one call of `step`; seconds per sub-network, per part and per operator (see module doc)."""
+def profile_step(model: nn.Module, step: Callable[[], object], device: torch.device | None = None) -> dict:
+    """Profile one call of `step`; seconds per sub-network, per part and per operator (see module doc).
+    On CUDA the seconds are the GPU kernels' time, each charged to the operator that launched it."""
     from torch.profiler import ProfilerActivity, profile
 
-    with module_scopes(model), profile(activities=[ProfilerActivity.CPU]) as prof:
+    on_gpu = device is not None and device.type == "cuda"
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]
+    with module_scopes(model), profile(activities=activities) as prof:
         step()
-    per_module, per_op = attribute(prof.events())
+        _sync(device or torch.device("cpu"))
+    per_module, per_op = attribute(prof.events(), device_time=on_gpu)
     modules = dict(model.named_modules())
 
     def inclusive(prefix: str) -> dict[str, float]:
@@ -518,6 +530,7 @@ def profile_step(model: nn.Module, step: Callable[[], object]) -> dict:
         entry["count"] += 1
     total = sum(t["forward"] + t["backward"] for t in per_module.values())
     return {
+        "clock": "GPU kernels" if on_gpu else "CPU",
         "total_s": total,
         "subnetworks": subnets,
         "parts": dict(parts),
@@ -580,7 +593,10 @@ def render(result: BenchResult) -> list:
         return table
 
     tables.append(
-        breakdown(f"profile: one call, {1e3 * total:.0f} ms of operators; by sub-network", profile["subnetworks"])
+        breakdown(
+            f"profile: one call, {1e3 * total:.0f} ms of operators ({profile.get('clock', 'CPU')} time); by sub-network",
+            profile["subnetworks"],
+        )
     )
     tables.append(breakdown("by part (inclusive; nested parts overlap)", profile["parts"], limit=30))
     ops = Table(title="by operator (forward ops, and backward nodes)", title_justify="left")

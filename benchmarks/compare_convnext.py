@@ -310,7 +310,8 @@ def summary(report: dict, results_file: str) -> str:
     lines += [
         "",
         f"({report['device']}, {report['threads']} thread(s), torch {report['torch']}, batch {report['batch_size']}, "
-        f"{report['img_size']}x{report['img_size']}, {report['rounds']} interleaved rounds, load average {load:.1f} "
+        f"{report['img_size']}x{report['img_size']}, {report.get('dtype', 'float32')}"
+        f"{', torch.compile' if report.get('compile') else ''}, {report['rounds']} interleaved rounds, load average {load:.1f} "
         f"at the end; `{results_file}`.)",
     ]
     return "\n".join(lines) + "\n"
@@ -335,7 +336,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--readme", action="store_true", help="replace the summary table between its markers in README.md"
     )
+    parser.add_argument(
+        "--readme-section",
+        default="compare-convnext",
+        help="the README markers' name (<!-- NAME:start -->): one table per device and dtype",
+    )
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        metavar="FILE",
+        help="render a recorded report (e.g. one a GPU lease brought back) instead of measuring; with --readme",
+    )
     args = parser.parse_args(argv)
+    if args.from_json is not None:
+        return render_recorded(args.from_json, args.readme_section if args.readme else None, parser)
     unknown = [t for t in args.timm if t not in TIMM_NAMES]
     bad_modes = [m for m in args.modes if m not in ("infer", "deploy", "train")]
     if unknown or bad_modes:
@@ -354,8 +368,23 @@ def main(argv: list[str] | None = None) -> dict:
     stem.with_suffix(".md").write_text(text)
     print(text)
     if args.readme:
-        write_readme_section(README, "compare-convnext", summary(report, f"benchmarks/results/{stem.name}.md"))
+        write_readme_section(README, args.readme_section, summary(report, f"benchmarks/results/{stem.name}.md"))
     return report
+
+
+def render_recorded(path: Path, readme_section: str | None, parser: argparse.ArgumentParser) -> dict:
+    """Print (and with a README section, write there) the summary of a report this script wrote earlier."""
+    results_file = path.with_suffix(".md").resolve()
+    if results_file.is_relative_to(README.parent.resolve()):
+        results_file = results_file.relative_to(README.parent.resolve())
+    try:
+        text = summary(json.loads(path.read_text()), results_file.as_posix())
+    except (OSError, ValueError, KeyError, StopIteration) as error:
+        parser.error(f"--from-json {path}: not a report written by this script ({type(error).__name__}: {error})")
+    print(text)
+    if readme_section is not None:
+        write_readme_section(README, readme_section, text)
+    return json.loads(path.read_text())
 
 
 if __name__ == "__main__":

@@ -11,8 +11,13 @@
 #
 # Steps, in order of what a short lease should get first (each under its own time limit, in
 # seconds, overridable as LIMIT_<step>=...; a failing or timed-out step does not stop the rest):
-#   tests            tests/test_cuda.py + the Triton kernel tests          -> gpu_tests.log
+#   tests            tests/test_cuda.py + the Triton kernel tests, serially -> gpu_tests.log, gpu_test_failures.log
+#                    (every test's outcome and every failure's traceback the moment it happens)
 #   compare          compare_convnext.py, eager, float32 and bf16 autocast -> compare_convnext_<gpu>_{fp32,bf16}.{json,md}
+#   depthwise        the depthwise convs, cuDNN against Triton, per shape  -> depthwise_gpu_<gpu>.{json,md}
+#   compare_cudnn    compare's float32 table with the depthwise convs forced to cuDNN (the
+#                    baseline of the Triton kernels, same machine)          -> compare_convnext_<gpu>_fp32_cudnn.*
+#   profile          XT's CUDA kernels by time (inference fp32/bf16, train) -> gpu_profile_xt_<gpu>.txt
 #   compare_compile  the same with --compile, bf16 (XT, T, convnext_tiny)  -> compare_convnext_<gpu>_bf16_compile.*
 #                    (torch.compile of 3 models x 2 modes: minutes; on the CPU a pico+convnext run took 7)
 #   contmix          ContMix ops at the preset shapes, float32 and float16 -> contmix_<gpu>[_fp16].{json,md}
@@ -26,12 +31,14 @@ cd "$(dirname "$0")/.."
 out="${1:-benchmarks/results}"
 shift || true
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(tests compare compare_compile contmix neighborhood train_step train compare_compile_fp32)
+all_steps=(tests compare depthwise compare_cudnn profile compare_compile contmix neighborhood train_step train compare_compile_fp32)
+[ ${#steps[@]} -eq 0 ] && steps=("${all_steps[@]}")
 # Seconds per step (LIMIT_<step> overrides); a typo in a step name is caught before anything runs.
-declare -A limit=([tests]=240 [compare]=240 [compare_compile]=420 [compare_compile_fp32]=420 [contmix]=180 [neighborhood]=90 [train_step]=120 [train]=300)
+declare -A limit=([tests]=240 [compare]=240 [depthwise]=150 [compare_cudnn]=150 [profile]=120 [compare_compile]=420 [compare_compile_fp32]=420
+    [contmix]=180 [neighborhood]=90 [train_step]=120 [train]=300)
 for step in "${steps[@]}"; do
     if [ -z "${limit[$step]:-}" ]; then
-        echo "unknown step '$step' (valid: tests compare compare_compile compare_compile_fp32 contmix neighborhood train_step train)" >&2
+        echo "unknown step '$step' (valid: ${all_steps[*]})" >&2
         exit 2
     fi
 done
@@ -66,14 +73,28 @@ compare() {  # compare LABEL ARGS...: issue 10's interleaved table at a GPU batc
 }
 
 step_tests() {
-    local parallel=()
-    "$PY" -c "import xdist" 2>/dev/null && parallel=(-n 6)
-    "$PY" -m pytest -q "${parallel[@]}" tests/test_cuda.py tests/test_kernels_triton.py tests/test_neighborhood_triton.py \
+    # Serially: under pytest -n 6 each process started CUDA and compiled the same Triton kernels at
+    # once (first lease: 7 tests in 200 s; serially 45 in about 150 s). pytest prints tracebacks only
+    # at the end, which a step's time limit can cut off: OVERLOCK_FAILURE_LOG (tests/conftest.py)
+    # writes each as it happens, and a per-test limit keeps one hang from taking the step.
+    local per_test=()
+    "$PY" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 150)
+    OVERLOCK_FAILURE_LOG="$out/gpu_test_failures.log" "$PY" -m pytest -v -p no:cacheprovider "${per_test[@]}" \
+        tests/test_depthwise_triton.py tests/test_kernels_triton.py tests/test_neighborhood_triton.py tests/test_cuda.py \
         2>&1 | tee "$out/gpu_tests.log"
 }
 step_compare() {
     compare fp32 --modes infer,deploy,train
     compare bf16 --modes infer,deploy,train --amp
+}
+step_depthwise() {
+    "$PY" benchmarks/depthwise_gpu.py --out "$out"
+}
+step_compare_cudnn() {
+    OVERLOCK_DEPTHWISE_CUDA=pytorch compare fp32_cudnn --modes infer,train --timm convnext_tiny
+}
+step_profile() {
+    "$PY" benchmarks/gpu_profile.py --presets xt --out "$out"
 }
 step_compare_compile() {
     compare bf16_compile --modes infer,train --amp --compile --timm convnext_tiny

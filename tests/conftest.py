@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,19 @@ from overlock import archspec
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO.parent / "shared" / "reference"
+# Where each test's outcome, duration and failure text go the moment it finishes. Set by
+# benchmarks/gpu_session.sh: a GPU lease's step can be cut off by its time limit before pytest
+# prints its end-of-session tracebacks, and the lease is over before anyone could rerun it.
+FAILURE_LOG = os.environ.get("OVERLOCK_FAILURE_LOG")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if FAILURE_LOG is None or (report.when != "call" and not report.failed):
+        return
+    with open(FAILURE_LOG, "a") as log:
+        log.write(f"{time.strftime('%H:%M:%S')} {report.outcome.upper()} {report.nodeid} ({report.duration:.1f} s)\n")
+        if report.failed:
+            log.write(report.longreprtext + "\n\n")
 
 
 @pytest.fixture(scope="session")

@@ -124,6 +124,31 @@ def test_attribution_sends_backward_time_to_the_module_that_ran_the_forward():
     assert per_module["2.0"]["backward"] > 0  # innermost module owns its ops
 
 
+def test_gpu_profiles_charge_each_operator_its_kernels_device_time():
+    """On CUDA an operator's CPU time is only its launch: the profile charges it the device time of
+    the kernels it launched, and the kernels are not operators of their own. Events as torch.profiler
+    gives them (name, parent, device type, times in microseconds), made up: no GPU here."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from overlock.bench import _SCOPE
+
+    def event(name, parent=None, device=DeviceType.CPU, cpu_us=0.0, device_us=0.0):
+        return SimpleNamespace(
+            name=name, cpu_parent=parent, device_type=device, sequence_nr=-1,
+            cpu_time_total=cpu_us, device_time_total=device_us,
+        )  # fmt: skip
+
+    scope = event(_SCOPE + "stem.conv")  # the range module_scopes opens around the module `stem.conv`
+    conv = event("aten::conv2d", parent=scope, cpu_us=40.0, device_us=900.0)
+    kernel = event("cudnn::conv2d_grouped_direct_kernel", device=DeviceType.CUDA, device_us=900.0)
+    per_module, per_op = attribute([scope, conv, kernel], device_time=True)
+    assert per_op == {"aten::conv2d": 900e-6} and per_module == {"stem.conv": {"forward": 900e-6, "backward": 0.0}}
+    per_module, per_op = attribute([scope, conv, kernel])  # the CPU's clock: the launch
+    assert per_op == {"aten::conv2d": 40e-6} and per_module["stem.conv"]["forward"] == 40e-6
+
+
 def test_deploy_and_inference_run_and_bad_flags_are_clear_errors():
     ok = run("bench", "pico", *SMALL, "--deploy", "--json")
     assert ok.exit_code == 0, ok.output
