@@ -33,14 +33,24 @@ operator computes the same three results with fast primitives:
   * "aten": PyTorch's own weight gradient (weight only), for the rest (undilated 3x3 kernels,
     56x56 maps with small kernels), where it is the fastest.
   All four round like the direct sum (tests compare them with a float64 reference).
+On CUDA the same three results come from PyTorch (cuDNN) or from Triton kernels
+(`triton_depthwise.py`), chosen per operation and shape by timing both on first use (see
+`_cuda_pick`): cuDNN's direct grouped kernels are the GPU's weak spot for large depthwise kernels.
 Only the stride-1, "same"-padded, odd-kernel case OverLoCK uses is covered; `depthwise_conv2d`
-falls back to `F.conv2d` (plain autograd) everywhere else: other devices, half dtypes, no grad.
-The backward is once-differentiable (no gradient of a gradient through this op).
+falls back to `F.conv2d` (plain autograd) everywhere else: other devices, half dtypes on the CPU,
+tracing, torch.compile on CUDA. The backward is once-differentiable (no gradient of a gradient
+through this op).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
+import os
+import statistics
+import warnings
+from collections.abc import Callable
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -183,6 +193,8 @@ def native_forward_wins(kernel_size: int, dilation: int) -> bool:
 
 
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int) -> torch.Tensor:
+    if x.device.type == "cuda":
+        return _cuda_conv(x, weight, bias, dilation)
     if native_forward_wins(weight.shape[-1], dilation) and native_forward_applies(x, weight, bias):
         return conv_native(x, weight, bias, dilation)
     return conv_pytorch(x, weight, bias, dilation)
@@ -320,10 +332,106 @@ def weight_grad_method(height: int, width: int, kernel_size: int, dilation: int 
 
 def weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel_size: int, dilation: int) -> torch.Tensor:
     """d loss / d weight of a same-padded depthwise conv, (C, 1, K, K), by the fastest method."""
+    if x.device.type == "cuda":
+        return _cuda_weight_grad(x, grad, kernel_size, dilation)
     if native_weight_grad_applies(x, grad):
         return weight_grad_native(x, grad, kernel_size, dilation)
     method = WEIGHT_GRAD_METHODS[weight_grad_method(x.shape[-2], x.shape[-1], kernel_size, dilation)]
     return method(x, grad, kernel_size, dilation)
+
+
+# On CUDA: PyTorch's convolution (cuDNN) or overlock's Triton kernels (triton_depthwise.py), whichever
+# this GPU runs faster. Each operation (forward or input gradient, weight gradient) picks per shape,
+# dtype and layout the first time it runs, by timing both on the device, as cudnn.benchmark picks
+# among cuDNN's algorithms: the winner depends on the GPU, the kernel size and the map (cuDNN's
+# direct grouped kernels took 2 ms for XT's 17x17 forward at batch 64 on an H100; for 3x3 kernels
+# they are fine). OVERLOCK_DEPTHWISE_CUDA=pytorch or =triton skips the timing and takes that one
+# wherever it applies (benchmarks; bisecting a numerical difference).
+CUDA_BACKEND_VARIABLE = "OVERLOCK_DEPTHWISE_CUDA"
+CUDA_BACKENDS = ("measure", "pytorch", "triton")
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_cuda_choices: dict[tuple, str] = {}
+
+
+def cuda_backend_setting() -> str:
+    """OVERLOCK_DEPTHWISE_CUDA, checked: "measure" (the default), "pytorch" or "triton"."""
+    value = os.environ.get(CUDA_BACKEND_VARIABLE, "measure")
+    if value not in CUDA_BACKENDS:
+        raise ValueError(f"{CUDA_BACKEND_VARIABLE}={value!r}: valid values are {', '.join(CUDA_BACKENDS)}")
+    return value
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_kernels() -> ModuleType | None:
+    """triton_depthwise, imported on first use (Triton reads TRITON_INTERPRET when a kernel is defined)."""
+    try:
+        return importlib.import_module(f"{__package__}.triton_depthwise")
+    except ImportError:  # no triton, or a broken install: PyTorch's convolution only
+        return None
+
+
+def _median_device_ms(run: Callable[[], torch.Tensor]) -> float:
+    run()  # warm-up: Triton compiles this variant, cuDNN picks its algorithm
+    times = []
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _cuda_pick(key: tuple, candidates: dict[str, Callable[[], torch.Tensor]]) -> torch.Tensor:
+    """Run the candidate chosen for `key`: the setting's, else the one timed fastest here (cached)."""
+    setting = cuda_backend_setting()
+    if setting != "measure":
+        return candidates.get(setting, candidates["pytorch"])()
+    choice = _cuda_choices.get(key)
+    if choice is None:
+        if len(candidates) == 1 or torch.cuda.is_current_stream_capturing():
+            return candidates["pytorch"]()  # nothing to compare, or no timing inside a CUDA graph capture
+        times = {}
+        for name, run in candidates.items():
+            try:
+                times[name] = _median_device_ms(run)
+            except Exception as error:  # noqa: BLE001 - a kernel that cannot run here is no candidate
+                if name == "pytorch":
+                    raise
+                warnings.warn(
+                    f"overlock: the {name} depthwise kernel failed on {key} ({type(error).__name__}: {error}); "
+                    f"PyTorch's convolution runs this shape ({CUDA_BACKEND_VARIABLE}=pytorch silences this)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        choice = _cuda_choices[key] = min(times, key=times.__getitem__)
+    return candidates[choice]()
+
+
+def _cuda_key(operation: str, x: torch.Tensor, *shape: int) -> tuple:
+    layout = (
+        "nchw" if x.is_contiguous() else "nhwc" if x.is_contiguous(memory_format=torch.channels_last) else "strided"
+    )
+    return (operation, x.device.index, x.dtype, tuple(x.shape), layout, *shape)
+
+
+def _cuda_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int) -> torch.Tensor:
+    kernel_size = weight.shape[-1]
+    padding = dilation * (kernel_size - 1) // 2
+    candidates = {"pytorch": lambda: F.conv2d(x, weight, bias, padding=padding, dilation=dilation, groups=x.shape[1])}
+    kernels = _triton_kernels()
+    if kernels is not None and x.dtype in TRITON_DTYPES and weight.dtype == x.dtype:
+        candidates["triton"] = lambda: kernels.forward(x, weight, bias, dilation)
+    return _cuda_pick(_cuda_key("conv", x, kernel_size, dilation, bias is not None), candidates)
+
+
+def _cuda_weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel_size: int, dilation: int) -> torch.Tensor:
+    candidates = {"pytorch": lambda: weight_grad_aten(x, grad, kernel_size, dilation)}
+    kernels = _triton_kernels()
+    if kernels is not None and x.dtype in TRITON_DTYPES and grad.dtype == x.dtype:
+        candidates["triton"] = lambda: kernels.weight_grad(x, grad, kernel_size, dilation)
+    return _cuda_pick(_cuda_key("weight_grad", x, kernel_size, dilation), candidates)
 
 
 class _DepthwiseConv(torch.autograd.Function):
@@ -351,21 +459,50 @@ class _DepthwiseConv(torch.autograd.Function):
 def depthwise_conv2d(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, dilation: int = 1
 ) -> torch.Tensor:
-    """F.conv2d(x, weight, bias, padding=dilation*(K-1)//2, dilation=dilation, groups=C), faster on CPU.
+    """F.conv2d(x, weight, bias, padding=dilation*(K-1)//2, dilation=dilation, groups=C), faster on the
+    CPU; on CUDA the faster of cuDNN and the Triton kernels for each shape.
 
     weight (C, 1, K, K) with odd K; the output has x's spatial size.
     """
     if weight.shape[-1] % 2 == 0 or weight.shape[-1] != weight.shape[-2] or weight.shape[1] != 1:
         raise ValueError(f"depthwise_conv2d needs a (C, 1, K, K) weight with odd K, got {tuple(weight.shape)}")
+    traced = torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    if x.device.type == "cuda" and not traced:
+        return _cuda_depthwise(x, weight, bias, dilation)
     fast = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
     # Tracers (fvcore's FLOP count, torch.jit) must see the plain convolution. torch.compile traces
     # the autograd.Function into its graph and keeps it: inductor's own depthwise backward is
     # PyTorch's slow one (XT training step compiled, one thread, `overlock bench xt --train
     # --compile`: 3.0 s with this op against 3.3 s eager on a quiet machine; 7.1 s with the plain
-    # conv, measured under load).
+    # conv, measured under load). On CUDA, torch.compile gets the plain convolution (the timing
+    # choice above cannot run inside a traced graph).
     if not fast or torch.is_autocast_enabled("cpu") or torch.jit.is_tracing():
-        padding = dilation * (weight.shape[-1] - 1) // 2
-        return F.conv2d(x, weight, bias, padding=padding, dilation=dilation, groups=x.shape[1])
-    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return _plain_conv(x, weight, bias, dilation)
+    return _with_gradient(x, weight, bias, dilation)
+
+
+def _plain_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int) -> torch.Tensor:
+    padding = dilation * (weight.shape[-1] - 1) // 2
+    return F.conv2d(x, weight, bias, padding=padding, dilation=dilation, groups=x.shape[1])
+
+
+def _with_gradient(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int) -> torch.Tensor:
+    """The operator under autograd when anything needs a gradient, else the forward alone."""
+    inputs = (x, weight) if bias is None else (x, weight, bias)
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
         return _conv(x, weight, bias, dilation)
     return _DepthwiseConv.apply(x, weight, bias, dilation)
+
+
+def _cuda_depthwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int) -> torch.Tensor:
+    """CUDA: autocast as F.conv2d does it (every floating input but float64 cast to the autocast dtype), then the op."""
+    if torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+
+        def cast(t: torch.Tensor) -> torch.Tensor:
+            return t.to(dtype) if t.dtype != torch.float64 else t
+
+        x, weight, bias = cast(x), cast(weight), (cast(bias) if bias is not None else None)
+        with torch.autocast("cuda", enabled=False):
+            return _with_gradient(x, weight, bias, dilation)
+    return _with_gradient(x, weight, bias, dilation)

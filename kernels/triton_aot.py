@@ -1,4 +1,4 @@
-"""Compile the ContMix Triton kernels ahead of time for an NVIDIA GPU, without one, and read what they cost.
+"""Compile overlock's Triton kernels ahead of time for an NVIDIA GPU, without one, and read what they cost.
 
 Why this exists: CI runs the kernels through Triton's interpreter, which checks their numbers but
 neither that they compile for a real GPU (the interpreter accepts code the compiler rejects) nor
@@ -33,7 +33,8 @@ from triton.compiler import ASTSource
 from . import triton_kernels
 
 _POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
-_FLOAT32_POINTERS = ("rpb_ptr", "lse_ptr", "drpb_ptr", "delta_ptr")  # bias table, statistics, bias gradient
+# bias table, statistics, bias gradient; the depthwise weight gradient's partial sums
+_FLOAT32_POINTERS = ("rpb_ptr", "lse_ptr", "drpb_ptr", "delta_ptr", "part_ptr")
 
 
 @dataclass(frozen=True)
@@ -93,12 +94,14 @@ def compile_ahead(
     arch: int = 90,
     num_warps: int = 4,
     neighborhood: bool = False,
+    depthwise: bool = False,
 ) -> list[KernelResources]:
     """Compile the forward and both backward kernels of one call shape for `sm_<arch>`; return their resources.
 
     softmax=True is the fused `contmix`, False the plain `aggregate`; neighborhood=True compiles the
-    neighbourhood-attention kernels instead (triton_neighborhood.py; softmax then means "with a bias"). Raises RuntimeError when the
-    kernels were defined for the interpreter, or when the CUDA tools are missing.
+    neighbourhood-attention kernels instead (triton_neighborhood.py; softmax then means "with a bias"),
+    depthwise=True the depthwise convolution's (triton_depthwise.py; a width x width map, channels C).
+    Raises RuntimeError when the kernels were defined for the interpreter, or when the CUDA tools are missing.
     """
     if triton_kernels.INTERPRETED:
         raise RuntimeError(
@@ -108,10 +111,17 @@ def compile_ahead(
         raise ValueError(f"dtype must be one of {sorted(str(d) for d in _POINTER_TYPES)}, got {dtype}")
     target = GPUTarget("cuda", arch, 32)
     results = []
-    module = triton_kernels
-    if neighborhood:
-        from . import triton_neighborhood as module
-    for name, config in module.launch_configs(width, kernel_size, channels, softmax).items():
+    if depthwise:
+        from . import triton_depthwise
+
+        configs = triton_depthwise.launch_configs(width, kernel_size, channels)
+        module = triton_depthwise
+    else:
+        module = triton_kernels
+        if neighborhood:
+            from . import triton_neighborhood as module
+        configs = module.launch_configs(width, kernel_size, channels, softmax)
+    for name, config in configs.items():
         fn = getattr(module, name)
         source = ASTSource(fn, _signature(fn, dtype, config), constexprs=config)
         compiled = triton.compile(source, target=target, options={"num_warps": num_warps})
@@ -144,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200, 80: A100)")
     parser.add_argument("--aggregate", action="store_true", help="the plain aggregation instead of the fused op")
     parser.add_argument("--neighborhood", action="store_true", help="the neighbourhood-attention kernels instead")
+    parser.add_argument("--depthwise", action="store_true", help="the depthwise-convolution kernels instead")
     args = parser.parse_args(argv)
     for width, kernel_size, channels in args.shapes:
         for item in compile_ahead(
@@ -154,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
             softmax=not args.aggregate,
             arch=args.arch,
             neighborhood=args.neighborhood,
+            depthwise=args.depthwise,
         ):
             print(json.dumps({"width": width, "kernel_size": kernel_size, "channels": channels, **asdict(item)}))
 

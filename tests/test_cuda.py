@@ -101,6 +101,39 @@ def test_cuda_forward_and_gradients_match_the_cpu(spec, randomize_batchnorm):
     assert_same_gradients(got_grads, expected_grads, 1e-3)
 
 
+@pytest.mark.parametrize("setting", ["pytorch", "triton", "measure"])
+@pytest.mark.parametrize("kernel_size,dilation,channels_last", [(17, 1, False), (7, 2, True), (3, 3, False)])
+def test_depthwise_operator_on_cuda_matches_conv2d(monkeypatch, setting, kernel_size, dilation, channels_last):
+    """kernels.depthwise on CUDA, each backend forced and the timed choice: output and the three
+    gradients against F.conv2d's autograd on the CPU in float64."""
+    from overlock.kernels import depthwise
+
+    monkeypatch.setenv(depthwise.CUDA_BACKEND_VARIABLE, setting)
+    monkeypatch.setattr(depthwise, "_cuda_choices", {})
+    gen = torch.Generator().manual_seed(kernel_size)
+    x = torch.randn(4, 24, 30, 28, generator=gen)
+    weight, bias = torch.randn(24, 1, kernel_size, kernel_size, generator=gen), torch.randn(24, generator=gen)
+    grad = torch.randn(4, 24, 30, 28, generator=gen)
+    leaves = [t.double().requires_grad_() for t in (x, weight, bias)]
+    padding = dilation * (kernel_size - 1) // 2
+    expected = torch.nn.functional.conv2d(*leaves, padding=padding, dilation=dilation, groups=24)
+    expected.backward(grad.double())
+    on_cuda = [t.to(CUDA).requires_grad_() for t in (x, weight, bias)]
+    image = on_cuda[0].contiguous(memory_format=torch.channels_last) if channels_last else on_cuda[0]
+    out = depthwise.depthwise_conv2d(image, on_cuda[1], on_cuda[2], dilation=dilation)
+    out.backward(grad.to(CUDA))
+    assert relative_error(out, expected) <= 1e-5
+    for got, leaf in zip(on_cuda, leaves, strict=True):
+        assert relative_error(got.grad, leaf.grad) <= 1e-5
+    if setting == "measure":
+        # three choices: the forward (with bias), the input gradient (a forward without) and the weight gradient
+        assert sorted(key[0] for key in depthwise._cuda_choices) == ["conv", "conv", "weight_grad"]
+        assert set(depthwise._cuda_choices.values()) <= {"pytorch", "triton"}
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # cast as F.conv2d is under autocast
+        low = depthwise.depthwise_conv2d(image, on_cuda[1], on_cuda[2], dilation=dilation)
+    assert low.dtype == torch.bfloat16 and relative_error(low, expected) <= 0.02
+
+
 def test_deploy_form_equals_training_form_on_cuda(randomize_batchnorm):
     torch.manual_seed(0)
     model = build("t")
