@@ -128,8 +128,16 @@ def main() -> None:
                     )
                     print(lines[-1], flush=True)
                     report["results"].append(
-                        {"preset": preset, "dtype": dtype_name, "channels": channels, "side": side, "kernel": kernel,
-                         "dilation": dilation, "runs": runs, **row}  # fmt: skip
+                        {
+                            "preset": preset,
+                            "dtype": dtype_name,
+                            "channels": channels,
+                            "side": side,
+                            "kernel": kernel,
+                            "dilation": dilation,
+                            "runs": runs,
+                            **row,
+                        }
                     )
             lines += [
                 "",

@@ -36,10 +36,10 @@ operator computes the same three results with fast primitives:
 On CUDA the same three results come from PyTorch (cuDNN) or from Triton kernels
 (`triton_depthwise.py`), chosen per operation and shape by timing both on first use (see
 `_cuda_pick`): cuDNN's direct grouped kernels are the GPU's weak spot for large depthwise kernels.
+There the operator is a custom op, `overlock::depthwise_conv2d`, which torch.compile keeps whole.
 Only the stride-1, "same"-padded, odd-kernel case OverLoCK uses is covered; `depthwise_conv2d`
 falls back to `F.conv2d` (plain autograd) everywhere else: other devices, half dtypes on the CPU,
-tracing, torch.compile on CUDA. The backward is once-differentiable (no gradient of a gradient
-through this op).
+tracing and export. The backward is once-differentiable (no gradient of a gradient through this op).
 """
 
 from __future__ import annotations
@@ -193,8 +193,6 @@ def native_forward_wins(kernel_size: int, dilation: int) -> bool:
 
 
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int) -> torch.Tensor:
-    if x.device.type == "cuda":
-        return _cuda_conv(x, weight, bias, dilation)
     if native_forward_wins(weight.shape[-1], dilation) and native_forward_applies(x, weight, bias):
         return conv_native(x, weight, bias, dilation)
     return conv_pytorch(x, weight, bias, dilation)
@@ -332,8 +330,6 @@ def weight_grad_method(height: int, width: int, kernel_size: int, dilation: int 
 
 def weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel_size: int, dilation: int) -> torch.Tensor:
     """d loss / d weight of a same-padded depthwise conv, (C, 1, K, K), by the fastest method."""
-    if x.device.type == "cuda":
-        return _cuda_weight_grad(x, grad, kernel_size, dilation)
     if native_weight_grad_applies(x, grad):
         return weight_grad_native(x, grad, kernel_size, dilation)
     method = WEIGHT_GRAD_METHODS[weight_grad_method(x.shape[-2], x.shape[-1], kernel_size, dilation)]
@@ -434,6 +430,61 @@ def _cuda_weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel_size: int, dil
     return _cuda_pick(_cuda_key("weight_grad", x, kernel_size, dilation), candidates)
 
 
+# The CUDA operator is a torch.library custom op (as ContMix's are, kernels/ops.py), so that
+# torch.compile keeps it as one opaque node whose implementation (the timed choice above) runs
+# eagerly when the compiled graph does, instead of tracing into it or falling back to cuDNN.
+
+
+@torch.library.custom_op("overlock::depthwise_conv2d", mutates_args=())
+def depthwise_conv2d_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int
+) -> torch.Tensor:
+    """The same-padded depthwise conv by the faster of PyTorch and Triton here (`_cuda_conv`), in x's layout."""
+    out = _cuda_conv(x, weight, bias, dilation)
+    if out.stride() == x.stride():
+        return out
+    like = torch.empty_like(x)  # the layout the fake promises
+    return out if like.stride() == out.stride() else like.copy_(out)
+
+
+@depthwise_conv2d_op.register_fake
+def _(x, weight, bias, dilation):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("overlock::depthwise_conv2d_weight_grad", mutates_args=())
+def depthwise_weight_grad_op(x: torch.Tensor, grad: torch.Tensor, kernel_size: int, dilation: int) -> torch.Tensor:
+    """d loss / d weight, (C, 1, K, K) float32, by the faster of PyTorch and Triton here (`_cuda_weight_grad`)."""
+    return _cuda_weight_grad(x, grad, kernel_size, dilation).to(torch.float32).contiguous()
+
+
+@depthwise_weight_grad_op.register_fake
+def _(x, grad, kernel_size, dilation):
+    return x.new_empty((x.shape[1], 1, kernel_size, kernel_size), dtype=torch.float32)
+
+
+def _depthwise_setup(ctx, inputs, output):
+    x, weight, bias, dilation = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.dilation = dilation
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _depthwise_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:  # the adjoint of a same-padded correlation: the mirrored kernel
+        grad_x = depthwise_conv2d_op(grad, weight.flip(-1, -2), None, ctx.dilation)
+    if ctx.needs_input_grad[1]:
+        grad_w = depthwise_weight_grad_op(x, grad, weight.shape[-1], ctx.dilation).to(weight.dtype)
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+        grad_b = grad.sum(dim=(0, 2, 3)).to(ctx.bias_dtype)
+    return grad_x, grad_w, grad_b, None
+
+
+depthwise_conv2d_op.register_autograd(_depthwise_backward, setup_context=_depthwise_setup)
+
+
 class _DepthwiseConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, dilation):
@@ -466,16 +517,15 @@ def depthwise_conv2d(
     """
     if weight.shape[-1] % 2 == 0 or weight.shape[-1] != weight.shape[-2] or weight.shape[1] != 1:
         raise ValueError(f"depthwise_conv2d needs a (C, 1, K, K) weight with odd K, got {tuple(weight.shape)}")
-    traced = torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
-    if x.device.type == "cuda" and not traced:
+    if x.device.type == "cuda" and not (torch.jit.is_tracing() or torch.compiler.is_exporting()):
         return _cuda_depthwise(x, weight, bias, dilation)
     fast = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
     # Tracers (fvcore's FLOP count, torch.jit) must see the plain convolution. torch.compile traces
     # the autograd.Function into its graph and keeps it: inductor's own depthwise backward is
     # PyTorch's slow one (XT training step compiled, one thread, `overlock bench xt --train
     # --compile`: 3.0 s with this op against 3.3 s eager on a quiet machine; 7.1 s with the plain
-    # conv, measured under load). On CUDA, torch.compile gets the plain convolution (the timing
-    # choice above cannot run inside a traced graph).
+    # conv, measured under load). On CUDA torch.compile keeps the custom op; exported programs
+    # (torch.export, ONNX) get the plain convolution, which every runtime has.
     if not fast or torch.is_autocast_enabled("cpu") or torch.jit.is_tracing():
         return _plain_conv(x, weight, bias, dilation)
     return _with_gradient(x, weight, bias, dilation)
@@ -504,5 +554,5 @@ def _cuda_depthwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
         x, weight, bias = cast(x), cast(weight), (cast(bias) if bias is not None else None)
         with torch.autocast("cuda", enabled=False):
-            return _with_gradient(x, weight, bias, dilation)
-    return _with_gradient(x, weight, bias, dilation)
+            return depthwise_conv2d_op(x, weight, bias, dilation)
+    return depthwise_conv2d_op(x, weight, bias, dilation)

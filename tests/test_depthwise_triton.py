@@ -139,23 +139,36 @@ def test_kernels_compile_for_h100_without_spilling():
 
 
 @pytest.mark.parametrize("setting", ["pytorch", "triton"])
-def test_the_cuda_operations_through_autograd_match_conv2d(kernels, monkeypatch, setting):
-    """The CUDA path's autograd wiring (forward, mirrored-kernel input gradient, weight and bias
-    gradients) with each backend, run on this device: `_conv` and `weight_grad` are pointed at the
-    CUDA entry points, which do not look at the device themselves."""
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_the_cuda_operator_and_its_gradients_match_conv2d(kernels, monkeypatch, setting, layout):
+    """`overlock::depthwise_conv2d`, the op CUDA models run (eagerly and under torch.compile), with each
+    backend forced: its output in the input's layout, and its autograd formula (mirrored-kernel input
+    gradient, weight and bias gradients). The op's implementation does not look at the device, so it
+    runs here too."""
     monkeypatch.setenv(depthwise.CUDA_BACKEND_VARIABLE, setting)
-    monkeypatch.setattr(depthwise, "_conv", depthwise._cuda_conv)
-    monkeypatch.setattr(depthwise, "weight_grad", depthwise._cuda_weight_grad)
     gen = torch.Generator().manual_seed(5)
     x, grad = torch.randn(2, 5, 8, 9, generator=gen), torch.randn(2, 5, 8, 9, generator=gen)
     weight, bias = torch.randn(5, 1, 5, 5, generator=gen), torch.randn(5, generator=gen)
     out, grad_x, grad_w, grad_b = reference(x, weight, bias, 2, grad)
     leaves = [t.to(DEVICE).requires_grad_() for t in (x, weight, bias)]
-    got = depthwise._with_gradient(*leaves, 2)
+    image = leaves[0].contiguous(memory_format=torch.channels_last) if layout == "nhwc" else leaves[0]
+    got = depthwise.depthwise_conv2d_op(image, *leaves[1:], 2)
+    assert got.stride() == torch.empty_like(image).stride()  # what the op's fake promises torch.compile
     got.backward(grad.to(DEVICE))
     assert relative_error(got.detach().cpu(), out) < 1e-5
     for leaf, expected in zip(leaves, (grad_x, grad_w, grad_b), strict=True):
         assert leaf.grad.dtype == torch.float32 and relative_error(leaf.grad.cpu(), expected) < 1e-5
+
+
+def test_the_cuda_operator_passes_opcheck(monkeypatch):
+    """Schema, fake (meta) implementation, autograd registration and AOT tracing, as torch.compile
+    needs them (torch.library.opcheck)."""
+    monkeypatch.setenv(depthwise.CUDA_BACKEND_VARIABLE, "pytorch")
+    gen = torch.Generator().manual_seed(6)
+    args = (torch.randn(2, 3, 7, 6, generator=gen).requires_grad_(), torch.randn(3, 1, 3, 3, generator=gen), None, 3)
+    torch.library.opcheck(depthwise.depthwise_conv2d_op, args)
+    grad = torch.randn(2, 3, 7, 6, generator=gen)
+    torch.library.opcheck(depthwise.depthwise_weight_grad_op, (args[0].detach(), grad, 3, 3))
 
 
 class StandInClock:
