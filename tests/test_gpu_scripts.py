@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,3 +41,13 @@ def test_gpu_lease_needs_the_device_tools_out_folder_and_a_known_verb():
     assert outside.returncode == 2 and "OUT (set by the device tool)" in outside.stderr
     unknown = run("gpu_lease.sh", "launch", env=env)
     assert unknown.returncode == 2 and unknown.stderr.startswith("usage: bash benchmarks/gpu_lease.sh prepare")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("script", ["gpu_profile.py", "depthwise_gpu.py"])
+def test_gpu_only_benchmarks_refuse_a_machine_without_cuda_without_a_traceback(script):
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script)], capture_output=True, text=True, timeout=120, cwd=BENCHMARKS.parent
+    )
+    assert result.returncode == 2
+    assert "error: no CUDA device here" in result.stderr and "Traceback" not in result.stderr
