@@ -111,25 +111,25 @@ def compile_ahead(
         raise ValueError(f"dtype must be one of {sorted(str(d) for d in _POINTER_TYPES)}, got {dtype}")
     target = GPUTarget("cuda", arch, 32)
     results = []
-    if depthwise:
-        from . import triton_depthwise
+    if depthwise:  # every autotuning config, each with its own warps
+        from . import triton_depthwise as module
 
-        configs = triton_depthwise.launch_configs(width, kernel_size, channels)
-        module = triton_depthwise
+        variants = module.aot_variants(width, kernel_size, channels)
     else:
         module = triton_kernels
         if neighborhood:
             from . import triton_neighborhood as module
         configs = module.launch_configs(width, kernel_size, channels, softmax)
-    for name, config in configs.items():
+        variants = [(name, config, num_warps) for name, config in configs.items()]
+    for name, config, warps in variants:
         fn = getattr(module, name)
         source = ASTSource(fn, _signature(fn, dtype, config), constexprs=config)
-        compiled = triton.compile(source, target=target, options={"num_warps": num_warps})
+        compiled = triton.compile(source, target=target, options={"num_warps": warps})
         usage = _ptxas_report(compiled.asm["ptx"], arch)
         results.append(
             KernelResources(
                 name,
-                dict(config),
+                dict(config) if warps == num_warps else {**config, "num_warps": warps},
                 usage["registers"],
                 usage["stack"],
                 usage["spill_stores"] + usage["spill_loads"],

@@ -23,7 +23,8 @@ of each shape and runs the faster (no GPU had run them when they were written).
   the columns. Each program writes its own (K, BLOCK_C) partial sums; the shares are summed after
   (deterministic, no atomics).
 Inputs may be float16, bfloat16 or float32 in any memory layout (strides are arguments);
-everything accumulates in float32.
+everything accumulates in float32. On a GPU Triton's autotuner picks the tiles (FORWARD_TILES,
+WEIGHT_GRAD_TILES); the interpreter takes whole maps.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ _WGRAD_PROGRAMS_PER_SM = 4
 @triton.jit
 def _depthwise_forward(
     x_ptr, w_ptr, bias_ptr, out_ptr,
-    H, W, C, n_wblocks, groups_per_residue,
+    H, W, C,
     sx_b, sx_c, sx_h, sx_w,
     so_b, so_c, so_h, so_w,
     K: tl.constexpr, DILATION: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -49,6 +50,8 @@ def _depthwise_forward(
 ):  # fmt: skip
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
+    n_wblocks = tl.cdiv(W, BLOCK_W)
+    groups_per_residue = tl.cdiv(tl.cdiv(H, DILATION), ROWS)
     group = pid // n_wblocks
     wb = pid % n_wblocks
     # Output rows residue, residue + d, ... share input rows; each group holds ROWS of one residue.
@@ -129,39 +132,56 @@ def _pow2_at_most(n: int, cap: int) -> int:
     return min(cap, triton.next_power_of_2(max(n, 1)))
 
 
+# On a GPU Triton's autotuner picks the tiles per map shape and layout (the first call of each times
+# every config; no GPU had run these when they were written, so the list spans the layouts rather
+# than being tuned). Forward: ROWS x BLOCK_W x BLOCK_C float32 accumulators, 2048-8192 (16 to 64
+# registers a thread at 4 warps); wide BLOCK_W suits NCHW maps (columns contiguous), wide BLOCK_C
+# channels_last ones. Weight gradient: the segment width and warps; BLOCK_C stays 32 (the row
+# splits and their partial sums are sized by it).
+FORWARD_TILES = [(8, 16, 32, 4), (8, 32, 16, 4), (4, 64, 8, 4), (16, 16, 16, 4), (4, 8, 64, 4), (8, 32, 32, 8)]
+WEIGHT_GRAD_TILES = [(64, 4), (32, 4), (128, 8)]
+WEIGHT_GRAD_BLOCK_C = 32
+
+
 def forward_config(height: int, width: int, channels: int, dilation: int) -> dict[str, int]:
-    """Tile sizes: ROWS x BLOCK_W x BLOCK_C float32 accumulators (4096 on a GPU: 32 registers a
-    thread at 4 warps). The interpreter pays per program and per op, not per register: whole maps."""
-    if INTERPRETED:
-        return {"ROWS": _pow2_at_most(-(-height // dilation), 64), "BLOCK_W": _pow2_at_most(width, 64),
-                "BLOCK_C": _pow2_at_most(channels, 64)}  # fmt: skip
+    """The interpreter's tiles: whole maps (it pays per program and per op, not per register)."""
     return {
-        "ROWS": _pow2_at_most(-(-height // dilation), 8),
-        "BLOCK_W": _pow2_at_most(width, 16),
-        "BLOCK_C": _pow2_at_most(channels, 32),
-        "num_warps": 4,
+        "ROWS": _pow2_at_most(-(-height // dilation), 64),
+        "BLOCK_W": _pow2_at_most(width, 64),
+        "BLOCK_C": _pow2_at_most(channels, 64),
     }
 
 
-def weight_grad_config(width: int, channels: int, kernel_size: int) -> dict[str, int]:
-    """Tiles of the weight gradient: a (BLOCK_W, BLOCK_C) gradient segment against each shifted input
-    segment, reduced into (BLOCK_K, BLOCK_C) partial sums."""
-    return {
-        "BLOCK_K": triton.next_power_of_2(kernel_size),
-        "BLOCK_W": _pow2_at_most(width, 256 if INTERPRETED else 64),
-        "BLOCK_C": _pow2_at_most(channels, 32),
-    }
+def _forward_configs() -> list[triton.Config]:
+    return [
+        triton.Config({"ROWS": rows, "BLOCK_W": block_w, "BLOCK_C": block_c}, num_warps=warps)
+        for rows, block_w, block_c, warps in FORWARD_TILES
+    ]
 
 
-def launch_configs(width: int, kernel_size: int, channels: int, dilation: int = 1) -> dict[str, dict]:
-    """Every kernel's constexpr launch parameters for a square map (triton_aot compiles these ahead of time)."""
-    forward = forward_config(width, width, channels, dilation)
-    forward.pop("num_warps", None)
-    shape = {"K": kernel_size, "DILATION": dilation}
-    return {
-        "_depthwise_forward": {**shape, "HAS_BIAS": True, **forward},
-        "_depthwise_weight_grad": {**shape, **weight_grad_config(width, channels, kernel_size)},
-    }
+def _weight_grad_configs() -> list[triton.Config]:
+    return [triton.Config({"BLOCK_W": block_w}, num_warps=warps) for block_w, warps in WEIGHT_GRAD_TILES]
+
+
+_LAYOUT_KEY = ["H", "W", "C", "K", "DILATION", "sx_c", "sx_w"]
+_forward_tuned = triton.autotune(_forward_configs(), key=_LAYOUT_KEY)(_depthwise_forward)
+_weight_grad_tuned = triton.autotune(_weight_grad_configs(), key=_LAYOUT_KEY)(_depthwise_weight_grad)
+
+
+def aot_variants(width: int, kernel_size: int, channels: int) -> list[tuple[str, dict, int]]:
+    """(kernel, constexprs, warps) of every variant a GPU may launch for a square map of this width
+    and kernel: triton_aot compiles them ahead of time to check registers and spills."""
+    shape = {"K": kernel_size, "DILATION": 1}
+    variants = [
+        ("_depthwise_forward", {**shape, "HAS_BIAS": True, **config.kwargs}, config.num_warps)
+        for config in _forward_configs()
+    ]
+    weight_grad = {**shape, "BLOCK_K": triton.next_power_of_2(kernel_size), "BLOCK_C": WEIGHT_GRAD_BLOCK_C}
+    variants += [
+        ("_depthwise_weight_grad", {**weight_grad, **config.kwargs}, config.num_warps)
+        for config in _weight_grad_configs()
+    ]
+    return variants
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int) -> torch.Tensor:
@@ -170,17 +190,28 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, di
     kernel_size = weight.shape[-1]
     weight = weight.contiguous()
     out = torch.empty_like(x)  # keeps x's memory format
-    config = forward_config(height, width, channels, dilation)
-    rows, block_w, block_c = config["ROWS"], config["BLOCK_W"], config["BLOCK_C"]
-    groups_per_residue = triton.cdiv(triton.cdiv(height, dilation), rows)
-    n_wblocks = triton.cdiv(width, block_w)
-    grid = (dilation * groups_per_residue * n_wblocks, batch, triton.cdiv(channels, block_c))
-    _depthwise_forward[grid](
-        x, weight, bias if bias is not None else weight, out,
-        height, width, channels, n_wblocks, groups_per_residue,
-        *x.stride(), *out.stride(),
-        K=kernel_size, DILATION=dilation, HAS_BIAS=bias is not None, **config,
-    )  # fmt: skip
+
+    def grid(tiles: dict) -> tuple[int, int, int]:
+        row_groups = dilation * triton.cdiv(triton.cdiv(height, dilation), tiles["ROWS"])
+        return row_groups * triton.cdiv(width, tiles["BLOCK_W"]), batch, triton.cdiv(channels, tiles["BLOCK_C"])
+
+    arguments = (
+        x,
+        weight,
+        bias if bias is not None else weight,
+        out,
+        height,
+        width,
+        channels,
+        *x.stride(),
+        *out.stride(),
+    )
+    shape = {"K": kernel_size, "DILATION": dilation, "HAS_BIAS": bias is not None}
+    if INTERPRETED:
+        tiles = forward_config(height, width, channels, dilation)
+        _depthwise_forward[grid(tiles)](*arguments, **shape, **tiles)
+    else:
+        _forward_tuned[grid](*arguments, **shape)
     return out
 
 
@@ -196,15 +227,16 @@ def _row_splits(rows: int, programs_per_split: int, device: torch.device) -> int
 def weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel_size: int, dilation: int) -> torch.Tensor:
     """d loss / d weight, (C, 1, K, K) float32, of the same-padded depthwise conv of x whose output gradient is grad."""
     batch, channels, height, width = x.shape
-    config = weight_grad_config(width, channels, kernel_size)
-    channel_blocks = triton.cdiv(channels, config["BLOCK_C"])
+    block_c = _pow2_at_most(channels, WEIGHT_GRAD_BLOCK_C)
+    channel_blocks = triton.cdiv(channels, block_c)
     rows = batch * height
     splits = _row_splits(rows, channel_blocks * kernel_size, x.device)
     partial = torch.empty((splits, channels, kernel_size, kernel_size), dtype=torch.float32, device=x.device)
-    _depthwise_weight_grad[(channel_blocks, kernel_size, splits)](
-        x, grad, partial,
-        height, width, channels, rows, splits,
-        *x.stride(), *grad.stride(),
-        K=kernel_size, DILATION=dilation, **config,
-    )  # fmt: skip
+    arguments = (x, grad, partial, height, width, channels, rows, splits, *x.stride(), *grad.stride())
+    fixed = {"K": kernel_size, "DILATION": dilation, "BLOCK_K": triton.next_power_of_2(kernel_size), "BLOCK_C": block_c}
+    grid = (channel_blocks, kernel_size, splits)
+    if INTERPRETED:
+        _depthwise_weight_grad[grid](*arguments, **fixed, BLOCK_W=_pow2_at_most(width, 256))
+    else:
+        _weight_grad_tuned[grid](*arguments, **fixed)
     return partial.sum(dim=0).unsqueeze(1)
