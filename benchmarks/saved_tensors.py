@@ -54,6 +54,7 @@ def main() -> None:
         "--by", choices=("class", "parent"), default="class", help="module class, or class in parent class"
     )
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--amp", action="store_true", help="under bfloat16 autocast (the CPU's; a GPU's casts alike)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -84,7 +85,8 @@ def main() -> None:
 
     torch.autograd.graph.saved_tensors_hooks = Chained
     try:
-        with hooks(pack, lambda tensor: tensor):
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.amp)
+        with hooks(pack, lambda tensor: tensor), autocast:
             model(image)
     finally:
         torch.autograd.graph.saved_tensors_hooks = hooks
@@ -93,7 +95,8 @@ def main() -> None:
         totals[owner] += nbytes
     per_image = 2**20 * args.batch_size
     print(
-        f"{args.preset}, {args.img_size}x{args.img_size}, batch {args.batch_size}: MiB per image kept for the backward"
+        f"{args.preset}, {args.img_size}x{args.img_size}, batch {args.batch_size}{', bf16 autocast' if args.amp else ''}: "
+        "MiB per image kept for the backward"
     )
     for owner, nbytes in totals.most_common(args.top):
         print(f"  {owner:44} {nbytes / per_image:8.2f}")

@@ -600,3 +600,30 @@ def test_contmix_reads_channels_last_values_in_place():
     assert results[1][1].is_contiguous(memory_format=torch.channels_last)
     for ours, theirs in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_dilated_repconv_under_autocast_casts_its_input_once_for_every_branch():
+    """Each branch's conv would cast the input to bfloat16 for itself and keep that copy for its
+    backward (six copies at K = 13); the block casts once, so one copy is kept, with the same outputs."""
+    torch.manual_seed(0)
+    conv = DilatedRepConv(8, 13).train()
+    source = torch.randn(2, 8, 16, 16, requires_grad=True)
+    x = source * 1  # an activation: autocast caches the casts of leaves (weights) only
+    low = x.detach().to(torch.bfloat16)
+    saved = []
+
+    def keep(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        out = conv(x)
+    copies = {t.untyped_storage().data_ptr() for t in saved if t.dtype == torch.bfloat16 and torch.equal(t, low)}
+    assert len(copies) == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what each conv computed when it cast x itself
+        expected = conv.lk_bn(F.conv2d(low, conv.lk.weight, padding=6, groups=8))
+        for branch in conv.branches.values():
+            expected = expected + branch.bn(branch.conv(low))
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    out.float().square().mean().backward()
+    assert source.grad is not None and torch.isfinite(source.grad).all()
