@@ -885,7 +885,7 @@ class DilatedRepConv(nn.Module):
         device = x.device.type
         if torch.is_autocast_enabled(device) and x.dtype != torch.float64 and not x.is_meta:
             # Cast once for the large kernel and every branch: each conv would cast x again for
-            # itself and keep its own copy for the backward (up to six at K >= 13), the same values.
+            # itself and keep its own copy for the backward (seven at K = 13 to 17), the same values.
             x = x.to(torch.get_autocast_dtype(device))
         out = self.lk_bn(depthwise_conv2d(x, self.lk.weight))
         for branch in self.branches.values():

@@ -604,7 +604,7 @@ def test_contmix_reads_channels_last_values_in_place():
 
 def test_dilated_repconv_under_autocast_casts_its_input_once_for_every_branch():
     """Each branch's conv would cast the input to bfloat16 for itself and keep that copy for its
-    backward (six copies at K = 13); the block casts once, so one copy is kept, with the same outputs."""
+    backward (seven copies at K = 13); the block casts once, so one copy is kept, with the same outputs."""
     torch.manual_seed(0)
     conv = DilatedRepConv(8, 13).train()
     source = torch.randn(2, 8, 16, 16, requires_grad=True)
