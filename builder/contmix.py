@@ -26,6 +26,7 @@ from .layers import (
     generic_trace,
     hooked,
     recompute_saved,
+    resize_bilinear,
     shared_recipe,
     split_channels,
 )
@@ -110,9 +111,9 @@ class ContMix(nn.Module):
         # the graph then serves every input size (eager runs skip it when it is not needed).
         resize = exporting() or generic or size != (height, width)
         if resize:
-            z = F.interpolate(z, size=size, mode="bilinear", align_corners=False)
+            z = resize_bilinear(z, size)
             if normed is not None:
-                normed = F.interpolate(normed, size=size, mode="bilinear", align_corners=False)
+                normed = resize_bilinear(normed, size)
         batch, d = z.shape[:2]
         h, w = size
         heads = self.heads

@@ -377,6 +377,21 @@ def pooling_matrix(length: int, bins: int, like: torch.Tensor) -> torch.Tensor:
     return inside.to(like.dtype) / (end - start).to(like.dtype)[:, None]
 
 
+def resize_bilinear(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """F.interpolate(x, size, mode="bilinear", align_corners=False), through PyTorch's channels_last
+    kernel on CUDA.
+
+    Its CUDA kernel for NCHW maps runs one thread per output position, each looping over batch x
+    channels: 0.98 ms for XT's 7x7 -> 14x14 context prior at batch 64 on an H100 (profiled), 2% of
+    the step, for a map of a few MB. The channels_last kernel runs one thread per element; the
+    result goes back to the input's layout. Tracing and export see the plain call.
+    """
+    if x.device.type == "cuda" and x.dim() == 4 and x.is_contiguous() and not (torch.jit.is_tracing() or exporting()):
+        nhwc = x.contiguous(memory_format=torch.channels_last)
+        return F.interpolate(nhwc, size=size, mode="bilinear", align_corners=False).contiguous()
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
 def adaptive_avg_pool(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """`F.adaptive_avg_pool2d(x, (height, width))` as two matrix products (exports for any size).
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -28,6 +27,7 @@ from .layers import (
     block_norm,
     conv_bn,
     generic_trace,
+    resize_bilinear,
     split_channels,
 )
 from .mixers import DOWNSAMPLES, STEMS
@@ -237,17 +237,13 @@ class FocusNet(nn.Module):
                 x, prior = stage.downsample(x, prior)
             # P0 at this stage's resolution: bilinear from /32 where the sizes differ.
             same = prior0.shape[-2:] == x.shape[-2:] and not generic_trace()
-            here = prior0 if same else _resize(prior0, x.shape[-2:])
+            here = prior0 if same else resize_bilinear(prior0, x.shape[-2:])
             if prior is None:
                 prior = here
             f = stage(x, prior, here)
             outputs.append(f)
             x, prior = split_channels(f, stage.width)
         return outputs
-
-
-def _resize(x: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Tensor:
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
 class ClassifierHead(nn.Module):
@@ -307,7 +303,7 @@ class PyramidOutputs(nn.Module):
         out = [norm(level) for norm, level in zip(self.norms, levels, strict=True)]
         extra = self.context_proj(self.context_norm(context))
         if extra.shape[-2:] != out[-1].shape[-2:] or generic_trace():
-            extra = _resize(extra, out[-1].shape[-2:])
+            extra = resize_bilinear(extra, out[-1].shape[-2:])
         out[-1] = out[-1] + self.context_scale(extra)
         return out
 
@@ -405,7 +401,7 @@ class OverLoCK(SpecModel):
         ctx = self.overview(base_out[-1])
         prior0 = self.context.proj(ctx)
         if self.focus_input is not None:
-            start = self.focus_input(_resize(ctx, base_out[-1].shape[-2:]))
+            start = self.focus_input(resize_bilinear(ctx, base_out[-1].shape[-2:]))
         else:
             start = base_out[-1]
         return base_out, self.focus(start, prior0), ctx
@@ -465,7 +461,7 @@ class PyramidNet(SpecModel):
         if self.feedback is not None:
             target, source = self.spec.feedback.target, self.spec.feedback.source
             entry = inputs[target]
-            x = self.feedback(torch.cat([entry, _resize(outputs[source], entry.shape[-2:])], dim=1))
+            x = self.feedback(torch.cat([entry, resize_bilinear(outputs[source], entry.shape[-2:])], dim=1))
             for i in range(target, len(self.stages)):
                 stage = self.stages[i]
                 x = stage(x, downsample=i > target)

@@ -134,6 +134,18 @@ def test_depthwise_operator_on_cuda_matches_conv2d(monkeypatch, setting, kernel_
     assert low.dtype == torch.bfloat16 and relative_error(low, expected) <= 0.02
 
 
+def test_bilinear_resize_on_cuda_takes_the_channels_last_kernel_and_returns_the_same_map():
+    from overlock.builder.layers import resize_bilinear
+
+    x = torch.randn(8, 84, 7, 7, device=CUDA)
+    for size in ((14, 14), (3, 2), (7, 7)):
+        got = resize_bilinear(x, size)
+        assert got.is_contiguous()  # back in the input's layout
+        torch.testing.assert_close(
+            got, torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False), rtol=0, atol=1e-6
+        )
+
+
 def test_deploy_form_equals_training_form_on_cuda(randomize_batchnorm):
     torch.manual_seed(0)
     model = build("t")
