@@ -18,6 +18,8 @@
 #   compare_cudnn    compare's float32 table with the depthwise convs forced to cuDNN (the
 #                    baseline of the Triton kernels, same machine)          -> compare_convnext_<gpu>_fp32_cudnn.*
 #   profile          XT's CUDA kernels by time (inference fp32/bf16, train) -> gpu_profile_xt_<gpu>.txt
+#   layouts          `overlock bench xt` with and without --channels-last (inference and training,
+#                    float32 and bf16): whether the model should run NHWC on a GPU -> gpu_layouts_<gpu>.jsonl
 #   compare_compile  the same with --compile, bf16 (XT, T, convnext_tiny)  -> compare_convnext_<gpu>_bf16_compile.*
 #                    (torch.compile of 3 models x 2 modes: minutes; on the CPU a pico+convnext run took 7)
 #   contmix          ContMix ops at the preset shapes, float32 and float16 -> contmix_<gpu>[_fp16].{json,md}
@@ -31,10 +33,10 @@ cd "$(dirname "$0")/.."
 out="${1:-benchmarks/results}"
 shift || true
 steps=("$@")
-all_steps=(tests compare depthwise compare_cudnn profile compare_compile contmix neighborhood train_step train compare_compile_fp32)
+all_steps=(tests compare depthwise compare_cudnn profile layouts compare_compile contmix neighborhood train_step train compare_compile_fp32)
 [ ${#steps[@]} -eq 0 ] && steps=("${all_steps[@]}")
 # Seconds per step (LIMIT_<step> overrides); a typo in a step name is caught before anything runs.
-declare -A limit=([tests]=240 [compare]=240 [depthwise]=150 [compare_cudnn]=150 [profile]=120 [compare_compile]=420 [compare_compile_fp32]=420
+declare -A limit=([tests]=240 [compare]=240 [depthwise]=150 [compare_cudnn]=150 [profile]=120 [layouts]=150 [compare_compile]=420 [compare_compile_fp32]=420
     [contmix]=180 [neighborhood]=90 [train_step]=120 [train]=300)
 for step in "${steps[@]}"; do
     if [ -z "${limit[$step]:-}" ]; then
@@ -95,6 +97,18 @@ step_compare_cudnn() {
 }
 step_profile() {
     "$PY" benchmarks/gpu_profile.py --presets xt --out "$out"
+}
+step_layouts() {
+    local mode amp layout
+    for mode in "" --train; do
+        for amp in "" --amp; do
+            for layout in "" --channels-last; do
+                # shellcheck disable=SC2086  # empty flags vanish
+                "$PY" -m overlock.cli bench xt --device cuda --batch-size 64 --reps 10 --json $mode $amp $layout \
+                    >>"$out/gpu_layouts_$gpu.jsonl" || return 1
+            done
+        done
+    done
 }
 step_compare_compile() {
     compare bf16_compile --modes infer,train --amp --compile --timm convnext_tiny
