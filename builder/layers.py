@@ -23,8 +23,20 @@ from ..archspec import DILATED_REPCONV_BRANCHES
 from ..kernels.depthwise import depthwise_conv2d
 
 
+def autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """x in autocast's dtype where autocast is on, for a map that only convolutions and matrix
+    products read. Each of them would cast it afresh and keep its own copy for the backward, where
+    the recomputation that spares the float32 map (`recompute_saved`) does not see it; cast once,
+    the ops read and keep the map itself. The same values reach them either way."""
+    device = x.device.type
+    if x.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(device):
+        return x.to(torch.get_autocast_dtype(device))
+    return x
+
+
 class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over channels only, on NCHW tensors (eps 1e-6 as in the reference)."""
+    """LayerNorm over channels only, on NCHW tensors (eps 1e-6 as in the reference). Under
+    autocast the output is in autocast's dtype: the 1x1 convs after it read it (`autocast_input`)."""
 
     def __init__(self, channels: int, eps: float = 1e-6) -> None:
         super().__init__(channels, eps=eps)
@@ -32,7 +44,7 @@ class LayerNorm2d(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 2, 3, 1)
         x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
+        return autocast_input(x.permute(0, 3, 1, 2))
 
 
 def block_norm(kind: str, channels: int) -> nn.Module:
@@ -150,14 +162,14 @@ class GRN(nn.Module):
         if fused:
             out, scale = _GRNFunction.apply(x, self.gamma, self.beta, squares)
             shift = self.beta
-        else:
+        else:  # under autocast the output in its dtype: the MLP's second 1x1 conv reads it
             scale, shift = self.coefficients(x, squares)
-            out = torch.addcmul(shift, x, scale)
+            out = autocast_input(torch.addcmul(shift, x, scale))
         if not with_recipe:
             return out
         if input_recipe is not None:  # a closure over x would keep x alive as long as the graph
-            return out, lambda: torch.addcmul(shift, input_recipe(), scale)
-        return out, lambda: torch.addcmul(shift, x, scale)
+            return out, lambda: autocast_input(torch.addcmul(shift, input_recipe(), scale))
+        return out, lambda: autocast_input(torch.addcmul(shift, x, scale))
 
 
 class LayerScale(nn.Module):
@@ -453,8 +465,8 @@ class SqueezeExcite(nn.Module):
         which the product keeps for its backward anyway (for `recompute_saved`)."""
         pooled = self.pool(x) if torch.jit.is_tracing() or exporting() else channel_means(x)
         gate = torch.sigmoid(self.fc2(self.act(self.fc1(pooled))))
-        out = x * gate
-        return (out, lambda: x * gate) if with_recipe else out
+        out = autocast_input(x * gate)  # the FFN's 1x1 conv reads it
+        return (out, lambda: autocast_input(x * gate)) if with_recipe else out
 
 
 # Off inside gradient checkpointing (builder/network.py), whose own saved-tensor hooks must see
@@ -897,11 +909,7 @@ class DilatedRepConv(nn.Module):
         folded = self.folded()
         if folded is not None:
             return depthwise_conv2d(x, *folded)
-        device = x.device.type
-        if torch.is_autocast_enabled(device) and x.dtype != torch.float64 and not x.is_meta:
-            # Cast once for the large kernel and every branch: each conv would cast x again for
-            # itself and keep its own copy for the backward (seven at K = 13 to 17), the same values.
-            x = x.to(torch.get_autocast_dtype(device))
+        x = autocast_input(x)  # once for the large kernel and every branch (seven convs at K = 13 to 17)
         out = self.lk_bn(depthwise_conv2d(x, self.lk.weight))
         for branch in self.branches.values():
             conv = functools.partial(depthwise_conv2d, x, branch.conv.weight, dilation=branch.conv.dilation[0])

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from overlock import kernels
-from overlock.builder import layers
+from overlock.builder import build, layers
 from overlock.builder.layers import GRN, DilatedRepConv, LargeKernelBN, LayerScale, ResDWConv, large_kernel_bn
 
 
@@ -627,3 +627,42 @@ def test_dilated_repconv_under_autocast_casts_its_input_once_for_every_branch():
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     out.float().square().mean().backward()
     assert source.grad is not None and torch.isfinite(source.grad).all()
+
+
+def _saved_bytes_per_image(model: torch.nn.Module, amp: bool) -> float:
+    """Bytes a training forward keeps for the backward per image (batch 4 minus batch 2, so the
+    weights and their autocast copies cancel), counting what the model's own recomputation lets through."""
+    hooks = torch.autograd.graph.saved_tensors_hooks
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def kept(batch: int) -> int:
+        storages: dict[int, int] = {}
+
+        def pack(tensor):
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in parameters:
+                storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        class Chained(hooks):  # PyTorch calls only the innermost hooks: count what the model's let through
+            def __init__(self, inner_pack, inner_unpack):
+                super().__init__(lambda t: pack(inner_pack(t)), inner_unpack)
+
+        torch.autograd.graph.saved_tensors_hooks = Chained
+        try:
+            with hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                model(torch.randn(batch, 3, 64, 64))
+        finally:
+            torch.autograd.graph.saved_tensors_hooks = hooks
+        return sum(storages.values())
+
+    return (kept(4) - kept(2)) / 2
+
+
+def test_under_autocast_a_training_forward_keeps_its_maps_once_in_low_precision():
+    """The maps only convs read (norm outputs, SE's and GRN's outputs, DilatedRepConv's input) come out
+    in autocast's dtype, so the convs keep those maps themselves, which the recomputation already
+    covers, instead of a fresh low-precision copy each: about half the float32 bytes (0.82x before)."""
+    torch.manual_seed(0)
+    model = build("pico").train()
+    ratio = _saved_bytes_per_image(model, amp=True) / _saved_bytes_per_image(model, amp=False)
+    assert ratio < 0.62, ratio
