@@ -20,18 +20,8 @@ from torch import nn
 
 from .. import kernels
 from ..archspec import DILATED_REPCONV_BRANCHES
+from ..kernels.autocast import autocast_input
 from ..kernels.depthwise import depthwise_conv2d
-
-
-def autocast_input(x: torch.Tensor) -> torch.Tensor:
-    """x in autocast's dtype where autocast is on, for a map that only convolutions and matrix
-    products read. Each of them would cast it afresh and keep its own copy for the backward, where
-    the recomputation that spares the float32 map (`recompute_saved`) does not see it; cast once,
-    the ops read and keep the map itself. The same values reach them either way."""
-    device = x.device.type
-    if x.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(device):
-        return x.to(torch.get_autocast_dtype(device))
-    return x
 
 
 class LayerNorm2d(nn.LayerNorm):

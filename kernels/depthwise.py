@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from . import native
+from .autocast import autocast_input
 
 NATIVE_LIBRARY = "depthwise_weight_grad"
 FORWARD_LIBRARY = "depthwise_conv"
@@ -527,17 +528,8 @@ def depthwise_conv2d(
     # conv, measured under load). On CUDA torch.compile keeps the custom op; exported programs
     # (torch.export, ONNX) get the plain convolution, which every runtime has.
     if not fast or torch.is_autocast_enabled("cpu") or torch.jit.is_tracing():
-        return _plain_conv(x, weight, bias, dilation)
-    return _with_gradient(x, weight, bias, dilation)
-
-
-def _plain_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int) -> torch.Tensor:
-    padding = dilation * (weight.shape[-1] - 1) // 2
-    return F.conv2d(x, weight, bias, padding=padding, dilation=dilation, groups=x.shape[1])
-
-
-def _with_gradient(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int) -> torch.Tensor:
-    """The operator under autograd when anything needs a gradient, else the forward alone."""
+        padding = dilation * (weight.shape[-1] - 1) // 2
+        return F.conv2d(x, weight, bias, padding=padding, dilation=dilation, groups=x.shape[1])
     inputs = (x, weight) if bias is None else (x, weight, bias)
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
         return _conv(x, weight, bias, dilation)
@@ -545,14 +537,10 @@ def _with_gradient(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 
 def _cuda_depthwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int) -> torch.Tensor:
-    """CUDA: autocast as F.conv2d does it (every floating input but float64 cast to the autocast dtype), then the op."""
-    if torch.is_autocast_enabled("cuda"):
-        dtype = torch.get_autocast_dtype("cuda")
-
-        def cast(t: torch.Tensor) -> torch.Tensor:
-            return t.to(dtype) if t.dtype != torch.float64 else t
-
-        x, weight, bias = cast(x), cast(weight), (cast(bias) if bias is not None else None)
-        with torch.autocast("cuda", enabled=False):
-            return depthwise_conv2d_op(x, weight, bias, dilation)
-    return depthwise_conv2d_op(x, weight, bias, dilation)
+    """CUDA: the custom op, its inputs cast as autocast casts F.conv2d's (it does not cast custom ops)."""
+    if not torch.is_autocast_enabled("cuda"):
+        return depthwise_conv2d_op(x, weight, bias, dilation)
+    x, weight = autocast_input(x), autocast_input(weight)
+    bias = autocast_input(bias) if bias is not None else None
+    with torch.autocast("cuda", enabled=False):
+        return depthwise_conv2d_op(x, weight, bias, dilation)
