@@ -25,10 +25,11 @@ sequence number the profiler records for both). Reported per sub-network (the mo
 per part (modules grouped by their attribute name and class, e.g. `large_kernel (DilatedRepConv)`,
 inclusive time, so nested parts overlap) and per operator (ContMix's `overlock::` ops and the calls
 of overlock's C kernels included). On CUDA the time is the GPU's: each operator is charged its
-kernels' device time (its CPU time there is only the asynchronous launches). The profiled call runs the path the timed calls run: the range
-hooks are marked as observers (builder/layers.py `observer`), which the fast paths ignore, and a
-path that does a module's work without calling it (a BN folded into its conv, GELU -> dwconv ->
-GRN as one compiled kernel) opens that module's range itself (`standing_in`), so that work is
+kernels' device time (its CPU time there is only the asynchronous launches). The profiled call
+runs the path the timed calls run: the range hooks are marked as observers (builder/layers.py
+`observer`), which the fast paths ignore, and a path that does a module's work without calling
+it (a BN folded into its conv, GELU -> dwconv -> GRN as one compiled kernel) opens that module's
+range itself (`standing_in`), so that work is
 timed under the module it stands for (the MLP's middle under its `dwconv`; GELU and GRN then have
 no rows of their own).
 
