@@ -16,6 +16,8 @@ def autocast_input(x: torch.Tensor) -> torch.Tensor:
     it; cast once, they read and keep the map itself. The same values reach them either way.
     """
     device = x.device.type
+    if x.is_meta:  # shapes only (memory estimates); autocast has no meta device and raises on asking
+        return x
     if x.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(device):
         return x.to(torch.get_autocast_dtype(device))
     return x
