@@ -13,16 +13,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
+import torch.nn.functional as F
 
-# Triton decides at kernel definition time whether to compile or interpret (see test_kernels_triton.py).
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from overlock.kernels import depthwise  # noqa: E402
+from overlock.kernels import depthwise
 
 pytest.importorskip("triton")
 

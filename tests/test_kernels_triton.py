@@ -7,20 +7,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 import torch
 
-# Triton decides at kernel definition time whether to compile or interpret, so the variable must be
-# set before overlock.kernels.triton_kernels is first imported (ops imports it on the first call).
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-
-from overlock import kernels  # noqa: E402
-from overlock.kernels import ops, reference  # noqa: E402
+from overlock import kernels
+from overlock.kernels import ops, reference
 
 pytest.importorskip("triton")
 

@@ -8,18 +8,13 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
-# Triton decides at kernel definition time whether to compile or interpret (see test_kernels_triton.py).
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from overlock import kernels
+from overlock.kernels import neighborhood, ops
 
-import pytest  # noqa: E402
-
-from overlock import kernels  # noqa: E402
-from overlock.kernels import neighborhood, ops  # noqa: E402
-
-from .test_neighborhood import assert_relative, expected, make_inputs, run  # noqa: E402
+from .test_neighborhood import assert_relative, expected, make_inputs, run
 
 pytest.importorskip("triton")
 
