@@ -67,19 +67,34 @@ def gradients_on(model: torch.nn.Module, image: torch.Tensor, target: torch.Tens
     return {name: p.grad.detach().cpu() for name, p in model.named_parameters() if p.grad is not None}
 
 
-def assert_same_gradients(got: dict, expected: dict, tolerance: float) -> None:
-    """Each gradient within `tolerance` of its largest entry. A parameter whose gradient is zero but for
-    rounding (a bias before a training-mode BN, a BN bias before another normalisation) is held to
-    1e-3 of the model's largest gradient instead: on its own scale, rounding noise reads as a 200%
-    error (seen: CPU vs Triton ContMix, eager vs torch.compile)."""
+def gradient_errors(got: dict, expected: dict) -> dict:
+    """{parameter name: largest difference of its gradient from `expected`, relative to its largest
+    expected entry}. A parameter whose gradient is zero but for rounding (a bias before a
+    training-mode BN or another normalisation) is measured against 1e-3 of the model's largest
+    gradient instead: on its own scale, rounding noise reads as a 200% error."""
     assert got.keys() == expected.keys()
     floor = 1e-3 * max(g.abs().max().item() for g in expected.values())
+    return {
+        name: (got[name].double() - expected[name].double()).abs().max().item()
+        / max(expected[name].abs().max().item(), floor)
+        for name in expected
+    }
 
-    def error(name: str) -> float:
-        return (got[name] - expected[name]).abs().max().item() / max(expected[name].abs().max().item(), floor)
 
-    worst = max(got, key=error)
-    assert error(worst) <= tolerance, f"{worst}: {error(worst):.2e}"
+def assert_same_gradients(got: dict, expected: dict, tolerance: float, rounding: dict | None = None) -> None:
+    """Each gradient within `tolerance` of `expected` (`gradient_errors`' measure). With `rounding`
+    (another float32 computation of the same gradients: the CPU's, or a second run of the same code),
+    a parameter may also be off by up to 10x as much as that one is: the gradient of a bias before a
+    training-mode BN is zero but for rounding, and float32 rounding alone puts it 1e-3 to 3e-3 (of the
+    floor) from float64 (Table 7's projection biases before the test bed's BN; the same noise between
+    two CUDA runs, whose atomics add in a different order each time). A wrong gradient is off by
+    orders of magnitude more."""
+    errors = gradient_errors(got, expected)
+    allowed = dict.fromkeys(errors, tolerance)
+    if rounding is not None:
+        allowed = {name: max(tolerance, 10 * error) for name, error in gradient_errors(rounding, expected).items()}
+    worst = max(errors, key=lambda name: errors[name] / allowed[name])
+    assert errors[worst] <= allowed[worst], f"{worst}: {errors[worst]:.2e} (allowed {allowed[worst]:.2e})"
 
 
 @pytest.mark.parametrize("spec", ["xt", "pico", *PAPER_SPECS], ids=lambda s: getattr(s, "stem", s))
@@ -96,9 +111,11 @@ def test_cuda_forward_and_gradients_match_the_cpu(spec, randomize_batchnorm):
     with torch.no_grad():
         expected = model.eval()(image)
         assert relative_error(on_cuda.eval()(image.to(CUDA)), expected) <= 1e-4
-    expected_grads = gradients_on(model.train(), image, target)
+    # Against float64 on the CPU, with the CPU's float32 gradients as the measure of rounding.
+    exact = gradients_on(copy.deepcopy(model).double().train(), image.double(), target)
+    cpu_grads = gradients_on(model.train(), image, target)
     got_grads = gradients_on(on_cuda.train(), image.to(CUDA), target.to(CUDA))
-    assert_same_gradients(got_grads, expected_grads, 1e-3)
+    assert_same_gradients(got_grads, exact, 1e-3, rounding=cpu_grads)
 
 
 @pytest.mark.parametrize("setting", ["pytorch", "triton", "measure"])
@@ -162,8 +179,9 @@ def test_grad_checkpointing_on_cuda_gives_the_same_gradients():
     model = build("pico").to(CUDA).train()
     image, target = torch.randn(2, 3, 128, 128, device=CUDA), torch.randint(0, 10, (2,), device=CUDA)
     plain = gradients_on(model, image, target)
+    again = gradients_on(model, image, target)  # what CUDA's unordered sums change between two runs
     model.set_grad_checkpointing(True)
-    assert_same_gradients(gradients_on(model, image, target), plain, 1e-5)
+    assert_same_gradients(gradients_on(model, image, target), plain, 1e-5, rounding=again)
 
 
 def test_bfloat16_autocast_step_is_finite_and_close_to_float32():
@@ -189,5 +207,6 @@ def test_torch_compile_on_cuda_matches_eager():
     compiled = torch.compile(model)
     with torch.no_grad():
         assert relative_error(compiled.eval()(image), model.eval()(image)) <= 1e-4
-    expected = gradients_on(model.train(), image, target)
-    assert_same_gradients(gradients_on(model, image, target, forward=compiled), expected, 1e-3)
+    exact = gradients_on(copy.deepcopy(model).cpu().double().train(), image.cpu().double(), target.cpu())
+    eager = gradients_on(model.train(), image, target)
+    assert_same_gradients(gradients_on(model, image, target, forward=compiled), exact, 1e-3, rounding=eager)
