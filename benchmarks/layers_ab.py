@@ -175,6 +175,8 @@ OLD = {
     "BN -> activation outputs kept": [(layers, "recomputable_bn_activation", lambda bn, act: False)],
     "ContMix logits kept": [(contmix, "hooked", lambda module: True)],  # as when a hook sees the projection
     "ContMix op by PyTorch ops": [(cpu, "native_applies", lambda *tensors: False)],
+    "ContMix logits from the affinities": [(contmix, "logits_through_keys", lambda proj: False)],
+    "ContMix logits through the keys at inference too": [(contmix, "logits_through_keys", lambda proj: True)],
     "11x11 and 13x13 depthwise by oneDNN": [(depthwise, "NATIVE_FORWARD_KERNELS", frozenset())],
     "tall 1x1 convs by MKL at inference": [(layers, "ONEDNN_LINEAR_MIN_ROWS", 10**18)],
     "GRN backward by PyTorch ops": [(grn, "native_applies", lambda grad, x: False)],

@@ -32,6 +32,26 @@ from .layers import (
 )
 
 
+def logits_through_keys(proj: nn.Module) -> bool:
+    """Whether ContMix computes its kernel logits as q (k^T W^T) + b instead of (q k^T) W^T + b.
+
+    The same values (float rounding aside), with the projection W applied to the S*S region
+    centres once per image and head instead of to every token's S*S affinities: at Focus-Net shapes
+    (c = 16 channels per head, S*S = 49, k*k + K*K = 194) a token's product falls from 16*49 +
+    49*194 to 16*194 MACs, and the backward keeps the queries instead of the wider affinities.
+    Only where a gradient is taken: at inference on the CPU, oneDNN's linear on the affinities is
+    faster (the logits' memory, not the MACs, is the cost there; `benchmarks/layers_ab.py`).
+    Traces (fvcore's FLOP count), exports and hooks on the projection see the published form.
+    """
+    return torch.is_grad_enabled() and not (hooked(proj) or torch.jit.is_tracing() or exporting())
+
+
+def logits_from_mixed_keys(queries: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(B * heads, HW, c) @ (B * heads, c, k*k + K*K) (+ bias): the kernel logits from the queries
+    and the projected keys (`logits_through_keys`), the bias added as the product is written."""
+    return torch.bmm(queries, keys) if bias is None else torch.baddbmm(bias, queries, keys)
+
+
 class ContMix(nn.Module):
     """Context-mixing dynamic convolution.
 
@@ -125,20 +145,34 @@ class ContMix(nn.Module):
         key = self.key(key_source)
         query = query.reshape(batch, heads, -1, h * w)
         key = key.reshape(batch, heads, -1, key.shape[-2] * key.shape[-1])
-        affinity = torch.einsum("bgcn,bgcl->bgnl", query, key)
         proj = self.kernel_proj
+        if logits_through_keys(proj):
+            mixed_keys = torch.einsum("bgcl,pl->bgcp", key, proj.weight.flatten(1)).flatten(0, 1)
+            queries = query.transpose(-1, -2).flatten(0, 1)  # (B * heads, HW, c), a view
 
-        def kernel_logits(project: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, ...]:
-            logits = project(affinity.permute(0, 3, 1, 2))  # the S*S axis as channels
-            logits = logits.permute(0, 2, 3, 1).reshape(batch, heads, h, w, -1)
+            def project_all() -> torch.Tensor:
+                return logits_from_mixed_keys(queries, mixed_keys, proj.bias)
+
+            recompute = project_all
+        else:
+            affinity = torch.einsum("bgcn,bgcl->bgnl", query, key)
+
+            def project_all() -> torch.Tensor:
+                # the S*S axis as channels, and back: (B, heads, HW, k*k + K*K)
+                return proj(affinity.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+            def recompute() -> torch.Tensor:
+                return proj._conv_forward(affinity.permute(0, 3, 1, 2), proj.weight, proj.bias).permute(0, 2, 3, 1)
+
+        def kernel_logits(project: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, ...]:
+            logits = project().reshape(batch, heads, h, w, -1)
             return logits.split([self.small_kernel_size**2, self.kernel_size**2], dim=-1)
 
-        small, large = kernel_logits(proj)
+        small, large = kernel_logits(project_all)
         # The logits of both kernels are the widest map ContMix keeps for its backward; the kernel
-        # projection (kept anyway: its input and weight) recomputes them there, once for both ops
-        # (a (HW x S*S) @ (S*S x k*k + K*K) product per head, under 1% of a training step).
+        # projection (kept anyway: its inputs and weight) recomputes them there, once for both ops.
         # (Not when hooks on the projection see its output: one may have changed it.)
-        again = shared_recipe(lambda: kernel_logits(lambda a: proj._conv_forward(a, proj.weight, proj.bias)))
+        again = shared_recipe(lambda: kernel_logits(recompute))
 
         def keeping(logits: torch.Tensor, part: int) -> contextlib.AbstractContextManager[None]:
             return contextlib.nullcontext() if hooked(proj) else recompute_saved(logits, lambda: again()[part])

@@ -462,20 +462,48 @@ def test_training_bn_recomputation_updates_running_statistics_once():
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_contmix_recomputes_its_kernel_logits_with_identical_gradients(channels_last):
-    """Both kernels' logits (one map, two views) come back from the kernel projection in the
-    backward, projected once; unless a hook sees the projection's output."""
-    from overlock.builder.contmix import ContMix
+def test_contmix_logits_through_the_keys_equal_the_published_form(monkeypatch):
+    """q (k^T W^T) + b against (q k^T) W^T + b: the same output and gradients, float rounding aside;
+    without a gradient (inference) ContMix takes the published form."""
+    from overlock.builder import contmix
 
-    mixer = _randomise(ContMix(8, 8, kernel_size=5, small_kernel_size=3, groups=2, region_centers=3)).train()
+    mixer = _randomise(contmix.ContMix(16, 16, kernel_size=7, small_kernel_size=3, groups=2, region_centers=3))
+    x = torch.randn(2, 16, 11, 9).contiguous(memory_format=torch.channels_last).requires_grad_()
+    leaves = [x, *mixer.parameters()]
+    assert contmix.logits_through_keys(mixer.kernel_proj)
+    with torch.no_grad():
+        assert not contmix.logits_through_keys(mixer.kernel_proj)
+    out = mixer(x)
+    grad = torch.randn_like(out)
+    ours = torch.autograd.grad(out, leaves, grad)
+    monkeypatch.setattr(contmix, "logits_through_keys", lambda proj: False)
+    published = mixer(x)
+    theirs = torch.autograd.grad(published, leaves, grad)
+    torch.testing.assert_close(out, published, rtol=1e-5, atol=1e-6)
+    for got, expected in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("through_keys", [True, False], ids=["through-keys", "from-affinities"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_contmix_recomputes_its_kernel_logits_with_identical_gradients(monkeypatch, channels_last, through_keys):
+    """Both kernels' logits (one map, two views) come back from their product in the backward,
+    computed once, in either form (`logits_through_keys`); unless a hook sees the projection's output."""
+    from overlock.builder import contmix
+
+    mixer = _randomise(contmix.ContMix(8, 8, kernel_size=5, small_kernel_size=3, groups=2, region_centers=3)).train()
     x = torch.randn(2, 8, 9, 10)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
     calls = []
-    original = mixer.kernel_proj._conv_forward
-    mixer.kernel_proj._conv_forward = lambda *args: (calls.append(1), original(*args))[1]
+    if through_keys:
+        product = contmix.logits_from_mixed_keys
+        monkeypatch.setattr(contmix, "logits_from_mixed_keys", lambda *args: (calls.append(1), product(*args))[1])
+    else:
+        monkeypatch.setattr(contmix, "logits_through_keys", lambda proj: False)
+        original = mixer.kernel_proj._conv_forward
+        mixer.kernel_proj._conv_forward = lambda *args: (calls.append(1), original(*args))[1]
     _assert_recomputes(mixer, x, count=2)
     assert len(calls) == 3  # the recomputing run: forward + one backward recomputation; the plain run
     mixer.kernel_proj.register_forward_hook(lambda module, args, out: None)
