@@ -331,13 +331,9 @@ def threads(count: int | None) -> Iterator[int]:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "CPU"
+    from .kernels.native import cpuinfo_value
+
+    return cpuinfo_value("model name") or "CPU"
 
 
 def warm_up(step: Callable[[], object], settings: BenchSettings) -> None:

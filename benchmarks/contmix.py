@@ -56,6 +56,7 @@ from overlock import kernels
 from overlock.archspec import load
 from overlock.bench import PeakMemory  # shared with `overlock bench`
 from overlock.kernels import ops, reference
+from overlock.kernels.native import cpuinfo_value
 
 RESULTS = Path(__file__).resolve().parent / "results"
 console = Console(highlight=False)
@@ -276,14 +277,7 @@ def model_throughput(preset: str, backend: str, batch: int, resolution: int, dev
 
 
 def machine_info(device: torch.device) -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpuinfo_value("model name") or platform.processor() or "unknown"
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu,

@@ -22,6 +22,7 @@ from .. import kernels
 from ..archspec import DILATED_REPCONV_BRANCHES
 from ..kernels.autocast import autocast_input
 from ..kernels.depthwise import depthwise_conv2d
+from ..kernels.native import cpuinfo_value
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -229,10 +230,18 @@ class Pointwise(nn.Conv2d):
 # Products with at least this many rows (images x pixels) run through oneDNN's linear at inference.
 # It adds the bias as it writes each output tile; F.linear (MKL's addmm) first fills the whole output
 # with the bias and then accumulates into it, a second pass over a map that no longer fits in cache.
-# Measured (one thread, interleaved medians, `python benchmarks/pointwise.py`): 1.2-1.5x on XT's
-# 56x56 and 28x28 maps and ContMix's kernel projection (25088, 6272 and 12544 rows at batch 8),
-# 0.9-1.0x on 14x14 and 7x7 maps (1568 and 392 rows), whose outputs stay in cache.
-ONEDNN_LINEAR_MIN_ROWS = 4096
+# Measured (one thread, interleaved medians, `python benchmarks/pointwise.py`) on an Intel Xeon:
+# 1.2-1.5x on XT's 56x56 and 28x28 maps and ContMix's kernel projection (25088, 6272 and 12544 rows
+# at batch 8), 0.9-1.0x on 14x14 and 7x7 maps (1568 and 392 rows), whose outputs stay in cache.
+# On other vendors' CPUs MKL does not take its fastest code paths and oneDNN's linear wins nearly
+# everywhere (AMD EPYC, AVX-512: 1.03-1.11x at 1568 and most 392-row shapes, 1.07x over all of XT's
+# products; the whole XT inference 1.03x, deploy form 1.04x, T 1.02x), so there every product takes it.
+def onednn_linear_min_rows(vendor: str | None) -> int:
+    """The row count from which a product takes oneDNN's linear on a CPU of this vendor (None: unknown)."""
+    return 4096 if vendor in ("GenuineIntel", None) else 0
+
+
+ONEDNN_LINEAR_MIN_ROWS = onednn_linear_min_rows(cpuinfo_value("vendor_id"))
 
 
 def pixel_linear(
@@ -248,7 +257,7 @@ def pixel_linear(
     """
     if (
         inference
-        and x.numel() >= ONEDNN_LINEAR_MIN_ROWS * x.shape[-1]
+        and x.numel() >= max(1, ONEDNN_LINEAR_MIN_ROWS) * x.shape[-1]
         and x.dtype == weight.dtype == torch.float32
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and not (bias is not None and torch.is_grad_enabled() and bias.requires_grad)

@@ -73,6 +73,19 @@ def flags() -> list[str]:
     return ["-O3", "-std=c11", "-ffp-contract=fast", "-march=native", "-fno-math-errno", "-fPIC", "-shared", *extra]
 
 
+def cpuinfo_value(field: str) -> str | None:
+    """The first `field` line of /proc/cpuinfo ("model name", "vendor_id", ...), or None where there is none."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key.strip() == field:
+            return value.strip()
+    return None
+
+
 def _cpu_id() -> str:
     """What `-march=native` depends on: the CPU's model and feature flags."""
     try:

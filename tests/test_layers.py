@@ -228,6 +228,13 @@ def test_pointwise_reads_channel_slices_of_channels_last_maps_in_place():
     assert results[0][0].is_contiguous(memory_format=torch.channels_last)
 
 
+def test_onednn_takes_every_inference_product_where_mkl_is_not_at_home():
+    """MKL's fastest paths are for Intel CPUs: there only tall products take oneDNN's linear; on other
+    vendors' CPUs every product does; an unknown CPU keeps the Intel rule."""
+    assert layers.onednn_linear_min_rows("GenuineIntel") == layers.onednn_linear_min_rows(None) == 4096
+    assert layers.onednn_linear_min_rows("AuthenticAMD") == 0
+
+
 @pytest.mark.skipif(not layers._onednn_linear_available(), reason="this PyTorch has no oneDNN linear")
 def test_tall_pointwise_products_take_onednns_linear_at_inference_only(monkeypatch):
     """Maps of at least ONEDNN_LINEAR_MIN_ROWS pixels (images x height x width) run oneDNN's linear
