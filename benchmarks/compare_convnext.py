@@ -4,6 +4,7 @@
     python benchmarks/compare_convnext.py --presets xt --timm convnext_tiny --rounds 3
     python benchmarks/compare_convnext.py --modes infer,train     # skip the deploy form
     python benchmarks/compare_convnext.py --readme                # and replace the summary table in README.md
+    python benchmarks/compare_convnext.py --timm-products onednn  # timm's F.linear through oneDNN as OverLoCK's
 
 The question it answers (issue 10): does a FLOP of OverLoCK cost what a FLOP of ConvNeXt costs?
 Every contender runs in this one process at one thread (`--threads`), interleaved call by call
@@ -50,14 +51,16 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from overlock.archspec.docs import write_readme_section
 from overlock.bench import BenchSettings, LiveMemory, PeakMemory, _sync, device_name, make_step, prepare, warm_up
-from overlock.builder import build
+from overlock.builder import build, layers
 from overlock.builder.flops import count_flops
 from overlock.errors import OverlockError
 
@@ -117,6 +120,8 @@ class Contender:
         )
         head = getattr(getattr(model, "spec", None), "head", None)
         self.step = make_step(prepare(model, self.settings), self.settings, getattr(head, "num_classes", None) or 1000)
+        if args.timm_products == "onednn" and head is None:
+            self.step = products_through_onednn(self.step)
 
     def warm_up(self) -> bool:
         """The first calls (compilation with --compile); False, with the reason printed, when they fail."""
@@ -144,6 +149,27 @@ class Contender:
     @property
     def gflops_per_s(self) -> float:
         return self.flops / self.median / 1e9
+
+
+def products_through_onednn(inner: Callable[[], object]) -> Callable[[], object]:
+    """`inner` with every F.linear that OverLoCK's own 1x1 products would send to oneDNN sent there too
+    (`layers.onednn_linear_applies`: inference, float32 CPU, this CPU's row limit): timm's models as
+    OverLoCK runs its products, which separates the kernels' vendor from the models' structure."""
+    linear = F.linear
+
+    def routed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if layers.onednn_linear_applies(x, weight, bias):
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return linear(x, weight, bias)
+
+    def step() -> object:
+        F.linear = routed
+        try:
+            return inner()
+        finally:
+            F.linear = linear
+
+    return step
 
 
 def make_models(args, timm) -> dict[str, tuple[nn.Module, int]]:
@@ -245,6 +271,7 @@ def run(args) -> dict:
         "calls_per_sample": args.calls,
         "dtype": "bfloat16 autocast" if args.amp else "float32",
         "compile": args.compile,
+        "timm_products": args.timm_products,
         "left_out": {mode: names for mode, names in left_out.items() if names},
         "load_average": os.getloadavg(),
         "memory_method": memory.method,
@@ -259,7 +286,8 @@ def markdown(report: dict) -> str:
         "",
         f"{report['date']}; {report['device']}, {report['threads']} thread(s); torch {report['torch']}, timm "
         f"{report['timm']}; batch {report['batch_size']}, {report['img_size']}x{report['img_size']}, "
-        f"{report.get('dtype', 'float32')}{', torch.compile' if report.get('compile') else ''}; "
+        f"{report.get('dtype', 'float32')}{', torch.compile' if report.get('compile') else ''}"
+        f"{'; timm products through oneDNN' if report.get('timm_products') == 'onednn' else ''}; "
         f"{report['rounds']} interleaved rounds of {report.get('calls_per_sample', 1)} call(s), medians; "
         f"load average at the end {report['load_average'][0]:.1f}.",
         f"Peak memory: {report['memory_method']}, median of {report.get('memory_calls', 1)} calls.",
@@ -333,6 +361,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compile", action="store_true", help="torch.compile every contender")
     parser.add_argument("--calls", type=int, default=1, help="consecutive calls per timed sample (GPU: 10 or so)")
     parser.add_argument("--label", default="cpu_1thread", help="file-name suffix and title of the results")
+    parser.add_argument(
+        "--timm-products",
+        choices=["as-built", "onednn"],
+        default="as-built",
+        help="onednn: the timm models' F.linear through oneDNN where OverLoCK's 1x1 products take it",
+    )
     parser.add_argument(
         "--readme", action="store_true", help="replace the summary table between its markers in README.md"
     )

@@ -255,8 +255,17 @@ def pixel_linear(
     cast F.linear's inputs) and torch.compile (inductor picks its own kernels). The same product,
     float rounding aside.
     """
-    if (
-        inference
+    if inference and onednn_linear_applies(x, weight, bias):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+def onednn_linear_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether oneDNN's linear may compute F.linear(x, weight, bias), and is the faster on this CPU
+    (`ONEDNN_LINEAR_MIN_ROWS`): float32 CPU tensors outside autocast and torch.compile, nothing
+    that needs a gradient. The caller knows that no recomputation must repeat F.linear exactly."""
+    return (
+        x.device.type == "cpu"
         and x.numel() >= max(1, ONEDNN_LINEAR_MIN_ROWS) * x.shape[-1]
         and x.dtype == weight.dtype == torch.float32
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
@@ -264,9 +273,7 @@ def pixel_linear(
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
         and _onednn_linear_available()
-    ):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
+    )
 
 
 @functools.cache

@@ -216,3 +216,42 @@ def test_saved_tensors_script_reports_what_a_training_forward_keeps():
     total = values.pop("total")
     assert total > 0 and sum(values.values()) == pytest.approx(total, abs=0.01 * len(values))
     assert "BatchNorm2d" in values and "(outside any module)" not in values
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.mkldnn, "_linear_pointwise"), reason="this PyTorch has no oneDNN linear")
+def test_compare_convnext_can_route_timm_products_as_overlock_routes_its_own(monkeypatch):
+    """`compare_convnext.py --timm-products onednn`: inside the wrapped step, F.linear goes to oneDNN
+    where `layers.onednn_linear_applies` (inference, tall enough) and to F.linear elsewhere; outside
+    the step F.linear is PyTorch's own again."""
+    import importlib.util
+    from pathlib import Path
+
+    from overlock.builder import layers
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_convnext.py"
+    spec = importlib.util.spec_from_file_location("compare_convnext", path)
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    routed = []
+    onednn = torch.ops.mkldnn._linear_pointwise
+
+    class Spy:
+        @staticmethod
+        def _linear_pointwise(*args):
+            routed.append(args[0].shape[0])
+            return onednn(*args)
+
+    monkeypatch.setattr(torch.ops, "mkldnn", Spy)
+    monkeypatch.setattr(layers, "ONEDNN_LINEAR_MIN_ROWS", 10)
+    linear = nn.Linear(6, 4).eval()
+    tall, short = torch.randn(12, 6), torch.randn(5, 6)
+    plain = torch.nn.functional.linear
+    step = compare.products_through_onednn(lambda: (linear(tall), linear(short), linear(tall.requires_grad_())))
+    with torch.no_grad():
+        outputs = step()
+    assert routed == [12, 12]  # not the short product; under no_grad the input's flag does not matter
+    assert torch.nn.functional.linear is plain
+    for out, x in zip(outputs, (tall, short, tall), strict=True):
+        torch.testing.assert_close(out, plain(x, linear.weight, linear.bias))
+    step()  # with autograd on, the weight needs its gradient: F.linear
+    assert routed == [12, 12]
