@@ -38,8 +38,8 @@ def test_feature_info_describes_the_levels_forward_intermediates_returns(pico, s
 
 def test_forward_head_and_pre_logits(pico, single_thread):
     x = torch.randn(2, 3, 64, 64)
-    features = pico.forward_features(x)
-    with torch.no_grad():
+    with torch.no_grad():  # both under one grad mode: with a gradient some products take other kernels
+        features = pico.forward_features(x)
         assert torch.equal(pico.forward_head(features), pico(x))
         assert pico.forward_head(features, pre_logits=True).shape == (2, pico.head_hidden_size)
     assert pico.num_features == features[0].shape[1] and pico.num_classes == pico.spec.head.num_classes
