@@ -120,7 +120,7 @@ class Contender:
         )
         head = getattr(getattr(model, "spec", None), "head", None)
         self.step = make_step(prepare(model, self.settings), self.settings, getattr(head, "num_classes", None) or 1000)
-        if args.timm_products == "onednn" and head is None:
+        if args.timm_products == "onednn" and not hasattr(model, "spec"):  # a timm model
             self.step = products_through_onednn(self.step)
 
     def warm_up(self) -> bool:
