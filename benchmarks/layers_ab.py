@@ -3,6 +3,7 @@
     python benchmarks/layers_ab.py                     # XT, batch 8, 224, one thread, inference + training step
     python benchmarks/layers_ab.py --preset t --modes train --rounds 3
     python benchmarks/layers_ab.py --modes train --only "custom op only 13+ on 28+,no custom depthwise op"
+    python benchmarks/layers_ab.py --modes infer --deploy --batch-size 1 --only "folds recomputed every call"
 
 Every variant runs the same model with one formulation put back to the reference's form (the
 original forward of that layer class, kept here), interleaved call by call; "all old" puts all of
@@ -182,6 +183,7 @@ OLD = {
     "GRN backward by PyTorch ops": [(grn, "native_applies", lambda grad, x: False)],
     "GRN after the compiled op at inference": [(layers.ConvMLP, "_inference_grn", lambda self, hidden: False)],
     "padding-7+ dilated depthwise by oneDNN or polyphase": [(depthwise, "NATIVE_DILATED_MIN_PADDING", 10**9)],
+    "folds recomputed every call": [(layers.KeepsFolds, "kept_fold", lambda self, key, sources, fold: fold())],
     "local conv outputs kept": [(blocks, "local_conv", lambda conv, x: (blocks._maybe(conv, x), None))],
     "fc1 outputs kept": [(layers.ConvMLP, "_remade_hidden", lambda self, x, recipe: None)],
     "NCHW gradients (splits; SE mean; ContMix values)": [
@@ -257,10 +259,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--modes", default="infer,train")
     parser.add_argument("--only", default="", help="comma-separated variant names to run beside 'new'")
+    parser.add_argument("--deploy", action="store_true", help="the deploy form (inference only)")
     args = parser.parse_args()
+    if args.deploy and "train" in args.modes.split(","):
+        parser.error("--deploy is the inference form: add --modes infer")
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = build(args.preset)
+    model = build(args.preset, deploy=args.deploy)
     image = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
     with torch.no_grad():
         logits = model.eval()(image[:1])
@@ -278,11 +283,9 @@ def main() -> None:
     def step(mode: str) -> float:
         tick = time.perf_counter()
         if mode == "infer":
-            model.eval()
             with torch.inference_mode():
                 model(image)
         else:
-            model.train()
             optimizer.zero_grad(set_to_none=True)
             out = model(image)
             (F.cross_entropy(out["main"], target) + 0.4 * F.cross_entropy(out["aux"], target)).backward()
@@ -290,6 +293,7 @@ def main() -> None:
         return time.perf_counter() - tick
 
     for mode in args.modes.split(","):
+        model.train(mode == "train")  # once: `.eval()` also drops the folds an eval forward keeps
         times: dict[str, list[float]] = {name: [] for name in variants}
         order = list(variants.items())
         for round_ in range(args.rounds + 1):
@@ -306,7 +310,10 @@ def main() -> None:
                 if round_:  # round 0 is the warm-up
                     times[name].append(seconds)
         new = statistics.median(times["new"])
-        print(f"{args.preset} {mode}, batch {args.batch_size}, {args.img_size}px, 1 thread, {args.rounds} rounds:")
+        form = " (deploy form)" if args.deploy else ""
+        print(
+            f"{args.preset}{form} {mode}, batch {args.batch_size}, {args.img_size}px, 1 thread, {args.rounds} rounds:"
+        )
         for name, samples in times.items():
             median = statistics.median(samples)
             print(f"  {name:28} {median:8.3f} s   old/new {median / new:.2f}x")

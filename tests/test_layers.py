@@ -701,3 +701,100 @@ def test_under_autocast_a_training_forward_keeps_its_maps_once_in_low_precision(
     model = build("pico").train()
     ratio = _saved_bytes_per_image(model, amp=True) / _saved_bytes_per_image(model, amp=False)
     assert ratio < 0.62, ratio
+
+
+def _folding_modules() -> dict[str, tuple[torch.nn.Module, torch.Tensor]]:
+    """Every kind of module that keeps eval folds, with an input for it."""
+    seq = layers.FoldingSequential(
+        OrderedDict(conv=torch.nn.Conv2d(4, 6, 3, padding=1, bias=False), bn=torch.nn.BatchNorm2d(6))
+    )
+    lepe = LargeKernelBN(OrderedDict(conv=DilatedRepConv(4, 13), bn=torch.nn.BatchNorm2d(4)))
+    return {
+        "dilated-rep-conv": (DilatedRepConv(4, 13), torch.randn(2, 4, 15, 17)),
+        "conv-bn": (seq, torch.randn(2, 4, 9, 7)),
+        "res-dw-conv": (ResDWConv(4), torch.randn(2, 4, 9, 7)),
+        "large-kernel-bn": (lepe, torch.randn(2, 4, 15, 17)),
+    }
+
+
+def _kept(module: torch.nn.Module) -> list[object]:
+    """The fold values `module` and its children keep now."""
+    return [kept[2] for m in module.modules() for kept in m.__dict__.get("_folds", {}).values()]
+
+
+def _fresh(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module's eval output with every fold computed anew (a deep copy keeps none)."""
+    twin = copy.deepcopy(module)
+    assert _kept(twin) == []
+    with torch.no_grad():
+        return twin(x)
+
+
+@pytest.mark.parametrize("kind", list(_folding_modules()))
+def test_eval_folds_are_kept_until_a_source_changes(kind):
+    module, x = _folding_modules()[kind]
+    module = _randomise(module).eval()
+    with torch.no_grad():
+        first = module(x)
+        kept = _kept(module)
+        assert kept, "an eval forward keeps its folds"
+        torch.testing.assert_close(module(x), first, rtol=0, atol=0)
+        assert all(a is b for a, b in zip(_kept(module), kept, strict=True))  # reused, not recomputed
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            if tensor.is_floating_point():  # an in-place write to any source: recomputed
+                tensor.mul_(1.25)
+                torch.testing.assert_close(module(x), _fresh(module, x), rtol=0, atol=0, msg=name)
+    other = _randomise(copy.deepcopy(module), seed=5)
+    module.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), _fresh(other, x), rtol=0, atol=0)
+        module.to(torch.float64)  # a move forgets; the new dtype's folds are kept afresh
+        assert _kept(module) == []
+        assert module(x.double()).dtype == torch.float64
+        next(module.parameters()).data.mul_(2.0)  # `.data` bypasses the version counter:
+        module.eval()  # `.eval()` forgets the folds
+        torch.testing.assert_close(module(x.double()), _fresh(module, x.double()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", list(_folding_modules()))
+def test_eval_folds_stay_differentiable_and_mode_safe(kind):
+    module, x = _folding_modules()[kind]
+    module = _randomise(module).eval()
+    # With a gradient into the weights, nothing is kept and the gradients are those of a fresh copy.
+    twin = copy.deepcopy(module)
+    ours = torch.autograd.grad(module(x).square().sum(), list(module.parameters()))
+    theirs = torch.autograd.grad(twin(x).square().sum(), list(twin.parameters()))
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert _kept(module) == []
+    # Folds kept under inference mode serve a later input gradient with frozen weights.
+    with torch.inference_mode():
+        module(x)
+    assert _kept(module)
+    module.requires_grad_(False)
+    x = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(module(x).square().sum(), x)
+    twin.requires_grad_(False)
+    (expected,) = torch.autograd.grad(twin(x).square().sum(), x)
+    torch.testing.assert_close(grad, expected, rtol=0, atol=0)
+    module.train()
+    assert _kept(module) == []
+
+
+def test_kept_folds_leave_model_outputs_copies_and_deploy_form_unchanged():
+    model = build("pico").eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = _fresh(model, x)
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+        assert len(_kept(model)) > 10
+        assert _kept(copy.deepcopy(model)) == []
+        # other weights for one call (torch.func): their own folds, then the model's again
+        scaled = copy.deepcopy(model)
+        for p in scaled.parameters():
+            p.mul_(1.1)
+        swapped = {**dict(scaled.named_parameters()), **dict(model.named_buffers())}
+        torch.testing.assert_close(torch.func.functional_call(model, swapped, (x,)), scaled(x), rtol=0, atol=0)
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(model.reparameterize()(x), expected, rtol=1e-5, atol=1e-5)
