@@ -33,8 +33,9 @@ def _inputs(shape, seed=0):
     return hidden, weight, bias
 
 
-# Channel counts that are and are not whole vectors (4, 8, 16 floats), maps of one row or column.
-SHAPES = [(2, 13, 5, 7), (3, 40, 1, 6), (1, 17, 4, 1), (2, 48, 9, 8), (1, 1, 3, 3)]
+# Channel counts that are and are not whole vectors (4, 8, 16 floats), maps of one row or column;
+# multiples of 1024 channels, whose rows the kernels space out by a cache line (`ring_stride`).
+SHAPES = [(2, 13, 5, 7), (3, 40, 1, 6), (1, 17, 4, 1), (2, 48, 9, 8), (1, 1, 3, 3), (2, 1024, 3, 4), (1, 2048, 4, 2)]
 
 
 @needs_library
@@ -388,7 +389,7 @@ def test_grn_kernels_refuse_what_they_do_not_cover():
 
 @needs_library
 @pytest.mark.parametrize("threads", [1, 3])
-@pytest.mark.parametrize("shape", [(2, 13, 5, 7), (3, 48, 9, 8), (1, 17, 4, 1)], ids=str)
+@pytest.mark.parametrize("shape", [(2, 13, 5, 7), (3, 48, 9, 8), (1, 17, 4, 1), (2, 1024, 3, 4)], ids=str)
 def test_gelu_dwconv_with_grn_matches_the_op_followed_by_grn(shape, threads):
     """Inference: GRN applied image by image inside the compiled op equals GRN after it (float64 GRN
     of the op's float64 composition)."""

@@ -60,21 +60,40 @@ static void gelu_row(const float* in, float* act, float* grad, long n) {
 /* Slot of image row r (r >= -1) in a three-row ring of padded rows. */
 static inline float* slot(float* ring, long r, long padded_row) { return ring + ((r + 3) % 3) * padded_row; }
 
-/* Fill a padded ring row (one zero pixel left and right) with GELU of image row r, or zeros outside. */
-static void load_gelu(float* dst, float* grad, const float* image, long r, long H, long W, long C) {
+/* The rings' pixel stride S: C, but one cache line more where C is a multiple of 1024 floats (XT's
+ * third-stage MLPs, T's). A channel block walks a column of ring pixels S floats apart; at a stride of
+ * 4 KiB that column falls into one cache set and the taps' loads miss L1 (C = 1024 at 14x14: forward
+ * 1.39x, backward 1.19x faster with S = 1040). At 512 and 256 channels the padded stride measured
+ * 1.06x / 0.89x and 0.97x / 0.88x (forward / backward): they keep S = C.
+ * (benchmarks/results/issue10_speed.md, round 12.) */
+static inline long ring_stride(long C) { return C % 1024 == 0 ? C + 16 : C; }
+
+/* Fill a padded ring row (one zero pixel left and right, pixels S floats apart) with GELU of image
+ * row r, or zeros outside; GELU' into grad (contiguous, W*C) where grad is not NULL. */
+static void load_gelu(float* dst, float* grad, const float* image, long r, long H, long W, long C, long S) {
     if (r < 0 || r >= H) {
-        memset(dst, 0, (size_t)(W + 2) * C * sizeof(float));
+        memset(dst, 0, (size_t)(W + 2) * S * sizeof(float));
         return;
     }
-    gelu_row(image + r * W * C, dst + C, grad, W * C);
+    const float* row = image + r * W * C;
+    if (S == C) {
+        gelu_row(row, dst + C, grad, W * C);
+        return;
+    }
+    for (long x = 0; x < W; x++) gelu_row(row + x * C, dst + (x + 1) * S, grad ? grad + x * C : NULL, C);
 }
 
-static void load_copy(float* dst, const float* image, long r, long H, long W, long C) {
+static void load_copy(float* dst, const float* image, long r, long H, long W, long C, long S) {
     if (r < 0 || r >= H) {
-        memset(dst, 0, (size_t)(W + 2) * C * sizeof(float));
+        memset(dst, 0, (size_t)(W + 2) * S * sizeof(float));
         return;
     }
-    memcpy(dst + C, image + r * W * C, (size_t)(W * C) * sizeof(float));
+    const float* row = image + r * W * C;
+    if (S == C) {
+        memcpy(dst + C, row, (size_t)(W * C) * sizeof(float));
+        return;
+    }
+    for (long x = 0; x < W; x++) memcpy(dst + (x + 1) * S, row + x * C, (size_t)C * sizeof(float));
 }
 
 /* The taps (9, C) and bias (C) copied with C rounded up to whole vectors (zeros after C), so that
@@ -92,20 +111,20 @@ static inline void load_taps(vf w[9], const float* taps, long Cp, long c) {
     for (int k = 0; k < 9; k++) w[k] = vload(taps + k * Cp + c);
 }
 
-/* Rings hold padded rows with channel stride C; vector loads of the last, partial channel block
- * read up to VW - 1 floats past a pixel (into the next pixel, or the slack after the last row):
- * those lanes are computed and then dropped, never stored. */
+/* Rings hold padded rows of pixels S = ring_stride(C) floats apart; vector loads of the last,
+ * partial channel block read up to VW - 1 floats past a pixel (into the next pixel, or the slack
+ * after the last row): those lanes are computed and then dropped, never stored. */
 #define RING_FLOATS(padded_row) ((size_t)(3 * (padded_row) + VW))
 
 /* Rows [y0, y1) of one image: out and, added to sq (C floats), each channel's sum of squares. */
 static void forward_image(const float* restrict image, const float* restrict taps, float* restrict out,
                           float* restrict sq, float* restrict ring, long H, long W, long C, long y0, long y1) {
-    long padded_row = (W + 2) * C, Cp = (C + VW - 1) / VW * VW;
+    long S = ring_stride(C), padded_row = (W + 2) * S, Cp = (C + VW - 1) / VW * VW;
     memset(ring, 0, RING_FLOATS(padded_row) * sizeof(float));
-    load_gelu(slot(ring, y0 - 1, padded_row), NULL, image, y0 - 1, H, W, C);
-    load_gelu(slot(ring, y0, padded_row), NULL, image, y0, H, W, C);
+    load_gelu(slot(ring, y0 - 1, padded_row), NULL, image, y0 - 1, H, W, C, S);
+    load_gelu(slot(ring, y0, padded_row), NULL, image, y0, H, W, C, S);
     for (long y = y0; y < y1; y++) {
-        load_gelu(slot(ring, y + 1, padded_row), NULL, image, y + 1, H, W, C);
+        load_gelu(slot(ring, y + 1, padded_row), NULL, image, y + 1, H, W, C, S);
         const float* up = slot(ring, y - 1, padded_row);
         const float* mid = slot(ring, y, padded_row);
         const float* down = slot(ring, y + 1, padded_row);
@@ -116,10 +135,10 @@ static void forward_image(const float* restrict image, const float* restrict tap
             load_taps(w, taps, Cp, c);
             vf shift = vload(taps + 9 * Cp + c), energy = vsplat(0.0f);
             const float *u = up + c, *m = mid + c, *d = down + c;
-            for (long x = 0; x < W; x++, u += C, m += C, d += C) {
-                vf s = shift + w[0] * vload(u) + w[1] * vload(u + C) + w[2] * vload(u + 2 * C) + w[3] * vload(m)
-                       + w[4] * vload(m + C) + w[5] * vload(m + 2 * C) + w[6] * vload(d) + w[7] * vload(d + C)
-                       + w[8] * vload(d + 2 * C);
+            for (long x = 0; x < W; x++, u += S, m += S, d += S) {
+                vf s = shift + w[0] * vload(u) + w[1] * vload(u + S) + w[2] * vload(u + 2 * S) + w[3] * vload(m)
+                       + w[4] * vload(m + S) + w[5] * vload(m + 2 * S) + w[6] * vload(d) + w[7] * vload(d + S)
+                       + w[8] * vload(d + 2 * S);
                 vstore_n(o + x * C + c, s, n);
                 energy += s * s;
             }
@@ -131,7 +150,7 @@ static void forward_image(const float* restrict image, const float* restrict tap
 int overlock_gelu_dwconv3x3_forward(const float* restrict hidden, const float* restrict weight,
                                      const float* restrict bias, float* restrict out, float* restrict squares,
                                      long H, long W, long C, long b0, long b1, long y0, long y1) {
-    long padded_row = (W + 2) * C, Cp = (C + VW - 1) / VW * VW;
+    long S = ring_stride(C), padded_row = (W + 2) * S, Cp = (C + VW - 1) / VW * VW;
     float* ring = zeroed(RING_FLOATS(padded_row));
     float* taps = padded_taps(weight, bias, C, Cp);
     if (!ring || !taps) {
@@ -156,7 +175,7 @@ int overlock_gelu_dwconv3x3_grn_forward(const float* restrict hidden, const floa
                                          const float* restrict bias, const float* restrict gamma,
                                          const float* restrict beta, float* restrict out, long H, long W, long C,
                                          double floor, double eps, long b0, long b1) {
-    long padded_row = (W + 2) * C, Cp = (C + VW - 1) / VW * VW;
+    long S = ring_stride(C), padded_row = (W + 2) * S, Cp = (C + VW - 1) / VW * VW;
     float* ring = zeroed(RING_FLOATS(padded_row));
     float* taps = padded_taps(weight, bias, C, Cp);
     float* coef = zeroed((size_t)(3 * Cp)); /* sums of squares, then scale; beta */
@@ -203,7 +222,7 @@ int overlock_gelu_dwconv3x3_backward(const float* restrict hidden, const float* 
                                       const float* restrict weight, float* restrict grad_hidden,
                                       float* restrict grad_weight, float* restrict grad_bias, long H, long W,
                                       long C, long b0, long b1, long y0, long y1) {
-    long padded_row = (W + 2) * C, Cp = (C + VW - 1) / VW * VW;
+    long S = ring_stride(C), padded_row = (W + 2) * S, Cp = (C + VW - 1) / VW * VW;
     float* act_ring = zeroed(RING_FLOATS(padded_row));
     float* grad_ring = zeroed(RING_FLOATS(padded_row));
     float* slope = zeroed((size_t)(2 * W * C + VW)); /* GELU' of rows y and y + 1 */
@@ -218,13 +237,13 @@ int overlock_gelu_dwconv3x3_backward(const float* restrict hidden, const float* 
         const float* g_image = grad + b * H * W * C;
         memset(act_ring, 0, RING_FLOATS(padded_row) * sizeof(float));
         memset(grad_ring, 0, RING_FLOATS(padded_row) * sizeof(float));
-        load_gelu(slot(act_ring, y0 - 1, padded_row), NULL, image, y0 - 1, H, W, C);
-        load_gelu(slot(act_ring, y0, padded_row), slope + (y0 % 2) * W * C, image, y0, H, W, C);
-        load_copy(slot(grad_ring, y0 - 1, padded_row), g_image, y0 - 1, H, W, C);
-        load_copy(slot(grad_ring, y0, padded_row), g_image, y0, H, W, C);
+        load_gelu(slot(act_ring, y0 - 1, padded_row), NULL, image, y0 - 1, H, W, C, S);
+        load_gelu(slot(act_ring, y0, padded_row), slope + (y0 % 2) * W * C, image, y0, H, W, C, S);
+        load_copy(slot(grad_ring, y0 - 1, padded_row), g_image, y0 - 1, H, W, C, S);
+        load_copy(slot(grad_ring, y0, padded_row), g_image, y0, H, W, C, S);
         for (long y = y0; y < y1; y++) {
-            load_gelu(slot(act_ring, y + 1, padded_row), slope + ((y + 1) % 2) * W * C, image, y + 1, H, W, C);
-            load_copy(slot(grad_ring, y + 1, padded_row), g_image, y + 1, H, W, C);
+            load_gelu(slot(act_ring, y + 1, padded_row), slope + ((y + 1) % 2) * W * C, image, y + 1, H, W, C, S);
+            load_copy(slot(grad_ring, y + 1, padded_row), g_image, y + 1, H, W, C, S);
             const float* a_up = slot(act_ring, y - 1, padded_row);
             const float* a_mid = slot(act_ring, y, padded_row);
             const float* a_down = slot(act_ring, y + 1, padded_row);
@@ -240,22 +259,22 @@ int overlock_gelu_dwconv3x3_backward(const float* restrict hidden, const float* 
                 vf z = vsplat(0.0f), d0 = z, d1 = z, d2 = z, d3 = z, d4 = z, d5 = z, d6 = z, d7 = z, d8 = z, db = z;
                 const float *au = a_up + c, *am = a_mid + c, *ad = a_down + c;
                 const float *gu = g_up + c, *gm = g_mid + c, *gd = g_down + c;
-                for (long x = 0; x < W; x++, au += C, am += C, ad += C, gu += C, gm += C, gd += C) {
+                for (long x = 0; x < W; x++, au += S, am += S, ad += S, gu += S, gm += S, gd += S) {
                     /* padded column x + 1 is image column x */
-                    vf da = w[0] * vload(gd + 2 * C) + w[1] * vload(gd + C) + w[2] * vload(gd) + w[3] * vload(gm + 2 * C)
-                            + w[4] * vload(gm + C) + w[5] * vload(gm) + w[6] * vload(gu + 2 * C) + w[7] * vload(gu + C)
+                    vf da = w[0] * vload(gd + 2 * S) + w[1] * vload(gd + S) + w[2] * vload(gd) + w[3] * vload(gm + 2 * S)
+                            + w[4] * vload(gm + S) + w[5] * vload(gm) + w[6] * vload(gu + 2 * S) + w[7] * vload(gu + S)
                             + w[8] * vload(gu);
                     vstore_n(gh + x * C + c, da * vload(s_row + x * C + c), n);
-                    vf gy = vload(gm + C);
+                    vf gy = vload(gm + S);
                     d0 += gy * vload(au);
-                    d1 += gy * vload(au + C);
-                    d2 += gy * vload(au + 2 * C);
+                    d1 += gy * vload(au + S);
+                    d2 += gy * vload(au + 2 * S);
                     d3 += gy * vload(am);
-                    d4 += gy * vload(am + C);
-                    d5 += gy * vload(am + 2 * C);
+                    d4 += gy * vload(am + S);
+                    d5 += gy * vload(am + 2 * S);
                     d6 += gy * vload(ad);
-                    d7 += gy * vload(ad + C);
-                    d8 += gy * vload(ad + 2 * C);
+                    d7 += gy * vload(ad + S);
+                    d8 += gy * vload(ad + 2 * S);
                     db += gy;
                 }
                 vadd_n(grad_weight + c, d0, n);
