@@ -24,6 +24,8 @@ from overlock.builder import blocks, build, contmix, layers, mixers, network
 from overlock.kernels import cpu, depthwise, gelu_dwconv, grn
 from overlock.training.optim import build_optimizer
 
+KEPT = {"gelu_dwconv3x3_grn": gelu_dwconv.gelu_dwconv3x3_grn}  # originals the variants call
+
 
 def old_layer_scale(self, x):
     return F.conv2d(x, self.weight, self.bias, groups=x.shape[1])
@@ -183,6 +185,9 @@ OLD = {
     "GRN backward by PyTorch ops": [(grn, "native_applies", lambda grad, x: False)],
     "GRN after the compiled op at inference": [(layers.ConvMLP, "_inference_grn", lambda self, hidden: False)],
     "padding-7+ dilated depthwise by oneDNN or polyphase": [(depthwise, "NATIVE_DILATED_MIN_PADDING", 10**9)],
+    "MLP middle into a new map at inference": [
+        (gelu_dwconv, "gelu_dwconv3x3_grn", lambda *args, overwrite: KEPT["gelu_dwconv3x3_grn"](*args))
+    ],
     "folds recomputed every call": [(layers.KeepsFolds, "kept_fold", lambda self, key, sources, fold: fold())],
     "local conv outputs kept": [(blocks, "local_conv", lambda conv, x: (blocks._maybe(conv, x), None))],
     "fc1 outputs kept": [(layers.ConvMLP, "_remade_hidden", lambda self, x, recipe: None)],

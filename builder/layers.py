@@ -705,11 +705,19 @@ class ConvMLP(nn.Module):
         if not plain and self._fused_middle(hidden):
             weight, bias = self.dwconv.folded_weight(), self.dwconv.bias
             if self._inference_grn(hidden):
-                # GELU -> dwconv -> GRN in one compiled op, each image rescaled while it is in cache.
+                # GELU -> dwconv -> GRN in one compiled op, each image rescaled while it is in cache,
+                # written over fc1's output, which nothing else reads (unless a hook on fc1 took it).
                 grn = self.grn
                 with standing_in(self.dwconv):
                     out = kernels.gelu_dwconv.gelu_dwconv3x3_grn(
-                        hidden, weight, bias, grn.gamma, grn.beta, GRN_ENERGY_FLOOR, GRN_MEAN_EPS
+                        hidden,
+                        weight,
+                        bias,
+                        grn.gamma,
+                        grn.beta,
+                        GRN_ENERGY_FLOOR,
+                        GRN_MEAN_EPS,
+                        overwrite=not hooked(self.fc1),
                     )
                 return self.fc2(out)
             # GELU -> dwconv -> GRN's energy in one pass (kernels/gelu_dwconv.py); it keeps only

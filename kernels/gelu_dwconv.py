@@ -69,6 +69,8 @@ def gelu_dwconv3x3_grn(
     beta: torch.Tensor,
     floor: float,
     eps: float,
+    *,
+    overwrite: bool = False,
 ) -> torch.Tensor:
     """GRN(conv2d(GELU(hidden), weight, bias, padding=1, groups=C)) with GRN's gamma and beta, for inference.
 
@@ -76,6 +78,11 @@ def gelu_dwconv3x3_grn(
     Each image is rescaled in place right after the kernel writes it, while it is in cache: one
     pass over the batch's map and one output buffer fewer than the op followed by GRN (224 x 56x56
     maps, batch 8: about 1.6x). No gradient: where one is needed, `gelu_dwconv3x3` and the GRN module.
+
+    `overwrite=True` writes the result over `hidden` and returns it (the caller promises that
+    nothing else reads `hidden`): output row y is written after input row y + 1 was read into the
+    kernel's ring, so no input is overwritten before it is used. No output buffer to allocate and
+    fault in (the 22 MiB maps of XT's first stage: 14 -> 7 ms a call, batch 8).
     """
     if not native_applies(hidden, weight, bias):
         raise ValueError(f"gelu_dwconv3x3_grn needs what the compiled kernel takes ({native.status(LIBRARY)})")
@@ -83,7 +90,7 @@ def gelu_dwconv3x3_grn(
     taps = _taps(weight)
     shift = bias.detach().contiguous() if bias is not None else hidden.new_zeros(channels)
     gamma, beta = (t.detach().reshape(channels).to(torch.float32).contiguous() for t in (gamma, beta))
-    out = torch.empty_like(hidden, memory_format=torch.channels_last)
+    out = hidden if overwrite else torch.empty_like(hidden, memory_format=torch.channels_last)
     pointers = [native.pointer(t) for t in (hidden, taps, shift, gamma, beta, out)]
     native.run(
         LIBRARY,

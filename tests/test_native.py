@@ -405,21 +405,24 @@ def test_gelu_dwconv_with_grn_matches_the_op_followed_by_grn(shape, threads):
         grn.float()
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
+    arguments = (weight, bias, grn.gamma, grn.beta, layers.GRN_ENERGY_FLOOR, layers.GRN_MEAN_EPS)
     try:
-        ours = gelu_dwconv.gelu_dwconv3x3_grn(
-            hidden, weight, bias, grn.gamma, grn.beta, layers.GRN_ENERGY_FLOOR, layers.GRN_MEAN_EPS
-        )
+        ours = gelu_dwconv.gelu_dwconv3x3_grn(hidden, *arguments)
+        scratch = hidden.clone()  # written over: the same values, in the input's own memory
+        over = gelu_dwconv.gelu_dwconv3x3_grn(scratch, *arguments, overwrite=True)
     finally:
         torch.set_num_threads(before)
     assert ours.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    assert over.data_ptr() == scratch.data_ptr()
+    torch.testing.assert_close(over, ours, rtol=0, atol=0)
 
 
 @needs_library
 def test_conv_mlp_takes_grn_into_the_compiled_op_only_where_nothing_needs_a_gradient(monkeypatch):
     calls = []
     original = gelu_dwconv.gelu_dwconv3x3_grn
-    monkeypatch.setattr(gelu_dwconv, "gelu_dwconv3x3_grn", lambda *args: calls.append(1) or original(*args))
+    monkeypatch.setattr(gelu_dwconv, "gelu_dwconv3x3_grn", lambda *a, **k: calls.append(k) or original(*a, **k))
     mlp = layers.ConvMLP(6, 24, 6).eval()
     with torch.no_grad():
         for p in mlp.parameters():
@@ -427,11 +430,18 @@ def test_conv_mlp_takes_grn_into_the_compiled_op_only_where_nothing_needs_a_grad
     x = torch.randn(2, 6, 11, 9).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         fused = mlp(x)
-    assert calls == [1]
+    assert calls == [{"overwrite": True}]  # fc1's output, read by nothing else
     expected = mlp(x)  # the parameters need gradients: the op, then the GRN module
-    assert calls == [1]
+    assert len(calls) == 1
     torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+    taken = []  # a hook that keeps fc1's output: the op writes a map of its own
+    handle = mlp.fc1.register_forward_hook(lambda module, args, out: taken.append(out))
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), fused, rtol=0, atol=0)
+        torch.testing.assert_close(taken[0], mlp.fc1(x), rtol=0, atol=0)
+    assert calls[1:] == [{"overwrite": False}]
+    handle.remove()
     mlp.grn.register_forward_hook(lambda module, args, out: None)  # a watched GRN runs as itself
     with torch.no_grad():
         mlp(x)
-    assert calls == [1]
+    assert len(calls) == 2

@@ -117,7 +117,7 @@ static inline void load_taps(vf w[9], const float* taps, long Cp, long c) {
 #define RING_FLOATS(padded_row) ((size_t)(3 * (padded_row) + VW))
 
 /* Rows [y0, y1) of one image: out and, added to sq (C floats), each channel's sum of squares. */
-static void forward_image(const float* restrict image, const float* restrict taps, float* restrict out,
+static void forward_image(const float* image, const float* restrict taps, float* out,
                           float* restrict sq, float* restrict ring, long H, long W, long C, long y0, long y1) {
     long S = ring_stride(C), padded_row = (W + 2) * S, Cp = (C + VW - 1) / VW * VW;
     memset(ring, 0, RING_FLOATS(padded_row) * sizeof(float));
@@ -171,9 +171,9 @@ int overlock_gelu_dwconv3x3_forward(const float* restrict hidden, const float* r
  *   e[c] = sqrt(max(sum of squares[c], floor)),  scale[c] = 1 + gamma[c] * e[c] / (mean_c e + eps),
  *   out = out * scale + beta.
  * Whole images per call (the scale needs all of an image's rows). */
-int overlock_gelu_dwconv3x3_grn_forward(const float* restrict hidden, const float* restrict weight,
+int overlock_gelu_dwconv3x3_grn_forward(const float* hidden, const float* restrict weight,
                                          const float* restrict bias, const float* restrict gamma,
-                                         const float* restrict beta, float* restrict out, long H, long W, long C,
+                                         const float* restrict beta, float* out, long H, long W, long C,
                                          double floor, double eps, long b0, long b1) {
     long S = ring_stride(C), padded_row = (W + 2) * S, Cp = (C + VW - 1) / VW * VW;
     float* ring = zeroed(RING_FLOATS(padded_row));
