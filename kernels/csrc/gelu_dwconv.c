@@ -63,7 +63,7 @@ static inline float* slot(float* ring, long r, long padded_row) { return ring + 
 /* The rings' pixel stride S: C, but one cache line more where C is a multiple of 1024 floats (XT's
  * third-stage MLPs, T's). A channel block walks a column of ring pixels S floats apart; at a stride of
  * 4 KiB that column falls into one cache set and the taps' loads miss L1 (C = 1024 at 14x14: forward
- * 1.39x, backward 1.19x faster with S = 1040). At 512 and 256 channels the padded stride measured
+ * 1.45x, backward 1.22x faster with S = 1040). At 512 and 256 channels the padded stride measured
  * 1.06x / 0.89x and 0.97x / 0.88x (forward / backward): they keep S = C.
  * (benchmarks/results/issue10_speed.md, round 12.) */
 static inline long ring_stride(long C) { return C % 1024 == 0 ? C + 16 : C; }
@@ -116,7 +116,9 @@ static inline void load_taps(vf w[9], const float* taps, long Cp, long c) {
  * after the last row): those lanes are computed and then dropped, never stored. */
 #define RING_FLOATS(padded_row) ((size_t)(3 * (padded_row) + VW))
 
-/* Rows [y0, y1) of one image: out and, added to sq (C floats), each channel's sum of squares. */
+/* Rows [y0, y1) of one image: out and, added to sq (C floats), each channel's sum of squares. out may
+ * be image itself (no `restrict` on either): output row y is stored after input row y + 1 went into
+ * the ring, and rows up to y were read before. */
 static void forward_image(const float* image, const float* restrict taps, float* out,
                           float* restrict sq, float* restrict ring, long H, long W, long C, long y0, long y1) {
     long S = ring_stride(C), padded_row = (W + 2) * S, Cp = (C + VW - 1) / VW * VW;
@@ -170,7 +172,8 @@ int overlock_gelu_dwconv3x3_forward(const float* restrict hidden, const float* r
  * whole batch (and a second output buffer):
  *   e[c] = sqrt(max(sum of squares[c], floor)),  scale[c] = 1 + gamma[c] * e[c] / (mean_c e + eps),
  *   out = out * scale + beta.
- * Whole images per call (the scale needs all of an image's rows). */
+ * Whole images per call (the scale needs all of an image's rows). out may be hidden itself (in place,
+ * `forward_image`). */
 int overlock_gelu_dwconv3x3_grn_forward(const float* hidden, const float* restrict weight,
                                          const float* restrict bias, const float* restrict gamma,
                                          const float* restrict beta, float* out, long H, long W, long C,
