@@ -153,13 +153,14 @@ class Contender:
 
 def products_through_onednn(inner: Callable[[], object]) -> Callable[[], object]:
     """`inner` with every F.linear that OverLoCK's own 1x1 products would send to oneDNN sent there too
-    (`layers.onednn_linear_applies`: inference, float32 CPU, this CPU's row limit): timm's models as
-    OverLoCK runs its products, which separates the kernels' vendor from the models' structure."""
+    (`layers.onednn_linear_applies`: float32 CPU, this CPU's row limit; `layers.onednn_linear`, with
+    its gradients in training): timm's models as OverLoCK runs its products, which separates the
+    kernels' vendor from the models' structure."""
     linear = F.linear
 
     def routed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if layers.onednn_linear_applies(x, weight, bias):
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+            return layers.onednn_linear(x, weight, bias)
         return linear(x, weight, bias)
 
     def step() -> object:

@@ -27,6 +27,17 @@ from overlock.training.optim import build_optimizer
 KEPT = {"gelu_dwconv3x3_grn": gelu_dwconv.gelu_dwconv3x3_grn}  # originals the variants call
 
 
+def pointwise_before_round_12(self, x, weight, bias):
+    """1x1 convs before round 12: oneDNN's linear at inference only, F.linear in training mode."""
+    if not layers.cpu_channels_innermost(x):
+        return torch.nn.Conv2d._conv_forward(self, x, weight, bias)
+    inner, flat = x.permute(0, 2, 3, 1), weight.flatten(1)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (inner, flat, bias))
+    if not self.training and not needs_grad and layers.onednn_linear_applies(inner, flat, bias):
+        return torch.ops.mkldnn._linear_pointwise(inner, flat, bias, "none", [], "").permute(0, 3, 1, 2)
+    return F.linear(inner, flat, bias).permute(0, 3, 1, 2)
+
+
 def old_layer_scale(self, x):
     return F.conv2d(x, self.weight, self.bias, groups=x.shape[1])
 
@@ -188,6 +199,7 @@ OLD = {
     "MLP middle into a new map at inference": [
         (gelu_dwconv, "gelu_dwconv3x3_grn", lambda *args, overwrite: KEPT["gelu_dwconv3x3_grn"](*args))
     ],
+    "1x1 products by F.linear in training": [(layers.Pointwise, "_conv_forward", pointwise_before_round_12)],
     "folds recomputed every call": [(layers.KeepsFolds, "kept_fold", lambda self, key, sources, fold: fold())],
     "local conv outputs kept": [(blocks, "local_conv", lambda conv, x: (blocks._maybe(conv, x), None))],
     "fc1 outputs kept": [(layers.ConvMLP, "_remade_hidden", lambda self, x, recipe: None)],

@@ -278,7 +278,7 @@ class Pointwise(nn.Conv2d):
     """A 1x1 conv (nn.Conv2d's parameters, names and state dict) that runs channels_last data as a matrix product.
 
     On channels_last CPU data the channels are innermost, so the conv is one matrix product over
-    them (`pixel_linear`: F.linear, or oneDNN's linear for tall products at inference); as `F.linear`
+    them (`pixel_linear`: oneDNN's linear where this CPU runs it faster, else F.linear); as `F.linear`
     on the (B, H, W, C) view it is 5-30% faster than oneDNN's 1x1 conv, forward
     and backward (autograd's mm-based backward; XT shapes, one thread: 745 -> 679 ms for every 1x1
     conv of a training step). The result is the same product (float rounding aside) and comes back
@@ -290,13 +290,13 @@ class Pointwise(nn.Conv2d):
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if cpu_channels_innermost(x):
-            product = pixel_linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias, inference=not self.training)
+            product = pixel_linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias)
             return product.permute(0, 3, 1, 2)
         return super()._conv_forward(x, weight, bias)
 
 
-# Products with at least this many rows (images x pixels) run through oneDNN's linear at inference.
-# It adds the bias as it writes each output tile; F.linear (MKL's addmm) first fills the whole output
+# Products with at least this many rows (images x pixels) run through oneDNN's linear, in training
+# (`onednn_linear`: its input gradients too) and at inference. It adds the bias as it writes each output tile; F.linear (MKL's addmm) first fills the whole output
 # with the bias and then accumulates into it, a second pass over a map that no longer fits in cache.
 # Measured (one thread, interleaved medians, `python benchmarks/pointwise.py`) on an Intel Xeon:
 # 1.2-1.5x on XT's 56x56 and 28x28 maps and ContMix's kernel projection (25088, 6272 and 12544 rows
@@ -304,6 +304,7 @@ class Pointwise(nn.Conv2d):
 # On other vendors' CPUs MKL does not take its fastest code paths and oneDNN's linear wins nearly
 # everywhere (AMD EPYC, AVX-512: 1.03-1.11x at 1568 and most 392-row shapes, 1.07x over all of XT's
 # products; the whole XT inference 1.03x, deploy form 1.04x, T 1.02x), so there every product takes it.
+# In training there (round 12): XT's step 1.08x against F.linear's addmm and mm.
 def onednn_linear_min_rows(vendor: str | None) -> int:
     """The row count from which a product takes oneDNN's linear on a CPU of this vendor (None: unknown)."""
     return 4096 if vendor in ("GenuineIntel", None) else 0
@@ -312,32 +313,62 @@ def onednn_linear_min_rows(vendor: str | None) -> int:
 ONEDNN_LINEAR_MIN_ROWS = onednn_linear_min_rows(cpuinfo_value("vendor_id"))
 
 
-def pixel_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, inference: bool = False
-) -> torch.Tensor:
+def pixel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear over the last dimension of a CPU map's (..., C) view; through oneDNN where it is faster.
 
-    oneDNN's linear has no autograd formula, so only at inference (a module in eval mode, with
-    nothing that needs a gradient; not in training mode under no_grad either: a recomputation in
-    the backward must repeat the forward's op exactly), for float32 outside autocast (which would
-    cast F.linear's inputs) and torch.compile (inductor picks its own kernels). The same product,
-    float rounding aside.
+    `onednn_linear_applies` decides, in training as at inference: a product's forward and its
+    recomputation in the backward (`recompute_saved`) then take the same kernel, so a recomputed
+    map is bit for bit the one the forward made. The same product, float rounding aside.
     """
-    if inference and onednn_linear_applies(x, weight, bias):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    if onednn_linear_applies(x, weight, bias):
+        return onednn_linear(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias) by oneDNN's linear (float32 CPU tensors), differentiable
+    (`_OneDNNLinear` where a gradient is taken)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return _OneDNNLinear.apply(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """oneDNN's linear, which has no autograd formula of its own, with F.linear's gradients: the
+    input's as oneDNN's linear of the output gradient with the transposed weight (as tall a product
+    as the forward; on the AMD EPYC MKL's mm ran XT's first-stage ones at 21-28 GMAC/s), the
+    weight's and the bias's as autograd computes them for F.linear (mm and sum)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.mkldnn._linear_pointwise(grad, weight.t().contiguous(), None, "none", [], "")
+        rows = grad.reshape(-1, grad.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_weight = rows.t().mm(x.reshape(-1, x.shape[-1]))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = rows.sum(0)
+        return grad_x, grad_weight, grad_bias
 
 
 def onednn_linear_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether oneDNN's linear may compute F.linear(x, weight, bias), and is the faster on this CPU
-    (`ONEDNN_LINEAR_MIN_ROWS`): float32 CPU tensors outside autocast and torch.compile, nothing
-    that needs a gradient. The caller knows that no recomputation must repeat F.linear exactly."""
+    (`ONEDNN_LINEAR_MIN_ROWS`): float32 CPU tensors outside autocast (which would cast F.linear's
+    inputs) and torch.compile (inductor picks its own kernels)."""
     return (
         x.device.type == "cpu"
         and x.numel() >= max(1, ONEDNN_LINEAR_MIN_ROWS) * x.shape[-1]
         and x.dtype == weight.dtype == torch.float32
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and not (bias is not None and torch.is_grad_enabled() and bias.requires_grad)
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
         and _onednn_linear_available()

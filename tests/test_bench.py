@@ -221,8 +221,8 @@ def test_saved_tensors_script_reports_what_a_training_forward_keeps():
 @pytest.mark.skipif(not hasattr(torch.ops.mkldnn, "_linear_pointwise"), reason="this PyTorch has no oneDNN linear")
 def test_compare_convnext_can_route_timm_products_as_overlock_routes_its_own(monkeypatch):
     """`compare_convnext.py --timm-products onednn`: inside the wrapped step, F.linear goes to oneDNN
-    where `layers.onednn_linear_applies` (inference, tall enough) and to F.linear elsewhere; outside
-    the step F.linear is PyTorch's own again."""
+    where `layers.onednn_linear_applies` (tall enough), with F.linear's gradients, and to F.linear
+    elsewhere; outside the step F.linear is PyTorch's own again."""
     import importlib.util
     from pathlib import Path
 
@@ -253,5 +253,10 @@ def test_compare_convnext_can_route_timm_products_as_overlock_routes_its_own(mon
     assert torch.nn.functional.linear is plain
     for out, x in zip(outputs, (tall, short, tall), strict=True):
         torch.testing.assert_close(out, plain(x, linear.weight, linear.bias))
-    step()  # with autograd on, the weight needs its gradient: F.linear
-    assert routed == [12, 12]
+    outputs = step()  # with autograd on: oneDNN too, and F.linear's gradients
+    assert routed == [12, 12, 12, 12]
+    ours = torch.autograd.grad(outputs[2].sum(), (tall, linear.weight, linear.bias))
+    assert len(routed) == 5  # the input's gradient, as a oneDNN product
+    theirs = torch.autograd.grad(plain(tall, linear.weight, linear.bias).sum(), (tall, linear.weight, linear.bias))
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b)

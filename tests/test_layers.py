@@ -236,10 +236,11 @@ def test_onednn_takes_every_inference_product_where_mkl_is_not_at_home():
 
 
 @pytest.mark.skipif(not layers._onednn_linear_available(), reason="this PyTorch has no oneDNN linear")
-def test_tall_pointwise_products_take_onednns_linear_at_inference_only(monkeypatch):
-    """Maps of at least ONEDNN_LINEAR_MIN_ROWS pixels (images x height x width) run oneDNN's linear
-    in eval mode where nothing needs a gradient; the same product as F.linear. Training mode (even
-    without grad), gradients and autocast keep F.linear."""
+def test_tall_pointwise_products_take_onednns_linear_in_training_and_at_inference(monkeypatch):
+    """Maps of at least ONEDNN_LINEAR_MIN_ROWS pixels (images x height x width) run oneDNN's linear,
+    with or without a gradient and in training mode under no_grad too (a recomputation in the
+    backward repeats the forward's op); the same product and gradients as F.linear. Autocast keeps
+    F.linear."""
     taken = []
     onednn = torch.ops.mkldnn._linear_pointwise
 
@@ -252,8 +253,9 @@ def test_tall_pointwise_products_take_onednns_linear_at_inference_only(monkeypat
     monkeypatch.setattr(torch.ops, "mkldnn", Spy)
     monkeypatch.setattr(layers, "ONEDNN_LINEAR_MIN_ROWS", 2 * 7 * 5)
     conv = _randomise(layers.Pointwise(6, 5)).eval()
+    twin = copy.deepcopy(conv)
     x = torch.randn(2, 6, 7, 5).contiguous(memory_format=torch.channels_last)
-    expected = torch.nn.Conv2d.forward(conv, x.contiguous())
+    expected = torch.nn.Conv2d.forward(twin, x.contiguous())
     with torch.no_grad():
         torch.testing.assert_close(conv(x), expected, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(conv(x.contiguous(memory_format=torch.channels_last)[:1]), expected[:1])
@@ -261,12 +263,21 @@ def test_tall_pointwise_products_take_onednns_linear_at_inference_only(monkeypat
         out = conv(x)
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert taken == [(2, 7, 5, 6), (2, 7, 5, 6)]  # not the one image: 35 rows are under the limit
-    conv(x).sum().backward()  # the weight needs its gradient
+    x.requires_grad_()
+    out = conv.train()(x)
+    assert len(taken) == 3 and out.is_contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(2, 5, 7, 5)  # an NCHW gradient for a channels_last output
+    ours = torch.autograd.grad(out, (x, conv.weight, conv.bias), grad)
+    assert len(taken) == 4  # the input's gradient: a oneDNN product too
+    theirs = torch.autograd.grad(F.conv2d(x, twin.weight, twin.bias), (x, twin.weight, twin.bias), grad)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # training mode without a gradient: the same op as with one
+        torch.testing.assert_close(conv(x), out, rtol=0, atol=0)
+    assert len(taken) == 5
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert conv(x).dtype == torch.bfloat16
-    with torch.no_grad():  # training mode: a recomputation in the backward repeats the forward's op
-        conv.train()(x)
-    assert len(taken) == 2
+    assert len(taken) == 5
 
 
 @pytest.mark.parametrize("compiled_middle", [False, True])
