@@ -337,7 +337,8 @@ class _OneDNNLinear(torch.autograd.Function):
     """oneDNN's linear, which has no autograd formula of its own, with F.linear's gradients: the
     input's as oneDNN's linear of the output gradient with the transposed weight (as tall a product
     as the forward; on the AMD EPYC MKL's mm ran XT's first-stage ones at 21-28 GMAC/s), the
-    weight's and the bias's as autograd computes them for F.linear (mm and sum)."""
+    weight's and the bias's as autograd computes them for F.linear (mm and sum). A backward that
+    builds a graph (`create_graph=True`, e.g. a gradient penalty) takes differentiable ops instead."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -346,13 +347,15 @@ class _OneDNNLinear(torch.autograd.Function):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
-        grad = grad.contiguous()
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.mkldnn._linear_pointwise(grad, weight.t().contiguous(), None, "none", [], "")
+            if torch.is_grad_enabled():
+                grad_x = grad.matmul(weight)
+            else:
+                grad = grad.contiguous()
+                grad_x = torch.ops.mkldnn._linear_pointwise(grad, weight.t().contiguous(), None, "none", [], "")
         rows = grad.reshape(-1, grad.shape[-1])
         if ctx.needs_input_grad[1]:
             grad_weight = rows.t().mm(x.reshape(-1, x.shape[-1]))

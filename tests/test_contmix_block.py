@@ -143,8 +143,9 @@ def test_contmix_block_matches_its_reference_forward_and_gradients(variant, size
     torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-4)
     for index, (g, w) in enumerate(zip(got, want, strict=True)):
         assert (g is None) == (w is None), index
-        if w is not None:
-            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4, msg=f"gradient {index}")
+        if w is not None:  # float32 sums in other orders (oneDNN's and MKL's products): scaled rounding
+            atol = 1e-5 * max(1.0, w.abs().max().item())
+            torch.testing.assert_close(g, w, atol=atol, rtol=1e-4, msg=f"gradient {index}")
 
 
 def test_contmix_block_parts_are_the_dynamic_blocks_and_absent_when_off():
