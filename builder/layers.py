@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .. import kernels
 from ..archspec import DILATED_REPCONV_BRANCHES
@@ -189,11 +190,12 @@ class KeepsFolds:
     `benchmarks/layers_ab.py --only "folds recomputed every call"`).
 
     A kept fold is valid while each source is the same storage at the same version (PyTorch's
-    version counter, bumped by every in-place write: optimizer steps, `load_state_dict`, edits
-    under `torch.no_grad()`); the entry holds a view of each source, so a freed storage's address
-    cannot come back as a different weight. `.train()`/`.eval()` and device or dtype moves clear
-    the folds. Writes through `.data` bypass the version counter (as they bypass autograd's own
-    checks): call `.eval()` again after them. Folds are computed afresh where a gradient flows
+    version counter, bumped by every in-place write: `load_state_dict`, edits under
+    `torch.no_grad()`) and no optimizer has stepped since (`OPTIMIZER_STEPS`: fused optimizers
+    write the weights without bumping their versions); the entry holds a view of each source, so a
+    freed storage's address cannot come back as a different weight. `.train()`/`.eval()` and
+    device or dtype moves clear the folds. Writes through `.data` bypass the version counter (as
+    they bypass autograd's own checks): call `.eval()` again after them. Folds are computed afresh where a gradient flows
     into a source, while a tracer, compiler or exporter records, and for tensors that are not
     plain ones (meta, functorch, subclasses).
     """
@@ -206,7 +208,7 @@ class KeepsFolds:
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return fold()
         try:
-            stamp = [(t.data_ptr(), t._version) for t in tensors]
+            stamp = [OPTIMIZER_STEPS[0], *((t.data_ptr(), t._version) for t in tensors)]
         except RuntimeError:  # no storage (functorch's wrapped tensors)
             return fold()
         folds = self.__dict__.get("_folds")
@@ -229,6 +231,19 @@ class KeepsFolds:
     def _apply(self, fn, *args, **kwargs):
         self.forget_folds()
         return super()._apply(fn, *args, **kwargs)
+
+
+# How many optimizer steps this process has taken (any optimizer): a fold kept before the latest
+# one is stale. `torch._fused_adamw_` (AdamW(fused=True), `overlock train`'s on the CPU) writes the
+# parameters in place without bumping their version counters.
+OPTIMIZER_STEPS = [0]
+
+
+def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    OPTIMIZER_STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 class FoldStore(dict):

@@ -816,3 +816,22 @@ def test_kept_folds_leave_model_outputs_copies_and_deploy_form_unchanged():
         torch.testing.assert_close(torch.func.functional_call(model, swapped, (x,)), scaled(x), rtol=0, atol=0)
         torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
         torch.testing.assert_close(model.reparameterize()(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", list(_folding_modules()))
+def test_kept_folds_are_stale_after_any_optimizer_step(kind):
+    """Fused AdamW writes the weights without bumping their version counters: a step (of any
+    optimizer) makes every kept fold stale (e.g. fine-tuning with the BNs in eval mode)."""
+    module, x = _folding_modules()[kind]
+    module = _randomise(module).eval()
+    optimizer = torch.optim.AdamW(module.parameters(), lr=0.1, fused=True)
+    before = {name: p._version for name, p in module.named_parameters()}
+    for _ in range(2):
+        with torch.no_grad():
+            module(x)  # kept
+        assert _kept(module)
+        module(x).square().sum().backward()
+        optimizer.step()
+        with torch.no_grad():
+            torch.testing.assert_close(module(x), _fresh(module, x), rtol=0, atol=0)
+    assert before == {name: p._version for name, p in module.named_parameters()}  # why the step counts
