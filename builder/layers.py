@@ -319,7 +319,7 @@ class Pointwise(nn.Conv2d):
 # On other vendors' CPUs MKL does not take its fastest code paths and oneDNN's linear wins nearly
 # everywhere (AMD EPYC, AVX-512: 1.03-1.11x at 1568 and most 392-row shapes, 1.07x over all of XT's
 # products; the whole XT inference 1.03x, deploy form 1.04x, T 1.02x), so there every product takes it.
-# In training there (round 12): XT's step 1.08x against F.linear's addmm and mm.
+# In training there (round 12): XT's step 1.02x (1.08x with the other core busy) against F.linear's addmm and mm.
 def onednn_linear_min_rows(vendor: str | None) -> int:
     """The row count from which a product takes oneDNN's linear on a CPU of this vendor (None: unknown)."""
     return 4096 if vendor in ("GenuineIntel", None) else 0
