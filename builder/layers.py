@@ -205,7 +205,7 @@ class KeepsFolds:
         if recording():
             return fold()
         tensors = [t for t in sources if t is not None]
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        if grad_flows(tensors):
             return fold()
         try:
             stamp = [OPTIMIZER_STEPS[0], *((t.data_ptr(), t._version) for t in tensors)]
@@ -254,6 +254,11 @@ class FoldStore(dict):
 
     def __reduce__(self):
         return (FoldStore, ())
+
+
+def grad_flows(tensors) -> bool:
+    """Whether autograd records a gradient into any of these tensors (None entries skipped)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def bn_tensors(bn: nn.BatchNorm2d) -> list[torch.Tensor | None]:
@@ -343,7 +348,7 @@ def pixel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear(x, weight, bias) by oneDNN's linear (float32 CPU tensors), differentiable
     (`_OneDNNLinear` where a gradient is taken)."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+    if grad_flows((x, weight, bias)):
         return _OneDNNLinear.apply(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
@@ -810,8 +815,7 @@ class ConvMLP(nn.Module):
     def _inference_grn(self, hidden: torch.Tensor) -> bool:
         """Whether GRN may join the compiled op: nothing needs a gradient, no hook watches GRN."""
         watched = (hidden, self.dwconv.weight, self.dwconv.bias, self.grn.gamma, self.grn.beta)
-        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in watched)
-        return not needs_grad and not hooked(self.grn)
+        return not grad_flows(watched) and not hooked(self.grn)
 
     def _fused_middle(self, hidden: torch.Tensor) -> bool:
         """Whether GELU -> dwconv -> GRN's energy may run as the one compiled op: exact GELU, the
@@ -1064,10 +1068,14 @@ class DilatedRepConv(KeepsFolds, nn.Module):
         branch, as the published one does.
         """
         if self.deployed:
-            return self.lk.weight, self.lk.bias
+            return self.one_kernel()
         if not self.foldable():
             return None
         return self.kept_fold("merged", self.fold_sources(), self.merged_kernel)
+
+    def one_kernel(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The one kernel and bias, computed now: `lk`'s own when deployed, else `merged_kernel`."""
+        return (self.lk.weight, self.lk.bias) if self.deployed else self.merged_kernel()
 
     def foldable(self) -> bool:
         """Whether the module computes one kernel now (`folded` is not None)."""
@@ -1125,7 +1133,7 @@ def large_kernel_bn(conv: nn.Module, bn: nn.BatchNorm2d, x: torch.Tensor) -> tor
         return bn(conv(x))
 
     def fold() -> tuple[torch.Tensor, torch.Tensor]:
-        kernel, bias = (conv.lk.weight, conv.lk.bias) if conv.deployed else conv.merged_kernel()
+        kernel, bias = conv.one_kernel()
         return fuse_bn(kernel, bn, bias)
 
     kernel, bias = conv.kept_fold("with bn", conv.fold_sources() + bn_tensors(bn), fold)
