@@ -191,6 +191,7 @@ OLD = {
     "ContMix op by PyTorch ops": [(cpu, "native_applies", lambda *tensors: False)],
     "ContMix logits from the affinities": [(contmix, "logits_through_keys", lambda proj: False)],
     "ContMix logits through the keys at inference too": [(contmix, "logits_through_keys", lambda proj: True)],
+    "ContMix logits as a map": [(contmix, "forms_logits_inside", lambda proj, backend, *tensors: False)],
     "11x11 and 13x13 depthwise by oneDNN": [(depthwise, "NATIVE_FORWARD_KERNELS", frozenset())],
     "tall 1x1 convs by MKL at inference": [(layers, "ONEDNN_LINEAR_MIN_ROWS", 10**18)],
     "GRN backward by PyTorch ops": [(grn, "native_applies", lambda grad, x: False)],

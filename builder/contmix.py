@@ -42,6 +42,7 @@ def logits_through_keys(proj: nn.Module) -> bool:
     Only where a gradient is taken: at inference on the CPU, oneDNN's linear on the affinities is
     faster (the logits' memory, not the MACs, is the cost there; `benchmarks/layers_ab.py`).
     Traces (fvcore's FLOP count), exports and hooks on the projection see the published form.
+    (Where the C kernels form the logits themselves, `forms_logits_inside`, no map is computed at all.)
     """
     return torch.is_grad_enabled() and not (hooked(proj) or torch.jit.is_tracing() or exporting())
 
@@ -50,6 +51,18 @@ def logits_from_mixed_keys(queries: torch.Tensor, keys: torch.Tensor, bias: torc
     """(B * heads, HW, c) @ (B * heads, c, k*k + K*K) (+ bias): the kernel logits from the queries
     and the projected keys (`logits_through_keys`), the bias added as the product is written."""
     return torch.bmm(queries, keys) if bias is None else torch.baddbmm(bias, queries, keys)
+
+
+def forms_logits_inside(proj: nn.Module, backend: str, *tensors: torch.Tensor) -> bool:
+    """Whether ContMix hands its queries and projected keys to the kernels, which form the logits
+    themselves (`kernels.contmix_from_queries`; float32 CPU, eagerly, the C library built), instead
+    of computing the logits map. In training and at inference: no logits in memory beats both ways
+    of computing them (`logits_through_keys`). Traces (fvcore's FLOP count), exports and hooks on
+    the projection see the published form.
+    """
+    if hooked(proj) or torch.jit.is_tracing() or exporting():
+        return False
+    return kernels.logits_formed_inside(backend, *tensors)
 
 
 class ContMix(nn.Module):
@@ -118,33 +131,54 @@ class ContMix(nn.Module):
             maximum(width, maximum(k * tall, up_width * wide)),
         )
 
-    def forward(self, z: torch.Tensor, normed: torch.Tensor | None = None) -> torch.Tensor:
-        """z: the values (B, d, H, W); normed: LN(cat(x, P)) (d + c channels: queries from the first
-        d, keys from the rest), or a tensor of d channels giving both queries and keys (self context
-        with values that differ from them, as in `ContMixBlock`), or None to take both from z."""
-        height, width = z.shape[-2:]
-        generic = generic_trace()
-        if torch.jit.is_tracing() and not generic:  # jit traces (fvcore's FLOP counter) see sizes as tensors
-            height, width = int(height), int(width)
-        size = self.mixing_size(height, width)
-        # Exported graphs always take the resize path: at an unchanged size it is the identity, and
-        # the graph then serves every input size (eager runs skip it when it is not needed).
-        resize = exporting() or generic or size != (height, width)
-        if resize:
-            z = resize_bilinear(z, size)
-            if normed is not None:
-                normed = resize_bilinear(normed, size)
-        batch, d = z.shape[:2]
+    def _mix_from_queries(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value_small: torch.Tensor,
+        value_large: torch.Tensor,
+        size: tuple[int, int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both kernels' mixing with their logits q (k^T W^T) + b formed inside the kernels
+        (`kernels.contmix_from_queries`): the logits are never a map, forward or backward."""
+        proj = self.kernel_proj
+        keys = torch.einsum("bgcl,pl->bgcp", key, proj.weight.flatten(1))  # (B, heads, c, k*k + K*K)
+        queries = query.unflatten(-1, size).permute(0, 1, 3, 4, 2)  # (B, heads, H, W, c), a view
+        parts = [self.small_kernel_size**2, self.kernel_size**2]
+        keys_small, keys_large = keys.split(parts, dim=-1)
+        bias_small, bias_large = (None, None) if proj.bias is None else proj.bias.split(parts)
+        out_small = kernels.contmix_from_queries(
+            queries,
+            keys_small,
+            bias_small,
+            self.rpb_small,
+            value_small,
+            self.small_kernel_size,
+            backend=self.contmix_backend,
+        )
+        out_large = kernels.contmix_from_queries(
+            queries,
+            keys_large,
+            bias_large,
+            self.rpb_large,
+            value_large,
+            self.kernel_size,
+            backend=self.contmix_backend,
+        )
+        return out_small, out_large
+
+    def _mix_through_logits(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value_small: torch.Tensor,
+        value_large: torch.Tensor,
+        size: tuple[int, int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both kernels' mixing from the logits map (`kernels.contmix`): traced, exported, compiled,
+        hooked, or on a backend other than the CPU's C kernels."""
+        batch, heads = query.shape[:2]
         h, w = size
-        heads = self.heads
-        if normed is None or normed.shape[1] == d:
-            query_source = key_source = z if normed is None else normed
-        else:
-            query_source, key_source = split_channels(normed, d)
-        query = self.query(query_source) * self.scale
-        key = self.key(key_source)
-        query = query.reshape(batch, heads, -1, h * w)
-        key = key.reshape(batch, heads, -1, key.shape[-2] * key.shape[-1])
         proj = self.kernel_proj
         if logits_through_keys(proj):
             mixed_keys = torch.einsum("bgcl,pl->bgcp", key, proj.weight.flatten(1)).flatten(0, 1)
@@ -177,13 +211,6 @@ class ContMix(nn.Module):
         def keeping(logits: torch.Tensor, part: int) -> contextlib.AbstractContextManager[None]:
             return contextlib.nullcontext() if hooked(proj) else recompute_saved(logits, lambda: again()[part])
 
-        if cpu_channels_last(z):
-            # A view of the (B, H, W, d) memory, no copy; its gradient comes back channels_last like
-            # z's other gradients (an NCHW one would make every add that sums them mix layouts).
-            value = z.permute(0, 2, 3, 1).view(batch, h, w, 2, heads, -1).permute(3, 0, 4, 1, 2, 5)
-        else:
-            value = z.reshape(batch, 2, heads, d // (2 * heads), h, w).permute(1, 0, 2, 4, 5, 3)
-        value_small, value_large = value.unbind(0)
         with keeping(small, 0):
             out_small = kernels.contmix(
                 small, self.rpb_small, value_small, self.small_kernel_size, backend=self.contmix_backend
@@ -192,6 +219,47 @@ class ContMix(nn.Module):
             out_large = kernels.contmix(
                 large, self.rpb_large, value_large, self.kernel_size, backend=self.contmix_backend
             )
+        return out_small, out_large
+
+    def forward(self, z: torch.Tensor, normed: torch.Tensor | None = None) -> torch.Tensor:
+        """z: the values (B, d, H, W); normed: LN(cat(x, P)) (d + c channels: queries from the first
+        d, keys from the rest), or a tensor of d channels giving both queries and keys (self context
+        with values that differ from them, as in `ContMixBlock`), or None to take both from z."""
+        height, width = z.shape[-2:]
+        generic = generic_trace()
+        if torch.jit.is_tracing() and not generic:  # jit traces (fvcore's FLOP counter) see sizes as tensors
+            height, width = int(height), int(width)
+        size = self.mixing_size(height, width)
+        # Exported graphs always take the resize path: at an unchanged size it is the identity, and
+        # the graph then serves every input size (eager runs skip it when it is not needed).
+        resize = exporting() or generic or size != (height, width)
+        if resize:
+            z = resize_bilinear(z, size)
+            if normed is not None:
+                normed = resize_bilinear(normed, size)
+        batch, d = z.shape[:2]
+        h, w = size
+        heads = self.heads
+        if normed is None or normed.shape[1] == d:
+            query_source = key_source = z if normed is None else normed
+        else:
+            query_source, key_source = split_channels(normed, d)
+        query = self.query(query_source) * self.scale
+        key = self.key(key_source)
+        query = query.reshape(batch, heads, -1, h * w)
+        key = key.reshape(batch, heads, -1, key.shape[-2] * key.shape[-1])
+        if cpu_channels_last(z):
+            # A view of the (B, H, W, d) memory, no copy; its gradient comes back channels_last like
+            # z's other gradients (an NCHW one would make every add that sums them mix layouts).
+            value = z.permute(0, 2, 3, 1).view(batch, h, w, 2, heads, -1).permute(3, 0, 4, 1, 2, 5)
+        else:
+            value = z.reshape(batch, 2, heads, d // (2 * heads), h, w).permute(1, 0, 2, 4, 5, 3)
+        value_small, value_large = value.unbind(0)
+        proj = self.kernel_proj
+        if forms_logits_inside(proj, self.contmix_backend, value_small, query, key, proj.weight, self.rpb_small):
+            out_small, out_large = self._mix_from_queries(query, key, value_small, value_large, size)
+        else:
+            out_small, out_large = self._mix_through_logits(query, key, value_small, value_large, size)
         # (B, 2h, H, W, c) -> (B, d, H, W) in the channels_last layout the convs after it prefer
         # (one copy, as the NCHW reshape was).
         out = torch.cat([out_small, out_large], dim=1).permute(0, 2, 3, 1, 4).reshape(batch, h, w, d)

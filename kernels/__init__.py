@@ -23,9 +23,11 @@ __all__ = [
     "check_backend",
     "aggregate",
     "contmix",
+    "contmix_from_queries",
     "gelu_dwconv",
     "gelu_dwconv3x3",
     "grn",
+    "logits_formed_inside",
     "neighborhood_attention",
     "reference",
 ]
@@ -102,19 +104,69 @@ def contmix(
     _check_kernel_size(kernel_size)
     _check_tensor("value", value, value.device if isinstance(value, torch.Tensor) else None)
     _check_tensor("logits", logits, value.device)
-    _check_tensor("rpb", rpb, value.device)
     _check_map("logits", logits, kernel_size, kernel_size * kernel_size)
-    _check_map("value", value, kernel_size, None)
     if logits.shape[:4] != value.shape[:4]:
         raise ValueError(
             f"logits and value disagree on (B, heads, H, W): {tuple(logits.shape[:4])} vs {tuple(value.shape[:4])}"
         )
-    span = 2 * kernel_size - 1
-    if rpb.dim() != 3 or tuple(rpb.shape) != (logits.shape[1], span, span):
-        raise ValueError(
-            f"rpb must have shape (heads, 2K-1, 2K-1)=({logits.shape[1]}, {span}, {span}), got {tuple(rpb.shape)}"
-        )
+    _check_mixing(rpb, value, kernel_size)
     return ops.contmix(logits, rpb, value, kernel_size, backend)
+
+
+def _check_mixing(rpb: torch.Tensor, value: torch.Tensor, kernel_size: int) -> None:
+    """What `contmix` and `contmix_from_queries` both mix: value (B, heads, H, W, c), rpb (heads, 2K-1, 2K-1)."""
+    _check_tensor("rpb", rpb, value.device)
+    _check_map("value", value, kernel_size, None)
+    span = 2 * kernel_size - 1
+    if rpb.dim() != 3 or tuple(rpb.shape) != (value.shape[1], span, span):
+        raise ValueError(
+            f"rpb must have shape (heads, 2K-1, 2K-1)=({value.shape[1]}, {span}, {span}), got {tuple(rpb.shape)}"
+        )
+
+
+def contmix_from_queries(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    key_bias: torch.Tensor | None,
+    rpb: torch.Tensor,
+    value: torch.Tensor,
+    kernel_size: int,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """`contmix` with the logits given by their factors: logits = query @ keys + key_bias.
+
+    query (B, heads, H, W, c_q), keys (B, heads, c_q, K*K), key_bias (K*K,) or None: ContMix's
+    kernel logits are such a product (the queries against the region centres' projected keys).
+    Where `logits_formed_inside` (float32 CPU tensors, eagerly, the C library built, backend
+    "auto" or "cpu"), the kernels form each position's logits where they use them and never write
+    the (B, heads, H, W, K*K) map, forward or backward; elsewhere this forms the logits and calls
+    `contmix`. Same values either way (float rounding aside); differentiable in all five tensors.
+    """
+    check_backend(backend)
+    _check_kernel_size(kernel_size)
+    _check_tensor("value", value, value.device if isinstance(value, torch.Tensor) else None)
+    _check_tensor("query", query, value.device)
+    _check_tensor("keys", keys, value.device)
+    _check_mixing(rpb, value, kernel_size)
+    if query.dim() != 5 or query.shape[:4] != value.shape[:4]:
+        raise ValueError(
+            f"query must be (B, heads, H, W, c_q) with value's (B, heads, H, W)={tuple(value.shape[:4])}, "
+            f"got {tuple(query.shape)}"
+        )
+    expected = (*value.shape[:2], query.shape[-1], kernel_size * kernel_size)
+    if tuple(keys.shape) != expected:
+        raise ValueError(f"keys must be (B, heads, c_q, K*K)={expected}, got {tuple(keys.shape)}")
+    if key_bias is not None:
+        _check_tensor("key_bias", key_bias, value.device)
+        if tuple(key_bias.shape) != (kernel_size * kernel_size,):
+            raise ValueError(f"key_bias must be (K*K,)=({kernel_size * kernel_size},), got {tuple(key_bias.shape)}")
+    return ops.contmix_from_queries(query, keys, key_bias, rpb, value, kernel_size, backend)
+
+
+def logits_formed_inside(backend: str, *tensors: torch.Tensor) -> bool:
+    """Whether `contmix_from_queries` forms the logits inside the kernels for these tensors (value first)."""
+    return ops.logits_formed_inside(backend, tensors)
 
 
 def neighborhood_attention(

@@ -54,7 +54,9 @@ tensors (and for CUDA tensors only when Triton is missing). For float32 CPU tens
 is at hand (kernels/native.py), `contmix_forward` and `contmix_backward` run kernels/csrc/contmix.c
 instead: one position at a time, its K*K weights in a small buffer, no tiles (1.6-2.8x faster on the
 Focus-Net's maps; `benchmarks/contmix_ab.py`). float64, torch.compile and the aggregation alone keep
-the tiled path.
+the tiled path. The same kernels also take the logits as their factors, a query per position and
+keys per (batch, head) (`ContMixFromQueries`, `kernels.contmix_from_queries`): they form each
+position's logits where they use them, and the logits map, ContMix's widest, never exists.
 """
 
 from __future__ import annotations
@@ -614,25 +616,150 @@ def _contmix_forward_native(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`contmix_forward` by the C kernel, reading logits and value through their strides (the
     callers' channel slices of channels_last maps need no copy); rows split between workers."""
+    _check_native_shapes(logits, rpb, value, kernel_size)
+    logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+    return _native_forward(logits, None, _slot_bias(rpb, value, kernel_size), value, kernel_size)
+
+
+def _slot_bias(rpb: torch.Tensor, value: torch.Tensor, kernel_size: int, slack: int = 0) -> torch.Tensor:
+    """(heads, 2K-1, 2K-1) -> the flat (heads * H*W * K*K) bias of every window slot (= reference.gather_rpb),
+    with `slack` zeroed floats after it (for kernels that read whole vectors)."""
+    _, heads, height, width, channels = value.shape
+    bias_index = _plan_cpu(height, width, kernel_size, channels).bias_index
+    size = heads * bias_index.numel()
+    bias = rpb.new_empty(size + slack)
+    bias[size:].zero_()
+    torch.index_select(rpb.flatten(1), 1, bias_index, out=bias[:size].view(heads, -1))
+    return bias
+
+
+@dataclass(frozen=True)
+class _QueryKeys:
+    """Logits given by their factors, logits[b, g, y, x, k] = query[b, g, y, x] . keys[b * heads + g, :, k]:
+    the C kernels form each position's logits where they use them (`ContMixFromQueries`)."""
+
+    query: torch.Tensor  # (B, heads, H, W, c_q), any strides
+    keys: torch.Tensor  # (B * heads, c_q, KP): the K*K slots zero padded to whole vectors
+
+    @staticmethod
+    def pack(query: torch.Tensor, keys: torch.Tensor) -> _QueryKeys:
+        """From keys (B, heads, c_q, K*K): packed per row, the slots padded to whole vectors."""
+        batch, heads, channels, kk = keys.shape
+        packed = keys.new_zeros(batch * heads, channels, -(-kk // NATIVE_CHANNEL_MULTIPLE) * NATIVE_CHANNEL_MULTIPLE)
+        packed[..., :kk].copy_(keys.reshape(batch * heads, channels, kk))
+        return _QueryKeys(query, packed)
+
+    @property
+    def channels(self) -> int:
+        return self.query.shape[-1]
+
+    def inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.query, self.keys
+
+
+@dataclass(frozen=True)
+class _QueryGrads(_QueryKeys):
+    """`_QueryKeys` with the backward's outputs: d query (B, heads, H, W, c_q), written; and per
+    (batch, head) row, zeroed for the kernel to add into: d keys (c_q, KP), d slot bias (KP,) and d rpb
+    ((2K-1)^2 and a vector of slack: the kernel adds a window row's slots as one vector)."""
+
+    dquery: torch.Tensor
+    dkeys: torch.Tensor
+    dslots: torch.Tensor
+    drpb: torch.Tensor
+
+    @staticmethod
+    def zeros(formed: _QueryKeys, kernel_size: int) -> _QueryGrads:
+        rows, _, kp = formed.keys.shape
+        return _QueryGrads(
+            formed.query,
+            formed.keys,
+            formed.keys.new_empty(formed.query.shape),
+            torch.zeros_like(formed.keys),
+            formed.keys.new_zeros(rows, kp),
+            formed.keys.new_zeros(rows, (2 * kernel_size - 1) ** 2 + NATIVE_CHANNEL_MULTIPLE),  # a vector of slack
+        )
+
+    def grads(self) -> tuple[torch.Tensor, ...]:
+        return self.dquery, self.dkeys, self.dslots, self.drpb
+
+
+class ContMixFromQueries(torch.autograd.Function):
+    """ContMix's mixing step with logits = query @ keys + key_bias formed inside the C kernels.
+
+    The (B, heads, H, W, K*K) logits are the widest map around ContMix (9.7 MiB per XT call): a
+    product writes them, the mixing reads them, the backward forms them again and writes their
+    gradient, which two more products read. Here each position forms its K*K logits from its
+    c_q-long query where they are used (c_q * K*K multiply-adds) and turns their gradient into the
+    query's, the keys' and the biases' on the spot: the map never exists. The key bias (one per
+    slot) rides on the relative position bias of every slot. Eager float32 CPU with the C library
+    only (`kernels.contmix_from_queries` checks and falls back); saves query, keys, values, output
+    and the log-sum-exp, as `overlock::contmix` does.
+    """
+
+    @staticmethod
+    def forward(ctx, query, keys, key_bias, rpb, value, kernel_size):
+        formed = _QueryKeys.pack(query, keys)
+        bias = _slot_bias(rpb, value, kernel_size, slack=NATIVE_CHANNEL_MULTIPLE)
+        if key_bias is not None:
+            bias[:-NATIVE_CHANNEL_MULTIPLE].view(-1, key_bias.shape[0]).add_(key_bias)
+        out, lse = _native_forward(None, formed, bias, value, kernel_size)
+        ctx.save_for_backward(query, formed.keys, bias, value, out, lse)
+        ctx.kernel_size = kernel_size
+        ctx.key_bias = key_bias is not None
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        query, keys, bias, value, out, lse = ctx.saved_tensors
+        kernel_size = ctx.kernel_size
+        formed = _QueryGrads.zeros(_QueryKeys(query, keys), kernel_size)
+        dvalue = _native_backward(grad, None, formed, bias, value, out, lse, kernel_size)
+        batch, heads = value.shape[:2]
+        kk = kernel_size * kernel_size
+        dkeys = formed.dkeys[..., :kk].reshape(batch, heads, -1, kk)
+        dkey_bias = formed.dslots[:, :kk].sum(dim=0) if ctx.key_bias else None
+        span = 2 * kernel_size - 1
+        drpb = formed.drpb[:, : span * span].reshape(batch, heads, span, span).sum(dim=0)
+        return formed.dquery, dkeys, dkey_bias, drpb, dvalue, None
+
+
+def _native_values(value: torch.Tensor) -> torch.Tensor:
+    """value with unit channel stride and its channels in whole vectors (zero padded), as the C kernels read it."""
+    channels = value.shape[-1]
+    if channels % NATIVE_CHANNEL_MULTIPLE:
+        return _padded_channels(value, -(-channels // NATIVE_CHANNEL_MULTIPLE) * NATIVE_CHANNEL_MULTIPLE)
+    return value if value.stride(-1) == 1 else value.contiguous()
+
+
+def _native_forward(
+    logits: torch.Tensor | None,
+    formed: _QueryKeys | None,
+    bias: torch.Tensor,
+    value: torch.Tensor,
+    kernel_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The C forward: from `logits`, or with every position's logits formed from `formed`'s query and keys."""
     from . import native
 
-    _check_native_shapes(logits, rpb, value, kernel_size)
     batch, heads, height, width, channels = value.shape
-    logits = logits if logits.stride(-1) == 1 else logits.contiguous()
-    if channels % NATIVE_CHANNEL_MULTIPLE:  # the kernel reads whole vectors of channels
-        value = _padded_channels(value, -(-channels // NATIVE_CHANNEL_MULTIPLE) * NATIVE_CHANNEL_MULTIPLE)
-    elif value.stride(-1) != 1:
-        value = value.contiguous()
-    bias = rpb.flatten(1).index_select(1, _plan_cpu(height, width, kernel_size, channels).bias_index)
+    value = _native_values(value)  # (a padded buffer seen as c channels: the result has c)
     result = torch.empty(value.shape, dtype=value.dtype, device=value.device)
     peak = torch.empty(value.shape[:4], dtype=value.dtype, device=value.device)
     total = torch.empty_like(peak)
-    pointers = [native.pointer(t) for t in (logits, bias, value, result, peak, total)]
+    sources = (logits, *(formed.inputs() if formed else (None, None)), bias, value, result, peak, total)
+    pointers = [None if t is None else native.pointer(t) for t in sources]
+    shape = (heads, height, width, channels, kernel_size, formed.channels if formed else 0)
+    strides = (
+        *(logits.stride()[:4] if logits is not None else (0,) * 4),
+        *(formed.query.stride() if formed else (0,) * 5),
+    )
     native.run(
         NATIVE_LIBRARY,
         "overlock_contmix_forward",
         native.image_ranges(batch * heads, native.workers()),
-        lambda i: (*pointers, heads, height, width, channels, kernel_size, *logits.stride()[:4], *value.stride()[:4]),
+        lambda i: (*pointers, *shape, *strides, *value.stride()[:4]),
     )
     return result, peak.add_(total.log_())
 
@@ -734,16 +861,42 @@ def _contmix_backward_native(
     lse: torch.Tensor,
     kernel_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`contmix_backward` by the C kernel. The values go channel-major, (B*heads, c, P) planes with a
-    vector of slack (P >= H*W + 16), so that a window row's neighbours are consecutive; the bias
-    gradient is d logits summed per head over the batch, folded into the (2K-1)^2 table."""
+    """`contmix_backward` by the C kernel; the bias gradient is d logits summed per head over the
+    batch, folded into the (2K-1)^2 table."""
+    _check_native_shapes(logits, rpb, value, kernel_size)
+    batch, heads, height, width, channels = value.shape
+    logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+    bias = _slot_bias(rpb, value, kernel_size, slack=NATIVE_CHANNEL_MULTIPLE)  # (read in whole vectors)
+    dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    dvalue = _native_backward(grad, (logits, dlogits), None, bias, value, out, lse, kernel_size)
+    bias_index = _plan_cpu(height, width, kernel_size, channels).bias_index
+    drpb = rpb.new_zeros(heads, rpb[0].numel())
+    drpb.index_add_(1, bias_index, dlogits.view(batch, heads, -1).sum(dim=0))
+    return dlogits, drpb.view(rpb.shape), dvalue
+
+
+def _native_backward(
+    grad: torch.Tensor,
+    logits: tuple[torch.Tensor, torch.Tensor] | None,
+    formed: _QueryGrads | None,
+    bias: torch.Tensor,
+    value: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    kernel_size: int,
+) -> torch.Tensor:
+    """The C backward; returns d value. With `logits` = (logits, d logits to fill), from and into the
+    logits map; with `formed`, every position's logits formed from its query and keys again, and
+    their gradient added into `formed`'s buffers instead of written.
+
+    The values go channel-major, (B*heads, c, P) planes with a vector of slack (P >= H*W + 16), so
+    that a window row's neighbours are consecutive."""
     from . import native
 
-    _check_native_shapes(logits, rpb, value, kernel_size)
     if grad.shape != value.shape or out.shape != value.shape or lse.shape != value.shape[:4]:
         raise ValueError(f"contmix backward: grad, out and lse must match value {tuple(value.shape)}")
     batch, heads, height, width, channels = value.shape
-    rows, positions, kk = batch * heads, height * width, kernel_size * kernel_size
+    rows, positions = batch * heads, height * width
     plane = positions + NATIVE_CHANNEL_MULTIPLE
     padded = -(-channels // NATIVE_CHANNEL_MULTIPLE) * NATIVE_CHANNEL_MULTIPLE
     dot = torch.linalg.vecdot(grad, out).reshape(rows, positions).contiguous()  # D = grad . out
@@ -751,38 +904,37 @@ def _contmix_backward_native(
         grad = _padded_channels(grad, padded)
     elif grad.stride(-1) != 1:
         grad = grad.contiguous()
-    logits = logits if logits.stride(-1) == 1 else logits.contiguous()
     value_t = value.new_empty(rows, channels, plane)
     value_t[..., :positions].view(batch, heads, channels, height, width).copy_(value.permute(0, 1, 4, 2, 3))
     value_t[..., positions:].zero_()
     dvalue = value.new_zeros(batch, heads, height, width, padded)
-    bias_index = _plan_cpu(height, width, kernel_size, channels).bias_index
-    bias = rpb.new_zeros(heads * positions * kk + NATIVE_CHANNEL_MULTIPLE)  # (read in whole vectors)
-    torch.index_select(rpb.flatten(1), 1, bias_index, out=bias[: heads * positions * kk].view(heads, -1))
-    dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     lse = lse.reshape(rows, positions).contiguous()
-    pointers = [native.pointer(t) for t in (grad, logits, bias, lse, dot, value_t, dlogits, dvalue)]
+    sources = (
+        grad,
+        *(logits[:1] if logits else (None,)),
+        *(formed.inputs() if formed else (None, None)),
+        bias,
+        lse,
+        dot,
+        value_t,
+        *(logits[1:] if logits else (None,)),
+        dvalue,
+        *(formed.grads() if formed else (None,) * 4),
+    )
+    pointers = [None if t is None else native.pointer(t) for t in sources]
+    shape = (heads, height, width, channels, padded, kernel_size, formed.channels if formed else 0, plane)
+    strides = (
+        *grad.stride()[:4],
+        *(logits[0].stride()[:4] if logits else (0,) * 4),
+        *(formed.query.stride() if formed else (0,) * 5),
+    )
     native.run(
         NATIVE_LIBRARY,
         "overlock_contmix_backward",
         native.image_ranges(rows, native.workers()),
-        lambda i: (
-            *pointers,
-            heads,
-            height,
-            width,
-            channels,
-            padded,
-            kernel_size,
-            plane,
-            *grad.stride()[:4],
-            *logits.stride()[:4],
-        ),
+        lambda i: (*pointers, *shape, *strides),
     )
-    drpb = rpb.new_zeros(heads, rpb[0].numel())
-    drpb.index_add_(1, bias_index, dlogits.view(batch, heads, positions * kk).sum(dim=0))
-    dvalue = dvalue if padded == channels else dvalue[..., :channels].contiguous()
-    return dlogits, drpb.view(rpb.shape), dvalue
+    return dvalue if padded == channels else dvalue[..., :channels].contiguous()
 
 
 def contmix_backward(

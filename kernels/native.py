@@ -53,8 +53,8 @@ SIGNATURES = {
         "overlock_grn_input_grad": [_POINTER] * 5 + [_LONG] * 4,
     },
     "contmix": {
-        "overlock_contmix_forward": [_POINTER] * 6 + [_LONG] * 15,
-        "overlock_contmix_backward": [_POINTER] * 8 + [_LONG] * 17,
+        "overlock_contmix_forward": [_POINTER] * 8 + [_LONG] * 21,
+        "overlock_contmix_backward": [_POINTER] * 14 + [_LONG] * 23,
     },
 }
 

@@ -23,6 +23,11 @@ the output and the log-sum-exp), `contmix_backward` (taking them), `aggregate_fo
 - "unfold": `unfold.py`, the authors' fallback, a benchmark baseline. It bypasses the custom op
   and runs under plain autograd, exactly like the code it stands in for.
 "auto" is Triton for CUDA tensors and the CPU path for everything else.
+
+`contmix_from_queries` (the logits as query @ keys + bias) is the one exception to the custom ops:
+eagerly on float32 CPU tensors it is an autograd function around the C kernels, which form the
+logits themselves (`cpu.ContMixFromQueries`); everywhere else (compiled, exported, traced, other
+backends and dtypes) it forms the logits and calls `overlock::contmix`, so tracers see the op.
 """
 
 from __future__ import annotations
@@ -228,6 +233,32 @@ def contmix(
     if resolved == "unfold":
         return unfold.contmix(logits, rpb, value, kernel_size)
     return contmix_op(logits, rpb, value, kernel_size, _op_backend(backend, resolved))[0]
+
+
+def logits_formed_inside(backend: str, tensors: tuple[torch.Tensor, ...]) -> bool:
+    """Whether `contmix_from_queries` runs `cpu.ContMixFromQueries` (the C kernels forming the logits
+    themselves): the CPU backend, float32, eagerly (not compiled, exported or jit-traced: the
+    autograd function's C calls are opaque to tracers; those get the logits and `overlock::contmix`)."""
+    return resolve_backend(backend, tensors) == "cpu" and not torch.jit.is_tracing() and cpu.native_applies(*tensors)
+
+
+def contmix_from_queries(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    key_bias: torch.Tensor | None,
+    rpb: torch.Tensor,
+    value: torch.Tensor,
+    kernel_size: int,
+    backend: str,
+) -> torch.Tensor:
+    """`contmix` of logits = query @ keys + key_bias (arguments already checked)."""
+    tensors = (value, query, keys, rpb, *(() if key_bias is None else (key_bias,)))
+    if logits_formed_inside(backend, tensors):
+        return cpu.ContMixFromQueries.apply(query, keys, key_bias, rpb, value, kernel_size)
+    logits = torch.matmul(query.flatten(2, 3), keys).unflatten(2, query.shape[2:4])
+    if key_bias is not None:
+        logits = logits + key_bias
+    return contmix(logits, rpb, value, kernel_size, backend)
 
 
 def aggregate(probs: torch.Tensor, value: torch.Tensor, kernel_size: int, backend: str) -> torch.Tensor:

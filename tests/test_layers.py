@@ -489,9 +489,11 @@ def test_training_bn_recomputation_updates_running_statistics_once():
 
 def test_contmix_logits_through_the_keys_equal_the_published_form(monkeypatch):
     """q (k^T W^T) + b against (q k^T) W^T + b: the same output and gradients, float rounding aside;
-    without a gradient (inference) ContMix takes the published form."""
+    without a gradient (inference) ContMix takes the published form. (Both as a logits map: where
+    the C kernels form the logits themselves, the next test.)"""
     from overlock.builder import contmix
 
+    monkeypatch.setattr(contmix, "forms_logits_inside", lambda proj, backend, *tensors: False)
     mixer = _randomise(contmix.ContMix(16, 16, kernel_size=7, small_kernel_size=3, groups=2, region_centers=3))
     x = torch.randn(2, 16, 11, 9).contiguous(memory_format=torch.channels_last).requires_grad_()
     leaves = [x, *mixer.parameters()]
@@ -509,6 +511,58 @@ def test_contmix_logits_through_the_keys_equal_the_published_form(monkeypatch):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_contmix_logits_formed_inside_the_kernels_equal_the_logits_map(monkeypatch, channels_last):
+    """Where the C kernels form the logits from queries and keys (`forms_logits_inside`), ContMix
+    computes what it computes from the logits map: output, every gradient, eval output; and it
+    keeps no logits to recompute. A hook on the projection, a jit trace or another backend: the map."""
+    from overlock import kernels
+    from overlock.builder import contmix
+
+    mixer = _randomise(contmix.ContMix(32, 32, kernel_size=7, small_kernel_size=3, groups=2, region_centers=3))
+    x = torch.randn(2, 32, 11, 9)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    leaves = [x, *mixer.parameters()]
+    value = torch.zeros(1, 1, 7, 7, 16)
+    if not kernels.logits_formed_inside("auto", value):
+        pytest.skip("the C kernels are not built here")
+    assert not kernels.logits_formed_inside("reference", value)
+    assert not kernels.logits_formed_inside("auto", value.double())
+    formed = []
+    apply = kernels.cpu.ContMixFromQueries.apply
+    monkeypatch.setattr(kernels.cpu.ContMixFromQueries, "apply", lambda *a: (formed.append(1), apply(*a))[1])
+    out = mixer(x)
+    assert len(formed) == 2  # both kernels
+    grad = torch.randn_like(out)
+    ours = torch.autograd.grad(out, leaves, grad)
+    _assert_recomputes(mixer, x, count=0)
+    mixer.contmix_backend = "reference"
+    formed.clear()
+    reference_out = mixer(x)
+    assert not formed
+    mixer.contmix_backend = "auto"
+    handle = mixer.kernel_proj.register_forward_hook(lambda module, args, out: None)
+    mixer(x)
+    assert not formed
+    handle.remove()
+    inside = contmix.forms_logits_inside
+    monkeypatch.setattr(contmix, "forms_logits_inside", lambda proj, backend, *tensors: False)
+    published = mixer(x)
+    theirs = torch.autograd.grad(published, leaves, grad)
+    with torch.no_grad():
+        published_inferred = mixer.eval()(x)
+        monkeypatch.setattr(contmix, "forms_logits_inside", inside)
+        inferred = mixer(x)
+    assert len(formed) == 2
+    torch.testing.assert_close(out, published, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(reference_out, published, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(inferred, published_inferred, rtol=1e-5, atol=1e-6)
+    for got, expected in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("through_keys", [True, False], ids=["through-keys", "from-affinities"])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_contmix_recomputes_its_kernel_logits_with_identical_gradients(monkeypatch, channels_last, through_keys):
@@ -516,6 +570,7 @@ def test_contmix_recomputes_its_kernel_logits_with_identical_gradients(monkeypat
     computed once, in either form (`logits_through_keys`); unless a hook sees the projection's output."""
     from overlock.builder import contmix
 
+    monkeypatch.setattr(contmix, "forms_logits_inside", lambda proj, backend, *tensors: False)
     mixer = _randomise(contmix.ContMix(8, 8, kernel_size=5, small_kernel_size=3, groups=2, region_centers=3)).train()
     x = torch.randn(2, 8, 9, 10)
     if channels_last:

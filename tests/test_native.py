@@ -323,6 +323,112 @@ def test_contmix_kernels_refuse_shapes_they_would_read_past():
         cpu.contmix_backward(out[:, :1], logits, rpb, value, out, lse, 5)
 
 
+def _query_keys(batch, heads, height, width, query_channels, kernel_size, seed=2):
+    """ContMix's logit factors as the model hands them over: queries a view of a (B, heads, c_q, H, W)
+    map, keys one kernel's slots of both kernels' (B, heads, c_q, k*k + K*K), a bias per slot."""
+    gen = torch.Generator().manual_seed(seed)
+    kk = kernel_size * kernel_size
+    query = torch.randn(batch, heads, query_channels, height, width, generator=gen).permute(0, 1, 3, 4, 2)
+    keys = torch.randn(batch, heads, query_channels, 9 + kk, generator=gen)[..., 9:]
+    return query, keys, torch.randn(kk, generator=gen)
+
+
+@needs_contmix_library
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (2, 3, 14, 14, 16, 13, 16),
+        (1, 2, 7, 9, 14, 7, 5),
+        (3, 1, 6, 5, 3, 5, 1),
+        (1, 2, 20, 19, 16, 19, 16),
+        (2, 5, 4, 4, 20, 3, 33),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("key_bias", [True, False], ids=["key-bias", "no-key-bias"])
+def test_contmix_from_queries_matches_the_float64_logits_map(shape, threads, key_bias):
+    """The kernels forming each position's logits from its query and keys (never a logits map):
+    output and the gradients of query, keys, key bias, rpb and value against autograd of
+    kernels/reference.py on the float64 logits map: clamped windows, slots past a whole vector
+    (K*K = 9, 25, 49, 169, 361), query widths of 1 to 33, values that are and are not whole
+    vectors, rows split between threads."""
+    from overlock.kernels import reference
+
+    *value_shape, kernel_size, query_channels = shape
+    batch, heads, height, width, _ = value_shape
+    _, rpb, value = _contmix_inputs(*value_shape, kernel_size, seed=1)
+    query, keys, bias = _query_keys(batch, heads, height, width, query_channels, kernel_size)
+    leaves = [t.clone().requires_grad_() for t in (query, keys, bias, rpb, value)]
+    if not key_bias:
+        leaves[2] = None
+    assert kernels.logits_formed_inside("auto", value, query, keys, rpb)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = kernels.contmix_from_queries(*leaves, kernel_size)
+        grad = torch.randn_like(out)
+        ours = torch.autograd.grad(out, [t for t in leaves if t is not None], grad)
+    finally:
+        torch.set_num_threads(before)
+    double = [None if t is None else t.detach().double().requires_grad_() for t in leaves]
+    logits = torch.matmul(double[0].flatten(2, 3), double[1]).unflatten(2, (height, width))
+    if key_bias:
+        logits = logits + double[2]
+    scores = logits + reference.gather_rpb(double[3], height, width, kernel_size)
+    expected = reference.aggregate(torch.softmax(scores, dim=-1), double[4], kernel_size)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    theirs = torch.autograd.grad(expected, [t for t in double if t is not None], grad.double())
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+@needs_contmix_library
+def test_contmix_from_queries_elsewhere_forms_the_logits_map(monkeypatch):
+    """float64, another backend, a jit trace, the kernels off: the logits map and `contmix`, the same values."""
+    from overlock.kernels import cpu
+
+    _, rpb, value = _contmix_inputs(2, 2, 7, 7, 16, 5)
+    query, keys, bias = _query_keys(2, 2, 7, 7, 8, 5)
+    assert not kernels.logits_formed_inside("auto", value.double())
+    assert not kernels.logits_formed_inside("reference", value)
+    formed = []
+    apply = cpu.ContMixFromQueries.apply
+    monkeypatch.setattr(cpu.ContMixFromQueries, "apply", lambda *args: (formed.append(1), apply(*args))[1])
+
+    def run(backend="auto", dtype=torch.float32):
+        inputs = [t.detach().to(dtype).requires_grad_() for t in (query, keys, bias, rpb, value)]
+        out = kernels.contmix_from_queries(*inputs, 5, backend=backend)
+        return out.float(), *(g.float() for g in torch.autograd.grad(out, inputs, torch.ones_like(out)))
+
+    ours = run()
+    assert formed == [1]
+    for theirs in (run("reference"), run("cpu", torch.float64)):
+        for a, b in zip(ours, theirs, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    traced = torch.jit.trace(  # (check_trace=False: the check runs the function again, eagerly)
+        lambda q: kernels.contmix_from_queries(q, keys, bias, rpb, value, 5), (query,), check_trace=False
+    )
+    torch.testing.assert_close(traced(query), ours[0], rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(cpu, "native_applies", lambda *args: False)
+    torch.testing.assert_close(run()[0], ours[0], rtol=1e-5, atol=1e-5)
+    assert formed == [1]
+
+
+def test_contmix_from_queries_names_what_is_wrong():
+    _, rpb, value = _contmix_inputs(1, 2, 7, 7, 16, 5)
+    query, keys, bias = _query_keys(1, 2, 7, 7, 8, 5)
+    with pytest.raises(ValueError, match=r"keys must be \(B, heads, c_q, K\*K\)=\(1, 2, 8, 25\)"):
+        kernels.contmix_from_queries(query, keys[..., :9], bias, rpb, value, 5)
+    with pytest.raises(ValueError, match="query must be"):
+        kernels.contmix_from_queries(query[:, :, :5], keys, bias, rpb, value, 5)
+    with pytest.raises(ValueError, match=r"key_bias must be \(K\*K,\)"):
+        kernels.contmix_from_queries(query, keys, bias[:9], rpb, value, 5)
+    with pytest.raises(ValueError, match="rpb must have shape"):
+        kernels.contmix_from_queries(query, keys, bias, rpb[:1], value, 5)
+
+
 needs_grn_library = pytest.mark.skipif(
     native.library(kernels.grn.LIBRARY) is None, reason=native.status(kernels.grn.LIBRARY)
 )

@@ -24,6 +24,14 @@
  * caller); bias (heads, H*W, K*K), the relative position bias of every window slot, contiguous;
  * out (B*heads, H*W, c), peak and total (B*heads, H*W), contiguous. A call covers rows [r0, r1) of
  * the B*heads (batch, head) rows. Returns 0, or -1 if its buffer could not be allocated.
+ *
+ * Logits from queries (logits NULL; kernels/cpu.py `contmix_from_queries`): a position's logits are
+ * then formed where they are used, logits[pos, k] = query[pos] . keys[:, k] (ContMix's queries
+ * against its projected region centres, c_q channels), and never written to memory: the (B, heads,
+ * H, W, K*K) map was the widest thing ContMix moved (9.7 MiB per XT call, written by a product and
+ * read back; its recomputation in the backward and the two products of its gradient cost more than
+ * the mixing itself). query is addressed through element strides (qb, qh, qy, qx, qj); keys come
+ * packed per row, (B*heads, c_q, KP) with KP = K*K rounded up to whole vectors, zero padded.
  */
 #include "vectors.h"
 
@@ -48,16 +56,42 @@ static inline long window_start(long i, long K, long n) {
     return s < 0 ? 0 : (s > n - K ? n - K : s);
 }
 
-int overlock_contmix_forward(const float* restrict logits, const float* restrict bias, const float* restrict value,
-                             float* restrict out, float* restrict peak_out, float* restrict total_out, long heads,
-                             long H, long W, long c, long K, long zb, long zh, long zy, long zx, long vb, long vh,
-                             long vy, long vx, long r0, long r1) {
-    long KK = K * K, HW = H * W, full = KK / VW, vectors = (KK + VW - 1) / VW;
-    float* weights = zeroed((size_t)(vectors * VW));
+/* z[0 .. KP) = sum_j q[j * qj] * keys[j * KP ..]: one position's logits from its query and the row's
+ * packed keys (the padding slots come out 0). Up to four vectors of slots at a time, each its own
+ * chain of multiply-adds (one chain waits for each multiply-add before it). */
+static void query_logits(const float* restrict q, long qj, const float* restrict keys, long cq, long KP,
+                         float* restrict z) {
+    for (long v = 0; v < KP; v += 4 * VW) {
+        long n = (KP - v) / VW < 4 ? (KP - v) / VW : 4;
+        vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        const float* k = keys + v;
+        for (long j = 0; j < cq; j++, k += KP) {
+            vf s = vsplat(q[j * qj]);
+            a0 += s * vload(k);
+            if (n > 1) a1 += s * vload(k + VW);
+            if (n > 2) a2 += s * vload(k + 2 * VW);
+            if (n > 3) a3 += s * vload(k + 3 * VW);
+        }
+        vstore(z + v, a0);
+        if (n > 1) vstore(z + v + VW, a1);
+        if (n > 2) vstore(z + v + 2 * VW, a2);
+        if (n > 3) vstore(z + v + 3 * VW, a3);
+    }
+}
+
+int overlock_contmix_forward(const float* restrict logits, const float* restrict query, const float* restrict keys,
+                             const float* restrict bias, const float* restrict value, float* restrict out,
+                             float* restrict peak_out, float* restrict total_out, long heads, long H, long W, long c,
+                             long K, long cq, long zb, long zh, long zy, long zx, long qb, long qh, long qy, long qx,
+                             long qj, long vb, long vh, long vy, long vx, long r0, long r1) {
+    long KK = K * K, HW = H * W, full = KK / VW, vectors = (KK + VW - 1) / VW, KP = vectors * VW;
+    float* weights = zeroed((size_t)KP);
     float* plane = zeroed((size_t)(HW * c));
-    if (!weights || !plane) {
+    float* formed = zeroed((size_t)KP); /* a position's logits formed from its query (logits NULL) */
+    if (!weights || !plane || !formed) {
         free(weights);
         free(plane);
+        free(formed);
         return -1;
     }
     for (long r = r0; r < r1; r++) {
@@ -72,7 +106,11 @@ int overlock_contmix_forward(const float* restrict logits, const float* restrict
             long sy = window_start(y, K, H);
             for (long x = 0; x < W; x++) {
                 long sx = window_start(x, K, W), pos = y * W + x;
-                const float* z = logits + b * zb + h * zh + y * zy + x * zx;
+                const float* z = formed;
+                if (logits)
+                    z = logits + b * zb + h * zh + y * zy + x * zx;
+                else
+                    query_logits(query + b * qb + h * qh + y * qy + x * qx, qj, keys + r * cq * KP, cq, KP, formed);
                 const float* slot_bias = bias + (h * HW + pos) * KK;
                 /* w = logits + bias, and its peak; the last, partial vector's slots past K*K hold w[0] */
                 vf top = vsplat(z[0] + slot_bias[0]);
@@ -118,6 +156,7 @@ int overlock_contmix_forward(const float* restrict logits, const float* restrict
     }
     free(weights);
     free(plane);
+    free(formed);
     return 0;
 }
 
@@ -137,30 +176,59 @@ int overlock_contmix_forward(const float* restrict logits, const float* restrict
  * caller pads grad where c is not one). The bias (heads, H*W, K*K) has a vector of slack at its end.
  * The value gradient is updated one neighbour's channel vector at a time, so that each load reads
  * exactly what an earlier store wrote (a load that overlaps part of an earlier store waits for it
- * to retire: updating it one window row at a time did, 15% slower). Rows belong to one call each. Returns 0, or -1 if a
- * buffer could not be allocated.
+ * to retire: updating it one window row at a time did, 15% slower). Rows belong to one call each.
+ *
+ * Logits from queries (logits NULL, as in the forward): a position's logits are formed again from
+ * its query, and its d logits stay in a buffer, from which the kernel adds
+ *   dquery[pos] = keys . dlogits[pos]         ((B*heads, H*W, c_q), written)
+ *   dkeys[:, k] += query[pos] dlogits[pos, k]  ((B*heads, c_q, KP), zeroed)
+ *   dslots[k] += dlogits[pos, k]              ((B*heads, KP), zeroed: a bias on every slot)
+ *   drpb[offset of slot k] += dlogits[pos, k]  ((B*heads, (2K-1)^2 + 16): a vector of slack per row, zeroed)
+ * instead of writing dlogits. Returns 0, or -1 if a buffer could not be allocated.
  */
-int overlock_contmix_backward(const float* restrict grad, const float* restrict logits, const float* restrict bias,
-                              const float* restrict lse, const float* restrict dot, const float* restrict value_t,
-                              float* restrict dlogits, float* restrict dvalue, long heads, long H, long W, long c,
-                              long cv, long K, long P, long gb, long gh, long gy, long gx, long zb, long zh, long zy,
-                              long zx, long r0, long r1) {
-    long KK = K * K, HW = H * W;
+int overlock_contmix_backward(const float* restrict grad, const float* restrict logits, const float* restrict query,
+                              const float* restrict keys, const float* restrict bias, const float* restrict lse,
+                              const float* restrict dot, const float* restrict value_t, float* restrict dlogits,
+                              float* restrict dvalue, float* restrict dquery, float* restrict dkeys,
+                              float* restrict dslots, float* restrict drpb, long heads, long H, long W, long c, long cv,
+                              long K, long cq, long P, long gb, long gh, long gy, long gx, long zb, long zh, long zy,
+                              long zx, long qb, long qh, long qy, long qx, long qj, long r0, long r1) {
+    long KK = K * K, HW = H * W, KP = (KK + VW - 1) / VW * VW, span = 2 * K - 1, cqv = (cq + VW - 1) / VW * VW;
     float* row = zeroed(2 * VW); /* one window row's logits (the map's last ones), then its probabilities */
-    if (!row) return -1;
+    float* formed = zeroed((size_t)(KP + VW)); /* a position's logits from its query (logits NULL) */
+    float* dformed = zeroed((size_t)(KP + VW)); /* and their gradient; the slots past K*K stay 0 */
+    float* keys_t = zeroed((size_t)(KK * cqv)); /* the row's keys slot-major, (K*K, cqv), zero padded */
+    if (!row || !formed || !dformed || !keys_t) {
+        free(row);
+        free(formed);
+        free(dformed);
+        free(keys_t);
+        return -1;
+    }
     vf lanes; /* 0, 1, 2, ... */
     for (int lane = 0; lane < VW; lane++) lanes[lane] = (float)lane;
     for (long r = r0; r < r1; r++) {
         long b = r / heads, h = r % heads;
         const float* vplane = value_t + r * c * P;
+        const float* row_keys = logits ? NULL : keys + r * cq * KP;
+        if (row_keys)
+            for (long j = 0; j < cq; j++)
+                for (long k = 0; k < KK; k++) keys_t[k * cqv + j] = row_keys[j * KP + k];
         for (long y = 0; y < H; y++) {
             long sy = window_start(y, K, H);
             for (long x = 0; x < W; x++) {
                 long sx = window_start(x, K, W), pos = y * W + x;
-                const float* z = logits + b * zb + h * zh + y * zy + x * zx;
+                const float* q = logits ? NULL : query + b * qb + h * qh + y * qy + x * qx;
+                const float* z = formed;
+                float* dz = dformed;
+                if (logits) {
+                    z = logits + b * zb + h * zh + y * zy + x * zx;
+                    dz = dlogits + (r * HW + pos) * KK;
+                } else {
+                    query_logits(q, qj, row_keys, cq, KP, formed);
+                }
                 const float* slot_bias = bias + (h * HW + pos) * KK;
                 const float* g = grad + b * gb + h * gh + y * gy + x * gx;
-                float* dz = dlogits + (r * HW + pos) * KK;
                 float top = lse[r * HW + pos], d = dot[r * HW + pos];
                 long offset = sy * W + sx;
                 for (long ky = 0; ky < K; ky++, offset += W) {
@@ -168,7 +236,7 @@ int overlock_contmix_backward(const float* restrict grad, const float* restrict 
                         long k = ky * K + kx0, n = K - kx0 < VW ? K - kx0 : VW;
                         vi live = lanes < (float)n;
                         vf w;
-                        if (k + VW <= KK) {
+                        if (k + VW <= KK || !logits) {
                             w = vload(z + k);
                         } else { /* a full load could read past the logits' end */
                             for (long i = 0; i < n; i++) row[VW + i] = z[k + i];
@@ -191,9 +259,44 @@ int overlock_contmix_backward(const float* restrict grad, const float* restrict 
                                 vstore(dv + kx * cv + c0, vload(dv + kx * cv + c0) + vsplat(row[kx]) * vload(g + c0));
                     }
                 }
+                if (logits) continue;
+                /* the position's d logits into the query's, the keys', the slot biases' and the table's gradients */
+                float* dq = dquery + (r * HW + pos) * cq;
+                for (long c0 = 0; c0 < cq; c0 += VW) { /* dq = keys . dz, query channels as vectors */
+                    vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+                    const float* kt = keys_t + c0;
+                    long k = 0;
+                    for (; k + 4 <= KK; k += 4) {
+                        a0 += vsplat(dz[k]) * vload(kt + k * cqv);
+                        a1 += vsplat(dz[k + 1]) * vload(kt + (k + 1) * cqv);
+                        a2 += vsplat(dz[k + 2]) * vload(kt + (k + 2) * cqv);
+                        a3 += vsplat(dz[k + 3]) * vload(kt + (k + 3) * cqv);
+                    }
+                    for (; k < KK; k++) a0 += vsplat(dz[k]) * vload(kt + k * cqv);
+                    vstore_n(dq + c0, (a0 + a1) + (a2 + a3), cq - c0 < VW ? cq - c0 : VW);
+                }
+                float* dk = dkeys + r * cq * KP;
+                for (long j = 0; j < cq; j++) {
+                    vf s = vsplat(q[j * qj]);
+                    for (long v = 0; v < KP; v += VW) vstore(dk + j * KP + v, vload(dk + j * KP + v) + s * vload(dz + v));
+                }
+                float* ds = dslots + r * KP;
+                for (long v = 0; v < KP; v += VW) vstore(ds + v, vload(ds + v) + vload(dz + v));
+                /* a window row's slots are consecutive in the table too; lanes past the row add 0
+                 * (each row's table has a vector of slack after it: no lane reaches another row's) */
+                float* table = drpb + r * (span * span + 16) + (sy - y + K - 1) * span + (sx - x + K - 1);
+                for (long ky = 0; ky < K; ky++)
+                    for (long kx0 = 0; kx0 < K; kx0 += VW) {
+                        vi live = lanes < (float)(K - kx0);
+                        float* t = table + ky * span + kx0;
+                        vstore(t, vload(t) + (vf)((vi)vload(dz + ky * K + kx0) & live));
+                    }
             }
         }
     }
     free(row);
+    free(formed);
+    free(dformed);
+    free(keys_t);
     return 0;
 }
