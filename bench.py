@@ -23,8 +23,8 @@ hooks, so any module tree works). Forward time goes to the innermost module rang
 backward time to the module whose forward op created the autograd node (matched by the autograd
 sequence number the profiler records for both). Reported per sub-network (the model's children),
 per part (modules grouped by their attribute name and class, e.g. `large_kernel (DilatedRepConv)`,
-inclusive time, so nested parts overlap) and per operator (ContMix's `overlock::` ops and the calls
-of overlock's C kernels included). On CUDA the time is the GPU's: each operator is charged its
+inclusive time, so nested parts overlap) and per operator (ContMix's `overlock::` ops or, where the C
+kernels form its logits, `ContMixFromQueries`, and the calls of overlock's C kernels included). On CUDA the time is the GPU's: each operator is charged its
 kernels' device time (its CPU time there is only the asynchronous launches). The profiled call
 runs the path the timed calls run: the range hooks are marked as observers (builder/layers.py
 `observer`), which the fast paths ignore, and a path that does a module's work without calling

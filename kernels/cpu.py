@@ -621,15 +621,20 @@ def _contmix_forward_native(
     return _native_forward(logits, None, _slot_bias(rpb, value, kernel_size), value, kernel_size)
 
 
-def _slot_bias(rpb: torch.Tensor, value: torch.Tensor, kernel_size: int, slack: int = 0) -> torch.Tensor:
+def _slot_bias(
+    rpb: torch.Tensor, value: torch.Tensor, kernel_size: int, key_bias: torch.Tensor | None = None, slack: int = 0
+) -> torch.Tensor:
     """(heads, 2K-1, 2K-1) -> the flat (heads * H*W * K*K) bias of every window slot (= reference.gather_rpb),
-    with `slack` zeroed floats after it (for kernels that read whole vectors)."""
+    plus `key_bias` (K*K,) on every position's slots where given, with `slack` zeroed floats after it
+    (for kernels that read whole vectors)."""
     _, heads, height, width, channels = value.shape
     bias_index = _plan_cpu(height, width, kernel_size, channels).bias_index
     size = heads * bias_index.numel()
     bias = rpb.new_empty(size + slack)
     bias[size:].zero_()
     torch.index_select(rpb.flatten(1), 1, bias_index, out=bias[:size].view(heads, -1))
+    if key_bias is not None:
+        bias[:size].view(-1, key_bias.shape[0]).add_(key_bias)
     return bias
 
 
@@ -699,27 +704,25 @@ class ContMixFromQueries(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, keys, key_bias, rpb, value, kernel_size):
-        formed = _QueryKeys.pack(query, keys)
-        bias = _slot_bias(rpb, value, kernel_size, slack=NATIVE_CHANNEL_MULTIPLE)
-        if key_bias is not None:
-            bias[:-NATIVE_CHANNEL_MULTIPLE].view(-1, key_bias.shape[0]).add_(key_bias)
-        out, lse = _native_forward(None, formed, bias, value, kernel_size)
-        ctx.save_for_backward(query, formed.keys, bias, value, out, lse)
+        bias = _slot_bias(rpb, value, kernel_size, key_bias)
+        out, lse = _native_forward(None, _QueryKeys.pack(query, keys), bias, value, kernel_size)
+        # the inputs, not the packed keys and the (heads, H*W, K*K) bias: the backward remakes both
+        ctx.save_for_backward(query, keys, key_bias, rpb, value, out, lse)
         ctx.kernel_size = kernel_size
-        ctx.key_bias = key_bias is not None
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        query, keys, bias, value, out, lse = ctx.saved_tensors
+        query, keys, key_bias, rpb, value, out, lse = ctx.saved_tensors
         kernel_size = ctx.kernel_size
-        formed = _QueryGrads.zeros(_QueryKeys(query, keys), kernel_size)
+        bias = _slot_bias(rpb, value, kernel_size, key_bias, slack=NATIVE_CHANNEL_MULTIPLE)
+        formed = _QueryGrads.zeros(_QueryKeys.pack(query, keys), kernel_size)
         dvalue = _native_backward(grad, None, formed, bias, value, out, lse, kernel_size)
         batch, heads = value.shape[:2]
         kk = kernel_size * kernel_size
         dkeys = formed.dkeys[..., :kk].reshape(batch, heads, -1, kk)
-        dkey_bias = formed.dslots[:, :kk].sum(dim=0) if ctx.key_bias else None
+        dkey_bias = formed.dslots[:, :kk].sum(dim=0) if key_bias is not None else None
         span = 2 * kernel_size - 1
         drpb = formed.drpb[:, : span * span].reshape(batch, heads, span, span).sum(dim=0)
         return formed.dquery, dkeys, dkey_bias, drpb, dvalue, None

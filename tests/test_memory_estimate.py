@@ -122,9 +122,12 @@ def test_synthetic_data_holds_no_full_size_image_per_class():
 def test_the_estimate_bounds_the_measured_peak_of_pico_within_a_small_factor():
     # Measured as benchmarks/memory_estimate.py does (peak resident set of one inference forward and
     # one training step, one thread), in a fresh process: a peak depends on the process's history.
-    # There (benchmarks/results/memory_estimate.md) estimate / measured is 1.1-2.7 for pico, 1.05-2.7
-    # for XT and T. Below 1 the check would let through what does not fit; far above, it refuses what
-    # does (the inference estimate that counted every output was 4-9x the measured peak).
+    # There (benchmarks/results/memory_estimate.md) estimate / measured is 1.1-3.1 for XT and T, 1.9-3.7
+    # for pico but 6.1 for its inference at 64x64 with batch 8: pico's small maps are mixed at 13x13,
+    # where ContMix's logits are most of a step's peak, and the device-independent estimate counts
+    # them while the CPU's C kernels never form them (GPUs do; round 13 of issue 10). Below 1 the check would let through what
+    # does not fit; far above, it refuses what does (the inference estimate that counted every output
+    # was 4-9x the measured peak).
     import json
     import os
     import subprocess
@@ -140,5 +143,5 @@ def test_the_estimate_bounds_the_measured_peak_of_pico_within_a_small_factor():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     inference, training = json.loads(done.stdout.strip().splitlines()[-1])
-    assert 1.0 <= inference <= 3.5, f"inference estimate / measured = {inference:.2f}"
-    assert 1.0 <= training <= 3.0, f"training estimate / measured = {training:.2f}"
+    assert 1.0 <= inference <= 5.0, f"inference estimate / measured = {inference:.2f}"
+    assert 1.0 <= training <= 3.5, f"training estimate / measured = {training:.2f}"

@@ -25,12 +25,12 @@
  * out (B*heads, H*W, c), peak and total (B*heads, H*W), contiguous. A call covers rows [r0, r1) of
  * the B*heads (batch, head) rows. Returns 0, or -1 if its buffer could not be allocated.
  *
- * Logits from queries (logits NULL; kernels/cpu.py `contmix_from_queries`): a position's logits are
+ * Logits from queries (logits NULL; kernels/cpu.py `ContMixFromQueries`): a position's logits are
  * then formed where they are used, logits[pos, k] = query[pos] . keys[:, k] (ContMix's queries
  * against its projected region centres, c_q channels), and never written to memory: the (B, heads,
- * H, W, K*K) map was the widest thing ContMix moved (9.7 MiB per XT call, written by a product and
- * read back; its recomputation in the backward and the two products of its gradient cost more than
- * the mixing itself). query is addressed through element strides (qb, qh, qy, qx, qj); keys come
+ * H, W, K*K) map was the widest thing ContMix moved (9.7 MiB per XT call: a product wrote it, this
+ * kernel read it, the backward formed it again and wrote its gradient for two more products to
+ * read). query is addressed through element strides (qb, qh, qy, qx, qj); keys come
  * packed per row, (B*heads, c_q, KP) with KP = K*K rounded up to whole vectors, zero padded.
  */
 #include "vectors.h"
@@ -197,7 +197,8 @@ int overlock_contmix_backward(const float* restrict grad, const float* restrict 
     float* row = zeroed(2 * VW); /* one window row's logits (the map's last ones), then its probabilities */
     float* formed = zeroed((size_t)(KP + VW)); /* a position's logits from its query (logits NULL) */
     float* dformed = zeroed((size_t)(KP + VW)); /* and their gradient; the slots past K*K stay 0 */
-    float* keys_t = zeroed((size_t)(KK * cqv)); /* the row's keys slot-major, (K*K, cqv), zero padded */
+    float* keys_t = zeroed((size_t)(KK * cqv + VW)); /* the row's keys slot-major, (K*K, cqv), zero padded
+                                                        (never empty: without a query cqv is 0) */
     if (!row || !formed || !dformed || !keys_t) {
         free(row);
         free(formed);
