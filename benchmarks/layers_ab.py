@@ -204,6 +204,7 @@ OLD = {
     "folds recomputed every call": [(layers.KeepsFolds, "kept_fold", lambda self, key, sources, fold: fold())],
     "local conv outputs kept": [(blocks, "local_conv", lambda conv, x: (blocks._maybe(conv, x), None))],
     "fc1 outputs kept": [(layers.ConvMLP, "_remade_hidden", lambda self, x, recipe: None)],
+    "fc1 outputs remade on every map": [(layers, "FC1_REMADE_MIN_POSITIONS", 0)],
     "NCHW gradients (splits; SE mean; ContMix values)": [
         (network, "split_channels", sliced_channels),
         (contmix, "split_channels", sliced_channels),

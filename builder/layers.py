@@ -737,6 +737,14 @@ def _recomputed(tensor: torch.Tensor, recipe: Callable[[], torch.Tensor]) -> Ite
         yield
 
 
+# The MLP remakes fc1's output in the backward on maps of this many positions or more (stages 1 and
+# 2 at 224 input) and keeps it on smaller ones (14x14, 7x7), where it is a small map whose product
+# costs as much time per byte as anywhere: keeping those, a training step ran 1.03x (XT, T) for 5
+# (XT) and 11 (T) MiB per image more tensors alive, 47 and 89 against convnext_tiny's 94 (round 13
+# of benchmarks/results/issue10_speed.md). At larger inputs more stages remake it.
+FC1_REMADE_MIN_POSITIONS = 28 * 28
+
+
 class ConvMLP(nn.Module):
     """conv1x1 -> GELU -> (y + dwconv3x3 y) -> GRN -> conv1x1: the MLP of every OverLoCK block."""
 
@@ -805,9 +813,12 @@ class ConvMLP(nn.Module):
         fc1's output, 2-4x as wide as x, is the widest map the MLP keeps for its backward (the op
         after it needs it); the backward remakes it from x, which fc1 keeps anyway for its weight
         gradient: one more fc1 product per MLP (3-6% of a training step, measured) for a quarter
-        of what a training step holds. Not when hooks watch fc1 (one may have changed its output).
+        of what a training step holds. Only on maps of `FC1_REMADE_MIN_POSITIONS` or more; not when
+        hooks watch fc1 (one may have changed its output).
         """
         if hooked(self.fc1) or not torch.is_grad_enabled():  # no graph, nothing kept
+            return None
+        if x.shape[-2] * x.shape[-1] < FC1_REMADE_MIN_POSITIONS:
             return None
         source = input_recipe if input_recipe is not None else (lambda: x)
         return RecomputedOnce(lambda: self.fc1.forward(source()))

@@ -292,6 +292,7 @@ def test_conv_mlp_recomputes_hidden_maps_with_identical_gradients(compiled_middl
     """PyTorch's composition recomputes GELU's output and GRN's; the compiled GELU -> dwconv op
     (kernels/gelu_dwconv.py) keeps no GELU output at all, and GRN's input and output are recomputed
     (the op's forward run once for both). Both remake fc1's output from x, once per backward."""
+    monkeypatch.setattr(layers, "FC1_REMADE_MIN_POSITIONS", 0)  # (remade on this test's small map too)
     if compiled_middle and not kernels.native.library(kernels.gelu_dwconv.LIBRARY):
         pytest.skip(kernels.native.status(kernels.gelu_dwconv.LIBRARY))
     if not compiled_middle:
@@ -471,6 +472,27 @@ def test_training_bn_activation_at_the_end_recomputes_only_the_bn_output():
     assert seen
 
 
+@pytest.mark.parametrize("size", [13, 14, 28])
+def test_conv_mlp_remakes_fc1_output_only_on_maps_of_the_threshold_or_more(size):
+    """fc1's output is remade in the backward on maps of `FC1_REMADE_MIN_POSITIONS` (28x28) or more
+    and kept on smaller ones (14x14 and 7x7 at 224 input); the same gradients either way."""
+    mlp = _randomise(layers.ConvMLP(8, 32, 8)).train()
+    x = torch.randn(2, 8, size, size).contiguous(memory_format=torch.channels_last).requires_grad_()
+    calls = _count_forward_calls(mlp.fc1)
+    out = mlp(x)
+    grad = torch.randn_like(out)
+    ours = torch.autograd.grad(out, [x, *mlp.parameters()], grad)
+    remade = size * size >= layers.FC1_REMADE_MIN_POSITIONS
+    assert calls[0] == (2 if remade else 1)
+    token = layers.RECOMPUTE_SAVED.set(False)
+    try:
+        theirs = torch.autograd.grad(mlp(x), [x, *mlp.parameters()], grad)
+    finally:
+        layers.RECOMPUTE_SAVED.reset(token)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_training_bn_recomputation_updates_running_statistics_once():
     from overlock.builder.mixers import conv_stem
 
@@ -590,9 +612,10 @@ def test_contmix_recomputes_its_kernel_logits_with_identical_gradients(monkeypat
     _assert_recomputes(mixer, x, count=0)
 
 
-def test_basic_block_recomputes_the_excited_map_with_identical_gradients():
+def test_basic_block_recomputes_the_excited_map_with_identical_gradients(monkeypatch):
     """SE's output (the FFN's input) is SE's input times its gate, both kept by the product: one
     recipe more in a Base-Net block (beside its branches' and its ConvMLP's), the same gradients."""
+    monkeypatch.setattr(layers, "FC1_REMADE_MIN_POSITIONS", 0)  # (fc1's output remade on a small map too)
     from overlock.builder import build
     from overlock.builder.blocks import BasicBlock
 
@@ -622,13 +645,15 @@ def _count_forward_calls(module: torch.nn.Module) -> list[int]:
 
 
 @pytest.mark.parametrize("kind", ["BasicBlock", "DynamicBlock"])
-def test_blocks_remake_what_they_keep_once_however_many_ops_kept_it(kind):
+def test_blocks_remake_what_they_keep_once_however_many_ops_kept_it(kind, monkeypatch):
     """The map after a block's local conv is kept by its norm and by the LayerScale on the skip; in a
     Focus-Net block the FFN's first 1x1 conv also keeps the LayerNorm of it; fc1's output is kept by
     the op after it. The backward remakes them from what the graph keeps anyway: each local conv and
     fc1 runs once more, not once per op (or recipe) that reads its output, and outputs, gradients
     and BN statistics are bit for bit those of the run that keeps them."""
     from overlock.builder import blocks, build
+
+    monkeypatch.setattr(layers, "FC1_REMADE_MIN_POSITIONS", 0)  # (fc1's output remade on a small map too)
 
     model = _randomise(build("pico")).train()
     block = next(m for m in model.modules() if type(m).__name__ == kind)
