@@ -131,6 +131,11 @@ class ContMix(nn.Module):
             maximum(width, maximum(k * tall, up_width * wide)),
         )
 
+    def _projected_keys(self, key: torch.Tensor) -> torch.Tensor:
+        """k^T W^T: the kernel projection applied to the region centres' keys (B, heads, c, S*S) ->
+        (B, heads, c, k*k + K*K), once per image and head instead of to every token's affinities."""
+        return torch.einsum("bgcl,pl->bgcp", key, self.kernel_proj.weight.flatten(1))
+
     def _mix_from_queries(
         self,
         query: torch.Tensor,
@@ -142,7 +147,7 @@ class ContMix(nn.Module):
         """Both kernels' mixing with their logits q (k^T W^T) + b formed inside the kernels
         (`kernels.contmix_from_queries`): the logits are never a map, forward or backward."""
         proj = self.kernel_proj
-        keys = torch.einsum("bgcl,pl->bgcp", key, proj.weight.flatten(1))  # (B, heads, c, k*k + K*K)
+        keys = self._projected_keys(key)
         queries = query.unflatten(-1, size).permute(0, 1, 3, 4, 2)  # (B, heads, H, W, c), a view
         parts = [self.small_kernel_size**2, self.kernel_size**2]
         keys_small, keys_large = keys.split(parts, dim=-1)
@@ -181,7 +186,7 @@ class ContMix(nn.Module):
         h, w = size
         proj = self.kernel_proj
         if logits_through_keys(proj):
-            mixed_keys = torch.einsum("bgcl,pl->bgcp", key, proj.weight.flatten(1)).flatten(0, 1)
+            mixed_keys = self._projected_keys(key).flatten(0, 1)
             queries = query.transpose(-1, -2).flatten(0, 1)  # (B * heads, HW, c), a view
 
             def project_all() -> torch.Tensor:
