@@ -8,6 +8,9 @@ For every shape it times the forward (`contmix_forward`, no grad) and forward+ba
 (`contmix_forward` then `contmix_backward`) of both versions, alternating base and new call by call
 so that load changes on a shared machine hit both alike, and prints medians and their ratio
 (base / new: > 1 means the working tree is faster). Outputs are compared too (max abs difference).
+Both versions call this checkout's C library (kernels/csrc): a base from before 4a80f9c, whose
+cpu.py calls the C kernels with their earlier arguments, stops at ctypes' TypeError; compare such
+revisions with `benchmarks/commits_ab.py`, which builds each commit's own.
 """
 
 from __future__ import annotations
