@@ -36,7 +36,8 @@
 #include "vectors.h"
 
 /* sum_i s[i] * v[i * stride .. + VW) for i < n, in four chains (a multiply-add waits for the one
- * before it): the forward's window row of values weighted, the backward's dp of a window row. */
+ * before it): the forward's window row of values weighted, the backward's dp of a window row and
+ * (logits from queries) d query from the slot-major keys. */
 static inline vf weighted_sum(const float* restrict s, const float* restrict v, long stride, long n) {
     vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
     long i = 0;
@@ -263,19 +264,8 @@ int overlock_contmix_backward(const float* restrict grad, const float* restrict 
                 if (logits) continue;
                 /* the position's d logits into the query's, the keys', the slot biases' and the table's gradients */
                 float* dq = dquery + (r * HW + pos) * cq;
-                for (long c0 = 0; c0 < cq; c0 += VW) { /* dq = keys . dz, query channels as vectors */
-                    vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-                    const float* kt = keys_t + c0;
-                    long k = 0;
-                    for (; k + 4 <= KK; k += 4) {
-                        a0 += vsplat(dz[k]) * vload(kt + k * cqv);
-                        a1 += vsplat(dz[k + 1]) * vload(kt + (k + 1) * cqv);
-                        a2 += vsplat(dz[k + 2]) * vload(kt + (k + 2) * cqv);
-                        a3 += vsplat(dz[k + 3]) * vload(kt + (k + 3) * cqv);
-                    }
-                    for (; k < KK; k++) a0 += vsplat(dz[k]) * vload(kt + k * cqv);
-                    vstore_n(dq + c0, (a0 + a1) + (a2 + a3), cq - c0 < VW ? cq - c0 : VW);
-                }
+                for (long c0 = 0; c0 < cq; c0 += VW) /* dq = keys . dz, query channels as vectors */
+                    vstore_n(dq + c0, weighted_sum(dz, keys_t + c0, cqv, KK), cq - c0 < VW ? cq - c0 : VW);
                 float* dk = dkeys + r * cq * KP;
                 for (long j = 0; j < cq; j++) {
                     vf s = vsplat(q[j * qj]);
