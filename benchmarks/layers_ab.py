@@ -205,6 +205,7 @@ OLD = {
     "local conv outputs kept": [(blocks, "local_conv", lambda conv, x: (blocks._maybe(conv, x), None))],
     "fc1 outputs kept": [(layers.ConvMLP, "_remade_hidden", lambda self, x, recipe: None)],
     "fc1 outputs remade on every map": [(layers, "FC1_REMADE_MIN_POSITIONS", 0)],
+    "DilatedRepConv BNs op by op": [(layers.DilatedRepConv, "_sums_in_one_op", lambda self, x: False)],
     "NCHW gradients (splits; SE mean; ContMix values)": [
         (network, "split_channels", sliced_channels),
         (contmix, "split_channels", sliced_channels),

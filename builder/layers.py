@@ -22,7 +22,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from .. import kernels
 from ..archspec import DILATED_REPCONV_BRANCHES
 from ..kernels.autocast import autocast_input
-from ..kernels.depthwise import depthwise_conv2d
+from ..kernels.depthwise import batch_normed_sum, batch_normed_sum_applies, depthwise_conv2d
 from ..kernels.native import cpuinfo_value
 
 
@@ -1058,6 +1058,8 @@ class DilatedRepConv(KeepsFolds, nn.Module):
         folded = self.folded()
         if folded is not None:
             return depthwise_conv2d(x, *folded)
+        if self._sums_in_one_op(x):
+            return self._batch_normed_sum(x)
         x = autocast_input(x)  # once for the large kernel and every branch (seven convs at K = 13 to 17)
         out = self.lk_bn(depthwise_conv2d(x, self.lk.weight))
         for branch in self.branches.values():
@@ -1095,12 +1097,44 @@ class DilatedRepConv(KeepsFolds, nn.Module):
     def _norms(self) -> list[nn.BatchNorm2d]:
         return [self.lk_bn, *(branch.bn for branch in self.branches.values())]
 
+    def _convs(self) -> list[nn.Conv2d]:
+        return [self.lk, *(branch.conv for branch in self.branches.values())]
+
+    def _sums_in_one_op(self, x: torch.Tensor) -> bool:
+        """Whether the training form runs as `batch_normed_sum`: BNs normalising by the batch (with
+        running statistics to update and more than one value per channel, else BN's own error), the
+        CPU kernels' dtypes, eagerly, and no hooks on the convs or BNs (they would not fire)."""
+        return (
+            batch_normed_sum_applies(x)
+            and x.numel() > x.shape[1]
+            and all(bn.training and bn.running_mean is not None and bn.weight is not None for bn in self._norms())
+            and not any(hooked(module) for module in self.modules() if module is not self)
+        )
+
+    def _batch_normed_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """The training form in one op (`kernels.depthwise.batch_normed_sum`), each BN's running
+        statistics updated as its own forward updates them."""
+        norms, convs = self._norms(), self._convs()
+        running = []
+        for bn in norms:
+            bn.num_batches_tracked.add_(1)
+            factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+            running.append((bn.running_mean, bn.running_var, factor))
+        return batch_normed_sum(
+            x,
+            [conv.weight for conv in convs],
+            [conv.dilation[0] for conv in convs],
+            [bn.weight for bn in norms],
+            [bn.bias for bn in norms],
+            [bn.eps for bn in norms],
+            running,
+        )
+
     def fold_sources(self) -> list[torch.Tensor | None]:
         """What `folded` reads."""
         if self.deployed:
             return [self.lk.weight, self.lk.bias]
-        convs = [self.lk, *(branch.conv for branch in self.branches.values())]
-        return [conv.weight for conv in convs] + [t for bn in self._norms() for t in bn_tensors(bn)]
+        return [conv.weight for conv in self._convs()] + [t for bn in self._norms() for t in bn_tensors(bn)]
 
     def merged_kernel(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The single KxK kernel and bias equal to the eval-mode training form (differentiable)."""

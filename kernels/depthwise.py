@@ -37,6 +37,8 @@ On CUDA the same three results come from PyTorch (cuDNN) or from Triton kernels
 (`triton_depthwise.py`), chosen per operation and shape by timing both on first use (see
 `_cuda_pick`): cuDNN's direct grouped kernels are the GPU's weak spot for large depthwise kernels.
 There the operator is a custom op, `overlock::depthwise_conv2d`, which torch.compile keeps whole.
+Also here, for DilatedRepConv's training form: `batch_normed_sum`, the sum of several such convs of
+one input, each through a BN normalising by the batch, as one autograd op on the CPU.
 Only the stride-1, "same"-padded, odd-kernel case OverLoCK uses is covered; `depthwise_conv2d`
 falls back to `F.conv2d` (plain autograd) everywhere else: other devices, half dtypes on the CPU,
 tracing and export. The backward is once-differentiable (no gradient of a gradient through this op).
@@ -49,7 +51,7 @@ import importlib
 import os
 import statistics
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import ModuleType
 
 import torch
@@ -544,3 +546,106 @@ def _cuda_depthwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     bias = autocast_input(bias) if bias is not None else None
     with torch.autocast("cuda", enabled=False):
         return depthwise_conv2d_op(x, weight, bias, dilation)
+
+
+class _BatchNormedSum(torch.autograd.Function):
+    """sum_i BN_i(conv_i(x)) with every BN normalising by its batch's statistics (`batch_normed_sum`).
+
+    Saves x and the first conv's output (the large kernel's: the costly one to recompute); the other
+    convs' outputs are recomputed in the backward, one at a time, so the op holds two maps between
+    forward and backward whatever the number of branches.
+    """
+
+    @staticmethod
+    def forward(ctx, x, dilations, eps, running, *params):
+        count = len(dilations)
+        weights, gammas, betas = params[:count], params[count : 2 * count], params[2 * count :]
+        channels = x.shape[1]
+        out = first = shift = None
+        means, inverse_stds = [], []
+        for index, (weight, dilation, gamma, beta) in enumerate(zip(weights, dilations, gammas, betas, strict=True)):
+            y = _conv(x, weight, None, dilation)
+            # BN's own statistics (and running-average update): the same numbers as its forward
+            mean, variance = torch.batch_norm_update_stats(y, *running[index])
+            inverse_std = torch.rsqrt(variance + eps[index])
+            scale = gamma * inverse_std
+            if out is None:  # out = y * scale + (beta - mean * scale), one pass
+                first = y
+                out = torch.addcmul((beta - mean * scale).view(channels, 1, 1), y, scale.view(channels, 1, 1))
+                shift = torch.zeros_like(mean)
+            else:  # the branches' shifts go in at the end, once
+                out.addcmul_(y, scale.view(channels, 1, 1))
+                shift = shift.add_(beta).sub_(mean * scale)
+            means.append(mean)
+            inverse_stds.append(inverse_std)
+        out.add_(shift.view(channels, 1, 1))
+        ctx.save_for_backward(x, first, torch.stack(means), torch.stack(inverse_stds), *weights, *gammas)
+        ctx.dilations = dilations
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, first, means, inverse_stds, *rest = ctx.saved_tensors
+        count = len(ctx.dilations)
+        weights, gammas = rest[:count], rest[count:]
+        channels, positions = x.shape[1], x.numel() // x.shape[1]
+        grad_sum = grad.sum(dim=(0, 2, 3))
+        centred = grad - (grad_sum / positions).view(channels, 1, 1)  # shared by every branch's BN backward
+        grad_x = None
+        grad_weights, grad_gammas = [None] * count, [None] * count
+        needs = ctx.needs_input_grad
+        for index, (weight, dilation, gamma) in enumerate(zip(weights, ctx.dilations, gammas, strict=True)):
+            y = first if index == 0 else _conv(x, weight, None, dilation)
+            mean, inverse_std = means[index], inverse_stds[index]
+            # sum of grad * normalised y, per channel
+            grad_y = torch.mul(grad, y)  # this map's buffer then holds d y
+            grad_normed = (grad_y.sum(dim=(0, 2, 3)) - mean * grad_sum) * inverse_std
+            grad_gammas[index] = grad_normed
+            scale = gamma * inverse_std
+            slope = scale * inverse_std * grad_normed / positions
+            # d y = scale * (grad - mean(grad)) - slope * (y - mean): BN's input gradient
+            torch.addcmul((slope * mean).view(channels, 1, 1), y, (-slope).view(channels, 1, 1), out=grad_y)
+            grad_y.addcmul_(centred, scale.view(channels, 1, 1))
+            del y
+            if needs[4 + index]:
+                grad_weights[index] = weight_grad(x, grad_y, weight.shape[-1], dilation).to(weight.dtype)
+            if needs[0]:
+                term = _conv(grad_y, weight.flip(-1, -2), None, dilation)
+                grad_x = term if grad_x is None else grad_x.add_(term)
+        grad_betas = [grad_sum if needs[4 + 2 * count + i] else None for i in range(count)]
+        grad_gammas = [g if needs[4 + count + i] else None for i, g in enumerate(grad_gammas)]
+        return (grad_x, None, None, None, *grad_weights, *grad_gammas, *grad_betas)
+
+
+def batch_normed_sum(
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    dilations: Sequence[int],
+    gammas: Sequence[torch.Tensor],
+    betas: Sequence[torch.Tensor],
+    eps: Sequence[float],
+    running: Sequence[tuple[torch.Tensor | None, torch.Tensor | None, float]] | None = None,
+) -> torch.Tensor:
+    """sum_i batch_norm_i(depthwise_conv2d(x, weights[i], dilation=dilations[i])), every BN in training
+    mode: normalising by the batch's statistics and, where `running[i]` is (running_mean,
+    running_var, factor), updating those as BN does (factor: its momentum, or 1/batches seen).
+
+    Why. A training-form DilatedRepConv is seven convs and seven BNs summed: op by op that is about 25
+    ops forward and 60 backward per module, each BN's output written, read back by the sum, and its
+    gradient accumulated by the autograd engine one branch at a time. Here each branch output is read
+    twice in the forward (statistics, then added into the sum) and the BN backward shares the
+    centred output gradient between branches. CPU float32/float64 only (`batch_normed_sum_applies`).
+    """
+    running = tuple(running) if running is not None else ((None, None, 0.0),) * len(weights)
+    return _BatchNormedSum.apply(x, tuple(dilations), tuple(eps), running, *weights, *gammas, *betas)
+
+
+def batch_normed_sum_applies(x: torch.Tensor) -> bool:
+    """Whether `batch_normed_sum` runs for x: the CPU depthwise kernels' dtypes, eagerly, no autocast."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and not torch.is_autocast_enabled("cpu")
+        and not (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting())
+    )

@@ -95,6 +95,92 @@ def test_dilated_rep_conv_training_step_equals_the_branch_sum(kernel_size):
         torch.testing.assert_close(a, b, msg=name)
 
 
+@pytest.mark.parametrize("kernel_size", [5, 13, 19])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("momentum", [0.1, None, 0.0])
+def test_dilated_rep_conv_training_form_in_one_op_is_the_branch_sum(kernel_size, channels_last, momentum):
+    """`batch_normed_sum` against the reference's modules in float64: output, every gradient, and the
+    running statistics BN keeps (momentum None: the cumulative average; 0: frozen, as while a
+    checkpoint recomputes), over two steps."""
+    layer = _randomise(DilatedRepConv(3, kernel_size)).double().train()
+    for bn in layer._norms():
+        bn.momentum = momentum
+    twin = copy.deepcopy(layer)
+    x = torch.randn(2, 3, 23, 21, dtype=torch.float64) * 2 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    assert layer._sums_in_one_op(x)
+    for _ in range(2):
+        out, expected = layer(x), _branch_sum(twin, x)
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+        grad = torch.randn_like(out)
+        ours = torch.autograd.grad(out, [x, *layer.parameters()], grad)
+        theirs = torch.autograd.grad(expected, [x, *twin.parameters()], grad)
+        for a, b in zip(ours, theirs, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    for (name, a), b in zip(layer.named_buffers(), twin.buffers(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_dilated_rep_conv_in_one_op_keeps_its_input_and_the_large_kernels_output():
+    """Two maps between forward and backward, whatever the number of branches; the gradients of only
+    the tensors that need one."""
+    layer = _randomise(DilatedRepConv(4, 17)).train()
+    x = torch.randn(2, 4, 16, 15, requires_grad=True)
+    maps = []
+
+    def pack(tensor):
+        if tensor.shape == x.shape:
+            maps.append(tensor.data_ptr())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = layer(x)
+    assert len(set(maps)) == 2 and x.data_ptr() in maps
+    layer.lk.weight.requires_grad_(False)
+    out = layer(x.detach())
+    out.sum().backward()
+    assert layer.lk.weight.grad is None and all(b.conv.weight.grad is not None for b in layer.branches.values())
+
+
+@pytest.mark.parametrize(
+    "case", ["eval", "hook on a branch BN", "autocast", "no running statistics", "one value per channel"]
+)
+def test_dilated_rep_conv_runs_op_by_op_where_one_op_does_not_apply(case, monkeypatch):
+    """Hooks must fire, autocast casts per conv, BN's own checks raise its own errors: there the
+    modules run one by one; float32 training on the CPU takes the one op."""
+    from overlock.kernels import depthwise
+
+    layer = _randomise(DilatedRepConv(3, 7)).train()
+    x = torch.randn(2, 3, 10, 9)
+    calls = []
+    original = depthwise.batch_normed_sum
+    monkeypatch.setattr(layers, "batch_normed_sum", lambda *args: calls.append(1) or original(*args))
+    layer(x)
+    assert calls == [1]
+    context = contextlib.nullcontext()
+    if case == "eval":
+        layer.eval()
+    elif case == "hook on a branch BN":
+        layer.branches["k3_d2"].bn.register_forward_hook(lambda *args: None)
+    elif case == "autocast":
+        context = torch.autocast("cpu", dtype=torch.bfloat16)
+    elif case == "no running statistics":
+        layer = DilatedRepConv(3, 7, deploy=False)
+        for bn in layer._norms():
+            bn.track_running_stats, bn.running_mean, bn.running_var = False, None, None
+    else:
+        x = torch.randn(1, 3, 1, 1)
+    with context:
+        if case == "one value per channel":
+            with pytest.raises(ValueError, match="more than 1 value per channel"):
+                layer(x)
+        else:
+            layer(x)
+    assert calls == [1]
+
+
 @pytest.mark.parametrize("deployed", [False, True])
 def test_large_kernel_bn_in_eval_folds_the_bn_into_the_kernel(deployed):
     conv = _randomise(DilatedRepConv(4, 9)).eval()
@@ -306,9 +392,11 @@ def test_conv_mlp_recomputes_hidden_maps_with_identical_gradients(compiled_middl
     assert calls == [1]  # read by two recipes, made once
 
 
-def test_dilated_rep_conv_recomputes_its_branch_outputs_with_identical_gradients():
-    """The branches' BNs keep a recipe, not the branch output: the same gradients, bit for bit."""
+def test_dilated_rep_conv_recomputes_its_branch_outputs_with_identical_gradients(monkeypatch):
+    """Op by op (under autocast or hooks) the branches' BNs keep a recipe, not the branch output: the
+    same gradients, bit for bit."""
     layer = _randomise(DilatedRepConv(4, 13)).train()
+    monkeypatch.setattr(DilatedRepConv, "_sums_in_one_op", lambda self, x: False)
     x = torch.randn(2, 4, 15, 14).contiguous(memory_format=torch.channels_last).requires_grad_()
     _assert_recomputes(layer, x, count=len(layer.branches))
 
@@ -622,14 +710,14 @@ def test_basic_block_recomputes_the_excited_map_with_identical_gradients(monkeyp
     block = next(m for m in build("pico").modules() if isinstance(m, BasicBlock))
     block = _randomise(block).train()
     x = torch.randn(2, block.bn.num_features, 9, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
-    # the branches', SE's, the ConvMLP's three, and the local conv's output for the norm (and for
-    # the LayerScale on the skip, where the block has one)
-    branches, local = len(block.large_kernel.branches), 1 + (block.layer_scale is not None)
-    _assert_recomputes(block, x, count=branches + 1 + 3 + local)
+    # SE's, the ConvMLP's three, and the local conv's output for the norm (and for the LayerScale on
+    # the skip, where the block has one); the large kernel's branches are recomputed inside its one op
+    local = 1 + (block.layer_scale is not None)
+    _assert_recomputes(block, x, count=1 + 3 + local)
     block.se.register_forward_hook(lambda module, args, out: None)  # a watched SE runs as it is
-    _assert_recomputes(block, x, count=branches + 3 + local)
+    _assert_recomputes(block, x, count=3 + local)
     block.dwconv.register_forward_hook(lambda module, args, out: None)  # so does a watched local conv
-    _assert_recomputes(block, x, count=branches + 3)
+    _assert_recomputes(block, x, count=3)
 
 
 def _count_forward_calls(module: torch.nn.Module) -> list[int]:
