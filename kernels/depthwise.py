@@ -522,14 +522,13 @@ def depthwise_conv2d(
         raise ValueError(f"depthwise_conv2d needs a (C, 1, K, K) weight with odd K, got {tuple(weight.shape)}")
     if x.device.type == "cuda" and not (torch.jit.is_tracing() or torch.compiler.is_exporting()):
         return _cuda_depthwise(x, weight, bias, dilation)
-    fast = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
     # Tracers (fvcore's FLOP count, torch.jit) must see the plain convolution. torch.compile traces
     # the autograd.Function into its graph and keeps it: inductor's own depthwise backward is
     # PyTorch's slow one (XT training step compiled, one thread, `overlock bench xt --train
     # --compile`: 3.0 s with this op against 3.3 s eager on a quiet machine; 7.1 s with the plain
     # conv, measured under load). On CUDA torch.compile keeps the custom op; exported programs
     # (torch.export, ONNX) get the plain convolution, which every runtime has.
-    if not fast or torch.is_autocast_enabled("cpu") or torch.jit.is_tracing():
+    if not _cpu_kernels_apply(x):
         padding = dilation * (weight.shape[-1] - 1) // 2
         return F.conv2d(x, weight, bias, padding=padding, dilation=dilation, groups=x.shape[1])
     inputs = (x, weight) if bias is None else (x, weight, bias)
@@ -641,11 +640,16 @@ def batch_normed_sum(
     return _BatchNormedSum.apply(x, tuple(dilations), tuple(eps), running, *weights, *gammas, *betas)
 
 
-def batch_normed_sum_applies(x: torch.Tensor) -> bool:
-    """Whether `batch_normed_sum` runs for x: the CPU depthwise kernels' dtypes, eagerly, no autocast."""
+def _cpu_kernels_apply(x: torch.Tensor) -> bool:
+    """Whether this module's CPU paths take x: float32/float64 on the CPU, no autocast, no jit trace."""
     return (
         x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64)
-        and not torch.is_autocast_enabled("cpu")
-        and not (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting())
+        and not (torch.is_autocast_enabled("cpu") or torch.jit.is_tracing())
     )
+
+
+def batch_normed_sum_applies(x: torch.Tensor) -> bool:
+    """Whether `batch_normed_sum` runs for x: the CPU paths' inputs (`_cpu_kernels_apply`), and not
+    while torch.compile or an exporter records (they see the modules one by one)."""
+    return _cpu_kernels_apply(x) and not (torch.compiler.is_compiling() or torch.compiler.is_exporting())

@@ -255,6 +255,13 @@ def test_contmix_forward_kernel_matches_the_float64_reference(shape, threads):
     assert out.shape == value.shape and out.is_contiguous()
 
 
+def _assert_close_to_float64(ours, theirs) -> None:
+    """Gradients against autograd of the float64 reference: same shapes, within 1e-5 of each one's scale."""
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
 @needs_contmix_library
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize(
@@ -282,9 +289,7 @@ def test_contmix_backward_kernel_matches_autograd_of_the_float64_reference(shape
     scores = double[0] + reference.gather_rpb(double[1], height, width, kernel_size)
     expected = reference.aggregate(torch.softmax(scores, dim=-1), double[2], kernel_size)
     theirs = torch.autograd.grad(expected, double, grad.double())
-    for a, b in zip(ours, theirs, strict=True):
-        assert a.shape == b.shape
-        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+    _assert_close_to_float64(ours, theirs)
 
 
 @needs_contmix_library
@@ -379,9 +384,7 @@ def test_contmix_from_queries_matches_the_float64_logits_map(shape, threads, key
     expected = reference.aggregate(torch.softmax(scores, dim=-1), double[4], kernel_size)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
     theirs = torch.autograd.grad(expected, [t for t in double if t is not None], grad.double())
-    for a, b in zip(ours, theirs, strict=True):
-        assert a.shape == b.shape
-        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+    _assert_close_to_float64(ours, theirs)
 
 
 @needs_contmix_library
