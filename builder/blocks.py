@@ -21,7 +21,9 @@ from .layers import (
     RecomputedOnce,
     ResDWConv,
     SqueezeExcite,
+    batch_normed,
     block_norm,
+    conv_again,
     conv_bn,
     hooked,
     keeping,
@@ -59,7 +61,9 @@ def _maybe(module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
     return x if module is None else module(x)
 
 
-def local_conv(conv: nn.Module | None, x: torch.Tensor) -> tuple[torch.Tensor, RecomputedOnce | None]:
+def local_conv(
+    conv: nn.Module | None, x: torch.Tensor, input_recipe: RecomputedOnce | None = None
+) -> tuple[torch.Tensor, RecomputedOnce | None]:
     """conv(x) (x itself without a local conv), and the recipe that remakes it in the backward.
 
     The output is the block's input to its norm and its skip: the norm and the LayerScale on the
@@ -67,14 +71,16 @@ def local_conv(conv: nn.Module | None, x: torch.Tensor) -> tuple[torch.Tensor, R
     The conv keeps its own input anyway (for its weight gradient), so the backward remakes the
     output from that: one 3x3 depthwise conv per block, once for both (`RecomputedOnce`), the
     same op on the same input, so bit for bit the same gradients. Not when hooks watch the conv
-    (one may have changed its output), nor in traced or compiled graphs.
+    (one may have changed its output), nor in traced or compiled graphs. `input_recipe`: x's,
+    where the caller remakes x too (the conv then keeps that instead of x).
     """
     if conv is None:
-        return x, None
-    out = conv(x)
+        return x, input_recipe
+    with keeping(x, input_recipe):
+        out = conv(x)
     if hooked(conv) or recording() or not torch.is_grad_enabled():  # without a graph nothing is kept
         return out, None
-    return out, RecomputedOnce(lambda: conv.forward(x))  # forward, not __call__: no hooks twice
+    return out, conv_again(conv, x, input_recipe)
 
 
 def normed_recipe(norm: nn.Module, remade: RecomputedOnce | None) -> RecomputedOnce | None:
@@ -127,17 +133,28 @@ class BasicBlock(nn.Module):
         x, remade = local_conv(self.dwconv, x)
         with keeping(x, remade):
             normed = self.norm(x)
-        mixed = large_kernel_bn(self.large_kernel, self.bn, normed)
+        mixed, again = self._mixed(normed)
         if self.se is None or hooked(self.se) or recording():
-            y = self.mlp(_maybe(self.se, mixed))
+            with keeping(mixed, again):
+                y = feed_forward(self.mlp, mixed, again) if self.se is None else self.mlp(self.se(mixed))
         else:
             # SE's output, the FFN's input, is SE's input times its gate, both kept for the
             # product's backward: recomputed in the backward instead of kept a third time.
-            excited, recipe = self.se(mixed, with_recipe=True)
+            with keeping(mixed, again):
+                excited, recipe = self.se(mixed, with_recipe=True, input_recipe=again)
             recipe = RecomputedOnce(recipe)
             with recompute_saved(excited, recipe):
                 y = feed_forward(self.mlp, excited, recipe)
         return residual(x, y, self.layer_scale, self.drop_path, self.res_scale, remade)
+
+    def _mixed(self, normed: torch.Tensor) -> tuple[torch.Tensor, RecomputedOnce | None]:
+        """BN(mixer(normed)), and in training the recipe of it (`batch_normed`): the SE (or the FFN)
+        after it keeps it for its backward, the BN keeps the mixer's output anyway, so the backward
+        remakes it from that, a BN pass for one map per block fewer held (5.8 MiB per image of a T
+        training step at 224, a fifth of it in the 56x56 stage)."""
+        if not self.bn.training:
+            return large_kernel_bn(self.large_kernel, self.bn, normed), None
+        return batch_normed(self.bn, self.large_kernel(normed))
 
 
 class StaticFocusBlock(BasicBlock):
@@ -209,14 +226,11 @@ class DynamicBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, prior: torch.Tensor, prior0: torch.Tensor) -> torch.Tensor:
-        if self.alpha is not None:
-            prior = self.alpha(prior) + self.beta(prior0)
-        identity, remade = local_conv(self.dwconv1, torch.cat([x, prior], dim=1))
+        identity, remade = local_conv(self.dwconv1, *self._with_prior(x, prior, prior0))
         with keeping(identity, remade):
             normed = self.norm1(identity)
         renormed = normed_recipe(self.norm1, remade)  # kept by the fusion's conv, the query and key (slices)
-        with keeping(normed, renormed):
-            z = self.fusion(normed)
+        z = self.fusion(normed, input_recipe=renormed)
         gate = self.gate(z) if self.gate is not None else None
         lepe = self.lepe(z)
         with keeping(normed, renormed):
@@ -233,3 +247,19 @@ class DynamicBlock(nn.Module):
         with keeping(normed, renormed):
             y = feed_forward(self.mlp, normed, renormed)
         return residual(f, y, self.ls2, self.drop_path, self.res_scale, remade)
+
+    def _with_prior(
+        self, x: torch.Tensor, prior: torch.Tensor, prior0: torch.Tensor
+    ) -> tuple[torch.Tensor, RecomputedOnce | None]:
+        """cat(x, P), P re-injected where the block does (P = alpha * P + beta * P0), and then the
+        recipe of it: x and P are views of the previous block's output, which alpha keeps anyway
+        (for its weight gradient), so the local conv keeps the recipe, not a second map of that
+        size (a cat and two multiply-adds in the backward; 3.3 MiB per image of a T training step)."""
+        if self.alpha is None:
+            return torch.cat([x, prior], dim=1), None
+        fused = torch.cat([x, self.alpha(prior) + self.beta(prior0)], dim=1)
+        if hooked(self.alpha) or hooked(self.beta) or recording() or not torch.is_grad_enabled():
+            return fused, None
+        return fused, RecomputedOnce(
+            lambda: torch.cat([x, self.alpha.forward(prior) + self.beta.forward(prior0)], dim=1)
+        )

@@ -587,14 +587,20 @@ class SqueezeExcite(nn.Module):
         self.fc2 = nn.Conv2d(hidden, channels, 1)
 
     def forward(
-        self, x: torch.Tensor, with_recipe: bool = False
+        self,
+        x: torch.Tensor,
+        with_recipe: bool = False,
+        input_recipe: Callable[[], torch.Tensor] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Callable[[], torch.Tensor]]:
         """SE(x); with_recipe: also a function that recomputes it bit for bit from x and the gate,
-        which the product keeps for its backward anyway (for `recompute_saved`)."""
+        which the product keeps for its backward anyway (for `recompute_saved`). `input_recipe`:
+        where the caller remakes x in the backward, its recipe (the output's recipe then reads x
+        through it, so x need not be held for it)."""
         pooled = self.pool(x) if torch.jit.is_tracing() or exporting() else channel_means(x)
         gate = torch.sigmoid(self.fc2(self.act(self.fc1(pooled))))
         out = autocast_input(x * gate)  # the FFN's 1x1 conv reads it
-        return (out, lambda: autocast_input(x * gate)) if with_recipe else out
+        source = input_recipe if input_recipe is not None else (lambda: x)
+        return (out, lambda: autocast_input(source() * gate)) if with_recipe else out
 
 
 # Off inside gradient checkpointing (builder/network.py), whose own saved-tensor hooks must see
@@ -954,22 +960,32 @@ ACTIVATIONS: dict[type[nn.Module], Callable[[nn.Module, torch.Tensor], torch.Ten
 }
 
 
+def recomputable_bn(bn: nn.Module) -> bool:
+    """Whether a BN's output may be remade in the backward from its input (`batch_norm_again`): a
+    BN normalising by its batch's statistics, no hooks on it (a hook may change an output the
+    recomputation would not see), eagerly (compile and export plan memory themselves)."""
+    return isinstance(bn, nn.BatchNorm2d) and bn.training and not recording() and not hooked(bn)
+
+
 def recomputable_bn_activation(bn: nn.Module, act: nn.Module) -> bool:
-    """Whether BN -> activation may keep only the BN's input for the backward: a BN normalising by
-    its batch's statistics, an activation of `ACTIVATIONS`, no hooks on either (a hook may change an
-    output the recomputation would not see), eagerly (compile and export plan memory themselves)."""
-    return (
-        isinstance(bn, nn.BatchNorm2d)
-        and bn.training
-        and type(act) in ACTIVATIONS
-        and not recording()
-        and not (hooked(bn) or hooked(act))
-    )
+    """Whether BN -> activation may keep only the BN's input for the backward: a recomputable BN
+    (`recomputable_bn`) and an activation of `ACTIVATIONS` without hooks."""
+    return recomputable_bn(bn) and type(act) in ACTIVATIONS and not hooked(act)
 
 
 def batch_norm_again(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     """A training BN's output once more from its input: the batch's statistics, running ones untouched."""
     return F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+
+
+def batch_normed(bn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, RecomputedOnce | None]:
+    """bn(x), and where the BN is recomputable (`recomputable_bn`) and a graph is recorded, the
+    recipe of its output (`batch_norm_again` from x, which the BN keeps for its backward anyway):
+    the ops after it keep the recipe (`keeping`), a BN pass in the backward for one map fewer held."""
+    out = bn(x)
+    if not (torch.is_grad_enabled() and recomputable_bn(bn)):
+        return out, None
+    return out, RecomputedOnce(functools.partial(batch_norm_again, bn, x))
 
 
 class FoldingSequential(KeepsFolds, nn.Sequential):
@@ -988,9 +1004,12 @@ class FoldingSequential(KeepsFolds, nn.Sequential):
     gradients (the stem's 112x112 maps, the Focus-Net's fusion and gate).
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, input_recipe: RecomputedOnce | None = None) -> torch.Tensor:
+        """`input_recipe`: where the caller remakes x in the backward, its recipe (a depthwise conv's
+        output remade for the BN after it then reads x through it)."""
         modules = list(self)
         index = 0
+        recipe = input_recipe  # x's, while x is the input or a depthwise conv's output
         while index < len(modules):
             module = modules[index]
             follower = modules[index + 1] if index + 1 < len(modules) else None
@@ -1000,25 +1019,61 @@ class FoldingSequential(KeepsFolds, nn.Sequential):
                 kernel, bias = self.kept_fold(str(index), sources, fold)
                 with standing_in(module):
                     x = module._conv_forward(x, kernel, bias)
-                index += 2
+                recipe, index = None, index + 2
             elif follower is not None and recomputable_bn_activation(module, follower):
                 # the conv after them, which keeps the activation's output for its weight gradient
                 consumer = modules[index + 2] if index + 2 < len(modules) else None
                 consumer = consumer if isinstance(consumer, nn.Conv2d) else None
-                x = _bn_activation(module, follower, consumer, x)
-                index += 3 if consumer is not None else 2
+                x = _bn_activation(module, follower, consumer, x, recipe)
+                recipe, index = None, index + (3 if consumer is not None else 2)
+            elif (
+                follower is not None and recomputable_bn(follower) and cheap_to_redo(module) and torch.is_grad_enabled()
+            ):
+                # The BN keeps the conv's output, the conv keeps (or remakes) its input: the backward
+                # remakes the output, one depthwise pass for one map fewer held (the fusion's 3x3).
+                with keeping(x, recipe):
+                    out = module(x)
+                x, recipe, index = out, conv_again(module, x, recipe), index + 1
             else:
-                x = module(x)
-                index += 1
+                with keeping(x, recipe):
+                    x = module(x)
+                recipe, index = None, index + 1
         return x
 
 
-def _bn_activation(bn: nn.BatchNorm2d, act: nn.Module, consumer: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+def cheap_to_redo(module: nn.Module) -> bool:
+    """A depthwise conv without hooks: remaking its output costs a pass over the map (not a product)."""
+    return (
+        isinstance(module, nn.Conv2d)
+        and module.groups == module.in_channels == module.out_channels
+        and not hooked(module)
+        and not recording()
+    )
+
+
+def conv_again(conv: nn.Module, x: torch.Tensor, recipe: Callable[[], torch.Tensor] | None) -> RecomputedOnce:
+    """The recipe of conv(x): its forward (no hooks) on x, or on x's recipe where x has one."""
+    if recipe is None:
+        return RecomputedOnce(lambda: conv.forward(x))  # x: the conv keeps it anyway
+    return RecomputedOnce(lambda: conv.forward(recipe()))
+
+
+def _bn_activation(
+    bn: nn.BatchNorm2d,
+    act: nn.Module,
+    consumer: nn.Module | None,
+    x: torch.Tensor,
+    recipe: RecomputedOnce | None = None,
+) -> torch.Tensor:
     """consumer(act(bn(x))) (or act(bn(x))) with the BN's and the activation's outputs recomputed
     (a conv keeps its input once: the BN's output is unpacked twice, by the conv's recipe and the
-    activation's, and computed once)."""
-    normed = bn(x)
-    again = functools.partial(batch_norm_again, bn, x)  # x: the BN keeps it anyway
+    activation's, and computed once). `recipe`: x's, where the BN's input is remade too."""
+    with keeping(x, recipe):
+        normed = bn(x)
+    if recipe is None:
+        again = functools.partial(batch_norm_again, bn, x)  # x: the BN keeps it anyway
+    else:
+        again = lambda: batch_norm_again(bn, recipe())  # noqa: E731
     if consumer is None:  # the caller's next op keeps the activation's output
         with recompute_saved(normed, again):
             return act(normed)

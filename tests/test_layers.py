@@ -707,14 +707,89 @@ def test_basic_block_recomputes_the_excited_map_with_identical_gradients(monkeyp
     block = next(m for m in build("pico").modules() if isinstance(m, BasicBlock))
     block = _randomise(block).train()
     x = torch.randn(2, block.bn.num_features, 9, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
-    # SE's, the ConvMLP's three, and the local conv's output for the norm (and for the LayerScale on
-    # the skip, where the block has one); the large kernel's branches are recomputed inside its one op
+    # SE's, the ConvMLP's three, the BN's after the large kernel (SE's input) and the local conv's
+    # output for the norm (and for the LayerScale on the skip, where the block has one); the large
+    # kernel's branches are recomputed inside its one op
     local = 1 + (block.layer_scale is not None)
-    _assert_recomputes(block, x, count=1 + 3 + local)
+    _assert_recomputes(block, x, count=1 + 3 + 1 + local)
     block.se.register_forward_hook(lambda module, args, out: None)  # a watched SE runs as it is
-    _assert_recomputes(block, x, count=3 + local)
+    _assert_recomputes(block, x, count=3 + 1 + local)
     block.dwconv.register_forward_hook(lambda module, args, out: None)  # so does a watched local conv
+    _assert_recomputes(block, x, count=3 + 1)
+    block.bn.register_forward_hook(lambda module, args, out: None)  # and a watched BN
     _assert_recomputes(block, x, count=3)
+
+
+def test_basic_block_without_se_remakes_the_ffn_input_from_its_bn(monkeypatch):
+    """Without SE the FFN's first 1x1 conv keeps the BN's output: remade from the BN's input, and
+    fc1's own recipe reads it through that recipe (nothing holds the map), the same gradients."""
+    monkeypatch.setattr(layers, "FC1_REMADE_MIN_POSITIONS", 0)
+    from overlock.builder import build
+    from overlock.builder.blocks import BasicBlock
+
+    block = next(m for m in build("pico").modules() if isinstance(m, BasicBlock))
+    block = _randomise(block).train()
+    block.se = None
+    x = torch.randn(2, block.bn.num_features, 9, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
+    _assert_recomputes(block, x, count=3 + 1 + 1 + (block.layer_scale is not None))
+
+
+class _AfterPreviousBlock(torch.nn.Module):
+    """A Focus-Net block fed as the stage feeds it: x and P split from the previous block's output."""
+
+    def __init__(self, block: torch.nn.Module, prior0: torch.Tensor) -> None:
+        super().__init__()
+        self.block, self.prior0 = block, prior0
+        self.width = block.out_proj.conv.in_channels
+
+    def forward(self, previous: torch.Tensor) -> torch.Tensor:
+        x, prior = previous.split([self.width, previous.shape[1] - self.width], dim=1)
+        return self.block(x, prior, self.prior0)
+
+
+def test_dynamic_block_remakes_its_fused_input_and_the_fusion_conv_output():
+    """Two maps of a Focus-Net block that re-injects the prior are remade, not kept: cat(x, alpha P +
+    beta P0), the local conv's input, from the previous block's output (which alpha keeps), and the
+    fusion's depthwise output, its BN's input, from the normed map's recipe. Neither is held by the
+    graph (each is, where a hook watches alpha or the conv), alpha and the conv run once more in
+    the backward, and outputs and gradients are bit for bit those of the run that keeps them."""
+    from overlock.builder import build
+
+    model = _randomise(build("pico")).train()
+    block = [m for m in model.modules() if type(m).__name__ == "DynamicBlock"][1]
+    assert block.alpha is not None
+    channels = block.norm1.normalized_shape[0]
+    gen = torch.Generator().manual_seed(5)
+    prior0 = torch.randn(2, channels - block.out_proj.conv.in_channels, 9, 8, generator=gen)
+    module = _AfterPreviousBlock(block, prior0.contiguous(memory_format=torch.channels_last))
+    previous = torch.randn(2, channels, 9, 8, generator=gen).contiguous(memory_format=torch.channels_last)
+    previous.requires_grad_()
+    maps: list[weakref.ref] = []
+    with_prior, conv_forward = block._with_prior, block.fusion.dwconv.forward
+    block._with_prior = lambda *args: (result := with_prior(*args), maps.append(weakref.ref(result[0])))[0]
+    block.fusion.dwconv.forward = lambda x: (out := conv_forward(x), maps.append(weakref.ref(out)))[0]
+    alpha_calls, conv_calls = _count_forward_calls(block.alpha), _count_forward_calls(block.fusion.dwconv)
+
+    def run(recompute: bool) -> tuple[torch.Tensor, ...]:
+        maps.clear()
+        token = layers.RECOMPUTE_SAVED.set(recompute)
+        try:
+            out = module(previous)
+            held = [ref() is not None for ref in maps]
+            grads = torch.autograd.grad(out, [previous, *module.parameters()], torch.ones_like(out))
+        finally:
+            layers.RECOMPUTE_SAVED.reset(token)
+        return held, (out, *grads)
+
+    held, ours = run(True)
+    assert held == [False, False] and (alpha_calls[0], conv_calls[0]) == (2, 2)
+    theirs = run(False)[1]
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    block.alpha.register_forward_hook(lambda module, args, out: None)
+    assert run(True)[0] == [True, False]
+    block.fusion.dwconv.register_forward_hook(lambda module, args, out: None)
+    assert run(True)[0] == [True, True]
 
 
 def _count_forward_calls(module: torch.nn.Module) -> list[int]:
