@@ -21,14 +21,14 @@ from .layers import (
     RecomputedOnce,
     ResDWConv,
     SqueezeExcite,
-    batch_normed,
     block_norm,
+    called_with_recipe,
     conv_again,
     conv_bn,
+    excited,
     hooked,
     keeping,
-    large_kernel_bn,
-    recompute_saved,
+    large_kernel_batch_normed,
     recording,
 )
 from .mixers import FFNS, MixerPlace, build_mixer
@@ -83,13 +83,15 @@ def local_conv(
     return out, conv_again(conv, x, input_recipe)
 
 
-def normed_recipe(norm: nn.Module, remade: RecomputedOnce | None) -> RecomputedOnce | None:
-    """The recipe of norm(remade map), for a norm without running state whose output the ops after
-    it keep (the FFN's first 1x1 conv; the fusion's conv and ContMix's query and key projections):
-    a LayerNorm more in the backward for one map fewer held."""
-    if remade is None or not isinstance(norm, LayerNorm2d) or hooked(norm):
+def normed_recipe(norm: nn.Module, x: torch.Tensor, remade: RecomputedOnce | None) -> RecomputedOnce | None:
+    """The recipe of norm(x), for a norm without running state whose output the ops after it keep
+    (the large kernel; the FFN's first 1x1 conv; the fusion's conv and ContMix's query and key
+    projections): a LayerNorm more in the backward for one map fewer held. It reads x's recipe
+    where x is remade (`remade`), else x, which the norm keeps anyway."""
+    if not isinstance(norm, LayerNorm2d) or hooked(norm) or recording() or not torch.is_grad_enabled():
         return None
-    return RecomputedOnce(lambda: norm.forward(remade()))
+    source = remade if remade is not None else (lambda: x)
+    return RecomputedOnce(lambda: norm.forward(source()))
 
 
 def feed_forward(mlp: nn.Module, x: torch.Tensor, recipe: RecomputedOnce | None) -> torch.Tensor:
@@ -97,6 +99,16 @@ def feed_forward(mlp: nn.Module, x: torch.Tensor, recipe: RecomputedOnce | None)
     if recipe is not None and isinstance(mlp, ConvMLP):
         return mlp(x, input_recipe=recipe)
     return mlp(x)
+
+
+def _sum_again(a: RecomputedOnce | None, b: RecomputedOnce | None) -> RecomputedOnce | None:
+    """The recipe of a + b from theirs (None unless both have one)."""
+    return None if a is None or b is None else RecomputedOnce(lambda: a() + b())
+
+
+def _product_again(factor: torch.Tensor, recipe: RecomputedOnce | None) -> RecomputedOnce | None:
+    """The recipe of factor * x from x's (factor: kept by the product anyway)."""
+    return None if recipe is None else RecomputedOnce(lambda: factor * recipe())
 
 
 class BasicBlock(nn.Module):
@@ -133,28 +145,18 @@ class BasicBlock(nn.Module):
         x, remade = local_conv(self.dwconv, x)
         with keeping(x, remade):
             normed = self.norm(x)
-        mixed, again = self._mixed(normed)
-        if self.se is None or hooked(self.se) or recording():
-            with keeping(mixed, again):
-                y = feed_forward(self.mlp, mixed, again) if self.se is None else self.mlp(self.se(mixed))
-        else:
-            # SE's output, the FFN's input, is SE's input times its gate, both kept for the
-            # product's backward: recomputed in the backward instead of kept a third time.
-            with keeping(mixed, again):
-                excited, recipe = self.se(mixed, with_recipe=True, input_recipe=again)
-            recipe = RecomputedOnce(recipe)
-            with recompute_saved(excited, recipe):
-                y = feed_forward(self.mlp, excited, recipe)
+        # The norm's output, BN(mixer) and SE's output, each kept by the op after it (the large
+        # kernel, SE's product, the FFN's first 1x1 conv), are remade in the backward: the norm's
+        # and the BN's from their inputs, which they keep anyway, SE's from its input and gate,
+        # both kept by the product (the first two: 12 MiB per image of a T training step at 224).
+        renormed = normed_recipe(self.norm, x, remade)
+        with keeping(normed, renormed):
+            mixed, again = large_kernel_batch_normed(self.large_kernel, self.bn, normed)
+        if self.se is not None:
+            mixed, again = excited(self.se, mixed, again)
+        with keeping(mixed, again):
+            y = feed_forward(self.mlp, mixed, again)
         return residual(x, y, self.layer_scale, self.drop_path, self.res_scale, remade)
-
-    def _mixed(self, normed: torch.Tensor) -> tuple[torch.Tensor, RecomputedOnce | None]:
-        """BN(mixer(normed)), and in training the recipe of it (`batch_normed`): the SE (or the FFN)
-        after it keeps it for its backward, the BN keeps the mixer's output anyway, so the backward
-        remakes it from that, a BN pass for one map per block fewer held (5.8 MiB per image of a T
-        training step at 224, a fifth of it in the 56x56 stage)."""
-        if not self.bn.training:
-            return large_kernel_bn(self.large_kernel, self.bn, normed), None
-        return batch_normed(self.bn, self.large_kernel(normed))
 
 
 class StaticFocusBlock(BasicBlock):
@@ -229,24 +231,41 @@ class DynamicBlock(nn.Module):
         identity, remade = local_conv(self.dwconv1, *self._with_prior(x, prior, prior0))
         with keeping(identity, remade):
             normed = self.norm1(identity)
-        renormed = normed_recipe(self.norm1, remade)  # kept by the fusion's conv, the query and key (slices)
+        renormed = normed_recipe(self.norm1, identity, remade)  # kept by the fusion's conv, the query and key (slices)
         z = self.fusion(normed, input_recipe=renormed)
         gate = self.gate(z) if self.gate is not None else None
-        lepe = self.lepe(z)
+        lepe, lepe_again = called_with_recipe(self.lepe, z)
         with keeping(normed, renormed):
             mixed = self.contmix(z, normed) if self.guided else self.contmix(z)
-        out = _maybe(self.se, self.out_proj(mixed) + lepe)
-        if gate is not None:
-            out = gate * out
-        out = self.proj(out)
+        out = self._projected(mixed, lepe, lepe_again, gate)
         f = residual(identity, out, self.ls1, self.drop_path, self.res_scale, remade)
         f, remade = local_conv(self.dwconv2, f)
         with keeping(f, remade):
             normed = self.norm2(f)
-        renormed = normed_recipe(self.norm2, remade)
+        renormed = normed_recipe(self.norm2, f, remade)
         with keeping(normed, renormed):
             y = feed_forward(self.mlp, normed, renormed)
         return residual(f, y, self.ls2, self.drop_path, self.res_scale, remade)
+
+    def _projected(
+        self, mixed: torch.Tensor, lepe: torch.Tensor, lepe_again: RecomputedOnce | None, gate: torch.Tensor | None
+    ) -> torch.Tensor:
+        """proj(gate * SE(out_proj(mixed) + lepe)), the maps in between remade in the backward.
+
+        The sum, SE's output and the gated map are each kept by the op after them (SE's product,
+        the gate's, proj's BN), and each is an element-wise pass or two from maps the graph keeps
+        anyway (the two BNs' inputs, SE's and the gate's other factors); proj's BN output, kept by
+        its conv, is remade from its input. Four maps per block fewer held, a few element-wise
+        passes more in the backward.
+        """
+        projected, again = called_with_recipe(self.out_proj, mixed)
+        out, again = projected + lepe, _sum_again(again, lepe_again)
+        if self.se is not None:
+            out, again = excited(self.se, out, again)
+        if gate is not None:
+            with keeping(out, again):
+                out, again = gate * out, _product_again(gate, again)
+        return called_with_recipe(self.proj, out, again)[0]
 
     def _with_prior(
         self, x: torch.Tensor, prior: torch.Tensor, prior0: torch.Tensor

@@ -304,9 +304,9 @@ def lepe_layer(width: int, kernel_size: int, deploy: bool) -> LargeKernelBN:
     return LargeKernelBN(OrderedDict(conv=DilatedRepConv(width, kernel_size, deploy), bn=nn.BatchNorm2d(width)))
 
 
-def output_projection(width: int, out_channels: int) -> nn.Sequential:
+def output_projection(width: int, out_channels: int) -> FoldingSequential:
     """BN -> conv1x1 (with bias): the last step of the dynamic block's mixing branch."""
-    return nn.Sequential(OrderedDict(bn=nn.BatchNorm2d(width), conv=Pointwise(width, out_channels)))
+    return FoldingSequential(OrderedDict(bn=nn.BatchNorm2d(width), conv=Pointwise(width, out_channels)))
 
 
 class ContMixBlock(nn.Module):

@@ -978,14 +978,54 @@ def batch_norm_again(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     return F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
 
 
-def batch_normed(bn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, RecomputedOnce | None]:
+def batch_normed(
+    bn: nn.Module, x: torch.Tensor, input_recipe: RecomputedOnce | None = None
+) -> tuple[torch.Tensor, RecomputedOnce | None]:
     """bn(x), and where the BN is recomputable (`recomputable_bn`) and a graph is recorded, the
     recipe of its output (`batch_norm_again` from x, which the BN keeps for its backward anyway):
-    the ops after it keep the recipe (`keeping`), a BN pass in the backward for one map fewer held."""
-    out = bn(x)
+    the ops after it keep the recipe (`keeping`), a BN pass in the backward for one map fewer held.
+    `input_recipe`: x's, where x is remade too (the BN keeps that, and the recipe reads x through it)."""
+    with keeping(x, input_recipe):
+        out = bn(x)
     if not (torch.is_grad_enabled() and recomputable_bn(bn)):
         return out, None
-    return out, RecomputedOnce(functools.partial(batch_norm_again, bn, x))
+    if input_recipe is None:
+        return out, RecomputedOnce(functools.partial(batch_norm_again, bn, x))
+    return out, RecomputedOnce(lambda: batch_norm_again(bn, input_recipe()))
+
+
+def large_kernel_batch_normed(
+    conv: nn.Module, bn: nn.BatchNorm2d, x: torch.Tensor
+) -> tuple[torch.Tensor, RecomputedOnce | None]:
+    """`large_kernel_bn(conv, bn, x)`, and in training the recipe of its output (`batch_normed`)."""
+    if not bn.training:
+        return large_kernel_bn(conv, bn, x), None
+    return batch_normed(bn, conv(x))
+
+
+def called_with_recipe(
+    module: nn.Module, x: torch.Tensor, input_recipe: RecomputedOnce | None = None
+) -> tuple[torch.Tensor, RecomputedOnce | None]:
+    """module(x), and the recipe of its output where the module gives one (`forward_with_recipe`:
+    a FoldingSequential or LargeKernelBN ending in a training BN) and no hook watches it (a hook
+    may change an output the recipe would not see). `input_recipe`: x's, where x is remade too."""
+    if hooked(module) or recording() or not hasattr(module, "forward_with_recipe"):
+        with keeping(x, input_recipe):
+            return module(x), None
+    with standing_in(module):
+        return module.forward_with_recipe(x, input_recipe)
+
+
+def excited(
+    se: nn.Module, x: torch.Tensor, input_recipe: RecomputedOnce | None = None
+) -> tuple[torch.Tensor, RecomputedOnce | None]:
+    """se(x), and the recipe of its output (SE's input times its gate, both kept by the product)
+    where no hook watches SE; `input_recipe`: x's, where x is remade too."""
+    if hooked(se) or recording():  # (a hook might change x in place: then x is kept as it is)
+        return se(x), None
+    with keeping(x, input_recipe):
+        out, recipe = se(x, with_recipe=True, input_recipe=input_recipe)
+    return out, RecomputedOnce(recipe)
 
 
 class FoldingSequential(KeepsFolds, nn.Sequential):
@@ -1005,11 +1045,17 @@ class FoldingSequential(KeepsFolds, nn.Sequential):
     """
 
     def forward(self, x: torch.Tensor, input_recipe: RecomputedOnce | None = None) -> torch.Tensor:
-        """`input_recipe`: where the caller remakes x in the backward, its recipe (a depthwise conv's
-        output remade for the BN after it then reads x through it)."""
+        return self.forward_with_recipe(x, input_recipe)[0]
+
+    def forward_with_recipe(
+        self, x: torch.Tensor, input_recipe: RecomputedOnce | None = None
+    ) -> tuple[torch.Tensor, RecomputedOnce | None]:
+        """The forward, and the recipe of its output where the backward may remake it (a training
+        BN's at the end, from its input). `input_recipe`: where the caller remakes x in the
+        backward, its recipe (what the modules keep of x, and the recipes that read x, use it)."""
         modules = list(self)
         index = 0
-        recipe = input_recipe  # x's, while x is the input or a depthwise conv's output
+        recipe = input_recipe  # x's, while the backward may remake x
         while index < len(modules):
             module = modules[index]
             follower = modules[index + 1] if index + 1 < len(modules) else None
@@ -1034,11 +1080,14 @@ class FoldingSequential(KeepsFolds, nn.Sequential):
                 with keeping(x, recipe):
                     out = module(x)
                 x, recipe, index = out, conv_again(module, x, recipe), index + 1
+            elif recomputable_bn(module) and (follower is None or isinstance(follower, nn.Conv2d)):
+                # a BN whose output the conv after it (or the caller) keeps: remade from its input
+                (x, recipe), index = batch_normed(module, x, recipe), index + 1
             else:
                 with keeping(x, recipe):
                     x = module(x)
                 recipe, index = None, index + 1
-        return x
+        return x, recipe
 
 
 def cheap_to_redo(module: nn.Module) -> bool:
@@ -1068,19 +1117,13 @@ def _bn_activation(
     """consumer(act(bn(x))) (or act(bn(x))) with the BN's and the activation's outputs recomputed
     (a conv keeps its input once: the BN's output is unpacked twice, by the conv's recipe and the
     activation's, and computed once). `recipe`: x's, where the BN's input is remade too."""
-    with keeping(x, recipe):
-        normed = bn(x)
-    if recipe is None:
-        again = functools.partial(batch_norm_again, bn, x)  # x: the BN keeps it anyway
-    else:
-        again = lambda: batch_norm_again(bn, recipe())  # noqa: E731
-    if consumer is None:  # the caller's next op keeps the activation's output
-        with recompute_saved(normed, again):
-            return act(normed)
-    again = shared_recipe(again)  # two unpacks: the consumer's, then the activation's
-    with recompute_saved(normed, again):
+    normed, again = batch_normed(bn, x, recipe)
+    with keeping(normed, again):
         activated = act(normed)
-    with recompute_saved(activated, lambda: ACTIVATIONS[type(act)](act, again())):
+    if consumer is None:  # the caller's next op keeps the activation's output
+        return activated
+    # (the consumer's recipe calls the BN's first, which holds its value for the activation's unpack)
+    with keeping(activated, None if again is None else lambda: ACTIVATIONS[type(act)](act, again())):
         return consumer(activated)
 
 
@@ -1249,3 +1292,10 @@ class LargeKernelBN(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return large_kernel_bn(self.conv, self.bn, x)
+
+    def forward_with_recipe(
+        self, x: torch.Tensor, input_recipe: RecomputedOnce | None = None
+    ) -> tuple[torch.Tensor, RecomputedOnce | None]:
+        """The forward, and in training the recipe of its output (`large_kernel_batch_normed`)."""
+        with keeping(x, input_recipe):
+            return large_kernel_batch_normed(self.conv, self.bn, x)

@@ -707,16 +707,18 @@ def test_basic_block_recomputes_the_excited_map_with_identical_gradients(monkeyp
     block = next(m for m in build("pico").modules() if isinstance(m, BasicBlock))
     block = _randomise(block).train()
     x = torch.randn(2, block.bn.num_features, 9, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
-    # SE's, the ConvMLP's three, the BN's after the large kernel (SE's input) and the local conv's
-    # output for the norm (and for the LayerScale on the skip, where the block has one); the large
-    # kernel's branches are recomputed inside its one op
+    # SE's, the ConvMLP's three, the BN's after the large kernel (SE's input), the norm's (the
+    # large kernel's input) and the local conv's output for the norm (and for the LayerScale on the
+    # skip, where the block has one); the large kernel's branches are recomputed inside its one op
     local = 1 + (block.layer_scale is not None)
+    _assert_recomputes(block, x, count=1 + 3 + 1 + 1 + local)
+    block.bn.register_forward_hook(lambda module, args, out: None)  # a watched BN's output is kept
     _assert_recomputes(block, x, count=1 + 3 + 1 + local)
     block.se.register_forward_hook(lambda module, args, out: None)  # a watched SE runs as it is
     _assert_recomputes(block, x, count=3 + 1 + local)
     block.dwconv.register_forward_hook(lambda module, args, out: None)  # so does a watched local conv
-    _assert_recomputes(block, x, count=3 + 1)
-    block.bn.register_forward_hook(lambda module, args, out: None)  # and a watched BN
+    _assert_recomputes(block, x, count=3 + 1)  # (the norm's output then remade from its input)
+    block.norm.register_forward_hook(lambda module, args, out: None)  # and a watched norm
     _assert_recomputes(block, x, count=3)
 
 
@@ -731,7 +733,7 @@ def test_basic_block_without_se_remakes_the_ffn_input_from_its_bn(monkeypatch):
     block = _randomise(block).train()
     block.se = None
     x = torch.randn(2, block.bn.num_features, 9, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
-    _assert_recomputes(block, x, count=3 + 1 + 1 + (block.layer_scale is not None))
+    _assert_recomputes(block, x, count=3 + 1 + 1 + 1 + (block.layer_scale is not None))
 
 
 class _AfterPreviousBlock(torch.nn.Module):
@@ -747,49 +749,76 @@ class _AfterPreviousBlock(torch.nn.Module):
         return self.block(x, prior, self.prior0)
 
 
-def test_dynamic_block_remakes_its_fused_input_and_the_fusion_conv_output():
-    """Two maps of a Focus-Net block that re-injects the prior are remade, not kept: cat(x, alpha P +
-    beta P0), the local conv's input, from the previous block's output (which alpha keeps), and the
-    fusion's depthwise output, its BN's input, from the normed map's recipe. Neither is held by the
-    graph (each is, where a hook watches alpha or the conv), alpha and the conv run once more in
-    the backward, and outputs and gradients are bit for bit those of the run that keeps them."""
+def _recording_maps(module: torch.nn.Module, maps: dict[str, weakref.ref], inputs: str | None, outputs: str | None):
+    """Replace `module.forward` (an instance attribute, not a hook: the fast paths stay on) by one that
+    records weak references to its input and output (the first tensor of a tuple) under those names."""
+    forward = module.forward
+
+    def recorded(x, *args, **kwargs):
+        out = forward(x, *args, **kwargs)
+        for name, value in ((inputs, x), (outputs, out[0] if isinstance(out, tuple) else out)):
+            if name is not None:
+                maps[name] = weakref.ref(value)
+        return out
+
+    module.forward = recorded
+
+
+def test_dynamic_block_keeps_none_of_the_maps_it_remakes():
+    """A Focus-Net block that re-injects the prior remakes these maps in the backward instead of
+    keeping them: cat(x, alpha P + beta P0), the local conv's input, from the previous block's
+    output (which alpha keeps); the fusion's depthwise output (its BN's input) from the normed
+    map's recipe; out_proj(mixed) + LePE, SE's output and the gated map (kept by SE's product, the
+    gate's product and proj's BN) from the two BNs' inputs and the products' other factors; proj's
+    BN output (kept by its conv) from its input. None of them is held by the graph; each that a
+    watched module makes (a hook may change it) is; alpha and the conv run once more in the
+    backward; outputs and gradients are bit for bit those of the run that keeps them."""
     from overlock.builder import build
 
     model = _randomise(build("pico")).train()
     block = [m for m in model.modules() if type(m).__name__ == "DynamicBlock"][1]
-    assert block.alpha is not None
+    assert block.alpha is not None and block.se is not None and block.gate is not None
     channels = block.norm1.normalized_shape[0]
     gen = torch.Generator().manual_seed(5)
     prior0 = torch.randn(2, channels - block.out_proj.conv.in_channels, 9, 8, generator=gen)
     module = _AfterPreviousBlock(block, prior0.contiguous(memory_format=torch.channels_last))
     previous = torch.randn(2, channels, 9, 8, generator=gen).contiguous(memory_format=torch.channels_last)
     previous.requires_grad_()
-    maps: list[weakref.ref] = []
-    with_prior, conv_forward = block._with_prior, block.fusion.dwconv.forward
-    block._with_prior = lambda *args: (result := with_prior(*args), maps.append(weakref.ref(result[0])))[0]
-    block.fusion.dwconv.forward = lambda x: (out := conv_forward(x), maps.append(weakref.ref(out)))[0]
+    maps: dict[str, weakref.ref] = {}
+    with_prior = block._with_prior
+    block._with_prior = lambda *args: (result := with_prior(*args), maps.update(fused=weakref.ref(result[0])))[0]
+    _recording_maps(block.fusion.dwconv, maps, None, "fusion conv")
+    _recording_maps(block.se, maps, "sum", "excited")
+    _recording_maps(block.proj.bn, maps, "gated", "proj bn")
     alpha_calls, conv_calls = _count_forward_calls(block.alpha), _count_forward_calls(block.fusion.dwconv)
 
-    def run(recompute: bool) -> tuple[torch.Tensor, ...]:
+    def run(recompute: bool) -> tuple[set[str], tuple[torch.Tensor, ...]]:
         maps.clear()
         token = layers.RECOMPUTE_SAVED.set(recompute)
         try:
             out = module(previous)
-            held = [ref() is not None for ref in maps]
+            held = {name for name, ref in maps.items() if ref() is not None}
             grads = torch.autograd.grad(out, [previous, *module.parameters()], torch.ones_like(out))
         finally:
             layers.RECOMPUTE_SAVED.reset(token)
         return held, (out, *grads)
 
     held, ours = run(True)
-    assert held == [False, False] and (alpha_calls[0], conv_calls[0]) == (2, 2)
-    theirs = run(False)[1]
+    assert len(maps) == 6 and held == set()
+    assert (alpha_calls[0], conv_calls[0]) == (2, 2)
+    plain_held, theirs = run(False)
+    assert plain_held == set(maps)
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     block.alpha.register_forward_hook(lambda module, args, out: None)
-    assert run(True)[0] == [True, False]
+    assert run(True)[0] == {"fused"}
     block.fusion.dwconv.register_forward_hook(lambda module, args, out: None)
-    assert run(True)[0] == [True, True]
+    assert run(True)[0] == {"fused", "fusion conv"}
+    block.se.register_forward_hook(lambda module, args, out: None)  # its output and what reads it
+    assert run(True)[0] == {"fused", "fusion conv", "sum", "excited", "gated"}
+    held, ours = run(True)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def _count_forward_calls(module: torch.nn.Module) -> list[int]:
