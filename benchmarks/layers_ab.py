@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextvars
+import functools
 import statistics
 import time
 
@@ -24,7 +25,10 @@ from overlock.builder import blocks, build, contmix, layers, mixers, network
 from overlock.kernels import cpu, depthwise, gelu_dwconv, grn
 from overlock.training.optim import build_optimizer
 
-KEPT = {"gelu_dwconv3x3_grn": gelu_dwconv.gelu_dwconv3x3_grn}  # originals the variants call
+KEPT = {  # originals the variants call
+    "gelu_dwconv3x3_grn": gelu_dwconv.gelu_dwconv3x3_grn,
+    "normed_recipe": blocks.normed_recipe,
+}
 
 
 def pointwise_before_round_12(self, x, weight, bias):
@@ -161,6 +165,72 @@ def sliced_channels(x, width):
     return x[:, :width], x[:, width:]
 
 
+def _maybe(module, x):
+    return x if module is None else module(x)
+
+
+def folding_sequential_before_round_15(self, x, input_recipe=None):
+    """FoldingSequential before round 15: eval BNs folded into the conv before them, BN -> activation
+    (-> conv) outputs remade; no depthwise output, BN or GRN output remade, no recipe of its output."""
+    modules = list(self)
+    index = 0
+    while index < len(modules):
+        module, follower = modules[index], modules[index + 1] if index + 1 < len(modules) else None
+        if follower is not None and isinstance(module, torch.nn.Conv2d) and layers.foldable_bn(module, follower):
+            fold = functools.partial(layers.fuse_bn, module.weight, follower, module.bias)
+            sources = [module.weight, module.bias, *layers.bn_tensors(follower)]
+            x = module._conv_forward(x, *self.kept_fold(str(index), sources, fold))
+            index += 2
+        elif follower is not None and layers.recomputable_bn_activation(module, follower):
+            consumer = modules[index + 2] if index + 2 < len(modules) else None
+            consumer = consumer if isinstance(consumer, torch.nn.Conv2d) else None
+            x = layers._bn_activation(module, follower, consumer, x)[0]
+            index += 3 if consumer is not None else 2
+        else:
+            x = module(x)
+            index += 1
+    return x, None
+
+
+def called_plainly(module, x, input_recipe=None):
+    """`called_with_recipe` before round 15: the module's output kept by whatever reads it."""
+    with layers.keeping(x, input_recipe):
+        return module(x), None
+
+
+def normed_recipe_before_round_15(norm, x, remade):
+    """A Focus-Net norm's output remade only from a remade input (a local conv's), before round 15."""
+    return None if remade is None else KEPT["normed_recipe"](norm, x, remade)
+
+
+def basic_block_before_round_15(self, x):
+    """The Base-Net block before round 15: the norm's and the BN's outputs kept."""
+    x, remade = blocks.local_conv(self.dwconv, x)
+    with layers.keeping(x, remade):
+        normed = self.norm(x)
+    mixed = layers.large_kernel_bn(self.large_kernel, self.bn, normed)
+    if self.se is None or layers.hooked(self.se) or layers.recording():
+        y = self.mlp(_maybe(self.se, mixed))
+    else:
+        excited, recipe = self.se(mixed, with_recipe=True)
+        recipe = layers.RecomputedOnce(recipe)
+        with layers.recompute_saved(excited, recipe):
+            y = blocks.feed_forward(self.mlp, excited, recipe)
+    return blocks.residual(x, y, self.layer_scale, self.drop_path, self.res_scale, remade)
+
+
+def projected_before_round_15(self, mixed, lepe, lepe_again, gate, gate_again):
+    """The Focus-Net block's mixing tail before round 15: every map in it kept."""
+    out = _maybe(self.se, self.out_proj(mixed) + lepe)
+    return self.proj(out if gate is None else gate * out)
+
+
+def with_prior_before_round_15(self, x, prior, prior0):
+    """The fused input before round 15: kept by the local conv."""
+    prior = prior if self.alpha is None else self.alpha(prior) + self.beta(prior0)
+    return torch.cat([x, prior], dim=1), None
+
+
 OLD = {
     "LayerScale as conv": [(layers.LayerScale, "forward", old_layer_scale)],
     "GRN unfused": [(layers.GRN, "forward", old_grn)],
@@ -169,10 +239,7 @@ OLD = {
     "DilatedRepConv branch sum": [(layers.DilatedRepConv, "forward", old_dilated_rep_conv)],
     "no custom depthwise op": [(layers, "depthwise_conv2d", plain_depthwise)],
     "custom op only 13+ on 28+": [(layers, "depthwise_conv2d", large_kernels_only_depthwise)],
-    "BN after large kernel unfolded": [
-        (blocks, "large_kernel_bn", unfolded_large_kernel_bn),
-        (layers.LargeKernelBN, "forward", torch.nn.Sequential.forward),
-    ],
+    "BN after large kernel unfolded": [(layers, "large_kernel_bn", unfolded_large_kernel_bn)],
     "dilated 9x9+ not polyphase": [(depthwise, "POLYPHASE_MIN_KERNEL", 10**9)],
     "MLP keeps every hidden map": [(layers, "RECOMPUTE_SAVED", contextvars.ContextVar("off", default=False))],
     "input stays NCHW": [(mixers.Stem, "forward", stem_keeps_layout)],
@@ -202,10 +269,18 @@ OLD = {
     ],
     "1x1 products by F.linear in training": [(layers.Pointwise, "_conv_forward", pointwise_before_round_12)],
     "folds recomputed every call": [(layers.KeepsFolds, "kept_fold", lambda self, key, sources, fold: fold())],
-    "local conv outputs kept": [(blocks, "local_conv", lambda conv, x: (blocks._maybe(conv, x), None))],
+    "local conv outputs kept": [(blocks, "local_conv", lambda conv, x, input_recipe=None: (_maybe(conv, x), None))],
     "fc1 outputs kept": [(layers.ConvMLP, "_remade_hidden", lambda self, x, recipe: None)],
     "fc1 outputs remade on every map": [(layers, "FC1_REMADE_MIN_POSITIONS", 0)],
     "DilatedRepConv BNs op by op": [(layers.DilatedRepConv, "_sums_in_one_op", lambda self, x: False)],
+    "maps kept as before round 15": [
+        (layers.FoldingSequential, "forward_with_recipe", folding_sequential_before_round_15),
+        (blocks, "called_with_recipe", called_plainly),
+        (blocks.BasicBlock, "forward", basic_block_before_round_15),
+        (blocks, "normed_recipe", normed_recipe_before_round_15),
+        (blocks.DynamicBlock, "_projected", projected_before_round_15),
+        (blocks.DynamicBlock, "_with_prior", with_prior_before_round_15),
+    ],
     "NCHW gradients (splits; SE mean; ContMix values)": [
         (network, "split_channels", sliced_channels),
         (contmix, "split_channels", sliced_channels),

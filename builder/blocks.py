@@ -28,6 +28,7 @@ from .layers import (
     excited,
     hooked,
     keeping,
+    keeping_each,
     large_kernel_batch_normed,
     recording,
 )
@@ -55,10 +56,6 @@ def residual(
         scaled = scale(skip)
     # scale(skip) is a fresh tensor that no backward needs: the sum goes into it in place.
     return scaled.add_(drop(branch))
-
-
-def _maybe(module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
-    return x if module is None else module(x)
 
 
 def local_conv(
@@ -106,9 +103,16 @@ def _sum_again(a: RecomputedOnce | None, b: RecomputedOnce | None) -> Recomputed
     return None if a is None or b is None else RecomputedOnce(lambda: a() + b())
 
 
-def _product_again(factor: torch.Tensor, recipe: RecomputedOnce | None) -> RecomputedOnce | None:
-    """The recipe of factor * x from x's (factor: kept by the product anyway)."""
-    return None if recipe is None else RecomputedOnce(lambda: factor * recipe())
+def _product_again(
+    factor: torch.Tensor, factor_again: RecomputedOnce | None, recipe: RecomputedOnce | None
+) -> RecomputedOnce | None:
+    """The recipe of factor * x from x's, and factor's where it has one (else factor itself, which
+    the product keeps then)."""
+    if recipe is None:
+        return None
+    if factor_again is None:
+        return RecomputedOnce(lambda: factor * recipe())
+    return RecomputedOnce(lambda: factor_again() * recipe())
 
 
 class BasicBlock(nn.Module):
@@ -232,12 +236,15 @@ class DynamicBlock(nn.Module):
         with keeping(identity, remade):
             normed = self.norm1(identity)
         renormed = normed_recipe(self.norm1, identity, remade)  # kept by the fusion's conv, the query and key (slices)
-        z = self.fusion(normed, input_recipe=renormed)
-        gate = self.gate(z) if self.gate is not None else None
-        lepe, lepe_again = called_with_recipe(self.lepe, z)
-        with keeping(normed, renormed):
+        # z (the fusion's GRN output) and the gate (its SiLU output) are remade in the backward too:
+        # z from GRN's input and scale, kept by GRN, for the gate's conv, the LePE and ContMix; the
+        # gate from its BN's input, for the gate's product.
+        z, z_again = called_with_recipe(self.fusion, normed, renormed)
+        gate, gate_again = (None, None) if self.gate is None else called_with_recipe(self.gate, z, z_again)
+        lepe, lepe_again = called_with_recipe(self.lepe, z, z_again)
+        with keeping_each((normed, renormed), (z, z_again)):
             mixed = self.contmix(z, normed) if self.guided else self.contmix(z)
-        out = self._projected(mixed, lepe, lepe_again, gate)
+        out = self._projected(mixed, lepe, lepe_again, gate, gate_again)
         f = residual(identity, out, self.ls1, self.drop_path, self.res_scale, remade)
         f, remade = local_conv(self.dwconv2, f)
         with keeping(f, remade):
@@ -248,7 +255,12 @@ class DynamicBlock(nn.Module):
         return residual(f, y, self.ls2, self.drop_path, self.res_scale, remade)
 
     def _projected(
-        self, mixed: torch.Tensor, lepe: torch.Tensor, lepe_again: RecomputedOnce | None, gate: torch.Tensor | None
+        self,
+        mixed: torch.Tensor,
+        lepe: torch.Tensor,
+        lepe_again: RecomputedOnce | None,
+        gate: torch.Tensor | None,
+        gate_again: RecomputedOnce | None,
     ) -> torch.Tensor:
         """proj(gate * SE(out_proj(mixed) + lepe)), the maps in between remade in the backward.
 
@@ -263,8 +275,8 @@ class DynamicBlock(nn.Module):
         if self.se is not None:
             out, again = excited(self.se, out, again)
         if gate is not None:
-            with keeping(out, again):
-                out, again = gate * out, _product_again(gate, again)
+            with keeping_each((gate, gate_again), (out, again)):
+                out, again = gate * out, _product_again(gate, gate_again, again)
         return called_with_recipe(self.proj, out, again)[0]
 
     def _with_prior(

@@ -615,6 +615,7 @@ class _Recompute:
     shape: tuple[int, ...]
     stride: tuple[int, ...]
     offset: int  # elements from the recomputed tensor's first element to the view's
+    index: int = 0  # which of the watched maps (`_recomputed`)
 
 
 def _span_end(tensor: torch.Tensor) -> int:
@@ -633,16 +634,21 @@ def recompute_saved(
     value is the same op on the same inputs, so the gradients are bit for bit those of the plain
     run, and one full activation map per use is not held between forward and backward.
     """
+    return _recomputed([(tensor, recipe)]) if _remakes(tensor) else contextlib.nullcontext()
+
+
+def _remakes(tensor: torch.Tensor) -> bool:
+    """Whether the saves of `tensor` may be replaced by a recipe here."""
     # Meta tensors (estimates) have no data pointer to tell them apart; torch.compile plans what
     # to keep and what to recompute itself (and breaks its graph at saved-tensor hooks), so it gets
     # a plain nullcontext, which it traces through.
-    if (
-        torch.compiler.is_compiling()  # first: dynamo cannot trace ContextVar.get
-        or not (RECOMPUTE_SAVED.get() and tensor.requires_grad and torch.is_grad_enabled())
-        or tensor.is_meta
-    ):
-        return contextlib.nullcontext()
-    return _recomputed(tensor, recipe)
+    return (
+        not torch.compiler.is_compiling()  # first: dynamo cannot trace ContextVar.get
+        and RECOMPUTE_SAVED.get()
+        and tensor.requires_grad
+        and torch.is_grad_enabled()
+        and not tensor.is_meta
+    )
 
 
 def shared_recipe(recipe: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
@@ -698,47 +704,68 @@ def keeping(tensor: torch.Tensor, recipe: RecomputedOnce | None) -> contextlib.A
     return contextlib.nullcontext() if recipe is None else recompute_saved(tensor, recipe)
 
 
+def keeping_each(*pairs: tuple[torch.Tensor, RecomputedOnce | None]) -> contextlib.AbstractContextManager[None]:
+    """`keeping` for several maps that one op saves (a product keeps both factors): saved-tensor
+    hooks do not nest, only the innermost pair sees an op's saves, so one pair watches them all."""
+    kept = [(tensor, recipe) for tensor, recipe in pairs if recipe is not None and _remakes(tensor)]
+    return _recomputed(kept) if kept else contextlib.nullcontext()
+
+
+class _Watched:
+    """A map whose saves `_recomputed` replaces: its identity (never the tensor: the hooks live as
+    long as the graph) and its recipe."""
+
+    def __init__(self, tensor: torch.Tensor, recipe: Callable[[], torch.Tensor]) -> None:
+        self.pointer, self.stride, self.itemsize = tensor.data_ptr(), tensor.stride(), tensor.element_size()
+        self.storage = tensor.untyped_storage().data_ptr()
+        self.end = _span_end(tensor)
+        self.recipe = recipe
+
+    def holds(self, saved: torch.Tensor) -> bool:
+        """Whether `saved` is the map or a view of it: a tensor of its storage within its span."""
+        return (
+            self.pointer <= saved.data_ptr()
+            and _span_end(saved) <= self.end
+            and saved.element_size() == self.itemsize
+            and saved.untyped_storage().data_ptr() == self.storage
+        )
+
+
 @contextlib.contextmanager
-def _recomputed(tensor: torch.Tensor, recipe: Callable[[], torch.Tensor]) -> Iterator[None]:
-    """The saved-tensor hooks of `recompute_saved`."""
-    # The hooks live as long as the graph: they must not hold the tensor itself, only its identity.
-    # The op may save a view of it (a 1x1 conv run as `F.linear` saves the (N, C) matrix view, the
-    # query projection a channel slice): any tensor of its storage whose elements lie within its
-    # span is such a view, remade as the same view (shape, strides, offset) of the recipe's value.
-    pointer, stride, itemsize = tensor.data_ptr(), tensor.stride(), tensor.element_size()
-    storage = tensor.untyped_storage().data_ptr()
-    end = _span_end(tensor)
+def _recomputed(pairs: list[tuple[torch.Tensor, Callable[[], torch.Tensor]]]) -> Iterator[None]:
+    """The saved-tensor hooks of `recompute_saved` and `keeping_each`."""
+    # The op may save a view of a map (a 1x1 conv run as `F.linear` saves the (N, C) matrix view,
+    # the query projection a channel slice): any tensor of its storage whose elements lie within
+    # its span is such a view, remade as the same view (shape, strides, offset) of the recipe's value.
+    watched = [_Watched(tensor, recipe) for tensor, recipe in pairs]
     # The recipe runs in the backward under the forward's autocast state (its ops' dtypes then match).
-    device = tensor.device.type
+    device = pairs[0][0].device.type
     autocast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
 
-    counted = isinstance(recipe, RecomputedOnce)
-
     def pack(saved: torch.Tensor) -> object:
-        if (
-            saved.numel() > 0
-            and pointer <= saved.data_ptr()
-            and _span_end(saved) <= end
-            and saved.element_size() == itemsize
-            and saved.untyped_storage().data_ptr() == storage
-        ):
-            if counted:
-                recipe.packed()
-            return _Recompute(tuple(saved.shape), saved.stride(), (saved.data_ptr() - pointer) // itemsize)
+        if saved.numel() > 0:
+            for index, map_ in enumerate(watched):
+                if map_.holds(saved):
+                    if isinstance(map_.recipe, RecomputedOnce):
+                        map_.recipe.packed()
+                    offset = (saved.data_ptr() - map_.pointer) // map_.itemsize
+                    return _Recompute(tuple(saved.shape), saved.stride(), offset, index)
         return saved
 
     def unpack(packed: object) -> torch.Tensor:
         if isinstance(packed, _Recompute):
+            map_ = watched[packed.index]
+            recipe = map_.recipe
             with torch.no_grad(), torch.autocast(device, dtype=autocast[1], enabled=autocast[0]):
-                value = recipe.unpacked() if counted else recipe()
-            if value.stride() != stride:
+                value = recipe.unpacked() if isinstance(recipe, RecomputedOnce) else recipe()
+            if value.stride() != map_.stride:
                 raise RuntimeError(
-                    f"recompute_saved: the recipe's layout {value.stride()} is not the original's {stride}"
+                    f"recompute_saved: the recipe's layout {value.stride()} is not the original's {map_.stride}"
                 )
             return value.as_strided(packed.shape, packed.stride, value.storage_offset() + packed.offset)
         return packed
 
-    del tensor
+    del pairs
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         yield
 
@@ -1070,8 +1097,8 @@ class FoldingSequential(KeepsFolds, nn.Sequential):
                 # the conv after them, which keeps the activation's output for its weight gradient
                 consumer = modules[index + 2] if index + 2 < len(modules) else None
                 consumer = consumer if isinstance(consumer, nn.Conv2d) else None
-                x = _bn_activation(module, follower, consumer, x, recipe)
-                recipe, index = None, index + (3 if consumer is not None else 2)
+                x, recipe = _bn_activation(module, follower, consumer, x, recipe)
+                index += 3 if consumer is not None else 2
             elif (
                 follower is not None and recomputable_bn(follower) and cheap_to_redo(module) and torch.is_grad_enabled()
             ):
@@ -1083,6 +1110,9 @@ class FoldingSequential(KeepsFolds, nn.Sequential):
             elif recomputable_bn(module) and (follower is None or isinstance(follower, nn.Conv2d)):
                 # a BN whose output the conv after it (or the caller) keeps: remade from its input
                 (x, recipe), index = batch_normed(module, x, recipe), index + 1
+            elif follower is None and isinstance(module, GRN) and not (hooked(module) or recording()):
+                # a GRN at the end (the fusion's): its output, for the caller, from its input and scale
+                (x, recipe), index = _grn_with_recipe(module, x, recipe), index + 1
             else:
                 with keeping(x, recipe):
                     x = module(x)
@@ -1113,18 +1143,29 @@ def _bn_activation(
     consumer: nn.Module | None,
     x: torch.Tensor,
     recipe: RecomputedOnce | None = None,
-) -> torch.Tensor:
-    """consumer(act(bn(x))) (or act(bn(x))) with the BN's and the activation's outputs recomputed
-    (a conv keeps its input once: the BN's output is unpacked twice, by the conv's recipe and the
-    activation's, and computed once). `recipe`: x's, where the BN's input is remade too."""
+) -> tuple[torch.Tensor, RecomputedOnce | None]:
+    """consumer(act(bn(x))) (or act(bn(x)) and the recipe of it, for the caller's op that keeps it)
+    with the BN's and the activation's outputs recomputed (a conv keeps its input once: the BN's
+    output is unpacked twice, by the conv's recipe and the activation's, and computed once).
+    `recipe`: x's, where the BN's input is remade too."""
     normed, again = batch_normed(bn, x, recipe)
     with keeping(normed, again):
         activated = act(normed)
-    if consumer is None:  # the caller's next op keeps the activation's output
-        return activated
-    # (the consumer's recipe calls the BN's first, which holds its value for the activation's unpack)
-    with keeping(activated, None if again is None else lambda: ACTIVATIONS[type(act)](act, again())):
-        return consumer(activated)
+    # (the activation's recipe calls the BN's first, which holds its value for the activation's unpack)
+    remade = None if again is None else RecomputedOnce(lambda: ACTIVATIONS[type(act)](act, again()))
+    if consumer is None:
+        return activated, remade
+    with keeping(activated, remade):
+        return consumer(activated), None
+
+
+def _grn_with_recipe(
+    grn: GRN, x: torch.Tensor, recipe: RecomputedOnce | None
+) -> tuple[torch.Tensor, RecomputedOnce | None]:
+    """grn(x), and where a graph is recorded the recipe of its output (from x, or x's recipe)."""
+    with keeping(x, recipe):
+        out, remade = grn(x, with_recipe=True, input_recipe=recipe)
+    return out, RecomputedOnce(remade) if torch.is_grad_enabled() else None
 
 
 class DilatedRepConv(KeepsFolds, nn.Module):

@@ -768,9 +768,10 @@ def test_dynamic_block_keeps_none_of_the_maps_it_remakes():
     """A Focus-Net block that re-injects the prior remakes these maps in the backward instead of
     keeping them: cat(x, alpha P + beta P0), the local conv's input, from the previous block's
     output (which alpha keeps); the fusion's depthwise output (its BN's input) from the normed
-    map's recipe; out_proj(mixed) + LePE, SE's output and the gated map (kept by SE's product, the
-    gate's product and proj's BN) from the two BNs' inputs and the products' other factors; proj's
-    BN output (kept by its conv) from its input. None of them is held by the graph; each that a
+    map's recipe; z, the fusion's GRN output (kept by the gate's conv, the LePE and ContMix), from
+    GRN's input; the gate's SiLU output from its BN's input; out_proj(mixed) + LePE, SE's output
+    and the gated map (kept by SE's product, the gate's product and proj's BN) from the two BNs'
+    inputs and the products' other factors; proj's BN output (kept by its conv) from its input. None of them is held by the graph; each that a
     watched module makes (a hook may change it) is; alpha and the conv run once more in the
     backward; outputs and gradients are bit for bit those of the run that keeps them."""
     from overlock.builder import build
@@ -788,6 +789,8 @@ def test_dynamic_block_keeps_none_of_the_maps_it_remakes():
     with_prior = block._with_prior
     block._with_prior = lambda *args: (result := with_prior(*args), maps.update(fused=weakref.ref(result[0])))[0]
     _recording_maps(block.fusion.dwconv, maps, None, "fusion conv")
+    _recording_maps(block.fusion.grn, maps, None, "z")
+    _recording_maps(block.gate.act, maps, None, "gate")
     _recording_maps(block.se, maps, "sum", "excited")
     _recording_maps(block.proj.bn, maps, "gated", "proj bn")
     alpha_calls, conv_calls = _count_forward_calls(block.alpha), _count_forward_calls(block.fusion.dwconv)
@@ -804,7 +807,7 @@ def test_dynamic_block_keeps_none_of_the_maps_it_remakes():
         return held, (out, *grads)
 
     held, ours = run(True)
-    assert len(maps) == 6 and held == set()
+    assert len(maps) == 8 and held == set()
     assert (alpha_calls[0], conv_calls[0]) == (2, 2)
     plain_held, theirs = run(False)
     assert plain_held == set(maps)
@@ -816,6 +819,10 @@ def test_dynamic_block_keeps_none_of_the_maps_it_remakes():
     assert run(True)[0] == {"fused", "fusion conv"}
     block.se.register_forward_hook(lambda module, args, out: None)  # its output and what reads it
     assert run(True)[0] == {"fused", "fusion conv", "sum", "excited", "gated"}
+    block.gate.act.register_forward_hook(lambda module, args, out: None)
+    assert run(True)[0] == {"fused", "fusion conv", "sum", "excited", "gated", "gate"}
+    block.fusion.grn.register_forward_hook(lambda module, args, out: None)
+    assert run(True)[0] == set(maps) - {"proj bn"}  # (remade from its input, which it keeps)
     held, ours = run(True)
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
