@@ -1067,8 +1067,11 @@ class FoldingSequential(KeepsFolds, nn.Sequential):
     In training, a BN keeps its input for its backward, the activation after it keeps the BN's
     output and the conv after that the activation's output: three maps of one size. The last two
     are recomputed in the backward from the first (`recompute_saved`; the BN's output computed once
-    for both, `shared_recipe`): a BN and an activation pass more per backward, bit for bit the same
-    gradients (the stem's 112x112 maps, the Focus-Net's fusion and gate).
+    for both, `RecomputedOnce`): a BN and an activation pass more per backward, bit for bit the same
+    gradients (the stem's 112x112 maps, the Focus-Net's fusion and gate). Likewise a depthwise
+    conv's output kept by the BN after it (the fusion's 3x3), a BN's output kept by the conv after
+    it (the Focus-Net's proj), and where the caller keeps this module's output, that of a BN,
+    activation or GRN at the end (`forward_with_recipe`, `called_with_recipe`).
     """
 
     def forward(self, x: torch.Tensor, input_recipe: RecomputedOnce | None = None) -> torch.Tensor:
