@@ -1016,9 +1016,8 @@ def batch_normed(
         out = bn(x)
     if not (torch.is_grad_enabled() and recomputable_bn(bn)):
         return out, None
-    if input_recipe is None:
-        return out, RecomputedOnce(functools.partial(batch_norm_again, bn, x))
-    return out, RecomputedOnce(lambda: batch_norm_again(bn, input_recipe()))
+    source = input_recipe if input_recipe is not None else (lambda: x)  # x: the BN keeps it anyway
+    return out, RecomputedOnce(lambda: batch_norm_again(bn, source()))
 
 
 def large_kernel_batch_normed(
@@ -1135,9 +1134,8 @@ def cheap_to_redo(module: nn.Module) -> bool:
 
 def conv_again(conv: nn.Module, x: torch.Tensor, recipe: Callable[[], torch.Tensor] | None) -> RecomputedOnce:
     """The recipe of conv(x): its forward (no hooks) on x, or on x's recipe where x has one."""
-    if recipe is None:
-        return RecomputedOnce(lambda: conv.forward(x))  # x: the conv keeps it anyway
-    return RecomputedOnce(lambda: conv.forward(recipe()))
+    source = recipe if recipe is not None else (lambda: x)  # x: the conv keeps it anyway
+    return RecomputedOnce(lambda: conv.forward(source()))
 
 
 def _bn_activation(
