@@ -4,10 +4,18 @@
     python benchmarks/layers_ab.py --preset t --modes train --rounds 3
     python benchmarks/layers_ab.py --modes train --only "custom op only 13+ on 28+,no custom depthwise op"
     python benchmarks/layers_ab.py --modes infer --deploy --batch-size 1 --only "folds recomputed every call"
+    python benchmarks/layers_ab.py --preset t --memory 5 --only "fc1 outputs remade from 14x14 up"
 
 Every variant runs the same model with one formulation put back to the reference's form (the
-original forward of that layer class, kept here), interleaved call by call; "all old" puts all of
-them back at once. The ratio old/new of the median time is what the formulation gains.
+original forward of that layer class, kept here), or an alternative that was tried, interleaved
+call by call; "all old" puts all of them back at once. The ratio old/new of the median time is what
+the formulation gains.
+
+`--memory N` measures a training step's memory instead of its time: each variant in N fresh
+processes (alternating with the others', so a busy spell falls on all), each reporting the resident
+peak (`bench.PeakMemory`, the median of three steps) and the tensors alive at the peak
+(`bench.LiveMemory`), per image. A fresh process each, because the resident peak depends on how
+earlier steps left glibc's heap, which a variant run after another would inherit.
 """
 
 from __future__ import annotations
@@ -15,12 +23,16 @@ from __future__ import annotations
 import argparse
 import contextvars
 import functools
+import json
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
+from overlock.bench import BenchSettings, LiveMemory, PeakMemory, make_step, prepare
 from overlock.builder import blocks, build, contmix, layers, mixers, network
 from overlock.kernels import cpu, depthwise, gelu_dwconv, grn
 from overlock.training.optim import build_optimizer
@@ -28,6 +40,7 @@ from overlock.training.optim import build_optimizer
 KEPT = {  # originals the variants call
     "gelu_dwconv3x3_grn": gelu_dwconv.gelu_dwconv3x3_grn,
     "normed_recipe": blocks.normed_recipe,
+    "ConvMLP.forward": layers.ConvMLP.forward,
 }
 
 
@@ -40,6 +53,20 @@ def pointwise_before_round_12(self, x, weight, bias):
     if not self.training and not needs_grad and layers.onednn_linear_applies(inner, flat, bias):
         return torch.ops.mkldnn._linear_pointwise(inner, flat, bias, "none", [], "").permute(0, 3, 1, 2)
     return F.linear(inner, flat, bias).permute(0, 3, 1, 2)
+
+
+def mlp_in_half_batches(self, x, input_recipe=None):
+    """Tried in round 16: the MLP of a 28x28-or-larger map run on two halves of the batch, so the
+    backward's hidden maps are half as large and fit more of the heap's holes (memory only)."""
+    forward = KEPT["ConvMLP.forward"]
+    if not (self.training and torch.is_grad_enabled() and x.shape[0] > 1 and x.shape[-2] * x.shape[-1] >= 28 * 28):
+        return forward(self, x, input_recipe)
+    half = x.shape[0] // 2
+    parts = []
+    for start, stop in ((0, half), (half, x.shape[0])):
+        recipe = None if input_recipe is None else functools.partial(lambda a, b: input_recipe()[a:b], start, stop)
+        parts.append(forward(self, x[start:stop], recipe))
+    return torch.cat(parts).contiguous(memory_format=torch.channels_last)
 
 
 def old_layer_scale(self, x):
@@ -272,6 +299,8 @@ OLD = {
     "local conv outputs kept": [(blocks, "local_conv", lambda conv, x, input_recipe=None: (_maybe(conv, x), None))],
     "fc1 outputs kept": [(layers.ConvMLP, "_remade_hidden", lambda self, x, recipe: None)],
     "fc1 outputs remade on every map": [(layers, "FC1_REMADE_MIN_POSITIONS", 0)],
+    "fc1 outputs remade from 14x14 up": [(layers, "FC1_REMADE_MIN_POSITIONS", 14 * 14)],
+    "MLP in half batches from 28x28 up": [(layers.ConvMLP, "forward", mlp_in_half_batches)],
     "DilatedRepConv BNs op by op": [(layers.DilatedRepConv, "_sums_in_one_op", lambda self, x: False)],
     "maps kept as before round 15": [
         (layers.FoldingSequential, "forward_with_recipe", folding_sequential_before_round_15),
@@ -343,7 +372,56 @@ SAME_ATTRIBUTE = (
     "before round 6 (the 4 above)",
     "before round 7 (the 5 above)",
 )
-ALL_OLD = [patch for name, patches in OLD.items() if name not in SAME_ATTRIBUTE for patch in patches]
+# Alternatives that were tried and not adopted: no part of the code before issue 10 either.
+TRIED = ("fc1 outputs remade on every map", "fc1 outputs remade from 14x14 up", "MLP in half batches from 28x28 up")
+ALL_OLD = [patch for name, patches in OLD.items() if name not in SAME_ATTRIBUTE + TRIED for patch in patches]
+VARIANTS = {"new": [], **OLD, "all old": ALL_OLD}
+
+
+def memory_child(preset: str, variant: str, batch: int, img_size: int) -> None:
+    """In a fresh process: a training step's resident and live peaks per image with `variant` applied."""
+    torch.set_num_threads(1)
+    for owner, attr, fn in VARIANTS[variant]:
+        setattr(owner, attr, fn)
+    settings = BenchSettings(batch_size=batch, img_size=img_size, threads=1, train=True)
+    model = prepare(build(preset), settings)
+    step = make_step(model, settings, model.spec.head.num_classes or 1000)
+    for _ in range(2):
+        step()
+    peaks = [PeakMemory(torch.device("cpu")).measure(step) for _ in range(3)]
+    live = LiveMemory().measure(step)
+    print(
+        json.dumps(
+            {
+                "resident": None if None in peaks else statistics.median(peaks) / batch,
+                "live": None if live is None else live / batch,
+            }
+        )
+    )
+
+
+def memory(args, names: list[str]) -> None:
+    """Each variant's training-step memory, in `args.memory` fresh processes apiece, alternating."""
+    found: dict[str, list[dict]] = {name: [] for name in names}
+    for round_ in range(args.memory):
+        for name in names if round_ % 2 == 0 else reversed(names):
+            command = [sys.executable, __file__, "--memory-child", name, "--preset", args.preset]
+            command += ["--batch-size", str(args.batch_size), "--img-size", str(args.img_size)]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.exit(f"{name}: the child process failed:\n{done.stderr[-2000:]}")
+            found[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(f"  round {round_ + 1}, {name}: {found[name][-1]}", flush=True)
+    print(
+        f"{args.preset} training step, batch {args.batch_size}, {args.img_size}px, 1 thread, MiB per image, "
+        f"medians of {args.memory} fresh processes:"
+    )
+    new = statistics.median(r["resident"] for r in found["new"])
+    for name, runs in found.items():
+        resident = statistics.median(r["resident"] for r in runs)
+        live = statistics.median(r["live"] for r in runs)
+        spread = f"{min(r['resident'] for r in runs):.2f}-{max(r['resident'] for r in runs):.2f}"
+        print(f"  {name:34} resident {resident:7.2f} ({spread})  live {live:7.2f}   old/new {resident / new:.2f}x")
 
 
 def main() -> None:
@@ -355,9 +433,23 @@ def main() -> None:
     parser.add_argument("--modes", default="infer,train")
     parser.add_argument("--only", default="", help="comma-separated variant names to run beside 'new'")
     parser.add_argument("--deploy", action="store_true", help="the deploy form (inference only)")
+    parser.add_argument(
+        "--memory", type=int, default=0, help="training memory instead of time: N fresh processes per variant"
+    )
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_child is not None:
+        return memory_child(args.preset, args.memory_child, args.batch_size, args.img_size)
     if args.deploy and "train" in args.modes.split(","):
         parser.error("--deploy is the inference form: add --modes infer")
+    variants = VARIANTS
+    if args.only:
+        unknown = [name for name in args.only.split(",") if name not in variants]
+        if unknown:
+            parser.error(f"--only: unknown variant(s) {unknown}; known: {', '.join(map(repr, variants))}")
+        variants = {name: variants[name] for name in ["new", *args.only.split(",")]}
+    if args.memory:
+        return memory(args, list(variants))
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = build(args.preset, deploy=args.deploy)
@@ -367,12 +459,6 @@ def main() -> None:
     classes = (logits["main"] if isinstance(logits, dict) else logits).shape[-1]
     target = torch.randint(0, classes, (args.batch_size,))
     optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.05)  # `overlock train`'s
-    variants = {"new": [], **OLD, "all old": ALL_OLD}
-    if args.only:
-        unknown = [name for name in args.only.split(",") if name not in variants]
-        if unknown:
-            parser.error(f"--only: unknown variant(s) {unknown}; known: {', '.join(map(repr, variants))}")
-        variants = {name: variants[name] for name in ["new", *args.only.split(",")]}
     saved = {(owner, name): getattr(owner, name) for patches in OLD.values() for owner, name, _ in patches}
 
     def step(mode: str) -> float:

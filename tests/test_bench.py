@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +15,7 @@ from typer.testing import CliRunner
 
 from overlock.bench import BenchSettings, LiveMemory, attribute, bench, module_scopes, spread
 from overlock.builder import build
-from overlock.builder.layers import hooked, observer
+from overlock.builder.layers import ConvMLP, hooked, observer
 from overlock.cli import app
 from overlock.errors import OverlockError
 from overlock.kernels import gelu_dwconv, native
@@ -263,18 +267,22 @@ def test_compare_convnext_can_route_timm_products_as_overlock_routes_its_own(mon
         torch.testing.assert_close(a, b)
 
 
+LAYERS_AB = Path(__file__).resolve().parents[1] / "benchmarks" / "layers_ab.py"
+
+
+def load_layers_ab():
+    spec = importlib.util.spec_from_file_location("layers_ab", LAYERS_AB)
+    layers_ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(layers_ab)
+    return layers_ab
+
+
 def test_layers_ab_variants_patch_attributes_that_exist():
     """benchmarks/layers_ab.py puts old formulations back by replacing attributes of the library:
     each one it names must still exist (a renamed helper would otherwise fail only when run), and
     the variant of round 15 gives back what that round's code kept (more maps alive after a
     training forward, the same output)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "layers_ab.py"
-    spec = importlib.util.spec_from_file_location("layers_ab", path)
-    layers_ab = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(layers_ab)
+    layers_ab = load_layers_ab()
     missing = [
         (name, attr)
         for name, patches in layers_ab.OLD.items()
@@ -300,3 +308,60 @@ def test_layers_ab_variants_patch_attributes_that_exist():
         for owner, attr, value in saved:
             setattr(owner, attr, value)
     assert old > 1.1 * new  # pico at 128x128: about 7.3 against 6.1 MiB
+
+
+def test_layers_ab_half_batch_mlp_computes_what_the_mlp_does():
+    """The round-16 alternative that layers_ab measures (the MLP of a large map on two half
+    batches) must compute the same training step, or its memory would not be comparable: the same
+    outputs and gradients (float rounding aside), and it really splits pico's 32x32 maps."""
+    layers_ab = load_layers_ab()
+    torch.manual_seed(0)
+    model = build("pico").train()
+    x = torch.randn(4, 3, 128, 128)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        out = model(x)["main"]
+        out.square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}  # (BN running statistics move)
+    plain_out, plain_grads = step()
+    model.load_state_dict(state)
+    batches = []
+    original = layers_ab.KEPT["ConvMLP.forward"]
+
+    def counting(self, x, input_recipe=None):
+        batches.append(x.shape[0])
+        return original(self, x, input_recipe)
+
+    saved = ConvMLP.forward
+    try:
+        layers_ab.KEPT["ConvMLP.forward"] = counting
+        ConvMLP.forward = layers_ab.mlp_in_half_batches
+        split_out, split_grads = step()
+    finally:
+        ConvMLP.forward = saved
+        layers_ab.KEPT["ConvMLP.forward"] = original
+    assert 2 in batches and 4 in batches  # halves on the 32x32 maps, whole batches on smaller ones
+    torch.testing.assert_close(split_out, plain_out, rtol=1e-4, atol=1e-5)
+    for split, plain in zip(split_grads, plain_grads, strict=True):
+        torch.testing.assert_close(split, plain, rtol=1e-3, atol=1e-5)
+
+
+def test_layers_ab_memory_mode_measures_variants_in_fresh_processes():
+    """`--memory N`: each variant's training-step memory from its own processes. Remaking fc1's
+    output on 16x16 maps too (pico at 64 px) must read fewer tensors alive than the default."""
+    if not LiveMemory().available:
+        pytest.skip("needs glibc's mallinfo2")
+    variant = "fc1 outputs remade from 14x14 up"
+    command = [sys.executable, str(LAYERS_AB), "--preset", "pico", "--img-size", "64", "--batch-size", "2"]
+    done = subprocess.run([*command, "--memory", "1", "--only", variant], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {line.split("resident")[0].strip(): line for line in done.stdout.splitlines() if "old/new" in line}
+    assert set(rows) == {"new", variant}
+
+    def live(row: str) -> float:
+        return float(row.split("live")[1].split()[0])
+
+    assert live(rows[variant]) < live(rows["new"])
