@@ -390,14 +390,9 @@ def memory_child(preset: str, variant: str, batch: int, img_size: int) -> None:
         step()
     peaks = [PeakMemory(torch.device("cpu")).measure(step) for _ in range(3)]
     live = LiveMemory().measure(step)
-    print(
-        json.dumps(
-            {
-                "resident": None if None in peaks else statistics.median(peaks) / batch,
-                "live": None if live is None else live / batch,
-            }
-        )
-    )
+    if None in peaks or live is None:
+        sys.exit("--memory needs Linux (/proc/self/clear_refs) and glibc (mallinfo2)")
+    print(json.dumps({"resident": statistics.median(peaks) / batch, "live": live / batch}))
 
 
 def memory(args, names: list[str]) -> None:
