@@ -14,7 +14,8 @@ then the peak resident set one more call adds on Linux CPUs (CUDA: the allocator
   meta forward;
 - training: one step (forward, loss, backward, AdamW) after a warm-up step. Measured total = weights,
   buffers and AdamW's moments (resident) + the peak the step adds (activations, gradients, optimizer
-  temporaries). Estimate = 20 bytes per parameter + batch x every byte a training forward returns.
+  temporaries). Estimate = 20 bytes per parameter + batch x the most bytes alive at once in a meta
+  training forward whose graph is kept.
 
 estimate / measured must stay at or above 1 (an upper bound) and small; tests/test_memory_estimate.py
 checks both for pico.

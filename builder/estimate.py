@@ -8,8 +8,14 @@ So before `build()`, `overlock flops` and `overlock train` allocate, `check_fits
   depth 1 and once per stage with that stage at depth 2. Parameters are linear in each stage's depth,
   so these few small builds give the count of any depth, even 10^6, in well under a second;
 - activations, from a meta forward of the same small models at the real input size (the ContMix ops
-  have fake implementations), extrapolated in depth the same way. For training, the bytes of every
-  tensor an operator returns: an upper bound of what a forward keeps for backward. For inference,
+  have fake implementations), extrapolated in depth the same way. For training, the most bytes alive
+  at once in a training forward whose graph is kept (what it holds for the backward, and its
+  temporaries): an upper bound, because the meta forward runs none of the CPU paths that keep less
+  (remade maps, fused ops), so it keeps more than a real step (a whole training step is estimated at
+  2-2.7x its measured CPU peak for XT and T, weights and AdamW's moments included; more than a GPU
+  step keeps under bf16 autocast too). Counting every tensor an operator returns instead,
+  as the first version did, made T's training look 1.5x larger still; a traced forward (`overlock
+  flops`, which records every output) is still counted that way. For inference,
   which frees each tensor after its last use, the most bytes alive at once, doubled for what the
   meta forward cannot see (kernels' own workspaces, allocator fragmentation): counting every output
   there too made `eval` of XT at its default batch of 128 look like 35 GiB when it needs about 2.
@@ -91,8 +97,9 @@ class _OutputBytes(TorchDispatchMode):
         return out
 
 
-class _PeakLiveBytes(TorchDispatchMode):
-    """The most bytes of operator outputs alive at once (an inference forward frees each after its last use).
+class _PeakLiveBytes(_OutputBytes):
+    """The most bytes of operator outputs alive at once (an inference forward frees each after its
+    last use; a training forward's graph keeps what the backward needs), and every output's (`total`).
 
     Meta tensors die when real ones would (Python and autograd references alike), so a weak
     reference per new tensor tracks its lifetime. Views and in-place results own no new memory.
@@ -108,7 +115,7 @@ class _PeakLiveBytes(TorchDispatchMode):
         self.live -= size
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        out = super().__torch_dispatch__(func, types, args, kwargs)
         for item in out if isinstance(out, tuple | list) else (out,):
             if isinstance(item, torch.Tensor) and not item._is_view() and id(item) not in self.owned:
                 size = item.numel() * item.element_size()
@@ -122,15 +129,23 @@ class _PeakLiveBytes(TorchDispatchMode):
 @dataclass
 class Estimate:
     params: int
-    activation_bytes_per_image: int | None  # training: every output of a forward; None: not estimated
+    activation_bytes_per_image: int | None  # every output of a training forward; None: not estimated
     inference_bytes_per_image: int | None = None  # inference: peak of live tensors x INFERENCE_MARGIN
+    training_bytes_per_image: int | None = None  # training: peak of live tensors, the graph kept
 
-    def bytes(self, *, training: bool = False, batch: int = 1, keeps_outputs: bool | None = None) -> int:
-        """Bytes for `batch` images; `keeps_outputs` (default: `training`) counts every output of the forward."""
-        keeps_outputs = training if keeps_outputs is None else keeps_outputs
+    def bytes(self, *, training: bool = False, batch: int = 1, keeps_outputs: bool = False) -> int:
+        """Bytes for `batch` images: the weights (with gradients and AdamW's moments when training)
+        and the activations of a training step, of an inference forward, or where something keeps
+        every output of the forward (`keeps_outputs`: a traced forward), all of them. A figure not
+        estimated falls back to every output, which bounds the others."""
         weights = self.params * (TRAINING_BYTES if training else WEIGHT_BYTES)
-        per_image = self.activation_bytes_per_image if keeps_outputs else self.inference_bytes_per_image
-        if per_image is None and not keeps_outputs:  # no inference figure: the other one bounds it
+        if keeps_outputs:
+            per_image = self.activation_bytes_per_image
+        elif training:
+            per_image = self.training_bytes_per_image
+        else:
+            per_image = self.inference_bytes_per_image
+        if per_image is None:
             per_image = self.activation_bytes_per_image
         return weights + batch * (per_image or 0)
 
@@ -148,8 +163,9 @@ def meta_build(spec: Spec, deploy: bool = False) -> torch.nn.Module:
         return MODELS[spec.topology](spec, deploy=deploy)
 
 
-def _measure(spec: Spec, image_size: tuple[int, int] | None, training: bool | None) -> tuple[int, int, int]:
-    """Parameters; bytes of every output of a training forward; peak live bytes of an inference forward.
+def _measure(spec: Spec, image_size: tuple[int, int] | None, training: bool | None) -> tuple[int, int, int, int]:
+    """Parameters; bytes of every output of a training forward; peak live bytes of an inference
+    forward; peak live bytes of a training forward with its graph kept.
 
     `training` None measures both forwards, True or False only the one needed (each meta forward of
     a large model takes seconds).
@@ -157,53 +173,57 @@ def _measure(spec: Spec, image_size: tuple[int, int] | None, training: bool | No
     model = meta_build(spec)
     params = sum(p.numel() for p in model.parameters())
     if image_size is None:
-        return params, 0, 0
+        return params, 0, 0, 0
     image = torch.empty(1, spec.in_channels, *image_size, device="meta")
     input_bytes = image.numel() * 4  # the batch itself is in memory during the step too
-    outputs = live = 0
+    outputs = live = kept = 0
     if training is not False:
         model.train()
-        counter = _OutputBytes()
+        counter = _PeakLiveBytes()
         with counter:
-            model(image)
-        outputs = counter.total + input_bytes
+            out = model(image)  # (held: its graph keeps what the backward needs until the peak is read)
+        outputs, kept = counter.total + input_bytes, counter.peak + input_bytes
+        del out
     if training is not True:
         model.eval()
         tracker = _PeakLiveBytes()
         with torch.no_grad(), tracker:
             model(image)
         live = tracker.peak + input_bytes
-    return params, outputs, live
+    return params, outputs, live, kept
 
 
 def estimate(spec: Spec, image_size: tuple[int, int] | None = None, training: bool | None = None) -> Estimate:
     """Parameters (exact) and, given an input size, activation bytes per image (upper bounds).
 
-    Training: every tensor the forward returns (what backward may need). Inference: the most alive at
-    once, times INFERENCE_MARGIN. `training` True or False estimates only that one (None: both). Both
-    are extrapolated in depth from depth-1 and depth-2 stages; a stage whose blocks run one after the
-    other adds little or nothing to the inference peak, so that difference is taken as it is (at least 0).
+    Training: the most bytes alive in a training forward whose graph is kept, and every tensor it
+    returns (for a traced forward). Inference: the most alive at once, times INFERENCE_MARGIN.
+    `training` True or False estimates only that one (None: both). All are extrapolated in depth from
+    depth-1 and depth-2 stages; a stage whose blocks run one after the other adds little or nothing
+    to the inference peak, so that difference is taken as it is (at least 0).
     """
     if spec.head.num_classes is None:
         spec = load(spec, ["head.num_classes=1"])
     stages = _stages(spec)
     shallow = load(spec, [f"{stage}.depth=1" for stage in stages])
-    base_params, base_act, base_live = _measure(shallow, image_size, training)
-    params, act, live = base_params, base_act, base_live
+    base_params, base_act, base_live, base_kept = _measure(shallow, image_size, training)
+    params, act, live, kept = base_params, base_act, base_live, base_kept
     for stage in stages:
         depth = _depth(spec, stage)
         if depth > 1:
             deeper = load(shallow, [f"{stage}.depth=2"])
-            p2, a2, l2 = _measure(deeper, image_size, training)
+            p2, a2, l2, k2 = _measure(deeper, image_size, training)
             params += (depth - 1) * (p2 - base_params)
             act += (depth - 1) * (a2 - base_act)
             live += (depth - 1) * max(0, l2 - base_live)
+            kept += (depth - 1) * max(0, k2 - base_kept)
     if image_size is None:
         return Estimate(params, None)
     return Estimate(
         params,
         act if training is not False else None,
         INFERENCE_MARGIN * live if training is not True else None,
+        kept if training is not False else None,
     )
 
 
@@ -312,22 +332,21 @@ def check_fits(
     """Refuse (SpecError) when `what` needs more memory than the limit; the estimate otherwise.
 
     `traced`: the forward is recorded (`overlock flops` traces it with fvcore), which keeps every
-    output alive as training does: `flops pico --input-size 2048` peaked at about 2.3 GiB, against
+    output alive, so every output is counted: `flops pico --input-size 2048` peaked at about 2.3 GiB, against
     0.6 GiB estimated for an inference forward and 3.1 GiB counting every output.
     """
     limit = memory_limit(device)
     if limit is None:
         return None
-    keeps_outputs = training or traced
     if 4 * rough_estimate(spec, image_size).bytes(training=training, batch=batch) < limit:
         return None  # obviously small: not worth the exact measurement
-    found = estimate(spec, image_size, training=keeps_outputs)
-    need = found.bytes(training=training, batch=batch, keeps_outputs=keeps_outputs)
+    found = estimate(spec, image_size, training=training or traced)
+    need = found.bytes(training=training, batch=batch, keeps_outputs=traced)
     if need > limit:
         parts = [f"{found.params:,} parameters ({gib(found.params * (TRAINING_BYTES if training else WEIGHT_BYTES))}"]
         parts[0] += " with gradients and optimizer state)" if training else ")"
         if image_size is not None:
-            activations = need - found.bytes(training=training, batch=0)
+            activations = need - found.bytes(training=training, batch=0, keeps_outputs=traced)
             parts.append(f"activations {gib(activations)} ({batch} x {image_size[0]}x{image_size[1]})")
         raise SpecError(
             f"{what} needs about {gib(need)} of memory ({'; '.join(parts)}), more than the limit of "
