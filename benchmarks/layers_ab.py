@@ -64,7 +64,7 @@ def mlp_in_half_batches(self, x, input_recipe=None):
     half = x.shape[0] // 2
     parts = []
     for start, stop in ((0, half), (half, x.shape[0])):
-        recipe = None if input_recipe is None else functools.partial(lambda a, b: input_recipe()[a:b], start, stop)
+        recipe = None if input_recipe is None else (lambda a=start, b=stop: input_recipe()[a:b])
         parts.append(forward(self, x[start:stop], recipe))
     return torch.cat(parts).contiguous(memory_format=torch.channels_last)
 

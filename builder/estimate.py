@@ -82,24 +82,10 @@ class _MetaFactories(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class _OutputBytes(TorchDispatchMode):
-    """Sums the bytes of every tensor an operator returns (what a training forward may keep for backward)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.total = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for item in out if isinstance(out, tuple | list) else (out,):
-            if isinstance(item, torch.Tensor):
-                self.total += item.numel() * item.element_size()
-        return out
-
-
-class _PeakLiveBytes(_OutputBytes):
-    """The most bytes of operator outputs alive at once (an inference forward frees each after its
-    last use; a training forward's graph keeps what the backward needs), and every output's (`total`).
+class _ForwardBytes(TorchDispatchMode):
+    """Bytes of a forward's operator outputs: every one's (`total`, what a traced forward keeps) and
+    the most alive at once (`peak`: an inference forward frees each after its last use; a training
+    forward's graph keeps what the backward needs).
 
     Meta tensors die when real ones would (Python and autograd references alike), so a weak
     reference per new tensor tracks its lifetime. Views and in-place results own no new memory.
@@ -107,7 +93,7 @@ class _PeakLiveBytes(_OutputBytes):
 
     def __init__(self) -> None:
         super().__init__()
-        self.live = self.peak = 0
+        self.total = self.live = self.peak = 0
         self.owned: set[int] = set()
 
     def _free(self, key: int, size: int) -> None:
@@ -115,10 +101,13 @@ class _PeakLiveBytes(_OutputBytes):
         self.live -= size
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = super().__torch_dispatch__(func, types, args, kwargs)
+        out = func(*args, **(kwargs or {}))
         for item in out if isinstance(out, tuple | list) else (out,):
-            if isinstance(item, torch.Tensor) and not item._is_view() and id(item) not in self.owned:
-                size = item.numel() * item.element_size()
+            if not isinstance(item, torch.Tensor):
+                continue
+            size = item.numel() * item.element_size()
+            self.total += size
+            if not item._is_view() and id(item) not in self.owned:
                 self.owned.add(id(item))
                 self.live += size
                 weakref.finalize(item, self._free, id(item), size)
@@ -179,14 +168,14 @@ def _measure(spec: Spec, image_size: tuple[int, int] | None, training: bool | No
     outputs = live = kept = 0
     if training is not False:
         model.train()
-        counter = _PeakLiveBytes()
+        counter = _ForwardBytes()
         with counter:
             out = model(image)  # (held: its graph keeps what the backward needs until the peak is read)
         outputs, kept = counter.total + input_bytes, counter.peak + input_bytes
         del out
     if training is not True:
         model.eval()
-        tracker = _PeakLiveBytes()
+        tracker = _ForwardBytes()
         with torch.no_grad(), tracker:
             model(image)
         live = tracker.peak + input_bytes
