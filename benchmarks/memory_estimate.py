@@ -14,8 +14,11 @@ then the peak resident set one more call adds on Linux CPUs (CUDA: the allocator
   meta forward;
 - training: one step (forward, loss, backward, AdamW) after a warm-up step. Measured total = weights,
   buffers and AdamW's moments (resident) + the peak the step adds (activations, gradients, optimizer
-  temporaries). Estimate = 20 bytes per parameter + batch x the most bytes alive at once in a meta
-  training forward whose graph is kept.
+  temporaries). Estimate = 20 bytes per parameter + batch x 2 x the most bytes alive at once in a
+  meta training forward whose graph is kept;
+- checkpointed: a training step with `model.set_grad_checkpointing(True)`, measured the same way.
+  Estimate: as training, from a checkpointed meta forward plus the largest block's whole graph,
+  which its recomputation holds in the backward.
 
 estimate / measured must stay at or above 1 (an upper bound) and small; tests/test_memory_estimate.py
 checks both for pico.
@@ -41,8 +44,10 @@ from overlock.builder.estimate import estimate
 
 DEFAULT_CASES = (
     "pico:64:1,pico:64:8,pico:224:1,pico:224:8,xt:224:1,xt:224:4,t:224:1,t:224:4,"
-    "pico:32:128:inference,xt:224:16:inference"  # eval's default batch at the synthetic/digits size; a large batch
+    "pico:32:128:inference,xt:224:16:inference,"  # eval's default batch at the synthetic/digits size; a large batch
+    "pico:224:8:checkpointed,xt:224:4:checkpointed,t:224:4:checkpointed"
 )
+MODES = ("inference", "training", "checkpointed")  # checkpointed: a training step with gradient checkpointing
 RESULTS = Path(__file__).resolve().parent / "results" / "memory_estimate.md"
 
 
@@ -51,7 +56,7 @@ class Row:
     preset: str
     size: int
     batch: int
-    mode: str  # "inference" or "training"
+    mode: str  # one of MODES
     params: int
     estimate_mib: float
     measured_mib: float
@@ -70,10 +75,14 @@ def _resident_bytes(model: torch.nn.Module, training: bool) -> int:
     return weights + moments
 
 
-def measure(preset: str, size: int, batch: int, training: bool, device: str = "cpu") -> Row:
-    """Estimate and measured peak (MiB) of one inference forward or one training step, at one thread."""
+def measure(preset: str, size: int, batch: int, mode: str, device: str = "cpu") -> Row:
+    """Estimate and measured peak (MiB) of one inference forward or one training step (`mode`, one of
+    MODES), at one thread."""
     spec = archspec.load(preset)
-    settings = BenchSettings(batch_size=batch, img_size=size, device=device, threads=1, train=training)
+    training, checkpointed = mode != "inference", mode == "checkpointed"
+    settings = BenchSettings(
+        batch_size=batch, img_size=size, device=device, threads=1, train=training, grad_checkpoint=checkpointed
+    )
     torch.manual_seed(0)
     with threads(1):
         model = prepare(build(spec), settings)
@@ -86,13 +95,14 @@ def measure(preset: str, size: int, batch: int, training: bool, device: str = "c
         raise SystemExit("peak memory cannot be measured here (needs Linux /proc or CUDA)")
     del model, step
     gc.collect()
-    found = estimate(spec, (size, size), training=training)  # after the measurement: it must not disturb it
+    # after the measurement: it must not disturb it
+    found = estimate(spec, (size, size), training=training, grad_checkpoint=checkpointed)
     mib = 2**20
     row = Row(
         preset=preset,
         size=size,
         batch=batch,
-        mode="training" if training else "inference",
+        mode=mode,
         params=found.params,
         estimate_mib=found.bytes(training=training, batch=batch) / mib,
         measured_mib=resident / mib + added,
@@ -124,9 +134,9 @@ def table(rows: list[Row], device: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def measure_fresh(preset: str, size: int, batch: int, training: bool, device: str = "cpu") -> Row:
+def measure_fresh(preset: str, size: int, batch: int, mode: str, device: str = "cpu") -> Row:
     """`measure` in a new Python process: a peak resident set depends on what the process did before."""
-    case = f"{preset}:{size}:{batch}:{'training' if training else 'inference'}"
+    case = f"{preset}:{size}:{batch}:{mode}"
     done = subprocess.run(
         [sys.executable, __file__, "--one", case, "--device", device], capture_output=True, text=True, check=False
     )
@@ -137,21 +147,25 @@ def measure_fresh(preset: str, size: int, batch: int, training: bool, device: st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default=DEFAULT_CASES, help="preset:size:batch[:mode], comma-separated")
-    parser.add_argument("--modes", default="inference,training")
+    parser.add_argument(
+        "--cases", default=DEFAULT_CASES, help=f"preset:size:batch[:mode], comma-separated; modes: {', '.join(MODES)}"
+    )
+    parser.add_argument("--modes", default="inference,training", help="the modes of a case that names none")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=str(RESULTS), help="markdown file, or - for stdout only")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # preset:size:batch:mode, in this process, as JSON
     args = parser.parse_args()
     if args.one:
         preset, size, batch, mode = args.one.split(":")
-        print(json.dumps(asdict(measure(preset, int(size), int(batch), mode == "training", args.device))))
+        print(json.dumps(asdict(measure(preset, int(size), int(batch), mode, args.device))))
         return
     rows = []
     for case in args.cases.split(","):
         preset, size, batch, *only = case.split(":")
         for mode in only or args.modes.split(","):
-            row = measure_fresh(preset, int(size), int(batch), mode == "training", args.device)
+            if mode not in MODES:
+                raise SystemExit(f"{case}: unknown mode {mode!r}; modes: {', '.join(MODES)}")
+            row = measure_fresh(preset, int(size), int(batch), mode, args.device)
             rows.append(row)
             print(
                 f"{case} {mode}: estimate {row.estimate_mib:,.0f} MiB, measured {row.measured_mib:,.0f} MiB",

@@ -8,17 +8,23 @@ So before `build()`, `overlock flops` and `overlock train` allocate, `check_fits
   depth 1 and once per stage with that stage at depth 2. Parameters are linear in each stage's depth,
   so these few small builds give the count of any depth, even 10^6, in well under a second;
 - activations, from a meta forward of the same small models at the real input size (the ContMix ops
-  have fake implementations), extrapolated in depth the same way. For training, the most bytes alive
-  at once in a training forward whose graph is kept (what it holds for the backward, and its
-  temporaries): an upper bound, because the meta forward runs none of the CPU paths that keep less
-  (remade maps, fused ops), so it keeps more than a real step (a whole training step is estimated at
-  2-2.7x its measured CPU peak for XT and T, weights and AdamW's moments included; more than a GPU
-  step keeps under bf16 autocast too). Counting every tensor an operator returns instead,
-  as the first version did, made T's training look 1.5x larger still; a traced forward (`overlock
-  flops`, which records every output) is still counted that way. For inference,
-  which frees each tensor after its last use, the most bytes alive at once, doubled for what the
-  meta forward cannot see (kernels' own workspaces, allocator fragmentation): counting every output
-  there too made `eval` of XT at its default batch of 128 look like 35 GiB when it needs about 2.
+  have fake implementations), extrapolated in depth the same way: the most bytes alive at once,
+  doubled (`LIVE_MARGIN`) for what the meta forward cannot see (kernels' own workspaces, a
+  backward's temporaries, allocator fragmentation: a CPU step's resident peak is 1.2-2.3x its live
+  tensors). For training, that of a training forward whose graph is kept (what it holds for the
+  backward, and its temporaries). The meta forward takes the model's saved-tensor hooks
+  (`layers.recompute_saved`: the maps a real step remakes in its backward are not held), but none
+  of the compiled CPU ops, which keep less still (the fused MLP middle, ContMix's logits formed in
+  the kernel): it holds 1.6-3.2x the tensors a real CPU step has alive, and a whole step is estimated
+  at 1.7-3.2x its measured CPU peak (pico, XT and T at 64-224 px; XT and T 1.8-2.1x, where the meta
+  forward without the hooks and the margin read 2.0-2.7x: benchmarks/results/memory_estimate.md).
+  Without the hooks it held 2.8x more for XT (187 against 66 MiB per image at 224); counting every
+  tensor an operator returns, as the first version did, 1.5x more again. A traced forward (`overlock
+  flops`, which records every output) is still counted that way. For inference, which frees each
+  tensor after its last use, counting every output made `eval` of XT at its default batch of 128
+  look like 35 GiB when it needs about 2. With gradient checkpointing (`overlock train
+  --grad-checkpoint`), what a checkpointed forward keeps (each block's input) plus the largest
+  block's whole graph, which its recomputation holds in the backward: 1.7-1.9x the measured peak.
 
 benchmarks/memory_estimate.py compares both with measured peaks (benchmarks/results/memory_estimate.md).
 
@@ -45,9 +51,10 @@ AVAILABLE_FRACTION = 0.75
 #: Bytes per parameter: fp32 weights; training adds the gradient, AdamW's two moments and one
 #: parameter-sized temporary of its multi-tensor (foreach) step, the default on GPUs.
 WEIGHT_BYTES, TRAINING_BYTES = 4, 20
-#: Inference activations: the peak of live tensors in the meta forward times this (measured on CPU:
-#: real peaks up to ~1.4x the live tensors, see benchmarks/results/memory_estimate.md).
-INFERENCE_MARGIN = 2
+#: Activations: the peak of live tensors in the meta forward times this, for inference and training
+#: (measured on CPU: resident peaks 1.2-2.3x the tensors alive at once, glibc's heap fragments; see
+#: benchmarks/results/memory_estimate.md).
+LIVE_MARGIN = 2
 
 # Tensor factories that `torch.device("meta")` would redirect; small index helpers (linspace,
 # arange) stay on the CPU so that builder code such as `linspace(...).tolist()` keeps working.
@@ -119,8 +126,8 @@ class _ForwardBytes(TorchDispatchMode):
 class Estimate:
     params: int
     activation_bytes_per_image: int | None  # every output of a training forward; None: not estimated
-    inference_bytes_per_image: int | None = None  # inference: peak of live tensors x INFERENCE_MARGIN
-    training_bytes_per_image: int | None = None  # training: peak of live tensors, the graph kept
+    inference_bytes_per_image: int | None = None  # inference: peak of live tensors x LIVE_MARGIN
+    training_bytes_per_image: int | None = None  # training: the same, the graph kept
 
     def bytes(self, *, training: bool = False, batch: int = 1, keeps_outputs: bool = False) -> int:
         """Bytes for `batch` images: the weights (with gradients and AdamW's moments when training)
@@ -152,9 +159,12 @@ def meta_build(spec: Spec, deploy: bool = False) -> torch.nn.Module:
         return MODELS[spec.topology](spec, deploy=deploy)
 
 
-def _measure(spec: Spec, image_size: tuple[int, int] | None, training: bool | None) -> tuple[int, int, int, int]:
+def _measure(
+    spec: Spec, image_size: tuple[int, int] | None, training: bool | None, grad_checkpoint: bool = False
+) -> tuple[int, int, int, int]:
     """Parameters; bytes of every output of a training forward; peak live bytes of an inference
-    forward; peak live bytes of a training forward with its graph kept.
+    forward; peak live bytes of a training forward with its graph kept (`grad_checkpoint`: of a
+    checkpointed one, and what the recomputation of its largest block adds in the backward).
 
     `training` None measures both forwards, True or False only the one needed (each meta forward of
     a large model takes seconds).
@@ -168,11 +178,14 @@ def _measure(spec: Spec, image_size: tuple[int, int] | None, training: bool | No
     outputs = live = kept = 0
     if training is not False:
         model.train()
-        counter = _ForwardBytes()
-        with counter:
+        if grad_checkpoint:
+            model.set_grad_checkpointing(True)
+        with _BlockInputs(model) as calls, _ForwardBytes() as counter:
             out = model(image)  # (held: its graph keeps what the backward needs until the peak is read)
         outputs, kept = counter.total + input_bytes, counter.peak + input_bytes
         del out
+        if grad_checkpoint:
+            kept += max((_block_graph_bytes(block, inputs) for block, inputs in calls), default=0)
     if training is not True:
         model.eval()
         tracker = _ForwardBytes()
@@ -182,26 +195,72 @@ def _measure(spec: Spec, image_size: tuple[int, int] | None, training: bool | No
     return params, outputs, live, kept
 
 
-def estimate(spec: Spec, image_size: tuple[int, int] | None = None, training: bool | None = None) -> Estimate:
+class _BlockInputs:
+    """The blocks a checkpointed model runs (`network.Checkpointed`) and the shapes they are called
+    with: shapes only, as a held input would count as alive in the forward being measured."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        from .network import Checkpointed
+
+        self.blocks = [b for m in model.modules() if isinstance(m, Checkpointed) for b in m.blocks]
+        self.calls: list[tuple[torch.nn.Module, list]] = []
+
+    def _record(self, block: torch.nn.Module, args: tuple) -> None:
+        shapes = [(a.shape, a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a for a in args]
+        self.calls.append((block, shapes))
+
+    def __enter__(self) -> list[tuple[torch.nn.Module, list]]:
+        self.handles = [block.register_forward_pre_hook(self._record) for block in self.blocks]
+        return self.calls
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _block_graph_bytes(block: torch.nn.Module, shapes: list) -> int:
+    """Peak live bytes of one block's training forward with its whole graph kept: what a checkpoint
+    holds while it recomputes the block in the backward (the remaking hooks off, as it runs them)."""
+    from .layers import RECOMPUTE_SAVED
+
+    inputs = [
+        torch.empty_strided(a[0], a[1], dtype=a[2], device="meta", requires_grad=True) if isinstance(a, tuple) else a
+        for a in shapes
+    ]
+    token = RECOMPUTE_SAVED.set(False)
+    try:
+        with _ForwardBytes() as counter:
+            out = block(*inputs)
+    finally:
+        RECOMPUTE_SAVED.reset(token)
+    del out
+    return counter.peak
+
+
+def estimate(
+    spec: Spec, image_size: tuple[int, int] | None = None, training: bool | None = None, grad_checkpoint: bool = False
+) -> Estimate:
     """Parameters (exact) and, given an input size, activation bytes per image (upper bounds).
 
-    Training: the most bytes alive in a training forward whose graph is kept, and every tensor it
-    returns (for a traced forward). Inference: the most alive at once, times INFERENCE_MARGIN.
+    Training: the most bytes alive in a training forward whose graph is kept, times LIVE_MARGIN,
+    and every tensor it returns (for a traced forward). Inference: the most alive at once, times
+    LIVE_MARGIN.
     `training` True or False estimates only that one (None: both). All are extrapolated in depth from
     depth-1 and depth-2 stages; a stage whose blocks run one after the other adds little or nothing
-    to the inference peak, so that difference is taken as it is (at least 0).
+    to the inference peak, so that difference is taken as it is (at least 0). `grad_checkpoint`: the
+    training figures are those of `model.set_grad_checkpointing(True)`.
     """
     if spec.head.num_classes is None:
         spec = load(spec, ["head.num_classes=1"])
     stages = _stages(spec)
     shallow = load(spec, [f"{stage}.depth=1" for stage in stages])
-    base_params, base_act, base_live, base_kept = _measure(shallow, image_size, training)
+    base_params, base_act, base_live, base_kept = _measure(shallow, image_size, training, grad_checkpoint)
     params, act, live, kept = base_params, base_act, base_live, base_kept
     for stage in stages:
         depth = _depth(spec, stage)
         if depth > 1:
             deeper = load(shallow, [f"{stage}.depth=2"])
-            p2, a2, l2, k2 = _measure(deeper, image_size, training)
+            p2, a2, l2, k2 = _measure(deeper, image_size, training, grad_checkpoint)
             params += (depth - 1) * (p2 - base_params)
             act += (depth - 1) * (a2 - base_act)
             live += (depth - 1) * max(0, l2 - base_live)
@@ -211,8 +270,8 @@ def estimate(spec: Spec, image_size: tuple[int, int] | None = None, training: bo
     return Estimate(
         params,
         act if training is not False else None,
-        INFERENCE_MARGIN * live if training is not True else None,
-        kept if training is not False else None,
+        LIVE_MARGIN * live if training is not True else None,
+        LIVE_MARGIN * kept if training is not False else None,
     )
 
 
@@ -316,9 +375,13 @@ def check_fits(
     batch: int = 1,
     training: bool = False,
     traced: bool = False,
+    grad_checkpoint: bool = False,
     device: torch.device | None = None,
 ) -> Estimate | None:
     """Refuse (SpecError) when `what` needs more memory than the limit; the estimate otherwise.
+
+    `grad_checkpoint`: the training step runs with `model.set_grad_checkpointing(True)`, which
+    keeps far less (T at 1280x384: 0.48x the tensors alive), so it is estimated that way.
 
     `traced`: the forward is recorded (`overlock flops` traces it with fvcore), which keeps every
     output alive, so every output is counted: `flops pico --input-size 2048` peaked at about 2.3 GiB, against
@@ -329,7 +392,7 @@ def check_fits(
         return None
     if 4 * rough_estimate(spec, image_size).bytes(training=training, batch=batch) < limit:
         return None  # obviously small: not worth the exact measurement
-    found = estimate(spec, image_size, training=training or traced)
+    found = estimate(spec, image_size, training=training or traced, grad_checkpoint=training and grad_checkpoint)
     need = found.bytes(training=training, batch=batch, keeps_outputs=traced)
     if need > limit:
         parts = [f"{found.params:,} parameters ({gib(found.params * (TRAINING_BYTES if training else WEIGHT_BYTES))}"]
@@ -337,9 +400,10 @@ def check_fits(
         if image_size is not None:
             activations = need - found.bytes(training=training, batch=0, keeps_outputs=traced)
             parts.append(f"activations {gib(activations)} ({batch} x {image_size[0]}x{image_size[1]})")
+        checkpointing = ", turn on gradient checkpointing" if training and not grad_checkpoint else ""
         raise SpecError(
             f"{what} needs about {gib(need)} of memory ({'; '.join(parts)}), more than the limit of "
-            f"{gib(limit)} ({_limit_source(device)}); reduce widths, depths, mlp_ratio, the image or batch size, "
-            f"or set {LIMIT_ENV} (e.g. 64G, or off) to override"
+            f"{gib(limit)} ({_limit_source(device)}); reduce widths, depths, mlp_ratio, the image or batch size"
+            f"{checkpointing}, or set {LIMIT_ENV} (e.g. 64G, or off) to override"
         )
     return found

@@ -639,15 +639,14 @@ def recompute_saved(
 
 def _remakes(tensor: torch.Tensor) -> bool:
     """Whether the saves of `tensor` may be replaced by a recipe here."""
-    # Meta tensors (estimates) have no data pointer to tell them apart; torch.compile plans what
-    # to keep and what to recompute itself (and breaks its graph at saved-tensor hooks), so it gets
-    # a plain nullcontext, which it traces through.
+    # torch.compile plans what to keep and what to recompute itself (and breaks its graph at
+    # saved-tensor hooks), so it gets a plain nullcontext, which it traces through. Meta tensors
+    # (memory estimates) take the hooks too: the estimate then counts what a real forward keeps.
     return (
         not torch.compiler.is_compiling()  # first: dynamo cannot trace ContextVar.get
         and RECOMPUTE_SAVED.get()
         and tensor.requires_grad
         and torch.is_grad_enabled()
-        and not tensor.is_meta
     )
 
 
@@ -717,7 +716,7 @@ class _Watched:
 
     def __init__(self, tensor: torch.Tensor, recipe: Callable[[], torch.Tensor]) -> None:
         self.pointer, self.stride, self.itemsize = tensor.data_ptr(), tensor.stride(), tensor.element_size()
-        self.storage = tensor.untyped_storage().data_ptr()
+        self.storage = _storage_identity(tensor)
         self.end = _span_end(tensor)
         self.recipe = recipe
 
@@ -727,8 +726,15 @@ class _Watched:
             self.pointer <= saved.data_ptr()
             and _span_end(saved) <= self.end
             and saved.element_size() == self.itemsize
-            and saved.untyped_storage().data_ptr() == self.storage
+            and _storage_identity(saved) == self.storage
         )
+
+
+def _storage_identity(tensor: torch.Tensor) -> int:
+    """Which storage `tensor` is a view of: its StorageImpl's address. (Not the data pointer: every
+    meta storage's is 0, while a meta tensor's `data_ptr()` still counts bytes from its storage's
+    start, so spans compare within one storage on every device.)"""
+    return tensor.untyped_storage()._cdata
 
 
 @contextlib.contextmanager
@@ -740,7 +746,10 @@ def _recomputed(pairs: list[tuple[torch.Tensor, Callable[[], torch.Tensor]]]) ->
     watched = [_Watched(tensor, recipe) for tensor, recipe in pairs]
     # The recipe runs in the backward under the forward's autocast state (its ops' dtypes then match).
     device = pairs[0][0].device.type
-    autocast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+    # (meta, the estimates' device, has no autocast state and never runs a backward)
+    autocast = (
+        (False, None) if device == "meta" else (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+    )
 
     def pack(saved: torch.Tensor) -> object:
         if saved.numel() > 0:

@@ -481,6 +481,19 @@ def test_recompute_saved_remakes_views_of_the_tensor_and_nothing_outside_it():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_recompute_saved_tells_meta_maps_apart_by_storage():
+    """Meta tensors (the memory estimate's forward) take the same hooks: every meta storage's data
+    pointer is 0, so a map is told from another by its storage, and a view by its offset in it."""
+    big = torch.empty(2, 9, 5, 4, device="meta").contiguous(memory_format=torch.channels_last).requires_grad_()
+    weight = torch.empty(1, 3, 1, 1, device="meta", requires_grad=True)
+    scaled, other = big * 3, big * 2  # two maps, both "at" address 0
+    inside = scaled[:, :6]
+    recipe = layers.RecomputedOnce(lambda: pytest.fail("a forward alone never remakes"))
+    with layers.recompute_saved(inside, recipe):
+        (inside[:, 1:4] * weight).sum() + (other[:, 1:4] * weight).sum() + (scaled[:, 6:] * weight).sum()
+    assert recipe.pending == 1  # the slice inside; the other map's slice and the one outside were kept
+
+
 def test_recomputation_runs_under_the_forwards_autocast_state():
     """Under bfloat16 autocast the recomputed branch outputs are bfloat16 too: same gradients as kept ones."""
     layer = _randomise(DilatedRepConv(4, 7)).train()

@@ -78,10 +78,12 @@ def plan_training(config: TrainConfig, dist: Dist, spec: Spec | None = None, dat
         raise DataError(f"the validation split has {len(data.val)} images, fewer than the {dist.world_size} processes")
     check_fits(
         spec,
-        f"training {spec.name or config.spec} at batch size {config.batch_size}",
+        f"training {spec.name or config.spec} at batch size {config.batch_size}"
+        + (" with gradient checkpointing" if config.grad_checkpoint else ""),
         image_size=(data.img_size, data.img_size),
         batch=config.batch_size,
         training=True,
+        grad_checkpoint=config.grad_checkpoint,
         device=dist.device,
     )
     steps_per_epoch = per_rank // config.batch_size
