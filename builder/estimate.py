@@ -400,7 +400,9 @@ def check_fits(
         if image_size is not None:
             activations = need - found.bytes(training=training, batch=0, keeps_outputs=traced)
             parts.append(f"activations {gib(activations)} ({batch} x {image_size[0]}x{image_size[1]})")
-        checkpointing = ", turn on gradient checkpointing" if training and not grad_checkpoint else ""
+        checkpointing = (
+            ", turn on gradient checkpointing (--grad-checkpoint)" if training and not grad_checkpoint else ""
+        )
         raise SpecError(
             f"{what} needs about {gib(need)} of memory ({'; '.join(parts)}), more than the limit of "
             f"{gib(limit)} ({_limit_source(device)}); reduce widths, depths, mlp_ratio, the image or batch size"
