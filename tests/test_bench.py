@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,15 @@ def test_bench_json_reports_sane_timings_and_memory():
     assert live is None or 0 < live  # a training step keeps maps for its backward
     assert data["profile"] is None
     assert data["cpu_kernels"].startswith("gelu_dwconv")  # compiled C kernels, or the fallback and why
+
+
+def test_bench_profile_prints_its_total_on_a_line_of_its_own_then_the_breakdowns():
+    """The total is no table's title: as one it wrapped at the narrow table's width."""
+    result = run("bench", "pico", *SMALL, "--profile")
+    assert result.exit_code == 0, result.output
+    assert re.search(r"^profile: one call, [\d,]+ ms of operators \(CPU time\)$", result.stdout, re.MULTILINE)
+    titles = [line.strip() for line in result.stdout.splitlines()]
+    assert {"by sub-network", "by part (inclusive; nested parts overlap)"} <= set(titles)
 
 
 @pytest.mark.skipif(not LiveMemory().available, reason="needs glibc's mallinfo2")
