@@ -34,6 +34,7 @@ The limit is 3/4 of the memory available now (MemAvailable on Linux), free GPU m
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import weakref
@@ -180,7 +181,8 @@ def _measure(
         model.train()
         if grad_checkpoint:
             model.set_grad_checkpointing(True)
-        with _BlockInputs(model) as calls, _ForwardBytes() as counter:
+        blocks = _BlockInputs(model) if grad_checkpoint else contextlib.nullcontext([])
+        with blocks as calls, _ForwardBytes() as counter:
             out = model(image)  # (held: its graph keeps what the backward needs until the peak is read)
         outputs, kept = counter.total + input_bytes, counter.peak + input_bytes
         del out
