@@ -554,7 +554,7 @@ def profile_step(model: nn.Module, step: Callable[[], object], device: torch.dev
 
 
 def render(result: BenchResult) -> list:
-    """Rich tables of a result: the timing summary, and with a profile the three breakdowns."""
+    """Rich renderables of a result: the timing summary, and with a profile its total and the three breakdowns."""
     from rich.table import Table
     from rich.text import Text
 
