@@ -223,18 +223,14 @@ class _BlockInputs:
 def _block_graph_bytes(block: torch.nn.Module, shapes: list) -> int:
     """Peak live bytes of one block's training forward with its whole graph kept: what a checkpoint
     holds while it recomputes the block in the backward (the remaking hooks off, as it runs them)."""
-    from .layers import RECOMPUTE_SAVED
+    from .layers import recomputation_off
 
     inputs = [
         torch.empty_strided(a[0], a[1], dtype=a[2], device="meta", requires_grad=True) if isinstance(a, tuple) else a
         for a in shapes
     ]
-    token = RECOMPUTE_SAVED.set(False)
-    try:
-        with _ForwardBytes() as counter:
-            out = block(*inputs)
-    finally:
-        RECOMPUTE_SAVED.reset(token)
+    with recomputation_off(), _ForwardBytes() as counter:
+        out = block(*inputs)
     del out
     return counter.peak
 

@@ -608,6 +608,17 @@ class SqueezeExcite(nn.Module):
 RECOMPUTE_SAVED = contextvars.ContextVar("overlock_recompute_saved", default=True)
 
 
+@contextmanager
+def recomputation_off() -> Iterator[None]:
+    """`recompute_saved` off: every tensor an op saves is kept as it is (gradient checkpointing,
+    whose own saved-tensor hooks must see them all; the memory estimate of a block it recomputes)."""
+    token = RECOMPUTE_SAVED.set(False)
+    try:
+        yield
+    finally:
+        RECOMPUTE_SAVED.reset(token)
+
+
 @dataclass(frozen=True)
 class _Recompute:
     """What `recompute_saved` keeps in place of a saved tensor: the shape and strides of the saved view."""

@@ -20,13 +20,13 @@ from .blocks import BasicBlock, ContMix, DynamicBlock, StaticFocusBlock
 from .conventions import TimmConventions
 from .layers import (
     GRN,
-    RECOMPUTE_SAVED,
     DilatedRepConv,
     LayerNorm2d,
     LayerScale,
     block_norm,
     conv_bn,
     generic_trace,
+    recomputation_off,
     resize_bilinear,
     split_channels,
 )
@@ -47,24 +47,14 @@ class Checkpointed(nn.Module):
     def run_block(self, block: nn.Module, *args: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(
-                block, *args, use_reentrant=False, context_fn=lambda: (_no_recompute(), _recompute_context(block))
+                block, *args, use_reentrant=False, context_fn=lambda: (recomputation_off(), _recompute_context(block))
             )
         return block(*args)
 
 
 @contextmanager
-def _no_recompute():
-    """layers.recompute_saved off: the checkpoint's own saved-tensor hooks must see every tensor."""
-    token = RECOMPUTE_SAVED.set(False)
-    try:
-        yield
-    finally:
-        RECOMPUTE_SAVED.reset(token)
-
-
-@contextmanager
 def _recompute_context(module: nn.Module):
-    with _no_recompute(), _bn_stats_frozen(module):
+    with recomputation_off(), _bn_stats_frozen(module):
         yield
 
 

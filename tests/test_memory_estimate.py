@@ -133,8 +133,7 @@ def test_the_estimate_bounds_the_measured_peak_of_pico_within_a_small_factor():
     # one training step, plain and with gradient checkpointing, one thread), in a fresh process: a
     # peak depends on the process's history. There (benchmarks/results/memory_estimate.md) estimate /
     # measured is 1.1-2.1 for XT and T, 1.7-3.2 for pico but 6 for its inference at 64x64 with batch
-    # 8: pico's small maps are mixed at 13x13,
-    # where ContMix's logits are most of a step's peak, and the device-independent estimate counts
+    # 8: pico's small maps are mixed at 13x13, where ContMix's logits are most of a step's peak, and the device-independent estimate counts
     # them while the CPU's C kernels never form them (GPUs do; round 13 of issue 10). Below 1 the check would let through what
     # does not fit; far above, it refuses what does (the inference estimate that counted every output
     # was 4-9x the measured peak).
@@ -180,11 +179,8 @@ def test_the_training_estimate_holds_no_map_a_real_step_remakes():
     gradient checkpointing, which turns them off) pico's forward holds 2.5x as much at 224."""
     spec = archspec.load("pico")
     found = estimate(spec, (224, 224), training=True)
-    token = layers.RECOMPUTE_SAVED.set(False)
-    try:
+    with layers.recomputation_off():
         without = estimate(spec, (224, 224), training=True)
-    finally:
-        layers.RECOMPUTE_SAVED.reset(token)
     assert without.training_bytes_per_image > 2 * found.training_bytes_per_image
 
 
