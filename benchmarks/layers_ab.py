@@ -32,6 +32,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from overlock import kernels
 from overlock.bench import BenchSettings, LiveMemory, PeakMemory, make_step, prepare
 from overlock.builder import blocks, build, contmix, layers, mixers, network
 from overlock.kernels import cpu, depthwise, gelu_dwconv, grn
@@ -39,6 +40,7 @@ from overlock.training.optim import build_optimizer
 
 KEPT = {  # originals the variants call
     "gelu_dwconv3x3_grn": gelu_dwconv.gelu_dwconv3x3_grn,
+    "gelu_dwconv3x3": gelu_dwconv.gelu_dwconv3x3,
     "normed_recipe": blocks.normed_recipe,
     "ConvMLP.forward": layers.ConvMLP.forward,
 }
@@ -67,6 +69,17 @@ def mlp_in_half_batches(self, x, input_recipe=None):
         recipe = None if input_recipe is None else (lambda a=start, b=stop: input_recipe()[a:b])
         parts.append(forward(self, x[start:stop], recipe))
     return torch.cat(parts).contiguous(memory_format=torch.channels_last)
+
+
+def input_grad_first(ctx, grad):
+    """oneDNN's linear's backward before round 18: the input's gradient made while the input (a
+    recomputed GRN output in the MLP) is still held, then the weight's."""
+    x, weight = ctx.saved_tensors
+    grad_x = grad.matmul(weight) if ctx.needs_input_grad[0] else None
+    rows = grad.reshape(-1, grad.shape[-1])
+    grad_weight = rows.t().mm(x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
+    grad_bias = rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return grad_x, grad_weight, grad_bias
 
 
 def old_layer_scale(self, x):
@@ -301,6 +314,11 @@ OLD = {
     "fc1 outputs remade on every map": [(layers, "FC1_REMADE_MIN_POSITIONS", 0)],
     "fc1 outputs remade from 14x14 up": [(layers, "FC1_REMADE_MIN_POSITIONS", 14 * 14)],
     "MLP in half batches from 28x28 up": [(layers.ConvMLP, "forward", mlp_in_half_batches)],
+    "1x1 input gradient before the weight's": [(layers._OneDNNLinear, "backward", staticmethod(input_grad_first))],
+    "MLP backward gradients in new maps": [
+        (layers.ConvMLP, "_grn_gradient_in_place", lambda self: False),
+        (kernels, "gelu_dwconv3x3", lambda *args, gradient_over_input=False: KEPT["gelu_dwconv3x3"](*args)),
+    ],
     "DilatedRepConv BNs op by op": [(layers.DilatedRepConv, "_sums_in_one_op", lambda self, x: False)],
     "maps kept as before round 15": [
         (layers.FoldingSequential, "forward_with_recipe", folding_sequential_before_round_15),

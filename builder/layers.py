@@ -73,15 +73,17 @@ class _GRNFunction(torch.autograd.Function):
         grad_beta = sum_bhw g,  grad_gamma = sum_b A * n,  dn = A * gamma,
         de = dn / m - sum_c(dn * e) / (C m^2),  grad_x = g * scale + x * de / e,
     i.e. two reductions and one multiply-add over the map: on float32 channels_last CPU maps two
-    passes in C (`kernels.grn`: the reductions together, then the gradient).
+    passes in C (`kernels.grn`: the reductions together, then the gradient). With
+    `gradient_in_place` the multiply-add writes over g (see `GRN.forward`).
     """
 
     @staticmethod
-    def forward(ctx, x, gamma, beta, squares):
+    def forward(ctx, x, gamma, beta, squares, gradient_in_place):
         energy, live = grn_energy(x, squares)
         mean = energy.mean(dim=1, keepdim=True) + GRN_MEAN_EPS
         scale = torch.addcmul(torch.ones_like(energy), gamma, energy / mean)
         ctx.save_for_backward(x, gamma, energy, live, mean, scale)
+        ctx.gradient_in_place = gradient_in_place
         ctx.mark_non_differentiable(scale)
         return torch.addcmul(beta, x, scale), scale
 
@@ -93,6 +95,7 @@ class _GRNFunction(torch.autograd.Function):
         # The gradient in x's layout (mixed layouts make every pass strided; the Focus-Net fusion's
         # GRN gets an NCHW gradient for channels_last data).
         grad = grad.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        in_place = ctx.gradient_in_place and not grad.requires_grad  # (not a graph of a double backward)
         compiled = kernels.grn.native_applies(grad, x)  # both passes over the map in C
         if compiled:
             response, grad_sums = kernels.grn.backward_sums(grad, x)
@@ -105,10 +108,11 @@ class _GRNFunction(torch.autograd.Function):
         d_energy = d_normed / mean - (d_normed * energy).sum(dim=1, keepdim=True) / (x.shape[1] * mean * mean)
         coef = torch.where(live, d_energy / energy, 0.0)
         if compiled:
-            return kernels.grn.input_grad(grad, x, scale, coef), grad_gamma, grad_beta, None
-        grad_x = grad * scale
+            grad_x = kernels.grn.input_grad(grad, x, scale, coef, overwrite=in_place)
+            return grad_x, grad_gamma, grad_beta, None, None
+        grad_x = grad.mul_(scale) if in_place else grad * scale
         grad_x.addcmul_(x, coef)
-        return grad_x, grad_gamma, grad_beta, None
+        return grad_x, grad_gamma, grad_beta, None, None
 
 
 class GRN(nn.Module):
@@ -131,6 +135,7 @@ class GRN(nn.Module):
         with_recipe: bool = False,
         squares: torch.Tensor | None = None,
         input_recipe: Callable[[], torch.Tensor] | None = None,
+        gradient_in_place: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, Callable[[], torch.Tensor]]:
         """GRN(x); with_recipe: also a function that recomputes it bit for bit (for `recompute_saved`).
 
@@ -138,6 +143,9 @@ class GRN(nn.Module):
         (`kernels.gelu_dwconv3x3`): they carry no gradient, GRN differentiates through x itself.
         `input_recipe`: where x itself is not kept either, the function that recomputes x; the
         returned recipe then calls it instead of holding x.
+        `gradient_in_place`: the backward writes x's gradient over the output's gradient, for a
+        caller that promises the output's gradient is a fresh map nothing else reads (ConvMLP's:
+        one op reads GRN's output and no hook sees either): one hidden-width map fewer.
         """
         # x + beta + gamma * x * normed, written as x * (1 + gamma * normed) + beta: one pass over x
         # instead of three (the per-channel factor is tiny). With gradients, in float32/64 and
@@ -152,7 +160,7 @@ class GRN(nn.Module):
             and not torch.compiler.is_compiling()  # inductor fuses the plain ops itself
         )
         if fused:
-            out, scale = _GRNFunction.apply(x, self.gamma, self.beta, squares)
+            out, scale = _GRNFunction.apply(x, self.gamma, self.beta, squares, gradient_in_place)
             shift = self.beta
         else:  # under autocast the output in its dtype: the MLP's second 1x1 conv reads it
             scale, shift = self.coefficients(x, squares)
@@ -370,17 +378,21 @@ class _OneDNNLinear(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
         grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            if torch.is_grad_enabled():
-                grad_x = grad.matmul(weight)
-            else:
-                grad = grad.contiguous()
-                grad_x = torch.ops.mkldnn._linear_pointwise(grad, weight.t().contiguous(), None, "none", [], "")
+        if not torch.is_grad_enabled():
+            grad = grad.contiguous()
         rows = grad.reshape(-1, grad.shape[-1])
         if ctx.needs_input_grad[1]:
             grad_weight = rows.t().mm(x.reshape(-1, x.shape[-1]))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = rows.sum(0)
+        # The weight's gradient first: an input the backward remade (`recompute_saved`, the MLP's
+        # GRN output) is then freed before the input's gradient, a map of its size, is made.
+        del x
+        if ctx.needs_input_grad[0]:
+            if torch.is_grad_enabled():
+                grad_x = grad.matmul(weight)
+            else:
+                grad_x = torch.ops.mkldnn._linear_pointwise(grad, weight.t().contiguous(), None, "none", [], "")
         return grad_x, grad_weight, grad_bias
 
 
@@ -839,12 +851,22 @@ class ConvMLP(nn.Module):
             # `hidden` for its backward. GRN's input and output are recomputed: the op's forward
             # once more (about a third of its backward's time) for one hidden map fewer held
             # between forward and backward. fc2's backward recomputes both, GRN's, right after,
-            # takes the same map (`shared_recipe`).
+            # takes the same map (`shared_recipe`). In the backward, GRN's gradient and then the
+            # op's are written over maps nothing reads any more (fc2's gradient, the remade fc1
+            # output): two hidden-width maps fewer to allocate, and with fc2's weight gradient
+            # made first (`_OneDNNLinear`) at most three alive at once instead of four.
+            over_remade = remade is not None and _remakes(hidden)
             with keeping(hidden, remade), standing_in(self.dwconv):
-                mixed, squares = kernels.gelu_dwconv3x3(hidden, weight, bias)
+                mixed, squares = kernels.gelu_dwconv3x3(hidden, weight, bias, gradient_over_input=over_remade)
             remix = shared_recipe(lambda: kernels.gelu_dwconv3x3(source(), weight, bias)[0])
             with recompute_saved(mixed, remix):
-                out, recipe = self.grn(mixed, with_recipe=True, squares=squares, input_recipe=remix)
+                out, recipe = self.grn(
+                    mixed,
+                    with_recipe=True,
+                    squares=squares,
+                    input_recipe=remix,
+                    gradient_in_place=self._grn_gradient_in_place(),
+                )
             with recompute_saved(out, recipe):
                 return self.fc2(out)
         if plain or not (torch.is_grad_enabled() and RECOMPUTE_SAVED.get()):
@@ -856,7 +878,7 @@ class ConvMLP(nn.Module):
         # (`gelu`, not the module: a recomputation must not fire the module's hooks a second time.)
         with recompute_saved(activated, lambda: gelu(source(), self.act.approximate)):
             mixed = self.dwconv(activated)
-        out, recipe = self.grn(mixed, with_recipe=True)
+        out, recipe = self.grn(mixed, with_recipe=True, gradient_in_place=self._grn_gradient_in_place())
         with recompute_saved(out, recipe):
             return self.fc2(out)
 
@@ -875,6 +897,11 @@ class ConvMLP(nn.Module):
             return None
         source = input_recipe if input_recipe is not None else (lambda: x)
         return RecomputedOnce(lambda: self.fc1.forward(source()))
+
+    def _grn_gradient_in_place(self) -> bool:
+        """Whether GRN's backward may write over the gradient fc2's backward hands it: fc2 makes it
+        afresh and is GRN's only reader, so only a hook could hold it."""
+        return not (gradient_watched(self.grn) or gradient_watched(self.fc2))
 
     def _inference_grn(self, hidden: torch.Tensor) -> bool:
         """Whether GRN may join the compiled op: nothing needs a gradient, no hook watches GRN."""
@@ -983,6 +1010,19 @@ def hooked(module: nn.Module) -> bool:
         nn.modules.module._global_forward_pre_hooks,
     )
     return any(not getattr(hook, _OBSERVER, False) for table in tables if table for hook in table.values())
+
+
+def gradient_watched(module: nn.Module) -> bool:
+    """True if a hook could see, and keep, a gradient that flows through this module: a forward hook
+    (`hooked`: it may put a tensor hook on the input or output) or a backward hook. A backward that
+    writes over a gradient it was handed asks this of the modules that gradient passes."""
+    tables = (
+        module._backward_hooks,
+        module._backward_pre_hooks,
+        nn.modules.module._global_backward_hooks,
+        nn.modules.module._global_backward_pre_hooks,
+    )
+    return hooked(module) or any(tables)
 
 
 def foldable_bn(conv: nn.Module, bn: nn.Module) -> bool:

@@ -46,18 +46,23 @@ def native_applies(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 
 def gelu_dwconv3x3(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, gradient_over_input: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """conv2d(GELU(hidden), weight, bias, padding=1, groups=C) and its (B, C, 1, 1) sums of squares.
 
     The sums carry no gradient (GRN, their user, differentiates through its own input). The
     compiled kernel where `native_applies`, else `reference`.
+
+    `gradient_over_input=True`: the backward writes hidden's gradient over the hidden map it gets
+    back from the graph, where each thread's share is whole images. For a caller whose saved
+    `hidden` is a recomputation (`layers.recompute_saved`) that nothing reads after this op's
+    backward: one map of the MLP's hidden width fewer while its backward runs.
     """
     if not native_applies(hidden, weight, bias):
         return reference(hidden, weight, bias)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if needs_grad:
-        return _GeluDWConv.apply(hidden, weight, bias)
+        return _GeluDWConv.apply(hidden, weight, bias, gradient_over_input)
     return _forward(hidden, weight, bias)
 
 
@@ -137,10 +142,11 @@ class _GeluDWConv(torch.autograd.Function):
     """Saves the GELU's input and the kernel only; the backward recomputes GELU and GELU' per row."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias):
+    def forward(ctx, hidden, weight, bias, gradient_over_input):
         out, squares = _forward(hidden, weight, bias)
         ctx.save_for_backward(hidden, weight)
         ctx.has_bias = bias is not None
+        ctx.gradient_over_input = gradient_over_input
         ctx.mark_non_differentiable(squares)
         return out, squares
 
@@ -150,8 +156,13 @@ class _GeluDWConv(torch.autograd.Function):
         hidden, weight = ctx.saved_tensors
         batch, channels, rows, cols = hidden.shape
         grad = grad.contiguous(memory_format=torch.channels_last)
-        grad_hidden = torch.empty_like(hidden, memory_format=torch.channels_last)
         tasks = _tasks(batch, rows, native.workers())
+        # (a call that covers part of an image reads rows another call may already have written)
+        whole_images = all(first == 0 and end == rows for _, _, first, end in tasks)
+        if ctx.gradient_over_input and whole_images and hidden.is_contiguous(memory_format=torch.channels_last):
+            grad_hidden = hidden
+        else:
+            grad_hidden = torch.empty_like(hidden, memory_format=torch.channels_last)
         taps = _taps(weight)  # held here: the C call reads it through a raw pointer
         grad_taps = hidden.new_zeros(len(tasks), 9, channels)
         grad_bias = hidden.new_zeros(len(tasks), channels)
@@ -163,4 +174,4 @@ class _GeluDWConv(torch.autograd.Function):
             lambda i: (*pointers, native.pointer(grad_taps[i]), native.pointer(grad_bias[i]), rows, cols, channels),
         )
         grad_weight = grad_taps.sum(dim=0).t().reshape(weight.shape)
-        return grad_hidden, grad_weight, grad_bias.sum(dim=0) if ctx.has_bias else None
+        return grad_hidden, grad_weight, grad_bias.sum(dim=0) if ctx.has_bias else None, None

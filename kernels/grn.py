@@ -55,13 +55,19 @@ def backward_sums(grad: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, to
     return sum_gx.view(batch, channels, 1, 1), sum_g.view(batch, channels, 1, 1)
 
 
-def input_grad(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    """grad * scale + x * coef with scale and coef (B, C, 1, 1) (or broadcastable to it), channels_last."""
+def input_grad(
+    grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, coef: torch.Tensor, *, overwrite: bool = False
+) -> torch.Tensor:
+    """grad * scale + x * coef with scale and coef (B, C, 1, 1) (or broadcastable to it), channels_last.
+
+    `overwrite=True` writes the result over `grad` and returns it (the caller promises that nothing
+    else reads `grad`): no second map of the hidden width while the MLP's backward runs.
+    """
     _check(grad, x)
     batch, channels, height, width = x.shape
     scale = scale.expand(batch, channels, 1, 1).contiguous()
     coef = coef.expand(batch, channels, 1, 1).to(x.dtype).contiguous()
-    out = torch.empty_like(x, memory_format=torch.channels_last)
+    out = grad if overwrite else torch.empty_like(x, memory_format=torch.channels_last)
     pointers = [native.pointer(t) for t in (grad, x, scale, coef, out)]
     native.run(
         LIBRARY,

@@ -582,13 +582,111 @@ def test_conv_mlp_remakes_fc1_output_only_on_maps_of_the_threshold_or_more(size)
     ours = torch.autograd.grad(out, [x, *mlp.parameters()], grad)
     remade = size * size >= layers.FC1_REMADE_MIN_POSITIONS
     assert calls[0] == (2 if remade else 1)
-    token = layers.RECOMPUTE_SAVED.set(False)
-    try:
-        theirs = torch.autograd.grad(mlp(x), [x, *mlp.parameters()], grad)
-    finally:
-        layers.RECOMPUTE_SAVED.reset(token)
+    _assert_gradients_as_when_every_map_is_kept(mlp, x, grad, ours)
+
+
+def _assert_gradients_as_when_every_map_is_kept(module, x, grad, ours) -> None:
+    """`ours`, the gradients of x and the parameters, are bit for bit those of a run that keeps
+    every map for the backward (`recompute_saved` off)."""
+    with layers.recomputation_off():
+        theirs = torch.autograd.grad(module(x), [x, *module.parameters()], grad)
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _spy_pointers(monkeypatch, functions):
+    """The arguments of the first compiled call (pointers as addresses) to one of `functions`, per op."""
+    calls = []
+    original = kernels.native.run
+
+    def spied(name, function, tasks, arguments):
+        if function in functions:
+            calls.append((function, [getattr(arg, "value", arg) for arg in arguments(0)]))
+        return original(name, function, tasks, arguments)
+
+    monkeypatch.setattr(kernels.native, "run", spied)
+    return calls
+
+
+@pytest.mark.skipif(
+    not (kernels.native.library(kernels.gelu_dwconv.LIBRARY) and kernels.native.library(kernels.grn.LIBRARY)),
+    reason="the compiled MLP middle and GRN backward",
+)
+@pytest.mark.parametrize("threads, batch", [(1, 2), (3, 2)])
+def test_conv_mlp_backward_writes_gradients_over_maps_nothing_reads_any_more(threads, batch, monkeypatch):
+    """On maps whose fc1 output is remade, GRN's input gradient is written over fc2's gradient and
+    the middle op's over the remade fc1 output, where each compiled call covers whole images (with
+    more threads than images a call covers rows, and reads rows another may have written: then a
+    new map); the gradients are bit for bit those of the run that keeps every map."""
+    size = 28
+    mlp = _randomise(layers.ConvMLP(8, 32, 8)).train()
+    x = torch.randn(batch, 8, size, size).contiguous(memory_format=torch.channels_last).requires_grad_()
+    calls = _spy_pointers(monkeypatch, ("overlock_grn_input_grad", "overlock_gelu_dwconv3x3_backward"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = mlp(x)
+        grad = torch.randn_like(out)
+        ours = torch.autograd.grad(out, [x, *mlp.parameters()], grad)
+        _assert_gradients_as_when_every_map_is_kept(mlp, x, grad, ours)
+    finally:
+        torch.set_num_threads(before)
+    assert [name for name, _ in calls] == ["overlock_grn_input_grad", "overlock_gelu_dwconv3x3_backward"] * 2
+    # (grad, x, scale, coef, out, ...) and (hidden, grad, taps, grad_hidden, ...)
+    (_, grn), (_, middle), (_, kept_grn), (_, kept_middle) = calls
+    assert grn[0] == grn[4] and kept_grn[0] == kept_grn[4]
+    assert (middle[0] == middle[3]) == (threads <= batch)
+    assert kept_middle[0] != kept_middle[3]  # the run that keeps fc1's output: its own, not a remade one
+
+
+@pytest.mark.skipif(
+    not (kernels.native.library(kernels.gelu_dwconv.LIBRARY) and kernels.native.library(kernels.grn.LIBRARY)),
+    reason="the compiled MLP middle and GRN backward",
+)
+def test_conv_mlp_backward_holds_three_hidden_maps_at_once():
+    """The MLP's backward on a map whose fc1 output is remade: the remade fc1 output, GRN's remade
+    input and output, then fc2's input gradient once GRN's output is freed (fc2's weight gradient
+    first), GRN's and the middle op's gradients written over maps nothing reads any more. Four at
+    once (and five) before; the narrow maps (x's gradient, the output's) come on top."""
+    from overlock.bench import LiveMemory
+
+    memory = LiveMemory()
+    if not memory.available:
+        pytest.skip("needs glibc's mallinfo2")
+    mlp = _randomise(layers.ConvMLP(8, 64, 8)).train()
+    x = torch.randn(2, 8, 56, 56).contiguous(memory_format=torch.channels_last).requires_grad_()
+    out = mlp(x)
+    grad = torch.randn_like(out)
+    hidden_map = 2 * 64 * 56 * 56 * 4 / 2**20
+    assert memory.measure(lambda: out.backward(grad)) < 4 * hidden_map
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "NCHW"])
+@pytest.mark.parametrize("hook", [None, "fc2 backward", "grn forward"])
+def test_conv_mlp_backward_leaves_the_gradients_hooks_hold_as_they_were(hook, channels_last):
+    """A gradient a hook kept (fc2's input gradient through a full backward hook, GRN's output
+    gradient through a tensor hook its forward hook put there) is not written over by GRN's backward
+    (in C on channels_last maps, in PyTorch ops on NCHW ones)."""
+    mlp = _randomise(layers.ConvMLP(8, 32, 8)).train()
+    x = torch.randn(2, 8, 28, 28)
+    x = (x.contiguous(memory_format=torch.channels_last) if channels_last else x).requires_grad_()
+    held = []
+    if hook == "fc2 backward":
+        mlp.fc2.register_full_backward_hook(lambda module, grad_in, grad_out: held.append(grad_in[0]))
+    elif hook == "grn forward":
+
+        def watch(module, args, out):
+            out[0].register_hook(held.append)  # (ConvMLP calls GRN `with_recipe`: the output and its recipe)
+
+        mlp.grn.register_forward_hook(watch)
+    out = mlp(x)
+    grad = torch.randn_like(out)
+    ours = torch.autograd.grad(out, [x, *mlp.parameters()], grad)
+    if hook is not None:
+        (kept,) = held
+        fc2_input_grad = F.conv2d(grad, mlp.fc2.weight.transpose(0, 1))  # a 1x1 conv's, whatever its input
+        torch.testing.assert_close(kept, fc2_input_grad, rtol=1e-5, atol=1e-5)
+    _assert_gradients_as_when_every_map_is_kept(mlp, x, grad, ours)
 
 
 def test_training_bn_recomputation_updates_running_statistics_once():

@@ -220,9 +220,11 @@ int overlock_gelu_dwconv3x3_grn_forward(const float* hidden, const float* restri
  *   grad_hidden[y, x] = GELU'(hidden[y, x]) * sum_{ky, kx} w[ky, kx] g[y - ky + 1, x - kx + 1]
  *   grad_weight[ky, kx] += sum_{b, y, x} g[y, x] a[y + ky - 1, x + kx - 1],  grad_bias += sum g.
  * GELU and its derivative are recomputed row by row from hidden (nothing else is saved). For each
- * row and block of channels the nine weight-gradient sums and the bias's stay in registers. */
-int overlock_gelu_dwconv3x3_backward(const float* restrict hidden, const float* restrict grad,
-                                      const float* restrict weight, float* restrict grad_hidden,
+ * row and block of channels the nine weight-gradient sums and the bias's stay in registers.
+ * grad_hidden may be hidden itself when each call covers whole images (y0 = 0, y1 = H): row y is
+ * written after rows up to y + 1 were read into the rings, and no later row reads row y again. */
+int overlock_gelu_dwconv3x3_backward(const float* hidden, const float* restrict grad,
+                                      const float* restrict weight, float* grad_hidden,
                                       float* restrict grad_weight, float* restrict grad_bias, long H, long W,
                                       long C, long b0, long b1, long y0, long y1) {
     long S = ring_stride(C), padded_row = (W + 2) * S, Cp = (C + VW - 1) / VW * VW;

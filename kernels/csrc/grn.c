@@ -53,9 +53,10 @@ int overlock_grn_backward_sums(const float* restrict g, const float* restrict x,
     return 0;
 }
 
-/* out[b, p, c] = g[b, p, c] * scale[b, c] + x[b, p, c] * coef[b, c]  for b in [b0, b1). */
-int overlock_grn_input_grad(const float* restrict g, const float* restrict x, const float* restrict scale,
-                            const float* restrict coef, float* restrict out, long P, long C, long b0, long b1) {
+/* out[b, p, c] = g[b, p, c] * scale[b, c] + x[b, p, c] * coef[b, c]  for b in [b0, b1).
+ * out may be g itself (each element is read before it is written), so g and out are not restrict. */
+int overlock_grn_input_grad(const float* g, const float* restrict x, const float* restrict scale,
+                            const float* restrict coef, float* out, long P, long C, long b0, long b1) {
     long whole = C / VW * VW;
     for (long b = b0; b < b1; b++) {
         const float* s = scale + b * C;
