@@ -594,6 +594,12 @@ def _assert_gradients_as_when_every_map_is_kept(module, x, grad, ours) -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+needs_compiled_mlp_backward = pytest.mark.skipif(
+    not (kernels.native.library(kernels.gelu_dwconv.LIBRARY) and kernels.native.library(kernels.grn.LIBRARY)),
+    reason="the compiled MLP middle and GRN backward",
+)
+
+
 def _spy_pointers(monkeypatch, functions):
     """The arguments of the first compiled call (pointers as addresses) to one of `functions`, per op."""
     calls = []
@@ -608,19 +614,15 @@ def _spy_pointers(monkeypatch, functions):
     return calls
 
 
-@pytest.mark.skipif(
-    not (kernels.native.library(kernels.gelu_dwconv.LIBRARY) and kernels.native.library(kernels.grn.LIBRARY)),
-    reason="the compiled MLP middle and GRN backward",
-)
+@needs_compiled_mlp_backward
 @pytest.mark.parametrize("threads, batch", [(1, 2), (3, 2)])
 def test_conv_mlp_backward_writes_gradients_over_maps_nothing_reads_any_more(threads, batch, monkeypatch):
     """On maps whose fc1 output is remade, GRN's input gradient is written over fc2's gradient and
     the middle op's over the remade fc1 output, where each compiled call covers whole images (with
     more threads than images a call covers rows, and reads rows another may have written: then a
     new map); the gradients are bit for bit those of the run that keeps every map."""
-    size = 28
     mlp = _randomise(layers.ConvMLP(8, 32, 8)).train()
-    x = torch.randn(batch, 8, size, size).contiguous(memory_format=torch.channels_last).requires_grad_()
+    x = torch.randn(batch, 8, 28, 28).contiguous(memory_format=torch.channels_last).requires_grad_()
     calls = _spy_pointers(monkeypatch, ("overlock_grn_input_grad", "overlock_gelu_dwconv3x3_backward"))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -639,15 +641,13 @@ def test_conv_mlp_backward_writes_gradients_over_maps_nothing_reads_any_more(thr
     assert kept_middle[0] != kept_middle[3]  # the run that keeps fc1's output: its own, not a remade one
 
 
-@pytest.mark.skipif(
-    not (kernels.native.library(kernels.gelu_dwconv.LIBRARY) and kernels.native.library(kernels.grn.LIBRARY)),
-    reason="the compiled MLP middle and GRN backward",
-)
+@needs_compiled_mlp_backward
 def test_conv_mlp_backward_holds_three_hidden_maps_at_once():
     """The MLP's backward on a map whose fc1 output is remade: the remade fc1 output, GRN's remade
     input and output, then fc2's input gradient once GRN's output is freed (fc2's weight gradient
-    first), GRN's and the middle op's gradients written over maps nothing reads any more. Four at
-    once (and five) before; the narrow maps (x's gradient, the output's) come on top."""
+    first), GRN's and the middle op's gradients written over maps nothing reads any more. Before
+    round 18: 4.5 hidden maps' worth alive at once. The narrow maps (x's gradient, the output's) come
+    on top of the three."""
     from overlock.bench import LiveMemory
 
     memory = LiveMemory()
