@@ -319,6 +319,8 @@ OLD = {
         (layers.ConvMLP, "_grn_gradient_in_place", lambda self: False),
         (kernels, "gelu_dwconv3x3", lambda *args, gradient_over_input=False: KEPT["gelu_dwconv3x3"](*args)),
     ],
+    "GRN and fc2 as two ops in training": [(layers.ConvMLP, "_grn_pointwise", lambda self, mixed: False)],
+    "conv -> BN -> activation as two ops at inference": [(layers, "conv_post_op", lambda *args: None)],
     "DilatedRepConv BNs op by op": [(layers.DilatedRepConv, "_sums_in_one_op", lambda self, x: False)],
     "maps kept as before round 15": [
         (layers.FoldingSequential, "forward_with_recipe", folding_sequential_before_round_15),

@@ -103,16 +103,81 @@ class _GRNFunction(torch.autograd.Function):
         else:
             grad_beta = grad.sum(dim=(0, 2, 3), keepdim=True)
             response = (grad * x).sum(dim=(-1, -2), keepdim=True)
-        grad_gamma = (response * (energy / mean)).sum(dim=0, keepdim=True)
-        d_normed = response * gamma
-        d_energy = d_normed / mean - (d_normed * energy).sum(dim=1, keepdim=True) / (x.shape[1] * mean * mean)
-        coef = torch.where(live, d_energy / energy, 0.0)
+        grad_gamma, coef = _grn_backward_coefficients(response, gamma, energy, live, mean)
         if compiled:
             grad_x = kernels.grn.input_grad(grad, x, scale, coef, overwrite=in_place)
             return grad_x, grad_gamma, grad_beta, None, None
         grad_x = grad.mul_(scale) if in_place else grad * scale
         grad_x.addcmul_(x, coef)
         return grad_x, grad_gamma, grad_beta, None, None
+
+
+def _grn_backward_coefficients(
+    response: torch.Tensor, gamma: torch.Tensor, energy: torch.Tensor, live: torch.Tensor, mean: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRN's (grad_gamma, coef) from A = sum_hw(g * x), all (B, C, 1, 1) but grad_gamma: x's gradient
+    is then g * scale + x * coef (the formulas of `_GRNFunction`)."""
+    grad_gamma = (response * (energy / mean)).sum(dim=0, keepdim=True)
+    d_normed = response * gamma
+    d_energy = d_normed / mean - (d_normed * energy).sum(dim=1, keepdim=True) / (energy.shape[1] * mean * mean)
+    return grad_gamma, torch.where(live, d_energy / energy, 0.0)
+
+
+class _GRNPointwiseFunction(torch.autograd.Function):
+    """fc2(GRN(x)) in training, where neither GRN's output nor its gradient is ever a map.
+
+    With g = x * s + beta (s: GRN's per-image, per-channel scale), out = g W^T + b and dout the
+    output's gradient, every reduction of the backward comes from P_b = dout_b^T x_b, one (out, C)
+    matrix per image (one batched product over the map):
+        grad_W = sum_b P_b * s_b + outer(sum dout, beta),   grad_b = sum dout,
+        A_b = sum_hw(dg_b * x_b) = sum_o W * P_b,   grad_beta = sum_bhw dg = (sum dout) W,
+    and x's gradient, dg * s + x * coef with dg = dout W, is dout_b (W * s_b) + x_b * coef: a
+    scaling of x and a product added onto it. GRN's output (which fc2's weight gradient would
+    read) is neither kept nor remade, and its gradient (GRN's input) is never allocated; with
+    `overwrite_input` x's gradient is written over x itself, a map the backward remade for this
+    op alone. ConvMLP's backward then holds two hidden-width maps at once (x and the remade fc1
+    output), not three, and makes three passes over them fewer (see `ConvMLP.forward`).
+    The forward is GRN's and fc2's own ops; the gradients are theirs up to float rounding.
+    """
+
+    @staticmethod
+    def forward(ctx, x, gamma, beta, weight, bias, squares, overwrite_input):
+        energy, live = grn_energy(x, squares)
+        mean = energy.mean(dim=1, keepdim=True) + GRN_MEAN_EPS
+        scale = torch.addcmul(torch.ones_like(energy), gamma, energy / mean)
+        normed = torch.addcmul(beta, x, scale)
+        out = pixel_linear(normed.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
+        ctx.save_for_backward(x, gamma, beta, weight, energy, live, mean, scale)
+        ctx.overwrite_input, ctx.has_bias = overwrite_input, bias is not None
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, gamma, beta, weight, energy, live, mean, scale = ctx.saved_tensors
+        batch, channels = x.shape[:2]
+        rows = grad.permute(0, 2, 3, 1).contiguous().view(batch, -1, grad.shape[1])  # (B, HW, out)
+        inputs = x.permute(0, 2, 3, 1).reshape(batch, -1, channels)  # a view: x is channels_last
+        w = weight.flatten(1)  # (out, C)
+        products = torch.bmm(rows.transpose(1, 2), inputs)  # P_b, (B, out, C)
+        grad_sum = rows.sum(dim=1)  # (B, out)
+        total = grad_sum.sum(dim=0)
+        grad_weight = grad_bias = None
+        if ctx.needs_input_grad[3]:
+            grad_weight = (products * scale.view(batch, 1, channels)).sum(dim=0)
+            grad_weight = grad_weight.addr_(total, beta.flatten()).view_as(weight)
+        if ctx.has_bias and ctx.needs_input_grad[4]:
+            grad_bias = total
+        response = (products * w).sum(dim=1).view(batch, channels, 1, 1)
+        grad_beta = (total @ w).view_as(beta)
+        grad_gamma, coef = _grn_backward_coefficients(response, gamma, energy, live, mean)
+        if ctx.overwrite_input:
+            grad_x = inputs.mul_(coef.view(batch, 1, channels))
+        else:
+            grad_x = inputs * coef.view(batch, 1, channels)
+        grad_x.baddbmm_(rows, w * scale.view(batch, 1, channels))
+        grad_x = grad_x.view(batch, *x.shape[2:], channels).permute(0, 3, 1, 2)
+        return grad_x, grad_gamma, grad_beta, grad_weight, grad_bias, None, None
 
 
 class GRN(nn.Module):
@@ -848,16 +913,27 @@ class ConvMLP(nn.Module):
                     )
                 return self.fc2(out)
             # GELU -> dwconv -> GRN's energy in one pass (kernels/gelu_dwconv.py); it keeps only
-            # `hidden` for its backward. GRN's input and output are recomputed: the op's forward
-            # once more (about a third of its backward's time) for one hidden map fewer held
-            # between forward and backward. fc2's backward recomputes both, GRN's, right after,
-            # takes the same map (`shared_recipe`). In the backward, GRN's gradient and then the
-            # op's are written over maps nothing reads any more (fc2's gradient, the remade fc1
-            # output): two hidden-width maps fewer to allocate, and with fc2's weight gradient
-            # made first (`_OneDNNLinear`) at most three alive at once instead of four.
+            # `hidden` for its backward. GRN's input is recomputed: the op's forward once more
+            # (about a third of its backward's time) for one hidden map fewer held between forward
+            # and backward. On large maps GRN -> fc2 is one op that needs no more (below); its
+            # backward writes GRN's input gradient over the remade input, and the middle op's
+            # backward its own over the remade fc1 output: two hidden maps alive at once.
+            # Elsewhere (small maps, hooks on GRN or fc2) GRN's output is recomputed too, fc2's
+            # backward and GRN's take the same remade input (`shared_recipe`), and GRN's gradient
+            # is written over fc2's (fc2's weight gradient made first, `_OneDNNLinear`): three.
             over_remade = remade is not None and _remakes(hidden)
             with keeping(hidden, remade), standing_in(self.dwconv):
                 mixed, squares = kernels.gelu_dwconv3x3(hidden, weight, bias, gradient_over_input=over_remade)
+            if self._grn_pointwise(mixed):
+                # GRN -> fc2 as one op whose backward needs neither GRN's output nor its gradient
+                # (`_GRNPointwiseFunction`): it keeps GRN's input, remade in the backward, and
+                # writes that input's gradient over the remade map.
+                grn, fc2 = self.grn, self.fc2
+                with recompute_saved(mixed, lambda: kernels.gelu_dwconv3x3(source(), weight, bias)[0]):
+                    with standing_in(grn):
+                        return _GRNPointwiseFunction.apply(
+                            mixed, grn.gamma, grn.beta, fc2.weight, fc2.bias, squares, _remakes(mixed)
+                        )
             remix = shared_recipe(lambda: kernels.gelu_dwconv3x3(source(), weight, bias)[0])
             with recompute_saved(mixed, remix):
                 out, recipe = self.grn(
@@ -902,6 +978,24 @@ class ConvMLP(nn.Module):
         """Whether GRN's backward may write over the gradient fc2's backward hands it: fc2 makes it
         afresh and is GRN's only reader, so only a hook could hold it."""
         return not (gradient_watched(self.grn) or gradient_watched(self.fc2))
+
+    def _grn_pointwise(self, mixed: torch.Tensor) -> bool:
+        """Whether GRN -> fc2 may run as `_GRNPointwiseFunction` (training, a gradient to record): a
+        float32 channels_last CPU map, fc2 a plain `Pointwise`, and no hook on GRN or fc2 (their
+        calls and gradients must be seen). Off while a tracer or compiler records.
+
+        Only on maps of at least twice as many positions as fc2 has outputs: its backward's two
+        (out, C) matrices per image must be smaller than the image's map it saves (on T's 7x7 maps,
+        640 outputs, they were five times larger, and a step's tensors at their peak 1.1x).
+        """
+        return (
+            torch.is_grad_enabled()
+            and mixed.shape[-2] * mixed.shape[-1] >= 2 * self.fc2.out_channels
+            and mixed.dtype == torch.float32
+            and cpu_channels_last(mixed)
+            and type(self.fc2) is Pointwise
+            and not (recording() or gradient_watched(self.grn) or gradient_watched(self.fc2))
+        )
 
     def _inference_grn(self, hidden: torch.Tensor) -> bool:
         """Whether GRN may join the compiled op: nothing needs a gradient, no hook watches GRN."""
@@ -1152,9 +1246,16 @@ class FoldingSequential(KeepsFolds, nn.Sequential):
                 sources = [module.weight, module.bias, *bn_tensors(follower)]
                 fold = functools.partial(fuse_bn, module.weight, follower, module.bias)
                 kernel, bias = self.kept_fold(str(index), sources, fold)
+                activation = modules[index + 2] if index + 2 < len(modules) else None
+                post_op = conv_post_op(module, activation, x, kernel, bias)
                 with standing_in(module):
-                    x = module._conv_forward(x, kernel, bias)
-                recipe, index = None, index + 2
+                    if post_op is None:
+                        x = module._conv_forward(x, kernel, bias)
+                    else:  # the activation too, as oneDNN writes each output tile
+                        x = torch.ops.mkldnn._convolution_pointwise(
+                            x, kernel, bias, module.padding, module.stride, module.dilation, module.groups, *post_op
+                        )
+                recipe, index = None, index + (2 if post_op is None else 3)
             elif follower is not None and recomputable_bn_activation(module, follower):
                 # the conv after them, which keeps the activation's output for its weight gradient
                 consumer = modules[index + 2] if index + 2 < len(modules) else None
@@ -1180,6 +1281,46 @@ class FoldingSequential(KeepsFolds, nn.Sequential):
                     x = module(x)
                 recipe, index = None, index + 1
         return x, recipe
+
+
+# Activations oneDNN's convolution can apply to its output as it writes it (a post-op, as inductor's
+# CPU backend fuses them): module type -> the op's (attr, scalars, algorithm) for that module.
+CONV_POST_OPS: dict[type[nn.Module], Callable[[nn.Module], tuple[str, list, str]]] = {
+    GELU: lambda act: ("gelu", [], act.approximate),
+    nn.GELU: lambda act: ("gelu", [], act.approximate),
+    nn.SiLU: lambda act: ("swish", [], ""),
+    nn.ReLU: lambda act: ("relu", [], ""),
+}
+
+
+def conv_post_op(
+    conv: nn.Module, activation: nn.Module | None, x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[str, list, str] | None:
+    """How conv -> (folded BN) -> activation runs as one oneDNN convolution at CPU inference, or None.
+
+    The activation then costs no pass of its own over a map that has left the cache, and no map of
+    its own to allocate (the stem's 112x112 maps: ~5 ms of XT's deploy forward at batch 8). Only a
+    plain zero-padded convolution (a subclass with a forward of its own, such as `Pointwise`, keeps
+    it) on a float32 channels_last CPU map, with no hooks on the activation, no gradient to record
+    (the op has no backward) and no tracer, compiler or exporter watching. The same values, float
+    rounding aside (the activation is computed on the same outputs).
+    """
+    if activation is None or type(activation) not in CONV_POST_OPS or hooked(activation):
+        return None
+    plain = type(conv)._conv_forward is nn.Conv2d._conv_forward and conv.padding_mode == "zeros"
+    if not (plain and isinstance(conv.padding, tuple) and cpu_channels_last(x)):
+        return None
+    if recording() or grad_flows((x, kernel, bias)) or torch.is_autocast_enabled("cpu"):
+        return None
+    if not (x.dtype == kernel.dtype == torch.float32 and _onednn_conv_post_ops_available()):
+        return None
+    return CONV_POST_OPS[type(activation)](activation)
+
+
+@functools.cache
+def _onednn_conv_post_ops_available() -> bool:
+    """PyTorch built with oneDNN and its fused convolution op (the one inductor's CPU backend calls)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
 def cheap_to_redo(module: nn.Module) -> bool:

@@ -23,6 +23,7 @@ from .layers import (
     DilatedRepConv,
     LayerNorm2d,
     LayerScale,
+    Pointwise,
     block_norm,
     conv_bn,
     generic_trace,
@@ -247,7 +248,7 @@ class ClassifierHead(nn.Module):
         if projection is None:
             self.norm = block_norm(norm, in_channels)
         else:
-            self.proj = nn.Conv2d(in_channels, projection, 1, bias=False)
+            self.proj = Pointwise(in_channels, projection, bias=False)  # a product on channels_last CPU maps
             self.bn = nn.BatchNorm2d(projection)
             self.act = nn.SiLU()
         self.pool = nn.AdaptiveAvgPool2d(1)

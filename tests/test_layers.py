@@ -231,6 +231,64 @@ def test_grn_hand_written_backward_equals_autograd_of_the_formula(channels_last)
         torch.testing.assert_close(out, grn(x))
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("overwrite_input", [False, True], ids=["new-map", "over-input"])
+def test_grn_then_pointwise_backward_equals_autograd_of_the_two_modules(bias, overwrite_input):
+    """GRN -> fc2 as one op (`_GRNPointwiseFunction`): its output is the two modules', and its
+    gradients, all taken from dout^T x per image, are autograd's of GRN's formula and the 1x1 conv
+    (float64, an all-zero channel map among them); with `overwrite_input` x's gradient is written
+    over x itself."""
+    gen = torch.Generator().manual_seed(3)
+    grn = _randomise(GRN(6)).double()
+    fc2 = _randomise(layers.Pointwise(6, 4, bias=bias)).double()
+    x = torch.randn(3, 6, 7, 5, dtype=torch.float64, generator=gen).contiguous(memory_format=torch.channels_last)
+    x[1, 2] = 0.0
+    grad = torch.randn(3, 4, 7, 5, dtype=torch.float64, generator=gen)
+    params = [grn.gamma, grn.beta, fc2.weight, *([fc2.bias] if bias else [])]
+    leaf = x.clone().requires_grad_()
+    scale, shift = grn.coefficients(leaf)  # the plain ops, differentiated by autograd
+    expected = F.conv2d(torch.addcmul(shift, leaf, scale), fc2.weight, fc2.bias)
+    theirs = torch.autograd.grad(expected, [leaf, *params], grad)
+    given = x.clone().requires_grad_()
+    passed = given.detach()  # what the op's backward reads as its saved x
+    out = layers._GRNPointwiseFunction.apply(given, grn.gamma, grn.beta, fc2.weight, fc2.bias, None, overwrite_input)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    ours = torch.autograd.grad(out, [given, *params], grad)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert (ours[0].data_ptr() == passed.data_ptr()) == overwrite_input
+    assert torch.equal(passed, x) != overwrite_input
+
+
+def test_conv_mlp_runs_grn_and_fc2_as_one_op_where_the_map_outsizes_its_products(monkeypatch):
+    """In training on channels_last CPU maps with at least twice as many positions as fc2 has outputs;
+    on smaller maps (where its (out, C) matrices per image would outsize the map) and with a hook on
+    GRN or fc2 the two modules run as they are. The same outputs and gradients either way."""
+    made = []
+    original = layers._GRNPointwiseFunction.apply
+    monkeypatch.setattr(layers._GRNPointwiseFunction, "apply", lambda *args: (made.append(1), original(*args))[1])
+    gen = torch.Generator().manual_seed(6)
+    for side, expected in ((6, 1), (5, 0)):  # 36 and 25 positions, 16 outputs
+        mlp = _randomise(layers.ConvMLP(16, 32, 16)).train()
+        x = torch.randn(2, 16, side, side, generator=gen).contiguous(memory_format=torch.channels_last)
+        x.requires_grad_()
+        made.clear()
+        out = mlp(x)
+        assert len(made) == expected
+        grad = torch.randn_like(out)
+        ours = torch.autograd.grad(out, [x, *mlp.parameters()], grad)
+        if expected:
+            handle = mlp.fc2.register_forward_hook(lambda *args: None)
+            made.clear()
+            watched = mlp(x)
+            assert made == []
+            torch.testing.assert_close(watched, out, rtol=0, atol=0)
+            theirs = torch.autograd.grad(watched, [x, *mlp.parameters()], grad)
+            handle.remove()
+            for a, b in zip(ours, theirs, strict=True):  # (float32: the sums run in other orders)
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=5e-5)
+
+
 def _assert_recomputes(module: torch.nn.Module, x: torch.Tensor, count: int) -> None:
     """`module` keeps `count` recipes instead of tensors (none held by the graph, each called once in
     the backward), and its outputs and gradients are bit for bit those of the run that keeps them."""
@@ -299,15 +357,16 @@ def test_pointwise_reads_channel_slices_of_channels_last_maps_in_place():
     """The Focus-Net's x / prior split and ContMix's query / key split hand 1x1 convs channel slices of
     channels_last maps: they run as a matrix product on the slice (values and gradients of the conv)."""
     conv = _randomise(layers.Pointwise(6, 5))
-    full = torch.randn(2, 10, 7, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    gen = torch.Generator().manual_seed(5)
+    full = torch.randn(2, 10, 7, 5, generator=gen).contiguous(memory_format=torch.channels_last).requires_grad_()
     assert layers.cpu_channels_innermost(full[:, 3:9]) and not layers.cpu_channels_innermost(full[:, ::2])
-    grad = torch.randn(2, 5, 7, 5)
+    grad = torch.randn(2, 5, 7, 5, generator=gen)
     results = []
     for forward in (conv, lambda x: torch.nn.Conv2d.forward(conv, x.contiguous())):
         out = forward(full[:, 3:9])
         results.append((out, *torch.autograd.grad(out, [full, conv.weight, conv.bias], grad)))
-    for ours, theirs in zip(*results, strict=True):
-        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    for ours, theirs in zip(*results, strict=True):  # (the weight's and bias's: sums of 70 products)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     assert results[0][0].is_contiguous(memory_format=torch.channels_last)
 
 
@@ -373,8 +432,8 @@ def test_tall_pointwise_products_take_onednns_linear_in_training_and_at_inferenc
 @pytest.mark.parametrize("compiled_middle", [False, True])
 def test_conv_mlp_recomputes_hidden_maps_with_identical_gradients(compiled_middle, monkeypatch):
     """PyTorch's composition recomputes GELU's output and GRN's; the compiled GELU -> dwconv op
-    (kernels/gelu_dwconv.py) keeps no GELU output at all, and GRN's input and output are recomputed
-    (the op's forward run once for both). Both remake fc1's output from x, once per backward."""
+    (kernels/gelu_dwconv.py) keeps no GELU output at all, GRN's input is recomputed and GRN's output
+    is never needed (GRN -> fc2 as one op). Both remake fc1's output from x, once per backward."""
     monkeypatch.setattr(layers, "FC1_REMADE_MIN_POSITIONS", 0)  # (remade on this test's small map too)
     if compiled_middle and not kernels.native.library(kernels.gelu_dwconv.LIBRARY):
         pytest.skip(kernels.native.status(kernels.gelu_dwconv.LIBRARY))
@@ -382,11 +441,18 @@ def test_conv_mlp_recomputes_hidden_maps_with_identical_gradients(compiled_middl
         monkeypatch.setattr(kernels.gelu_dwconv, "native_applies", lambda *args: False)
     mlp = _randomise(layers.ConvMLP(6, 24, 6)).train()
     x = torch.randn(2, 6, 11, 9).contiguous(memory_format=torch.channels_last).requires_grad_()
-    _assert_recomputes(mlp, x, count=3)
+    _assert_recomputes(mlp, x, count=_mlp_recipes() if compiled_middle else 3)
     out = mlp(x)
     calls = _count_forward_calls(mlp.fc1)
     out.backward(torch.randn_like(out))
-    assert calls == [1]  # read by two recipes, made once
+    assert calls == [1]  # read by two recipes (or a recipe and the middle op's backward), made once
+
+
+def _mlp_recipes() -> int:
+    """How many maps a ConvMLP remakes in its backward: fc1's output and GRN's input with the compiled
+    middle op (GRN -> fc2 as one op needs no GRN output), else also GELU's and GRN's outputs but not
+    GRN's input (which GRN keeps)."""
+    return 2 if kernels.native.library(kernels.gelu_dwconv.LIBRARY) else 3
 
 
 def test_dilated_rep_conv_recomputes_its_branch_outputs_with_identical_gradients(monkeypatch):
@@ -452,6 +518,87 @@ def test_folding_sequential_folds_eval_bns_into_the_conv_before_them_only():
         assert str(torch.jit.trace(seq, x).inlined_graph).count("aten::batch_norm") == 3
     seq.train()
     torch.testing.assert_close(seq(x), torch.nn.Sequential.forward(copy.deepcopy(seq), x))
+
+
+@pytest.mark.skipif(not layers._onednn_conv_post_ops_available(), reason="this PyTorch has no oneDNN fused conv")
+@pytest.mark.parametrize(
+    "activation",
+    [layers.GELU(), torch.nn.GELU(approximate="tanh"), torch.nn.SiLU(), torch.nn.ReLU()],
+    ids=["gelu", "gelu-tanh", "silu", "relu"],
+)
+@pytest.mark.parametrize("groups, stride", [(1, 2), (6, 1)], ids=["full-stride2", "depthwise"])
+def test_folding_sequential_applies_the_activation_inside_onednns_conv_at_cpu_inference(
+    activation, groups, stride, monkeypatch
+):
+    """Eval, no gradient, a channels_last float32 CPU map: conv -> BN -> activation is one oneDNN
+    convolution with the activation as its post-op (the activation module is not called), the same
+    values; a hooked activation, an NCHW map, a gradient to record, autocast, a trace and a conv with a
+    forward of its own (`Pointwise`) take the separate ops."""
+    taken = []
+    onednn = torch.ops.mkldnn
+
+    class Spy:
+        _linear_pointwise = onednn._linear_pointwise
+
+        @staticmethod
+        def _convolution_pointwise(*args):
+            taken.append(args[7])
+            return onednn._convolution_pointwise(*args)
+
+    monkeypatch.setattr(torch.ops, "mkldnn", Spy)
+    seq = _randomise(
+        layers.FoldingSequential(
+            OrderedDict(
+                conv=torch.nn.Conv2d(6, 6, 3, stride, 1, groups=groups, bias=False),
+                bn=torch.nn.BatchNorm2d(6),
+                act=activation,
+                proj=layers.Pointwise(6, 4, bias=False),
+                bn2=torch.nn.BatchNorm2d(4),
+                act2=torch.nn.SiLU(),  # after a Pointwise: its own op
+            )
+        )
+    ).eval()
+    x = torch.randn(2, 6, 11, 9, generator=torch.Generator().manual_seed(7)).contiguous(
+        memory_format=torch.channels_last
+    )
+    with torch.no_grad():
+        expected = torch.nn.Sequential.forward(seq, x)
+    act_calls = []
+    original = seq.act.forward
+    seq.act.forward = lambda y: (act_calls.append(1), original(y))[1]  # an instance patch, not a hook
+    with torch.no_grad():
+        out = seq(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert len(taken) == 1 and act_calls == []
+    with torch.inference_mode():
+        torch.testing.assert_close(seq(x), expected, rtol=1e-5, atol=1e-6)
+    assert len(taken) == 2 and act_calls == []
+
+    def separate(run) -> None:
+        before = len(taken), len(act_calls)
+        torch.testing.assert_close(run(), expected, rtol=1e-4, atol=1e-5)
+        assert (len(taken), len(act_calls)) == (before[0], before[1] + 1)
+
+    handle = seq.act.register_forward_hook(lambda *a: None)
+    with torch.no_grad():
+        separate(lambda: seq(x))
+    handle.remove()
+    with torch.no_grad():
+        separate(lambda: seq(x.contiguous()))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            before = len(taken)
+            seq(x)
+            assert len(taken) == before
+    separate(lambda: seq(x).detach())  # eval with autograd on: the weights' gradient may be asked for
+    with torch.no_grad():  # an input that requires a gradient, but nothing records one: one op
+        before = len(taken)
+        torch.testing.assert_close(seq(x.clone().requires_grad_()), expected, rtol=1e-5, atol=1e-6)
+        assert len(taken) == before + 1
+    with torch.no_grad():
+        before = len(taken)
+        traced = torch.jit.trace(seq, x, check_trace=False)  # (the check reruns it untraced)
+    assert len(taken) == before and "aten::_convolution" in str(traced.inlined_graph)
 
 
 def test_recompute_saved_remakes_views_of_the_tensor_and_nothing_outside_it():
@@ -617,13 +764,15 @@ def _spy_pointers(monkeypatch, functions):
 @needs_compiled_mlp_backward
 @pytest.mark.parametrize("threads, batch", [(1, 2), (3, 2)])
 def test_conv_mlp_backward_writes_gradients_over_maps_nothing_reads_any_more(threads, batch, monkeypatch):
-    """On maps whose fc1 output is remade, GRN's input gradient is written over fc2's gradient and
-    the middle op's over the remade fc1 output, where each compiled call covers whole images (with
-    more threads than images a call covers rows, and reads rows another may have written: then a
-    new map); the gradients are bit for bit those of the run that keeps every map."""
+    """On maps whose fc1 output is remade, GRN's input gradient is written over GRN's remade input
+    (GRN -> fc2 as one op, no GRN kernel of its own) and the middle op's over the remade fc1 output,
+    where each compiled call covers whole images (with more threads than images a call covers rows,
+    and reads rows another may have written: then a new map); the gradients are bit for bit those of
+    the run that keeps every map, which writes over no map its forward made."""
     mlp = _randomise(layers.ConvMLP(8, 32, 8)).train()
     x = torch.randn(batch, 8, 28, 28).contiguous(memory_format=torch.channels_last).requires_grad_()
-    calls = _spy_pointers(monkeypatch, ("overlock_grn_input_grad", "overlock_gelu_dwconv3x3_backward"))
+    names = ("overlock_grn_input_grad", "overlock_gelu_dwconv3x3_forward", "overlock_gelu_dwconv3x3_backward")
+    calls = _spy_pointers(monkeypatch, names)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -633,21 +782,23 @@ def test_conv_mlp_backward_writes_gradients_over_maps_nothing_reads_any_more(thr
         _assert_gradients_as_when_every_map_is_kept(mlp, x, grad, ours)
     finally:
         torch.set_num_threads(before)
-    assert [name for name, _ in calls] == ["overlock_grn_input_grad", "overlock_gelu_dwconv3x3_backward"] * 2
-    # (grad, x, scale, coef, out, ...) and (hidden, grad, taps, grad_hidden, ...)
-    (_, grn), (_, middle), (_, kept_grn), (_, kept_middle) = calls
-    assert grn[0] == grn[4] and kept_grn[0] == kept_grn[4]
+    forward, backward = "overlock_gelu_dwconv3x3_forward", "overlock_gelu_dwconv3x3_backward"
+    assert [name for name, _ in calls] == [forward, forward, backward, forward, backward]
+    # forward (hidden, taps, shift, out, ...), backward (hidden, grad, taps, grad_hidden, ...)
+    (_, made), (_, remade), (_, middle), (_, kept), (_, kept_middle) = calls
+    assert middle[1] == remade[3] and middle[1] != made[3]  # GRN's input gradient over its remade input
     assert (middle[0] == middle[3]) == (threads <= batch)
-    assert kept_middle[0] != kept_middle[3]  # the run that keeps fc1's output: its own, not a remade one
+    assert kept_middle[1] != kept[3]  # the run that keeps every map: the forward's map stays as it was
+    assert kept_middle[0] != kept_middle[3]  # and fc1's output: its own, not a remade one
 
 
 @needs_compiled_mlp_backward
-def test_conv_mlp_backward_holds_three_hidden_maps_at_once():
-    """The MLP's backward on a map whose fc1 output is remade: the remade fc1 output, GRN's remade
-    input and output, then fc2's input gradient once GRN's output is freed (fc2's weight gradient
-    first), GRN's and the middle op's gradients written over maps nothing reads any more. Before
-    round 18: 4.5 hidden maps' worth alive at once. The narrow maps (x's gradient, the output's) come
-    on top of the three."""
+def test_conv_mlp_backward_holds_two_hidden_maps_at_once():
+    """The MLP's backward on a map whose fc1 output is remade: the remade fc1 output and GRN's remade
+    input, whose gradient is written over it (GRN -> fc2 as one op, round 19), then the middle op's
+    over the remade fc1 output. GRN's output and its gradient are never maps. Before round 18: 4.5
+    hidden maps' worth alive at once, before round 19 3.4. The narrow maps (x's gradient, the
+    output's) come on top of the two."""
     from overlock.bench import LiveMemory
 
     memory = LiveMemory()
@@ -655,10 +806,11 @@ def test_conv_mlp_backward_holds_three_hidden_maps_at_once():
         pytest.skip("needs glibc's mallinfo2")
     mlp = _randomise(layers.ConvMLP(8, 64, 8)).train()
     x = torch.randn(2, 8, 56, 56).contiguous(memory_format=torch.channels_last).requires_grad_()
+    grad = torch.randn(2, 8, 56, 56).contiguous(memory_format=torch.channels_last)
+    mlp(x).backward(grad)  # (the first products of a process allocate the libraries' own buffers)
     out = mlp(x)
-    grad = torch.randn_like(out)
     hidden_map = 2 * 64 * 56 * 56 * 4 / 2**20
-    assert memory.measure(lambda: out.backward(grad)) < 4 * hidden_map
+    assert memory.measure(lambda: out.backward(grad)) < 3 * hidden_map
 
 
 @pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "NCHW"])
@@ -818,19 +970,20 @@ def test_basic_block_recomputes_the_excited_map_with_identical_gradients(monkeyp
     block = next(m for m in build("pico").modules() if isinstance(m, BasicBlock))
     block = _randomise(block).train()
     x = torch.randn(2, block.bn.num_features, 9, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
-    # SE's, the ConvMLP's three, the BN's after the large kernel (SE's input), the norm's (the
-    # large kernel's input) and the local conv's output for the norm (and for the LayerScale on the
-    # skip, where the block has one); the large kernel's branches are recomputed inside its one op
+    # SE's, the ConvMLP's (`_mlp_recipes`), the BN's after the large kernel (SE's input), the norm's
+    # (the large kernel's input) and the local conv's output for the norm (and for the LayerScale on
+    # the skip, where the block has one); the large kernel's branches are recomputed inside its one op
     local = 1 + (block.layer_scale is not None)
-    _assert_recomputes(block, x, count=1 + 3 + 1 + 1 + local)
+    mlp = _mlp_recipes()
+    _assert_recomputes(block, x, count=1 + mlp + 1 + 1 + local)
     block.bn.register_forward_hook(lambda module, args, out: None)  # a watched BN's output is kept
-    _assert_recomputes(block, x, count=1 + 3 + 1 + local)
+    _assert_recomputes(block, x, count=1 + mlp + 1 + local)
     block.se.register_forward_hook(lambda module, args, out: None)  # a watched SE runs as it is
-    _assert_recomputes(block, x, count=3 + 1 + local)
+    _assert_recomputes(block, x, count=mlp + 1 + local)
     block.dwconv.register_forward_hook(lambda module, args, out: None)  # so does a watched local conv
-    _assert_recomputes(block, x, count=3 + 1)  # (the norm's output then remade from its input)
+    _assert_recomputes(block, x, count=mlp + 1)  # (the norm's output then remade from its input)
     block.norm.register_forward_hook(lambda module, args, out: None)  # and a watched norm
-    _assert_recomputes(block, x, count=3)
+    _assert_recomputes(block, x, count=mlp)
 
 
 def test_basic_block_without_se_remakes_the_ffn_input_from_its_bn(monkeypatch):
@@ -844,7 +997,7 @@ def test_basic_block_without_se_remakes_the_ffn_input_from_its_bn(monkeypatch):
     block = _randomise(block).train()
     block.se = None
     x = torch.randn(2, block.bn.num_features, 9, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
-    _assert_recomputes(block, x, count=3 + 1 + 1 + 1 + (block.layer_scale is not None))
+    _assert_recomputes(block, x, count=_mlp_recipes() + 1 + 1 + 1 + (block.layer_scale is not None))
 
 
 class _AfterPreviousBlock(torch.nn.Module):
