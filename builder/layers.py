@@ -64,6 +64,16 @@ def grn_energy(x: torch.Tensor, squares: torch.Tensor | None = None) -> tuple[to
     return squares.clamp_min(GRN_ENERGY_FLOOR).sqrt(), squares > GRN_ENERGY_FLOOR
 
 
+def grn_statistics(
+    x: torch.Tensor, gamma: torch.Tensor, squares: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GRN's (energy, live mask, channel mean of the energy + eps, scale = 1 + gamma * energy / mean),
+    each (B, C, 1, 1) but the mean's (B, 1, 1, 1): GRN(x) = x * scale + beta."""
+    energy, live = grn_energy(x, squares)
+    mean = energy.mean(dim=1, keepdim=True) + GRN_MEAN_EPS
+    return energy, live, mean, torch.addcmul(torch.ones_like(energy), gamma, energy / mean)
+
+
 class _GRNFunction(torch.autograd.Function):
     """GRN with a hand-written backward: 3x faster forward+backward than autograd's (224 x 56 x 56, cl).
 
@@ -79,9 +89,7 @@ class _GRNFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gamma, beta, squares, gradient_in_place):
-        energy, live = grn_energy(x, squares)
-        mean = energy.mean(dim=1, keepdim=True) + GRN_MEAN_EPS
-        scale = torch.addcmul(torch.ones_like(energy), gamma, energy / mean)
+        energy, live, mean, scale = grn_statistics(x, gamma, squares)
         ctx.save_for_backward(x, gamma, energy, live, mean, scale)
         ctx.gradient_in_place = gradient_in_place
         ctx.mark_non_differentiable(scale)
@@ -142,9 +150,7 @@ class _GRNPointwiseFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gamma, beta, weight, bias, squares, overwrite_input):
-        energy, live = grn_energy(x, squares)
-        mean = energy.mean(dim=1, keepdim=True) + GRN_MEAN_EPS
-        scale = torch.addcmul(torch.ones_like(energy), gamma, energy / mean)
+        energy, live, mean, scale = grn_statistics(x, gamma, squares)
         normed = torch.addcmul(beta, x, scale)
         out = pixel_linear(normed.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
         ctx.save_for_backward(x, gamma, beta, weight, energy, live, mean, scale)
@@ -160,8 +166,7 @@ class _GRNPointwiseFunction(torch.autograd.Function):
         inputs = x.permute(0, 2, 3, 1).reshape(batch, -1, channels)  # a view: x is channels_last
         w = weight.flatten(1)  # (out, C)
         products = torch.bmm(rows.transpose(1, 2), inputs)  # P_b, (B, out, C)
-        grad_sum = rows.sum(dim=1)  # (B, out)
-        total = grad_sum.sum(dim=0)
+        total = rows.sum(dim=(0, 1))  # (out,)
         grad_weight = grad_bias = None
         if ctx.needs_input_grad[3]:
             grad_weight = (products * scale.view(batch, 1, channels)).sum(dim=0)
@@ -190,9 +195,7 @@ class GRN(nn.Module):
 
     def coefficients(self, x: torch.Tensor, squares: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, shift) with GRN(x) = x * scale + shift; scale (B, C, 1, 1), shift (1, C, 1, 1)."""
-        energy, _ = grn_energy(x, squares)
-        normed = energy / (energy.mean(dim=1, keepdim=True) + GRN_MEAN_EPS)
-        return torch.addcmul(torch.ones_like(normed), self.gamma, normed), self.beta
+        return grn_statistics(x, self.gamma, squares)[3], self.beta
 
     def forward(
         self,
