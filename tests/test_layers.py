@@ -785,8 +785,10 @@ def test_conv_mlp_backward_writes_gradients_over_maps_nothing_reads_any_more(thr
     forward, backward = "overlock_gelu_dwconv3x3_forward", "overlock_gelu_dwconv3x3_backward"
     assert [name for name, _ in calls] == [forward, forward, backward, forward, backward]
     # forward (hidden, taps, shift, out, ...), backward (hidden, grad, taps, grad_hidden, ...)
-    (_, made), (_, remade), (_, middle), (_, kept), (_, kept_middle) = calls
-    assert middle[1] == remade[3] and middle[1] != made[3]  # GRN's input gradient over its remade input
+    _, (_, remade), (_, middle), (_, kept), (_, kept_middle) = calls
+    # GRN's input gradient over its remade input. (The forward's own map was freed when the forward
+    # ended, so the remade one may sit at the same address: only a map alive in the backward is news.)
+    assert middle[1] == remade[3]
     assert (middle[0] == middle[3]) == (threads <= batch)
     assert kept_middle[1] != kept[3]  # the run that keeps every map: the forward's map stays as it was
     assert kept_middle[0] != kept_middle[3]  # and fc1's output: its own, not a remade one
