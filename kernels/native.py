@@ -6,6 +6,7 @@ minute) and loads with ctypes, which releases the GIL during the call, so that c
 several calls in parallel threads. It is compiled for this machine's CPU (`-march=native`) and
 cached per source (with csrc/*.h), compiler, flags and CPU in `$OVERLOCK_CACHE_DIR` (default
 `~/.cache/overlock/native`), written atomically, so concurrent processes share one build.
+`$OVERLOCK_NATIVE_FLAGS` adds compiler flags (`flags()`).
 
 Without a working C compiler (or with `OVERLOCK_NATIVE=0`) `library()` returns None and callers
 run their PyTorch composition instead: same results, slower. `status()` says which and why.
@@ -19,6 +20,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -32,6 +34,7 @@ from .cpu import _pool, _workers
 SOURCE_DIR = Path(__file__).with_name("csrc")
 DISABLE_ENV = "OVERLOCK_NATIVE"
 CACHE_ENV = "OVERLOCK_CACHE_DIR"
+FLAGS_ENV = "OVERLOCK_NATIVE_FLAGS"
 COMPILE_TIMEOUT_S = 120
 
 _POINTER, _LONG, _DOUBLE = ctypes.c_void_p, ctypes.c_long, ctypes.c_double
@@ -68,9 +71,22 @@ def compiler() -> str | None:
 
 def flags() -> list[str]:
     """Optimise for this CPU: fused multiply-adds (ISO C mode leaves a * b + c unfused: 1.5-2x slower
-    here), 512-bit vectors where the CPU has them (gcc keeps 256 by default)."""
+    here), 512-bit vectors where the CPU has them (gcc keeps 256 by default). `$OVERLOCK_NATIVE_FLAGS`
+    comes last, so it can override: `-mno-avx512f` builds for AVX2's 8-float vectors, `-mno-avx` for
+    4 (how the tests check every vector width on one machine), `-march=x86-64-v3` for a cluster."""
     extra = ["-mprefer-vector-width=512"] if platform.machine() in ("x86_64", "AMD64") else []
-    return ["-O3", "-std=c11", "-ffp-contract=fast", "-march=native", "-fno-math-errno", "-fPIC", "-shared", *extra]
+    user = shlex.split(os.environ.get(FLAGS_ENV, ""))
+    return [
+        "-O3",
+        "-std=c11",
+        "-ffp-contract=fast",
+        "-march=native",
+        "-fno-math-errno",
+        "-fPIC",
+        "-shared",
+        *extra,
+        *user,
+    ]
 
 
 def cpuinfo_value(field: str) -> str | None:
@@ -146,6 +162,8 @@ def _load(name: str) -> tuple[ctypes.CDLL | None, str]:
         return None, f"{Path(cc).name} failed on csrc/{name}.c: {lines[0] if lines else error}"
     except (OSError, subprocess.SubprocessError) as error:
         return None, f"could not build or load csrc/{name}.c: {error}"
+    except ValueError as error:  # shlex: unbalanced quotes
+        return None, f"{FLAGS_ENV} does not parse as shell words: {error}"
     for function, argtypes in SIGNATURES[name].items():
         getattr(library, function).argtypes = argtypes
         getattr(library, function).restype = ctypes.c_int

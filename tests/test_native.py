@@ -3,6 +3,12 @@ and everything still works (through PyTorch) where they cannot be built."""
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -554,3 +560,25 @@ def test_conv_mlp_takes_grn_into_the_compiled_op_only_where_nothing_needs_a_grad
     with torch.no_grad():
         mlp(x)
     assert len(calls) == 2
+
+
+@needs_library
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the flags are x86's")
+@pytest.mark.parametrize(("flags", "width"), [("-mno-avx512f", 8), ("-mno-avx", 4)], ids=["8 floats", "4 floats"])
+def test_kernels_built_for_narrower_vectors_pass_these_tests(flags, width, tmp_path):
+    """Each C kernel built for AVX2's 8-float vectors and for 4 (SSE's, NEON's) passes this file's
+    tests and the depthwise C kernels': a CPU runs the width it has, and each width strides and rounds
+    its own way (AVX2 read ContMix's packed keys at a stride of 56 slots where they were 64 for K = 7,
+    until the packing was made 16 slots whatever the width). This machine's own width runs above."""
+    native_width = native.library(gelu_dwconv.LIBRARY).overlock_vector_width()
+    env = {**os.environ, native.FLAGS_ENV: flags, native.CACHE_ENV: str(tmp_path)}
+    probe = "from overlock.kernels import native\nprint(*(native.library(n).overlock_vector_width() for n in native.SIGNATURES))"
+    built = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+    assert built.stdout.split() == [str(min(width, native_width))] * len(native.SIGNATURES)
+    selection = "(test_native.py and not narrower_vectors) or (test_depthwise.py and the_c_)"
+    tests = [str(Path(__file__)), str(Path(__file__).with_name("test_depthwise.py"))]
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests, "-k", selection]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout.splitlines()[-1], run.stdout[-500:]

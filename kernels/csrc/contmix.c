@@ -31,9 +31,15 @@
  * H, W, K*K) map was the widest thing ContMix moved (9.7 MiB per XT call: a product wrote it, this
  * kernel read it, the backward formed it again and wrote its gradient for two more products to
  * read). query is addressed through element strides (qb, qh, qy, qx, qj); keys come
- * packed per row, (B*heads, c_q, KP) with KP = K*K rounded up to whole vectors, zero padded.
+ * packed per row, (B*heads, c_q, KP) with KP = K*K rounded up to a multiple of 16, zero padded.
  */
 #include "vectors.h"
+
+/* The packed keys' slot count, K*K rounded up to a multiple of 16 floats whatever this CPU's vector
+ * width (16 divides by every VW): kernels/cpu.py packs them so (NATIVE_CHANNEL_MULTIPLE). Rounding to
+ * VW instead read every row's keys at the wrong stride where VW < 16 and K*K is not a multiple of
+ * 16 (AVX2's 8 floats, K = 7: 56 slots against the 64 packed). */
+static inline long packed_slots(long KK) { return (KK + 15) / 16 * 16; }
 
 /* sum_i s[i] * v[i * stride .. + VW) for i < n, in four chains (a multiply-add waits for the one
  * before it): the forward's window row of values weighted, the backward's dp of a window row and
@@ -85,7 +91,7 @@ int overlock_contmix_forward(const float* restrict logits, const float* restrict
                              float* restrict peak_out, float* restrict total_out, long heads, long H, long W, long c,
                              long K, long cq, long zb, long zh, long zy, long zx, long qb, long qh, long qy, long qx,
                              long qj, long vb, long vh, long vy, long vx, long r0, long r1) {
-    long KK = K * K, HW = H * W, full = KK / VW, vectors = (KK + VW - 1) / VW, KP = vectors * VW;
+    long KK = K * K, HW = H * W, full = KK / VW, vectors = (KK + VW - 1) / VW, KP = packed_slots(KK);
     float* weights = zeroed((size_t)KP);
     float* plane = zeroed((size_t)(HW * c));
     float* formed = zeroed((size_t)KP); /* a position's logits formed from its query (logits NULL) */
@@ -194,7 +200,7 @@ int overlock_contmix_backward(const float* restrict grad, const float* restrict 
                               float* restrict dslots, float* restrict drpb, long heads, long H, long W, long c, long cv,
                               long K, long cq, long P, long gb, long gh, long gy, long gx, long zb, long zh, long zy,
                               long zx, long qb, long qh, long qy, long qx, long qj, long r0, long r1) {
-    long KK = K * K, HW = H * W, KP = (KK + VW - 1) / VW * VW, span = 2 * K - 1, cqv = (cq + VW - 1) / VW * VW;
+    long KK = K * K, HW = H * W, KP = packed_slots(KK), span = 2 * K - 1, cqv = (cq + VW - 1) / VW * VW;
     float* row = zeroed(2 * VW); /* one window row's logits (the map's last ones), then its probabilities */
     float* formed = zeroed((size_t)(KP + VW)); /* a position's logits from its query (logits NULL) */
     float* dformed = zeroed((size_t)(KP + VW)); /* and their gradient; the slots past K*K stay 0 */

@@ -16,6 +16,10 @@
 #define VW 4
 #endif
 
+/* The width this library was built with (each csrc/*.c is its own library): what tests check when
+ * they build for narrower vectors (kernels/native.py `OVERLOCK_NATIVE_FLAGS`). */
+int overlock_vector_width(void) { return VW; }
+
 typedef float vf __attribute__((vector_size(VW * sizeof(float))));
 typedef int vi __attribute__((vector_size(VW * sizeof(int))));
 
