@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import gc
 import re
 import statistics
 import time
@@ -200,6 +201,11 @@ class LiveMemory:
 
         _dispatch_modes_ready()
         sample = self.in_use
+        # Earlier garbage collected first and none during the call: a collection in the middle
+        # would free tensors that are not the call's and read as a lower peak.
+        gc.collect()
+        collecting = gc.isenabled()
+        gc.disable()
         before = peak = sample()
 
         class _Sampler(TorchDispatchMode):
@@ -209,8 +215,12 @@ class LiveMemory:
                 peak = max(peak, sample())
                 return out
 
-        with _Sampler():
-            fn()
+        try:
+            with _Sampler():
+                fn()
+        finally:
+            if collecting:
+                gc.enable()
         return (peak - before) / 2**20
 
 

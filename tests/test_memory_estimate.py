@@ -136,7 +136,8 @@ def test_the_estimate_bounds_the_measured_peak_of_pico_within_a_small_factor():
     # 8: pico's small maps are mixed at 13x13, where ContMix's logits are most of a step's peak, and the device-independent estimate counts
     # them while the CPU's C kernels never form them (GPUs do; round 13 of issue 10). Below 1 the check would let through what
     # does not fit; far above, it refuses what does (the inference estimate that counted every output
-    # was 4-9x the measured peak).
+    # was 4-9x the measured peak). At 128 px (3.0, 2.4 and 2.5 here) rather than 64 (4.1, 2.8, 3.7): a
+    # step adds 5-15 MiB there against 2-6, so a MiB more or less from the allocator moves it little.
     import json
     import os
     import subprocess
@@ -146,7 +147,7 @@ def test_the_estimate_bounds_the_measured_peak_of_pico_within_a_small_factor():
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_estimate.py"
     code = (
         f"import json, sys; sys.path.insert(0, {str(script.parent)!r}); import memory_estimate as m\n"
-        "print(json.dumps([m.measure('pico', 64, 4, mode).ratio for mode in m.MODES]))\n"
+        "print(json.dumps([m.measure('pico', 128, 4, mode).ratio for mode in m.MODES]))\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
@@ -154,7 +155,7 @@ def test_the_estimate_bounds_the_measured_peak_of_pico_within_a_small_factor():
     inference, training, checkpointed = json.loads(done.stdout.strip().splitlines()[-1])
     assert 1.0 <= inference <= 5.0, f"inference estimate / measured = {inference:.2f}"
     assert 1.0 <= training <= 3.5, f"training estimate / measured = {training:.2f}"
-    # (3.7 here: at 64 px the recomputed block's whole graph, counted in full, is most of the step)
+    # (2.5 here; 3.7 at 64 px, where the recomputed block's whole graph, counted in full, is most of the step)
     assert 1.0 <= checkpointed <= 4.0, f"checkpointed training estimate / measured = {checkpointed:.2f}"
 
 
