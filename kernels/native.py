@@ -182,12 +182,16 @@ def status(name: str) -> str:
 
 
 def summary() -> str:
-    """One line for every csrc/*.c library: all in use and how they were built, else each one's status."""
-    loaded = {name: _load(name) for name in SIGNATURES}
-    if all(library_ is not None for library_, _ in loaded.values()):
-        reasons = {reason for _, reason in loaded.values()}
-        return f"{', '.join(loaded)}: native ({'; '.join(sorted(reasons))})"
-    return "; ".join(status(name) for name in SIGNATURES)
+    """One line for every csrc/*.c library, the libraries that share an outcome and its reason named
+    together: all native and how they were built, or all on PyTorch's ops and why once."""
+    groups: dict[tuple[bool, str], list[str]] = {}
+    for name in SIGNATURES:
+        library_, reason = _load(name)
+        groups.setdefault((library_ is not None, reason), []).append(name)
+    return "; ".join(
+        f"{', '.join(names)}: {'native' if built else 'PyTorch fallback'} ({reason})"
+        for (built, reason), names in groups.items()
+    )
 
 
 def pointer(tensor: torch.Tensor) -> ctypes.c_void_p:

@@ -160,7 +160,10 @@ def test_without_a_compiler_everything_runs_through_pytorch(fresh_build, monkeyp
     logits, rpb, value = _contmix_inputs(1, 2, 5, 5, 4, 3)
     assert not kernels.cpu.native_applies(value, logits, rpb)
     assert kernels.contmix(logits, rpb, value, 3).shape == value.shape
-    assert native.summary().count("PyTorch fallback") == len(native.SIGNATURES)
+    # one reason for all, said once, every library named
+    summary = native.summary()
+    assert summary.count("PyTorch fallback (no C compiler found") == 1
+    assert all(name in summary.split(":")[0] for name in native.SIGNATURES)
 
 
 def test_the_switch_turns_the_kernels_off(fresh_build, monkeypatch):
