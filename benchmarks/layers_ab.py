@@ -271,6 +271,40 @@ def with_prior_before_round_15(self, x, prior, prior0):
     return torch.cat([x, prior], dim=1), None
 
 
+@torch.autograd.function.once_differentiable
+def batch_normed_sum_backward_before_round_20(ctx, grad):
+    """`batch_normed_sum`'s backward before round 20: grad * y written and summed by PyTorch's ops, a
+    centred copy of grad, each branch's d y in a new map."""
+    x, first, means, inverse_stds, *rest = ctx.saved_tensors
+    count = len(ctx.dilations)
+    weights, gammas = rest[:count], rest[count:]
+    channels, positions = x.shape[1], x.numel() // x.shape[1]
+    grad_sum = grad.sum(dim=(0, 2, 3))
+    centred = grad - (grad_sum / positions).view(channels, 1, 1)
+    grad_x = None
+    grad_weights, grad_gammas = [None] * count, [None] * count
+    needs = ctx.needs_input_grad
+    for index, (weight, dilation, gamma) in enumerate(zip(weights, ctx.dilations, gammas, strict=True)):
+        y = first if index == 0 else depthwise._conv(x, weight, None, dilation)
+        mean, inverse_std = means[index], inverse_stds[index]
+        grad_y = torch.mul(grad, y)
+        grad_normed = (grad_y.sum(dim=(0, 2, 3)) - mean * grad_sum) * inverse_std
+        grad_gammas[index] = grad_normed
+        scale = gamma * inverse_std
+        slope = scale * inverse_std * grad_normed / positions
+        torch.addcmul((slope * mean).view(channels, 1, 1), y, (-slope).view(channels, 1, 1), out=grad_y)
+        grad_y.addcmul_(centred, scale.view(channels, 1, 1))
+        del y
+        if needs[4 + index]:
+            grad_weights[index] = depthwise.weight_grad(x, grad_y, weight.shape[-1], dilation).to(weight.dtype)
+        if needs[0]:
+            term = depthwise._conv(grad_y, weight.flip(-1, -2), None, dilation)
+            grad_x = term if grad_x is None else grad_x.add_(term)
+    grad_betas = [grad_sum if needs[4 + 2 * count + i] else None for i in range(count)]
+    grad_gammas = [g if needs[4 + count + i] else None for i, g in enumerate(grad_gammas)]
+    return (grad_x, None, None, None, *grad_weights, *grad_gammas, *grad_betas)
+
+
 OLD = {
     "LayerScale as conv": [(layers.LayerScale, "forward", old_layer_scale)],
     "GRN unfused": [(layers.GRN, "forward", old_grn)],
@@ -322,6 +356,9 @@ OLD = {
     "GRN and fc2 as two ops in training": [(layers.ConvMLP, "_grn_pointwise", lambda self, mixed: False)],
     "conv -> BN -> activation as two ops at inference": [(layers, "conv_post_op", lambda *args: None)],
     "DilatedRepConv BNs op by op": [(layers.DilatedRepConv, "_sums_in_one_op", lambda self, x: False)],
+    "branch sum's BN backward before round 20": [
+        (depthwise._BatchNormedSum, "backward", staticmethod(batch_normed_sum_backward_before_round_20))
+    ],
     "maps kept as before round 15": [
         (layers.FoldingSequential, "forward_with_recipe", folding_sequential_before_round_15),
         (blocks, "called_with_recipe", called_plainly),

@@ -57,7 +57,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from . import native
+from . import grn, native
 from .autocast import autocast_input
 
 NATIVE_LIBRARY = "depthwise_weight_grad"
@@ -589,23 +589,27 @@ class _BatchNormedSum(torch.autograd.Function):
         count = len(ctx.dilations)
         weights, gammas = rest[:count], rest[count:]
         channels, positions = x.shape[1], x.numel() // x.shape[1]
-        grad_sum = grad.sum(dim=(0, 2, 3))
-        centred = grad - (grad_sum / positions).view(channels, 1, 1)  # shared by every branch's BN backward
-        grad_x = None
+        grad_x = grad_y = grad_sum = None
         grad_weights, grad_gammas = [None] * count, [None] * count
         needs = ctx.needs_input_grad
         for index, (weight, dilation, gamma) in enumerate(zip(weights, ctx.dilations, gammas, strict=True)):
             y = first if index == 0 else _conv(x, weight, None, dilation)
             mean, inverse_std = means[index], inverse_stds[index]
-            # sum of grad * normalised y, per channel
-            grad_y = torch.mul(grad, y)  # this map's buffer then holds d y
-            grad_normed = (grad_y.sum(dim=(0, 2, 3)) - mean * grad_sum) * inverse_std
+            # sums of grad * y and (the first branch) of grad, per channel: grad * normalised y
+            grad_dot_y, sum_now = _channel_sums(grad, y, with_grad_sum=grad_sum is None)
+            grad_sum = sum_now if grad_sum is None else grad_sum
+            grad_normed = (grad_dot_y - mean * grad_sum) * inverse_std
             grad_gammas[index] = grad_normed
             scale = gamma * inverse_std
             slope = scale * inverse_std * grad_normed / positions
-            # d y = scale * (grad - mean(grad)) - slope * (y - mean): BN's input gradient
-            torch.addcmul((slope * mean).view(channels, 1, 1), y, (-slope).view(channels, 1, 1), out=grad_y)
-            grad_y.addcmul_(centred, scale.view(channels, 1, 1))
+            # d y = scale * (grad - mean(grad)) - slope * (y - mean), BN's input gradient, as
+            # grad * scale - y * slope + a constant: two passes, no centred copy of grad, written
+            # over the branch before's d y (its weight gradient and input term are made by now)
+            constant = (slope * mean - scale * grad_sum / positions).view(channels, 1, 1)
+            grad_y = torch.addcmul(
+                constant, y, (-slope).view(channels, 1, 1), **({} if grad_y is None else {"out": grad_y})
+            )
+            grad_y.addcmul_(grad, scale.view(channels, 1, 1))
             del y
             if needs[4 + index]:
                 grad_weights[index] = weight_grad(x, grad_y, weight.shape[-1], dilation).to(weight.dtype)
@@ -615,6 +619,16 @@ class _BatchNormedSum(torch.autograd.Function):
         grad_betas = [grad_sum if needs[4 + 2 * count + i] else None for i in range(count)]
         grad_gammas = [g if needs[4 + count + i] else None for i, g in enumerate(grad_gammas)]
         return (grad_x, None, None, None, *grad_weights, *grad_gammas, *grad_betas)
+
+
+def _channel_sums(grad: torch.Tensor, y: torch.Tensor, with_grad_sum: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per channel, over the batch: the sum of grad * y, and (`with_grad_sum`) that of grad. On float32
+    channels_last maps one pass of GRN's compiled reduction (kernels/grn.py), which never writes the
+    product: PyTorch's ops write grad * y as a map and read it back to sum it."""
+    if grn.native_applies(grad, y):
+        dot, total = grn.backward_sums(grad, y)
+        return dot.sum(dim=0).flatten(), total.sum(dim=0).flatten() if with_grad_sum else None
+    return torch.mul(grad, y).sum(dim=(0, 2, 3)), grad.sum(dim=(0, 2, 3)) if with_grad_sum else None
 
 
 def batch_normed_sum(

@@ -102,6 +102,23 @@ def test_dilated_rep_conv_training_step_equals_the_branch_sum(kernel_size):
     _assert_steps_are_the_branch_sum(layer, torch.randn(2, 3, 30, 28, requires_grad=True), steps=1, tol=1e-5)
 
 
+@pytest.mark.parametrize("kernel_size", [7, 13])
+def test_dilated_rep_conv_backward_on_float32_channels_last_maps_sums_in_one_compiled_pass(kernel_size, monkeypatch):
+    """On float32 channels_last maps the BN backward's per-channel sums (of grad * y, and of grad) come
+    from GRN's compiled reduction, one pass per branch that never writes grad * y; the step is still
+    the reference modules' to float32 rounding."""
+    from overlock import kernels
+
+    if not kernels.grn.native_applies(*(torch.zeros(1, 1, 1, 1).contiguous(memory_format=torch.channels_last),) * 2):
+        pytest.skip(kernels.native.status(kernels.grn.LIBRARY))
+    original, calls = kernels.grn.backward_sums, []
+    monkeypatch.setattr(kernels.grn, "backward_sums", lambda grad, y: calls.append(1) or original(grad, y))
+    layer = _randomise(DilatedRepConv(5, kernel_size)).train()
+    x = torch.randn(2, 5, 30, 28).contiguous(memory_format=torch.channels_last).requires_grad_()
+    _assert_steps_are_the_branch_sum(layer, x, steps=1, tol=1e-5)
+    assert len(calls) == 1 + len(layer.branches)
+
+
 @pytest.mark.parametrize("kernel_size", [5, 13, 19])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("momentum", [0.1, None, 0.0])
