@@ -606,9 +606,10 @@ class _BatchNormedSum(torch.autograd.Function):
             # grad * scale - y * slope + a constant: two passes, no centred copy of grad, written
             # over the branch before's d y (its weight gradient and input term are made by now)
             constant = (slope * mean - scale * grad_sum / positions).view(channels, 1, 1)
-            grad_y = torch.addcmul(
-                constant, y, (-slope).view(channels, 1, 1), **({} if grad_y is None else {"out": grad_y})
-            )
+            if grad_y is None:
+                grad_y = torch.addcmul(constant, y, (-slope).view(channels, 1, 1))
+            else:
+                torch.addcmul(constant, y, (-slope).view(channels, 1, 1), out=grad_y)
             grad_y.addcmul_(grad, scale.view(channels, 1, 1))
             del y
             if needs[4 + index]:
@@ -627,8 +628,8 @@ def _channel_sums(grad: torch.Tensor, y: torch.Tensor, with_grad_sum: bool) -> t
     product: PyTorch's ops write grad * y as a map and read it back to sum it."""
     if grn.native_applies(grad, y):
         dot, total = grn.backward_sums(grad, y)
-        return dot.sum(dim=0).flatten(), total.sum(dim=0).flatten() if with_grad_sum else None
-    return torch.mul(grad, y).sum(dim=(0, 2, 3)), grad.sum(dim=(0, 2, 3)) if with_grad_sum else None
+        return dot.sum(dim=0).flatten(), (total.sum(dim=0).flatten() if with_grad_sum else None)
+    return torch.mul(grad, y).sum(dim=(0, 2, 3)), (grad.sum(dim=(0, 2, 3)) if with_grad_sum else None)
 
 
 def batch_normed_sum(
