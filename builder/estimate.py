@@ -16,7 +16,7 @@ So before `build()`, `overlock flops` and `overlock train` allocate, `check_fits
   (`layers.recompute_saved`: the maps a real step remakes in its backward are not held), but none
   of the compiled CPU ops, which keep less still (the fused MLP middle, ContMix's logits formed in
   the kernel): it holds 1.6-3.2x the tensors a real CPU step has alive, and a whole step is estimated
-  at 1.8-3.3x its measured CPU peak (pico, XT and T at 64-224 px; XT and T 1.8-2.2x, where the meta
+  at 1.8-3.2x its measured CPU peak (pico, XT and T at 64-224 px; XT and T 1.8-2.2x, where the meta
   forward without the hooks and the margin read 2.0-2.7x: benchmarks/results/memory_estimate.md).
   Without the hooks it held 2.8x more for XT (187 against 66 MiB per image at 224); counting every
   tensor an operator returns, as the first version did, 1.5x more again. A traced forward (`overlock
@@ -24,7 +24,7 @@ So before `build()`, `overlock flops` and `overlock train` allocate, `check_fits
   tensor after its last use, counting every output made `eval` of XT at its default batch of 128
   look like 35 GiB when it needs about 2. With gradient checkpointing (`overlock train
   --grad-checkpoint`), what a checkpointed forward keeps (each block's input) plus the largest
-  block's whole graph, which its recomputation holds in the backward: 1.7-2.4x the measured peak.
+  block's whole graph, which its recomputation holds in the backward: 1.6-2.5x the measured peak.
 
 benchmarks/memory_estimate.py compares both with measured peaks (benchmarks/results/memory_estimate.md).
 
