@@ -374,11 +374,12 @@ def test_layers_ab_half_batch_mlp_computes_what_the_mlp_does():
 
 def test_layers_ab_memory_mode_measures_variants_in_fresh_processes():
     """`--memory N`: each variant's training-step memory from its own processes. Remaking fc1's
-    output on 16x16 maps too (pico at 64 px) must read fewer tensors alive than the default."""
+    output on 24x24 maps too (pico at 96 px; the default remakes it from 28x28 up) must read fewer
+    tensors alive than the default: 1.41 against 1.55 MiB per image, where 64 px read 0.85 / 0.91."""
     if not LiveMemory().available:
         pytest.skip("needs glibc's mallinfo2")
     variant = "fc1 outputs remade from 14x14 up"
-    command = [sys.executable, str(LAYERS_AB), "--preset", "pico", "--img-size", "64", "--batch-size", "2"]
+    command = [sys.executable, str(LAYERS_AB), "--preset", "pico", "--img-size", "96", "--batch-size", "2"]
     done = subprocess.run([*command, "--memory", "1", "--only", variant], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = {line.split("resident")[0].strip(): line for line in done.stdout.splitlines() if "old/new" in line}

@@ -326,7 +326,9 @@ def test_measure_times_the_eval_forward_and_reports_memory():
     result = measure(model, (32, 48), batch=2, reps=3)
     handle.remove()
     assert len(calls) >= 1 + 3 and all(not training and batch == 2 for training, batch in calls)
-    assert result["images_per_s"] > 0 and result["peak_memory_mib"] > 0 and result["batch"] == 2
+    assert result["images_per_s"] > 0 and result["batch"] == 2
+    # RSS above the resident set before the call: a small call may fit in pages already resident
+    assert isinstance(result["peak_memory_mib"], float) and result["peak_memory_mib"] >= 0
 
 
 def test_erf_reads_weights_and_refuses_ones_that_do_not_fit(tmp_path):

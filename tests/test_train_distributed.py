@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -16,12 +15,6 @@ import torch
 SYNTH = "synthetic:classes=3,train=32,val=13"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     command = [
         sys.executable,
@@ -29,10 +22,7 @@ def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         "torch.distributed.run",
         "--nproc-per-node",
         "2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(free_port()),
+        "--standalone",  # torchrun takes a free port itself: no race with another test's port
         *args,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
