@@ -2,12 +2,13 @@
 
     python benchmarks/commits_ab.py df276c4            # that commit against the working tree
     python benchmarks/commits_ab.py df276c4 HEAD --presets xt,t --runs 3 --no-train
+    python benchmarks/commits_ab.py df276c4 HEAD --threads 2   # torch's thread count in each process
 
 What `benchmarks/layers_ab.py` cannot switch in one process (a C kernel's source, the code of a
 whole round) is compared here: each commit is checked out into a temporary git worktree, and one
 process per commit and run imports overlock from it (its C kernels compile from its own sources)
 and times inference (training form and deploy form at batch 8, training form at batch 1) and a
-training step, one thread, medians of 5 / 15 / 3 calls. The processes alternate old, new, old, new
+training step, one thread (`--threads`), medians of 5 / 15 / 3 calls. The processes alternate old, new, old, new
 ..., so a change in the machine's load reaches both. Prints every run and the median per commit.
 """
 
@@ -32,8 +33,8 @@ import torch.nn.functional as F
 from overlock.builder import build
 from overlock.training.optim import build_optimizer
 
-torch.set_num_threads(1)
-presets, train = sys.argv[1].split(","), sys.argv[2] == "1"
+presets, train, threads = sys.argv[1].split(","), sys.argv[2] == "1", int(sys.argv[3])
+torch.set_num_threads(threads)
 results = {}
 for preset in presets:
     for form in ("infer", "deploy", "infer-b1") + (("train",) if train else ()):
@@ -88,6 +89,7 @@ def main() -> None:
     parser.add_argument("--presets", default="xt")
     parser.add_argument("--runs", type=int, default=2, help="processes per commit")
     parser.add_argument("--no-train", action="store_true", help="inference only")
+    parser.add_argument("--threads", type=int, default=1, help="torch's (and OpenMP's) thread count")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="overlock-ab-") as tmp:
         root = Path(tmp)
@@ -102,8 +104,9 @@ def main() -> None:
         try:
             for run in range(args.runs):
                 for name, path in paths.items():
-                    env = {**os.environ, "PYTHONPATH": str(path), "OMP_NUM_THREADS": "1"}
-                    child = [sys.executable, "-c", CHILD, args.presets, "0" if args.no_train else "1"]
+                    env = {**os.environ, "PYTHONPATH": str(path), "OMP_NUM_THREADS": str(args.threads)}
+                    train = "0" if args.no_train else "1"
+                    child = [sys.executable, "-c", CHILD, args.presets, train, str(args.threads)]
                     done = subprocess.run(child, env=env, cwd=tmp, capture_output=True, text=True, check=True)
                     runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
                     print(
@@ -117,7 +120,7 @@ def main() -> None:
                         ["git", "-C", str(REPO), "worktree", "remove", "--force", str(root / name.replace("/", "_"))]
                     )
         (first, old), (second, new) = runs.items()
-        print(f"\nmedian ms over {args.runs} processes: {first} | {second} | old/new")
+        print(f"\nmedian ms over {args.runs} processes, {args.threads} thread(s): {first} | {second} | old/new")
         for key in old[0]:
             a, b = statistics.median(r[key] for r in old), statistics.median(r[key] for r in new)
             print(f"  {key:16} {a * 1e3:9.1f} | {b * 1e3:9.1f} | {a / b:.2f}x")

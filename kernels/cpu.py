@@ -762,7 +762,7 @@ def _native_forward(
         NATIVE_LIBRARY,
         "overlock_contmix_forward",
         native.image_ranges(batch * heads, native.workers()),
-        lambda i: (*pointers, *shape, *strides, *value.stride()[:4]),
+        (*pointers, *shape, *strides, *value.stride()[:4]),
     )
     return result, peak.add_(total.log_())
 
@@ -935,7 +935,7 @@ def _native_backward(
         NATIVE_LIBRARY,
         "overlock_contmix_backward",
         native.image_ranges(rows, native.workers()),
-        lambda i: (*pointers, *shape, *strides),
+        (*pointers, *shape, *strides),
     )
     return dvalue if padded == channels else dvalue[..., :channels].contiguous()
 

@@ -172,7 +172,7 @@ def conv_native(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         FORWARD_LIBRARY,
         "overlock_depthwise_conv_forward",
         native.image_ranges(batch, native.workers()),
-        lambda i: (*pointers, native.pointer(out), height, width, channels, kernel_size, dilation),
+        (*pointers, native.pointer(out), height, width, channels, kernel_size, dilation),
     )
     return out
 
@@ -294,7 +294,7 @@ def weight_grad_native(x: torch.Tensor, grad: torch.Tensor, kernel_size: int, di
         NATIVE_LIBRARY,
         "overlock_depthwise_weight_grad",
         ranges,
-        lambda i: (*pointers, native.pointer(sums[i]), height, width, channels, kernel_size, dilation),
+        (*pointers, native.pointer(sums), sums.stride(0), height, width, channels, kernel_size, dilation),
     )
     return sums.sum(dim=0).t().reshape(channels, 1, kernel_size, kernel_size)
 

@@ -101,7 +101,7 @@ def gelu_dwconv3x3_grn(
         LIBRARY,
         "overlock_gelu_dwconv3x3_grn_forward",
         native.image_ranges(batch, native.workers()),
-        lambda i: (*pointers, rows, cols, channels, floor, eps),
+        (*pointers, rows, cols, channels, floor, eps),
     )
     return out
 
@@ -133,7 +133,7 @@ def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         LIBRARY,
         "overlock_gelu_dwconv3x3_forward",
         tasks,
-        lambda i: (*pointers, native.pointer(squares[i]), rows, cols, channels),
+        (*pointers, native.pointer(squares), squares.stride(0), rows, cols, channels),
     )
     return out, squares.sum(dim=0).view(batch, channels, 1, 1)
 
@@ -171,7 +171,16 @@ class _GeluDWConv(torch.autograd.Function):
             LIBRARY,
             "overlock_gelu_dwconv3x3_backward",
             tasks,
-            lambda i: (*pointers, native.pointer(grad_taps[i]), native.pointer(grad_bias[i]), rows, cols, channels),
+            (
+                *pointers,
+                native.pointer(grad_taps),
+                grad_taps.stride(0),
+                native.pointer(grad_bias),
+                grad_bias.stride(0),
+                rows,
+                cols,
+                channels,
+            ),
         )
         grad_weight = grad_taps.sum(dim=0).t().reshape(weight.shape)
         return grad_hidden, grad_weight, grad_bias.sum(dim=0) if ctx.has_bias else None, None

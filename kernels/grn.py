@@ -50,7 +50,7 @@ def backward_sums(grad: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, to
         LIBRARY,
         "overlock_grn_backward_sums",
         native.image_ranges(batch, native.workers()),
-        lambda i: (*pointers, height * width, channels),
+        (*pointers, height * width, channels),
     )
     return sum_gx.view(batch, channels, 1, 1), sum_g.view(batch, channels, 1, 1)
 
@@ -73,6 +73,6 @@ def input_grad(
         LIBRARY,
         "overlock_grn_input_grad",
         native.image_ranges(batch, native.workers()),
-        lambda i: (*pointers, height * width, channels),
+        (*pointers, height * width, channels),
     )
     return out

@@ -24,7 +24,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -35,31 +35,34 @@ SOURCE_DIR = Path(__file__).with_name("csrc")
 DISABLE_ENV = "OVERLOCK_NATIVE"
 CACHE_ENV = "OVERLOCK_CACHE_DIR"
 FLAGS_ENV = "OVERLOCK_NATIVE_FLAGS"
+OPENMP_ENV = "OVERLOCK_NATIVE_OPENMP"
 COMPILE_TIMEOUT_S = 120
 
 _POINTER, _LONG, _DOUBLE = ctypes.c_void_p, ctypes.c_long, ctypes.c_double
-# Every exported function: (name, argument types); all return an int status (0: done, -1: no memory).
+# Every kernel Python calls: (name, the argument types of its entry point `<name>_tasks` before the
+# three every one ends with: tasks, ntasks, threads; csrc/tasks.h). All return an int status (0: done).
 SIGNATURES = {
     "gelu_dwconv": {
-        "overlock_gelu_dwconv3x3_forward": [_POINTER] * 5 + [_LONG] * 7,
-        "overlock_gelu_dwconv3x3_backward": [_POINTER] * 6 + [_LONG] * 7,
-        "overlock_gelu_dwconv3x3_grn_forward": [_POINTER] * 6 + [_LONG] * 3 + [_DOUBLE] * 2 + [_LONG] * 2,
+        "overlock_gelu_dwconv3x3_forward": [_POINTER] * 5 + [_LONG] * 4,
+        "overlock_gelu_dwconv3x3_backward": [_POINTER] * 5 + [_LONG, _POINTER] + [_LONG] * 4,
+        "overlock_gelu_dwconv3x3_grn_forward": [_POINTER] * 6 + [_LONG] * 3 + [_DOUBLE] * 2,
     },
     "depthwise_weight_grad": {
-        "overlock_depthwise_weight_grad": [_POINTER] * 3 + [_LONG] * 7,
+        "overlock_depthwise_weight_grad": [_POINTER] * 3 + [_LONG] * 6,
     },
     "depthwise_conv": {
-        "overlock_depthwise_conv_forward": [_POINTER] * 4 + [_LONG] * 7,
+        "overlock_depthwise_conv_forward": [_POINTER] * 4 + [_LONG] * 5,
     },
     "grn": {
-        "overlock_grn_backward_sums": [_POINTER] * 4 + [_LONG] * 4,
-        "overlock_grn_input_grad": [_POINTER] * 5 + [_LONG] * 4,
+        "overlock_grn_backward_sums": [_POINTER] * 4 + [_LONG] * 2,
+        "overlock_grn_input_grad": [_POINTER] * 5 + [_LONG] * 2,
     },
     "contmix": {
-        "overlock_contmix_forward": [_POINTER] * 8 + [_LONG] * 21,
-        "overlock_contmix_backward": [_POINTER] * 14 + [_LONG] * 23,
+        "overlock_contmix_forward": [_POINTER] * 8 + [_LONG] * 19,
+        "overlock_contmix_backward": [_POINTER] * 14 + [_LONG] * 21,
     },
 }
+_TASK_ARGUMENTS = [_POINTER, _LONG, _LONG]  # tasks, ntasks, threads
 
 
 def compiler() -> str | None:
@@ -116,12 +119,48 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "overlock" / "native")
 
 
-def _build(name: str, cc: str) -> Path:
+def _openmp_runtime() -> Path | None:
+    """The GNU OpenMP runtime this process's torch runs on (the `libgomp*.so*` mapped into it), which
+    the kernels are linked against so that they run on torch's own threads (csrc/tasks.h). None where
+    torch has none (macOS's libomp, Intel's libiomp5, Windows), or with `OVERLOCK_NATIVE_OPENMP=0`:
+    then the kernels are built without OpenMP and run on overlock's thread pool."""
+    if _off(OPENMP_ENV):
+        return None
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    paths = {line.split(maxsplit=5)[-1] for line in maps.splitlines() if "/libgomp" in line}
+    found = sorted(path for path in paths if Path(path).name.startswith("libgomp") and Path(path).exists())
+    return Path(found[0]) if found else None
+
+
+def _off(variable: str) -> bool:
+    return os.environ.get(variable, "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def _commands(source: Path, cc: str, output: str, runtime: Path | None) -> list[list[str]]:
+    """The compiler runs that build `source` into `output`. With an OpenMP runtime: compile with
+    -fopenmp, then link against that very file (not the compiler's own -lgomp, which may be another
+    copy of the runtime: two runtimes, two thread pools)."""
+    if runtime is None:
+        return [[cc, *flags(), str(source), "-o", output]]
+    objects = output + ".o"
+    link = [flag for flag in flags() if flag != "-shared"]
+    return [
+        [cc, *link, "-fopenmp", "-c", str(source), "-o", objects],
+        [cc, *flags(), objects, str(runtime), f"-Wl,-rpath,{runtime.parent}", "-o", output],
+    ]
+
+
+def _build(name: str, cc: str, runtime: Path | None) -> Path:
     """Compile csrc/<name>.c (or reuse the cached build) and return the shared library's path."""
     source = SOURCE_DIR / f"{name}.c"
     headers = [header.read_text() for header in sorted(SOURCE_DIR.glob("*.h"))]  # what it may #include
     key = hashlib.sha256(
-        "\0".join([source.read_text(), *headers, cc, " ".join(flags()), _cpu_id(), platform.machine()]).encode()
+        "\0".join(
+            [source.read_text(), *headers, cc, " ".join(flags()), str(runtime), _cpu_id(), platform.machine()]
+        ).encode()
     ).hexdigest()[:16]
     target = cache_dir() / f"{name}-{key}.so"
     if target.exists():
@@ -134,40 +173,50 @@ def _build(name: str, cc: str) -> Path:
         handle, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{name}-", suffix=".so")
     os.close(handle)
     try:
-        subprocess.run(
-            [cc, *flags(), str(source), "-o", partial],
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=COMPILE_TIMEOUT_S,
-        )
+        for command in _commands(source, cc, partial, runtime):
+            subprocess.run(command, check=True, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
         os.replace(partial, target)  # atomic: another process sees the whole library or none
     finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
+        for leftover in (partial, partial + ".o"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
     return target
 
 
 @functools.cache
 def _load(name: str) -> tuple[ctypes.CDLL | None, str]:
-    if os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+    if _off(DISABLE_ENV):
         return None, f"{DISABLE_ENV}={os.environ[DISABLE_ENV]}"
     cc = compiler()
     if cc is None:
         return None, "no C compiler found (set CC, or install gcc or clang)"
+    runtime = _openmp_runtime()
+    threads = "tasks on torch's OpenMP threads" if runtime else "tasks on overlock's thread pool"
     try:
-        library = ctypes.CDLL(str(_build(name, cc)))
+        try:
+            library = ctypes.CDLL(str(_build(name, cc, runtime)))
+        except (OSError, subprocess.CalledProcessError) as error:
+            if runtime is None:
+                raise
+            # (a compiler whose OpenMP is not GNU's, e.g. clang's, which calls libomp's entry points)
+            library = ctypes.CDLL(str(_build(name, cc, None)))
+            threads = f"tasks on overlock's thread pool: the OpenMP build failed ({_first_line(error)})"
     except subprocess.CalledProcessError as error:
-        lines = (error.stderr or "").strip().splitlines()
-        return None, f"{Path(cc).name} failed on csrc/{name}.c: {lines[0] if lines else error}"
+        return None, f"{Path(cc).name} failed on csrc/{name}.c: {_first_line(error)}"
     except (OSError, subprocess.SubprocessError) as error:
         return None, f"could not build or load csrc/{name}.c: {error}"
     except ValueError as error:  # shlex: unbalanced quotes
         return None, f"{FLAGS_ENV} does not parse as shell words: {error}"
     for function, argtypes in SIGNATURES[name].items():
-        getattr(library, function).argtypes = argtypes
-        getattr(library, function).restype = ctypes.c_int
-    return library, f"compiled with {Path(cc).name} {' '.join(flags())}"
+        entry = getattr(library, f"{function}_tasks")
+        entry.argtypes = argtypes + _TASK_ARGUMENTS
+        entry.restype = ctypes.c_int
+    return library, f"compiled with {Path(cc).name} {' '.join(flags())}; {threads}"
+
+
+def _first_line(error: Exception) -> str:
+    lines = (getattr(error, "stderr", None) or "").strip().splitlines()
+    return lines[0] if lines else str(error)
 
 
 def library(name: str) -> ctypes.CDLL | None:
@@ -214,21 +263,29 @@ def image_ranges(batch: int, count: int) -> list[tuple[int, int]]:
 _NO_RANGE = contextlib.nullcontext()
 
 
-def run(name: str, function: str, tasks: Sequence[tuple[int, ...]], arguments: Callable[[int], tuple]) -> None:
-    """function(*arguments(i), *tasks[i]) from csrc/<name>.c for every task; several at once in the
-    shared worker pool (kernels/cpu.py) when torch has several threads (ctypes releases the GIL for
-    the call). Raises MemoryError if a call could not allocate its buffers."""
-    call = getattr(library(name), function)
+def openmp(name: str) -> bool:
+    """Whether csrc/<name>.c runs its tasks on torch's OpenMP threads (else on overlock's pool)."""
+    library_ = library(name)
+    return library_ is not None and bool(library_.overlock_openmp())
 
-    def one(index: int) -> int:
-        return call(*arguments(index), *tasks[index])
 
-    indices = range(len(tasks))
+def run(name: str, function: str, tasks: Sequence[tuple[int, ...]], arguments: tuple) -> None:
+    """function(*arguments, *tasks[i]) from csrc/<name>.c for every task, through its entry point
+    (csrc/tasks.h; each task's index goes with it, for the kernels that write a buffer row per task).
+    With torch's thread count above 1 the tasks run at once: in one call on torch's OpenMP threads,
+    or, in a library built without OpenMP, one call per task in the shared worker pool
+    (kernels/cpu.py; ctypes releases the GIL for the call). Raises MemoryError if a call could not
+    allocate its buffers."""
+    entry = getattr(library(name), f"{function}_tasks")
+    rows = torch.tensor([(index, *task) for index, task in enumerate(tasks)], dtype=torch.long)
     count = workers()
     # While a profiler runs (torch.profiler, `overlock bench --profile`), a named range: ctypes
     # calls are not aten ops, so the profile would not see them otherwise.
     profiled = torch.autograd.profiler._is_profiler_enabled
     with torch.profiler.record_function(function.replace("overlock_", "overlock::", 1)) if profiled else _NO_RANGE:
-        statuses = [one(i) for i in indices] if count == 1 or len(tasks) == 1 else list(_pool(count).map(one, indices))
-    if any(statuses):
+        if count == 1 or len(tasks) == 1 or openmp(name):
+            failed = entry(*arguments, pointer(rows), len(tasks), count)
+        else:
+            failed = any(_pool(count).map(lambda i: entry(*arguments, pointer(rows[i]), 1, 1), range(len(tasks))))
+    if failed:
         raise MemoryError(f"{function}: could not allocate its buffers")

@@ -771,7 +771,7 @@ def _spy_pointers(monkeypatch, functions):
 
     def spied(name, function, tasks, arguments):
         if function in functions:
-            calls.append((function, [getattr(arg, "value", arg) for arg in arguments(0)]))
+            calls.append((function, [getattr(arg, "value", arg) for arg in arguments]))
         return original(name, function, tasks, arguments)
 
     monkeypatch.setattr(kernels.native, "run", spied)

@@ -33,6 +33,7 @@
  * read). query is addressed through element strides (qb, qh, qy, qx, qj); keys come
  * packed per row, (B*heads, c_q, KP) with KP = K*K rounded up to a multiple of 16, zero padded.
  */
+#include "tasks.h"
 #include "vectors.h"
 
 /* The packed keys' slot count, K*K rounded up to a multiple of 16 floats whatever this CPU's vector
@@ -297,3 +298,21 @@ int overlock_contmix_backward(const float* restrict grad, const float* restrict 
     free(keys_t);
     return 0;
 }
+
+/* Entry points for kernels/native.py `run` (tasks.h). */
+OVERLOCK_TASKS(overlock_contmix_forward, 3,
+               (const float* logits, const float* query, const float* keys, const float* bias, const float* value,
+                float* out, float* peak_out, float* total_out, long heads, long H, long W, long c, long K,
+                long cq, long zb, long zh, long zy, long zx, long qb, long qh, long qy, long qx, long qj, long vb,
+                long vh, long vy, long vx, const long* tasks, long ntasks, long threads),
+               overlock_contmix_forward(logits, query, keys, bias, value, out, peak_out, total_out, heads, H, W, c, K,
+                                        cq, zb, zh, zy, zx, qb, qh, qy, qx, qj, vb, vh, vy, vx, task[1], task[2]))
+OVERLOCK_TASKS(overlock_contmix_backward, 3,
+               (const float* grad, const float* logits, const float* query, const float* keys, const float* bias,
+                const float* lse, const float* dot, const float* value_t, float* dlogits, float* dvalue,
+                float* dquery, float* dkeys, float* dslots, float* drpb, long heads, long H, long W, long c,
+                long cv, long K, long cq, long P, long gb, long gh, long gy, long gx, long zb, long zh, long zy,
+                long zx, long qb, long qh, long qy, long qx, long qj, const long* tasks, long ntasks, long threads),
+               overlock_contmix_backward(grad, logits, query, keys, bias, lse, dot, value_t, dlogits, dvalue, dquery,
+                                         dkeys, dslots, drpb, heads, H, W, c, cv, K, cq, P, gb, gh, gy, gx, zb, zh,
+                                         zy, zx, qb, qh, qy, qx, qj, task[1], task[2]))

@@ -13,6 +13,7 @@
  * Weight is (K*K, C), tap-major; bias is (C) or NULL. Each call covers images [b0, b1), so callers
  * can split a batch between threads. Returns 0, or -1 if a buffer could not be allocated.
  */
+#include "tasks.h"
 #include "vectors.h"
 
 /* Outputs x0 .. x0 + XB - 1 of row y, channels [c, c + n): kernel rows ky0 .. ky1 - 1 (those that
@@ -103,3 +104,9 @@ int overlock_depthwise_conv_forward(const float* restrict input, const float* re
     free(taps);
     return 0;
 }
+
+/* Entry point for kernels/native.py `run` (tasks.h). */
+OVERLOCK_TASKS(overlock_depthwise_conv_forward, 3,
+               (const float* input, const float* weight, const float* bias, float* out, long H, long W, long C,
+                long K, long d, const long* tasks, long ntasks, long threads),
+               overlock_depthwise_conv_forward(input, weight, bias, out, H, W, C, K, d, task[1], task[2]))

@@ -12,6 +12,7 @@
  * Each call covers images [b0, b1) and ADDS to grad_weight ((K*K, C), tap-major): callers give
  * each concurrent call its own buffer. Returns 0, or -1 if the padded buffer could not be allocated.
  */
+#include "tasks.h"
 #include "vectors.h"
 
 /* The sums of KB consecutive kernel columns kx0 .. kx0 + KB - 1 of kernel row ky, channels [c, c + VW),
@@ -77,3 +78,10 @@ int overlock_depthwise_weight_grad(const float* restrict input, const float* res
     free(pad);
     return 0;
 }
+
+/* Entry point for kernels/native.py `run` (tasks.h): each task's sums go to row task[0] of grad_weight. */
+OVERLOCK_TASKS(overlock_depthwise_weight_grad, 3,
+               (const float* input, const float* grad, float* grad_weight, long weight_stride, long H, long W,
+                long C, long K, long d, const long* tasks, long ntasks, long threads),
+               overlock_depthwise_weight_grad(input, grad, grad_weight + task[0] * weight_stride, H, W, C, K, d,
+                                              task[1], task[2]))

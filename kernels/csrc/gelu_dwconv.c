@@ -20,6 +20,7 @@
  */
 #include <math.h>
 
+#include "tasks.h"
 #include "vectors.h"
 
 /* GELU(x) into *act; returns GELU'(x) = Phi(x) + x phi(x) when want_grad, else 0. */
@@ -302,3 +303,24 @@ done:
     free(taps);
     return status;
 }
+
+/* Entry points for kernels/native.py `run` (tasks.h). Per-task partial sums go to row task[0] of
+ * their buffers. */
+OVERLOCK_TASKS(overlock_gelu_dwconv3x3_forward, 5,
+               (const float* hidden, const float* weight, const float* bias, float* out, float* squares,
+                long squares_stride, long H, long W, long C, const long* tasks, long ntasks, long threads),
+               overlock_gelu_dwconv3x3_forward(hidden, weight, bias, out, squares + task[0] * squares_stride, H, W,
+                                               C, task[1], task[2], task[3], task[4]))
+OVERLOCK_TASKS(overlock_gelu_dwconv3x3_grn_forward, 3,
+               (const float* hidden, const float* weight, const float* bias, const float* gamma,
+                const float* beta, float* out, long H, long W, long C, double floor, double eps,
+                const long* tasks, long ntasks, long threads),
+               overlock_gelu_dwconv3x3_grn_forward(hidden, weight, bias, gamma, beta, out, H, W, C, floor, eps,
+                                                   task[1], task[2]))
+OVERLOCK_TASKS(overlock_gelu_dwconv3x3_backward, 5,
+               (const float* hidden, const float* grad, const float* weight, float* grad_hidden,
+                float* grad_weight, long weight_stride, float* grad_bias, long bias_stride, long H, long W,
+                long C, const long* tasks, long ntasks, long threads),
+               overlock_gelu_dwconv3x3_backward(hidden, grad, weight, grad_hidden, grad_weight + task[0] * weight_stride,
+                                                grad_bias + task[0] * bias_stride, H, W, C, task[1], task[2],
+                                                task[3], task[4]))

@@ -9,6 +9,7 @@
  * images [b0, b1), so callers can split a batch between threads. Return 0, or -1 if a buffer could
  * not be allocated.
  */
+#include "tasks.h"
 #include "vectors.h"
 
 /* Pixels summed in float before each partial sum is added to the image's total (two levels keep
@@ -72,3 +73,13 @@ int overlock_grn_input_grad(const float* g, const float* restrict x, const float
     }
     return 0;
 }
+
+/* Entry points for kernels/native.py `run` (tasks.h). */
+OVERLOCK_TASKS(overlock_grn_backward_sums, 3,
+               (const float* g, const float* x, float* sum_gx, float* sum_g, long P, long C, const long* tasks,
+                long ntasks, long threads),
+               overlock_grn_backward_sums(g, x, sum_gx, sum_g, P, C, task[1], task[2]))
+OVERLOCK_TASKS(overlock_grn_input_grad, 3,
+               (const float* g, const float* x, const float* scale, const float* coef, float* out, long P, long C,
+                const long* tasks, long ntasks, long threads),
+               overlock_grn_input_grad(g, x, scale, coef, out, P, C, task[1], task[2]))

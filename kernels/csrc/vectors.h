@@ -16,7 +16,7 @@
 #define VW 4
 #endif
 
-/* The width this library was built with (each csrc/*.c is its own library): what tests check when
+/* The width this library was built with (each csrc/<name>.c is its own library): what tests check when
  * they build for narrower vectors (kernels/native.py `OVERLOCK_NATIVE_FLAGS`). */
 int overlock_vector_width(void) { return VW; }
 
