@@ -2,9 +2,12 @@
 
 Why C and not a PyTorch C++ extension: the kernels need nothing from PyTorch but pointers, so a
 plain C file compiles in about a second (a C++ extension that includes torch's headers takes a
-minute) and loads with ctypes, which releases the GIL during the call, so that callers can run
-several calls in parallel threads. It is compiled for this machine's CPU (`-march=native`) and
-cached per source (with csrc/*.h), compiler, flags and CPU in `$OVERLOCK_CACHE_DIR` (default
+minute) and loads with ctypes. Each call covers a batch split into tasks (csrc/tasks.h) that run on
+torch's own OpenMP threads: where torch runs on GNU OpenMP (Linux wheels), the library is built with
+-fopenmp and linked against the libgomp torch loaded (`OVERLOCK_NATIVE_OPENMP=0`: not). Elsewhere
+ctypes releases the GIL during a call, and overlock's thread pool runs the tasks. It is compiled
+for this machine's CPU (`-march=native`) and cached per source (with csrc/*.h), compiler, flags,
+OpenMP runtime and CPU in `$OVERLOCK_CACHE_DIR` (default
 `~/.cache/overlock/native`), written atomically, so concurrent processes share one build.
 `$OVERLOCK_NATIVE_FLAGS` adds compiler flags (`flags()`).
 
@@ -277,15 +280,18 @@ def run(name: str, function: str, tasks: Sequence[tuple[int, ...]], arguments: t
     (kernels/cpu.py; ctypes releases the GIL for the call). Raises MemoryError if a call could not
     allocate its buffers."""
     entry = getattr(library(name), f"{function}_tasks")
-    rows = torch.tensor([(index, *task) for index, task in enumerate(tasks)], dtype=torch.long)
+    width = 1 + len(tasks[0])
+    rows = (ctypes.c_long * (width * len(tasks)))(*(n for index, task in enumerate(tasks) for n in (index, *task)))
     count = workers()
     # While a profiler runs (torch.profiler, `overlock bench --profile`), a named range: ctypes
     # calls are not aten ops, so the profile would not see them otherwise.
     profiled = torch.autograd.profiler._is_profiler_enabled
     with torch.profiler.record_function(function.replace("overlock_", "overlock::", 1)) if profiled else _NO_RANGE:
         if count == 1 or len(tasks) == 1 or openmp(name):
-            failed = entry(*arguments, pointer(rows), len(tasks), count)
+            failed = entry(*arguments, rows, len(tasks), count)
         else:
-            failed = any(_pool(count).map(lambda i: entry(*arguments, pointer(rows[i]), 1, 1), range(len(tasks))))
+            row = ctypes.sizeof(ctypes.c_long) * width
+            start = ctypes.addressof(rows)
+            failed = any(_pool(count).map(lambda i: entry(*arguments, start + i * row, 1, 1), range(len(tasks))))
     if failed:
         raise MemoryError(f"{function}: could not allocate its buffers")

@@ -567,21 +567,78 @@ def test_conv_mlp_takes_grn_into_the_compiled_op_only_where_nothing_needs_a_grad
 
 @needs_library
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the flags are x86's")
-@pytest.mark.parametrize(("flags", "width"), [("-mno-avx512f", 8), ("-mno-avx", 4)], ids=["8 floats", "4 floats"])
-def test_kernels_built_for_narrower_vectors_pass_these_tests(flags, width, tmp_path):
+@pytest.mark.parametrize(
+    ("flags", "width", "openmp"),
+    [("-mno-avx512f", 8, "1"), ("-mno-avx", 4, "0")],
+    ids=["8 floats", "4 floats, overlock's thread pool"],
+)
+def test_kernels_built_for_narrower_vectors_pass_these_tests(flags, width, openmp, tmp_path):
     """Each C kernel built for AVX2's 8-float vectors and for 4 (SSE's, NEON's) passes this file's
     tests and the depthwise C kernels': a CPU runs the width it has, and each width strides and rounds
     its own way (AVX2 read ContMix's packed keys at a stride of 56 slots where they were 64 for K = 7,
-    until the packing was made 16 slots whatever the width). This machine's own width runs above."""
+    until the packing was made 16 slots whatever the width). This machine's own width runs above.
+    The 4-float build is also built without OpenMP, so its tests run the tasks on overlock's own
+    thread pool (where torch has no GNU OpenMP runtime, or a compiler no GNU OpenMP)."""
     native_width = native.library(gelu_dwconv.LIBRARY).overlock_vector_width()
-    env = {**os.environ, native.FLAGS_ENV: flags, native.CACHE_ENV: str(tmp_path)}
-    probe = "from overlock.kernels import native\nprint(*(native.library(n).overlock_vector_width() for n in native.SIGNATURES))"
+    env = {**os.environ, native.FLAGS_ENV: flags, native.CACHE_ENV: str(tmp_path), native.OPENMP_ENV: openmp}
+    probe = (
+        "from overlock.kernels import native\n"
+        "print(*(native.library(n).overlock_vector_width() for n in native.SIGNATURES))\n"
+        "print(*(int(native.openmp(n)) for n in native.SIGNATURES))"
+    )
     built = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr[-2000:]
-    assert built.stdout.split() == [str(min(width, native_width))] * len(native.SIGNATURES)
-    selection = "(test_native.py and not narrower_vectors) or (test_depthwise.py and the_c_)"
+    widths, teams = built.stdout.splitlines()
+    assert widths.split() == [str(min(width, native_width))] * len(native.SIGNATURES)
+    expected = "1" if openmp == "1" and native._openmp_runtime() is not None else "0"
+    assert teams.split() == [expected] * len(native.SIGNATURES)
+    selection = "(test_native.py and not narrower_vectors and not torch_runs_on) or (test_depthwise.py and the_c_)"
     tests = [str(Path(__file__)), str(Path(__file__).with_name("test_depthwise.py"))]
     command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests, "-k", selection]
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:]
     assert " passed" in run.stdout and "skipped" not in run.stdout.splitlines()[-1], run.stdout[-500:]
+
+
+def _mapped_openmp_runtimes() -> set[str]:
+    lines = Path("/proc/self/maps").read_text().splitlines()
+    return {line.split(maxsplit=5)[-1] for line in lines if "/libgomp" in line}
+
+
+@needs_library
+@pytest.mark.skipif(
+    native._openmp_runtime() is None, reason="torch has no GNU OpenMP runtime here, or OVERLOCK_NATIVE_OPENMP=0"
+)
+def test_kernels_run_their_tasks_on_the_openmp_runtime_torch_runs_on():
+    """Every library is built with OpenMP and linked against the very libgomp torch loaded: one
+    runtime in the process (a second would bring a second set of threads to fight torch's for the
+    cores), and the status that `overlock bench` prints says so."""
+    before = _mapped_openmp_runtimes()
+    for name in native.SIGNATURES:
+        assert native.openmp(name), native.status(name)
+        assert "tasks on torch's OpenMP threads" in native.status(name)
+    assert _mapped_openmp_runtimes() == before == {str(native._openmp_runtime())}
+
+
+@needs_library
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_failed_openmp_build_runs_the_tasks_on_overlocks_pool(fresh_build, monkeypatch, threads):
+    """Where the OpenMP build does not link or load (here: a runtime that is not there; elsewhere a
+    compiler whose OpenMP calls another runtime's entry points), the library is built again without
+    OpenMP and its tasks run on overlock's thread pool: the same results, the reason in the status,
+    and nothing half-built left in the cache."""
+    monkeypatch.setattr(native, "_openmp_runtime", lambda: fresh_build / "missing" / "libgomp.so.1")
+    assert native.library(gelu_dwconv.LIBRARY) is not None
+    assert not native.openmp(gelu_dwconv.LIBRARY)
+    assert "thread pool: the OpenMP build failed" in native.status(gelu_dwconv.LIBRARY)
+    assert [p.name.startswith("gelu_dwconv-") and p.suffix == ".so" for p in fresh_build.iterdir()] == [True]
+    hidden, weight, bias = _inputs((5, 19, 6, 7))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out, squares = gelu_dwconv.gelu_dwconv3x3(hidden, weight, bias)
+    finally:
+        torch.set_num_threads(before)
+    expected, expected_squares = gelu_dwconv.reference(hidden.double(), weight.double(), bias.double())
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(squares.double(), expected_squares, rtol=1e-5, atol=1e-4)
