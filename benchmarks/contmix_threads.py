@@ -1,13 +1,15 @@
-"""Thread scaling of the CPU ContMix path: chunk-parallel workers vs PyTorch's per-op threading.
+"""Thread scaling of the CPU ContMix path: the C kernel's tasks on torch's OpenMP threads vs on overlock's pool.
 
     python benchmarks/contmix_threads.py                  # T stage-3 shape at 448 (28x28, K=13), batch 8
     python benchmarks/contmix_threads.py --contend        # the same with a busy process on one core
 
-Forward+backward of `kernels.contmix(backend="cpu")` at 1 and N threads, two ways interleaved call
-by call: "per-op" (every op of every chunk is its own OpenMP region, as before issue 10) and
-"chunks" (the worker pool of kernels/cpu.py: whole chunks per thread, one region per call).
-`--contend` starts a spinning process (pinned to the last core where possible) for the duration,
-which is what a shared machine or a data-loader worker does to a training run.
+Forward+backward of `kernels.contmix(backend="cpu")` at 1 and N threads, interleaved call by call,
+its C kernels' tasks run two ways: "pool" (overlock's Python thread pool, one ctypes call per task,
+as before round 21 and where torch has no GNU OpenMP) and "openmp" (one call, the tasks on torch's
+own OpenMP team; kernels/csrc/tasks.h). Where the libraries were built without OpenMP
+(`OVERLOCK_NATIVE_OPENMP=0`) both rows run the pool. `--contend` starts a spinning process (pinned
+to the last core where possible) for the duration, which is what a shared machine or a data-loader
+worker does to a training run.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 
 from overlock import kernels
 from overlock.archspec import load
-from overlock.kernels import cpu
+from overlock.kernels import native
 
 
 def spin() -> None:
@@ -52,15 +54,18 @@ def main() -> None:
     rpb = torch.zeros(heads, 2 * k - 1, 2 * k - 1, requires_grad=True)
     value = torch.randn(args.batch_size, heads, size, size, channels, generator=gen, requires_grad=True)
     grad = torch.randn(args.batch_size, heads, size, size, channels, generator=gen)
-    real_workers = cpu._workers
+    built_with_openmp = native.openmp
 
     def call(mode: str) -> float:
-        cpu._workers = real_workers if mode == "chunks" else (lambda device: 1)
-        tick = time.perf_counter()
-        out = kernels.contmix(logits, rpb, value, k, backend="cpu")
-        torch.autograd.grad(out, (logits, rpb, value), grad)
-        cpu._workers = real_workers
-        return time.perf_counter() - tick
+        if mode == "pool":
+            native.openmp = lambda name: False  # native.run then hands each task to the pool
+        try:
+            tick = time.perf_counter()
+            out = kernels.contmix(logits, rpb, value, k, backend="cpu")
+            torch.autograd.grad(out, (logits, rpb, value), grad)
+            return time.perf_counter() - tick
+        finally:
+            native.openmp = built_with_openmp
 
     spinner = None
     if args.contend:
@@ -68,7 +73,7 @@ def main() -> None:
         spinner.start()
     try:
         times: dict[tuple[int, str], list[float]] = {}
-        settings = [(1, "per-op"), (args.threads, "per-op"), (args.threads, "chunks")]
+        settings = [(1, "openmp"), (args.threads, "pool"), (args.threads, "openmp")]
         for threads, mode in settings:  # warm-up
             torch.set_num_threads(threads)
             call(mode)
@@ -79,7 +84,7 @@ def main() -> None:
     finally:
         if spinner is not None:
             spinner.terminate()
-    base = statistics.median(times[(1, "per-op")])
+    base = statistics.median(times[(1, "openmp")])
     print(
         f"{args.preset} stage-3 ContMix at {args.img_size}: {size}x{size}, K={k}, {heads} heads x {channels} channels, "
         f"batch {args.batch_size}; forward+backward; {'with' if args.contend else 'without'} a busy core; "
