@@ -124,18 +124,30 @@ def cache_dir() -> Path:
 
 def _openmp_runtime() -> Path | None:
     """The GNU OpenMP runtime this process's torch runs on (the `libgomp*.so*` mapped into it), which
-    the kernels are linked against so that they run on torch's own threads (csrc/tasks.h). None where
-    torch has none (macOS's libomp, Intel's libiomp5, Windows), or with `OVERLOCK_NATIVE_OPENMP=0`:
-    then the kernels are built without OpenMP and run on overlock's thread pool."""
+    the kernels are linked against so that they run on torch's own threads (csrc/tasks.h): torch's
+    own copy where it ships one, else the only one mapped. None where that is not clear (torch on
+    macOS's libomp or Intel's libiomp5, or several runtimes mapped), or with
+    `OVERLOCK_NATIVE_OPENMP=0`: then the kernels are built without OpenMP and run on overlock's
+    thread pool."""
     if _off(OPENMP_ENV):
         return None
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return None
-    paths = {line.split(maxsplit=5)[-1] for line in maps.splitlines() if "/libgomp" in line}
-    found = sorted(path for path in paths if Path(path).name.startswith("libgomp") and Path(path).exists())
-    return Path(found[0]) if found else None
+    return _runtime_among(maps, Path(torch.__file__).parent)
+
+
+def _runtime_among(maps: str, torch_dir: Path) -> Path | None:
+    """`_openmp_runtime`'s choice among the files a /proc/<pid>/maps text lists."""
+    mapped = {Path(line.split(maxsplit=5)[-1]) for line in maps.splitlines() if ".so" in line}
+    if any(path.name.startswith(("libomp.", "libiomp")) for path in mapped):
+        return None
+    gnu = sorted(path for path in mapped if path.name.startswith("libgomp") and path.exists())
+    torchs = [path for path in gnu if torch_dir in path.parents]
+    if torchs:
+        return torchs[0]
+    return gnu[0] if len(gnu) == 1 else None
 
 
 def _off(variable: str) -> bool:

@@ -620,6 +620,30 @@ def test_kernels_run_their_tasks_on_the_openmp_runtime_torch_runs_on():
     assert _mapped_openmp_runtimes() == before == {str(native._openmp_runtime())}
 
 
+def test_the_openmp_runtime_is_torchs_own_or_the_only_one(tmp_path):
+    """Which libgomp the kernels link against, from the files a process has mapped: torch's own copy
+    before any other, else the only one; none where another OpenMP runtime is mapped (torch on
+    libomp or libiomp5) or where several GNU ones leave it unclear."""
+    torch_dir, system = tmp_path / "torch", tmp_path / "usr" / "lib"
+    for folder in (torch_dir / "lib", system):
+        folder.mkdir(parents=True)
+    torchs, systems, other = torch_dir / "lib" / "libgomp.so.1", system / "libgomp.so.1", system / "libgomp-x.so.1"
+    for path in (torchs, systems, other):
+        path.write_bytes(b"")
+
+    def maps(*paths: Path) -> str:
+        return (
+            "".join(f"7f00-7f01 r-xp 00000000 08:01 42   {path}\n" for path in paths) + "7f02-7f03 rw-p 0 0 0 [heap]\n"
+        )
+
+    assert native._runtime_among(maps(systems, torchs), torch_dir) == torchs
+    assert native._runtime_among(maps(systems), torch_dir) == systems
+    assert native._runtime_among(maps(systems, other), torch_dir) is None
+    assert native._runtime_among(maps(torchs, system / "libiomp5.so"), torch_dir) is None
+    assert native._runtime_among(maps(system / "libomp.so"), torch_dir) is None
+    assert native._runtime_among(maps(tmp_path / "gone" / "libgomp.so.1"), torch_dir) is None
+
+
 @needs_library
 @pytest.mark.parametrize("threads", [1, 3])
 def test_a_failed_openmp_build_runs_the_tasks_on_overlocks_pool(fresh_build, monkeypatch, threads):
