@@ -206,7 +206,12 @@ def _load(name: str) -> tuple[ctypes.CDLL | None, str]:
     if cc is None:
         return None, "no C compiler found (set CC, or install gcc or clang)"
     runtime = _openmp_runtime()
-    threads = "tasks on torch's OpenMP threads" if runtime else "tasks on overlock's thread pool"
+    if runtime is not None:
+        threads = "tasks on torch's OpenMP threads"
+    elif _off(OPENMP_ENV):
+        threads = f"tasks on overlock's thread pool: {OPENMP_ENV}={os.environ[OPENMP_ENV]}"
+    else:
+        threads = "tasks on overlock's thread pool: torch runs on no GNU OpenMP runtime here"
     try:
         try:
             library = ctypes.CDLL(str(_build(name, cc, runtime)))
@@ -291,6 +296,8 @@ def run(name: str, function: str, tasks: Sequence[tuple[int, ...]], arguments: t
     or, in a library built without OpenMP, one call per task in the shared worker pool
     (kernels/cpu.py; ctypes releases the GIL for the call). Raises MemoryError if a call could not
     allocate its buffers."""
+    if not tasks:  # an empty batch
+        return
     entry = getattr(library(name), f"{function}_tasks")
     width = 1 + len(tasks[0])
     rows = (ctypes.c_long * (width * len(tasks)))(*(n for index, task in enumerate(tasks) for n in (index, *task)))
