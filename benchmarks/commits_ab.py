@@ -8,8 +8,9 @@ What `benchmarks/layers_ab.py` cannot switch in one process (a C kernel's source
 whole round) is compared here: each commit is checked out into a temporary git worktree, and one
 process per commit and run imports overlock from it (its C kernels compile from its own sources)
 and times inference (training form and deploy form at batch 8, training form at batch 1) and a
-training step, one thread (`--threads`), medians of 5 / 15 / 3 calls. The processes alternate old, new, old, new
-..., so a change in the machine's load reaches both. Prints every run and the median per commit.
+training step, at one thread (or `--threads`), medians of 5 / 15 / 3 calls. The processes alternate
+old, new, old, new ..., so a change in the machine's load reaches both. Prints every run and the
+median per commit.
 """
 
 from __future__ import annotations

@@ -578,7 +578,7 @@ def test_kernels_built_for_narrower_vectors_pass_these_tests(flags, width, openm
     its own way (AVX2 read ContMix's packed keys at a stride of 56 slots where they were 64 for K = 7,
     until the packing was made 16 slots whatever the width). This machine's own width runs above.
     The 4-float build is also built without OpenMP, so its tests run the tasks on overlock's own
-    thread pool (where torch has no GNU OpenMP runtime, or a compiler no GNU OpenMP)."""
+    thread pool, as where torch has no GNU OpenMP runtime or the compiler no GNU OpenMP."""
     native_width = native.library(gelu_dwconv.LIBRARY).overlock_vector_width()
     env = {**os.environ, native.FLAGS_ENV: flags, native.CACHE_ENV: str(tmp_path), native.OPENMP_ENV: openmp}
     probe = (
