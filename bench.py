@@ -24,14 +24,15 @@ backward time to the module whose forward op created the autograd node (matched 
 sequence number the profiler records for both). Reported per sub-network (the model's children),
 per part (modules grouped by their attribute name and class, e.g. `large_kernel (DilatedRepConv)`,
 inclusive time, so nested parts overlap) and per operator (ContMix's `overlock::` ops or, where the C
-kernels form its logits, `ContMixFromQueries`, and the calls of overlock's C kernels included). On CUDA the time is the GPU's: each operator is charged its
-kernels' device time (its CPU time there is only the asynchronous launches). The profiled call
-runs the path the timed calls run: the range hooks are marked as observers (builder/layers.py
-`observer`), which the fast paths ignore, and a path that does a module's work without calling
-it (a BN folded into its conv, GELU -> dwconv -> GRN as one compiled kernel) opens that module's
-range itself (`standing_in`), so that work is
-timed under the module it stands for (the MLP's middle under its `dwconv`; GELU and GRN then have
-no rows of their own).
+kernels form its logits, `ContMixFromQueries`, and the calls of overlock's C kernels included). On
+CUDA the time is the GPU's: each operator is charged its kernels' device time (its CPU time there
+is only the asynchronous launches). `PROFILE_CALLS` calls are profiled one by one and the median
+one by total is reported, with every call's total beside it. The profiled calls run the path the
+timed calls run: the range hooks are marked as observers (builder/layers.py `observer`), which the
+fast paths ignore, and a path that does a module's work without calling it (a BN folded into its
+conv, GELU -> dwconv -> GRN as one compiled kernel) opens that module's range itself
+(`standing_in`), so that work is timed under the module it stands for (the MLP's middle under its
+`dwconv`; GELU and GRN then have no rows of their own).
 
 On the CPU, `cpu_kernels` says whether overlock's compiled C kernels ran (kernels/native.py).
 """
@@ -517,9 +518,15 @@ def _part_key(name: str, module: nn.Module) -> str:
     return f"{parts[-1] if parts else '<model>'} ({type(module).__name__})"
 
 
-def profile_step(model: nn.Module, step: Callable[[], object], device: torch.device | None = None) -> dict:
-    """Profile one call of `step`; seconds per sub-network, per part and per operator (see module doc).
-    On CUDA the seconds are the GPU kernels' time, each charged to the operator that launched it."""
+# Calls `profile_step` profiles; it reports the one whose total is their median. On a shared machine
+# one call now and then runs several times slower in some ops (seen here: the dilated depthwise
+# convs of one training step 10x slower than in the steps around it), and one profiled call would
+# put that in the table.
+PROFILE_CALLS = 3
+
+
+def _profile_call(model: nn.Module, step: Callable[[], object], device: torch.device | None) -> tuple[dict, dict]:
+    """`attribute` of one profiled call of `step`, in a profiler session of its own."""
     from torch.profiler import ProfilerActivity, profile
 
     on_gpu = device is not None and device.type == "cuda"
@@ -527,7 +534,24 @@ def profile_step(model: nn.Module, step: Callable[[], object], device: torch.dev
     with module_scopes(model), profile(activities=activities) as prof:
         step()
         _sync(device or torch.device("cpu"))
-    per_module, per_op = attribute(prof.events(), device_time=on_gpu)
+    return attribute(prof.events(), device_time=on_gpu)
+
+
+def profile_step(
+    model: nn.Module, step: Callable[[], object], device: torch.device | None = None, calls: int = PROFILE_CALLS
+) -> dict:
+    """Profile `calls` calls of `step` and report the median one (by total): seconds per sub-network,
+    per part and per operator (see module doc), and every call's total (`call_totals_s`), so the
+    spread shows. One call's breakdown, not medians per row: those would not add up to a total.
+    On CUDA the seconds are the GPU kernels' time, each charged to the operator that launched it."""
+    on_gpu = device is not None and device.type == "cuda"
+    profiled = []
+    for _ in range(max(1, calls)):
+        per_module, per_op = _profile_call(model, step, device)
+        total = sum(t["forward"] + t["backward"] for t in per_module.values())
+        profiled.append((total, per_module, per_op))
+    totals = [total for total, _, _ in profiled]
+    total, per_module, per_op = sorted(profiled, key=lambda entry: entry[0])[(len(profiled) - 1) // 2]
     modules = dict(model.named_modules())
 
     def inclusive(prefix: str) -> dict[str, float]:
@@ -551,10 +575,10 @@ def profile_step(model: nn.Module, step: Callable[[], object], device: torch.dev
         entry["forward"] += times["forward"]
         entry["backward"] += times["backward"]
         entry["count"] += 1
-    total = sum(t["forward"] + t["backward"] for t in per_module.values())
     return {
         "clock": "GPU kernels" if on_gpu else "CPU",
         "total_s": total,
+        "call_totals_s": totals,
         "subnetworks": subnets,
         "parts": dict(parts),
         "operators": dict(sorted(per_op.items(), key=lambda kv: -kv[1])),
@@ -617,7 +641,12 @@ def render(result: BenchResult) -> list:
         return table
 
     # (a line of its own: as a table's title it would wrap at the narrow table's width)
-    tables.append(Text(f"profile: one call, {1e3 * total:.0f} ms of operators ({profile.get('clock', 'CPU')} time)"))
+    calls = profile.get("call_totals_s") or [total]
+    which = f"the median of {len(calls)} calls" if len(calls) > 1 else "one call"
+    clock = profile.get("clock", "CPU")
+    tables.append(Text(f"profile: {which}, {1e3 * total:,.0f} ms of operators ({clock} time)"))
+    if len(calls) > 1:
+        tables.append(Text(f"the calls' totals: {', '.join(f'{1e3 * t:,.0f}' for t in calls)} ms"))
     tables.append(breakdown("by sub-network", profile["subnetworks"]))
     tables.append(breakdown("by part (inclusive; nested parts overlap)", profile["parts"], limit=30))
     ops = Table(title="by operator (forward ops, and backward nodes)", title_justify="left")

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from overlock.bench import BenchSettings, LiveMemory, attribute, bench, module_scopes, spread
+from overlock.bench import BenchSettings, LiveMemory, attribute, bench, module_scopes, profile_step, spread
 from overlock.builder import build
 from overlock.builder.layers import ConvMLP, hooked, observer
 from overlock.cli import app
@@ -47,7 +47,8 @@ def test_bench_profile_prints_its_total_on_a_line_of_its_own_then_the_breakdowns
     """The total is no table's title: as one it wrapped at the narrow table's width."""
     result = run("bench", "pico", *SMALL, "--profile")
     assert result.exit_code == 0, result.output
-    assert re.search(r"^profile: one call, [\d,]+ ms of operators \(CPU time\)$", result.stdout, re.MULTILINE)
+    assert re.search(r"^profile: the median of 3 calls, [\d,]+ ms of operators \(CPU time\)$", result.stdout, re.M)
+    assert re.search(r"^the calls' totals: [\d,]+, [\d,]+, [\d,]+ ms$", result.stdout, re.MULTILINE)
     titles = [line.strip() for line in result.stdout.splitlines()]
     assert {"by sub-network", "by part (inclusive; nested parts overlap)"} <= set(titles)
 
@@ -95,6 +96,30 @@ def test_profile_attributes_time_to_every_block_part_forward_and_backward():
     # ContMix's operator: the autograd function around the C kernels that form the logits, or the custom op
     assert any(op.startswith(("ContMixFromQueries", "overlock::contmix")) for op in profile["operators"])
     assert sum(t["forward"] + t["backward"] for t in subnets.values()) <= profile["total_s"] + 1e-9
+
+
+def test_profile_reports_its_median_call_not_one_that_ran_slow():
+    """Of three profiled calls the second does fifty times the work, in another op (sin, where the
+    others run tanh): the profile is a call that ran tanh, and every call's total is beside it."""
+
+    class Outlier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            if self.calls == 2:
+                for _ in range(50):
+                    x = torch.sin(x)
+                return x
+            return torch.tanh(x)
+
+    model, image = Outlier(), torch.randn(64, 64, 64)
+    profile = profile_step(model, lambda: model(image), calls=3)
+    assert model.calls == 3 and len(profile["call_totals_s"]) == 3
+    assert "aten::tanh" in profile["operators"] and "aten::sin" not in profile["operators"]
+    assert profile["total_s"] == sorted(profile["call_totals_s"])[1] < max(profile["call_totals_s"])
 
 
 @pytest.mark.skipif(native.library(gelu_dwconv.LIBRARY) is None, reason="no C compiler: no fused MLP op to profile")
