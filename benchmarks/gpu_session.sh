@@ -17,7 +17,8 @@
 #   depthwise        the depthwise convs, cuDNN against Triton, per shape  -> depthwise_gpu_<gpu>.{json,md}
 #   compare_cudnn    compare's float32 table with the depthwise convs forced to cuDNN (the
 #                    baseline of the Triton kernels, same machine)          -> compare_convnext_<gpu>_fp32_cudnn.*
-#   profile          XT's CUDA kernels by time (inference fp32/bf16, train) -> gpu_profile_xt_<gpu>.txt
+#   profile          XT's CUDA kernels by time (inference fp32/bf16, train) -> gpu_profile_xt_<gpu>.txt, and
+#                    `overlock bench --profile` of the same (time per block part) -> gpu_bench_profile_xt_<gpu>.txt
 #   layouts          `overlock bench xt` with and without --channels-last (inference and training,
 #                    float32 and bf16): whether the model should run NHWC on a GPU -> gpu_layouts_<gpu>.jsonl
 #   compare_compile  the same with --compile, bf16 (XT, T, convnext_tiny)  -> compare_convnext_<gpu>_bf16_compile.*
@@ -36,7 +37,7 @@ steps=("$@")
 all_steps=(tests compare depthwise compare_cudnn profile layouts compare_compile contmix neighborhood train_step train compare_compile_fp32)
 [ ${#steps[@]} -eq 0 ] && steps=("${all_steps[@]}")
 # Seconds per step (LIMIT_<step> overrides); a typo in a step name is caught before anything runs.
-declare -A limit=([tests]=240 [compare]=240 [depthwise]=150 [compare_cudnn]=150 [profile]=120 [layouts]=150 [compare_compile]=420 [compare_compile_fp32]=420
+declare -A limit=([tests]=240 [compare]=240 [depthwise]=150 [compare_cudnn]=150 [profile]=180 [layouts]=150 [compare_compile]=420 [compare_compile_fp32]=420
     [contmix]=180 [neighborhood]=90 [train_step]=120 [train]=300)
 for step in "${steps[@]}"; do
     if [ -z "${limit[$step]:-}" ]; then
@@ -97,6 +98,13 @@ step_compare_cudnn() {
 }
 step_profile() {
     "$PY" benchmarks/gpu_profile.py --presets xt --out "$out"
+    # the same GPU time by sub-network, block part and operator (which convolutions the kernels serve)
+    local mode
+    for mode in "" --train; do
+        # shellcheck disable=SC2086  # an empty flag vanishes
+        COLUMNS=140 "$PY" -m overlock.cli bench xt --device cuda --batch-size 64 --reps 5 --profile $mode \
+            >>"$out/gpu_bench_profile_xt_$gpu.txt" || return 1
+    done
 }
 step_layouts() {
     local mode amp layout
