@@ -331,6 +331,11 @@ def prepare(model: nn.Module, settings: BenchSettings) -> nn.Module:
     if settings.deploy and settings.train:
         raise OverlockError("--deploy with --train: the deploy form is for inference; drop one of the two")
     if settings.grad_checkpoint:
+        if not settings.train:
+            raise OverlockError(
+                "--grad-checkpoint without --train: checkpointing changes only a training step "
+                "(inference keeps no activations for a backward); add --train or drop the flag"
+            )
         if not hasattr(model, "set_grad_checkpointing"):
             raise OverlockError("--grad-checkpoint: this model has no set_grad_checkpointing(); drop the flag")
         model.set_grad_checkpointing(True)

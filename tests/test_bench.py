@@ -210,6 +210,8 @@ def test_deploy_and_inference_run_and_bad_flags_are_clear_errors():
     assert bad.exit_code == 2 and "valid devices are cpu and cuda" in bad.output
     both = run("bench", "pico", *SMALL, "--deploy", "--train")
     assert both.exit_code == 2 and "--deploy with --train" in both.output
+    inference = run("bench", "pico", *SMALL, "--grad-checkpoint")
+    assert inference.exit_code == 2 and "--grad-checkpoint without --train" in inference.output
 
 
 def test_spread_of_times():
