@@ -13,7 +13,8 @@
 # seconds, overridable as LIMIT_<step>=...; a failing or timed-out step does not stop the rest):
 #   tests            tests/test_cuda.py + the Triton kernel tests, serially -> gpu_tests.log, gpu_test_failures.log
 #                    (every test's outcome and every failure's traceback the moment it happens)
-#   compare          compare_convnext.py, eager, float32 and bf16 autocast -> compare_convnext_<gpu>_{fp32,bf16}.{json,md}
+#   compare          compare_convnext.py against convnext_tiny, eager, float32 and bf16 autocast
+#                                                                           -> compare_convnext_<gpu>_{fp32,bf16}.{json,md}
 #   depthwise        the depthwise convs, cuDNN against Triton, per shape  -> depthwise_gpu_<gpu>.{json,md}
 #   compare_cudnn    compare's float32 table with the depthwise convs forced to cuDNN (the
 #                    baseline of the Triton kernels, same machine)          -> compare_convnext_<gpu>_fp32_cudnn.*
@@ -87,8 +88,10 @@ step_tests() {
         2>&1 | tee "$out/gpu_tests.log"
 }
 step_compare() {
-    compare fp32 --modes infer,deploy,train
-    compare bf16 --modes infer,deploy,train --amp
+    # convnext_tiny only (the baseline; resnet50 and swin_tiny are in the first lease's table):
+    # the first call of each depthwise shape now also compiles and times the Triton kernels
+    compare fp32 --modes infer,deploy,train --timm convnext_tiny
+    compare bf16 --modes infer,deploy,train --amp --timm convnext_tiny
 }
 step_depthwise() {
     "$PY" benchmarks/depthwise_gpu.py --out "$out"

@@ -23,15 +23,19 @@ of each shape and runs the faster (no GPU had run them when they were written).
   the columns. Each program writes its own (K, BLOCK_C) partial sums; the shares are summed after
   (deterministic, no atomics).
 Inputs may be float16, bfloat16 or float32 in any memory layout (strides are arguments);
-everything accumulates in float32. On a GPU Triton's autotuner picks the tiles (FORWARD_TILES,
-WEIGHT_GRAD_TILES); the interpreter takes whole maps.
+everything accumulates in float32. On a GPU Triton's autotuner picks the tiles (FORWARD_TILES, of
+which `forward_tiles_for` keeps those that suit the map's layout, and WEIGHT_GRAD_TILES), timing
+each briefly and keeping its choice on disk; the interpreter takes whole maps.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
 from .triton_kernels import INTERPRETED
 
@@ -133,8 +137,8 @@ def _pow2_at_most(n: int, cap: int) -> int:
 
 
 # On a GPU Triton's autotuner picks the tiles per map shape and layout (the first call of each times
-# every config; no GPU had run these when they were written, so the list spans the layouts rather
-# than being tuned). Forward: ROWS x BLOCK_W x BLOCK_C float32 accumulators, 2048-8192 (16 to 64
+# the configs `forward_tiles_for` keeps for its layout; no GPU had run these when they were written,
+# so the list spans the layouts rather than being tuned). Forward: ROWS x BLOCK_W x BLOCK_C float32 accumulators, 2048-8192 (16 to 64
 # registers a thread at 4 warps); wide BLOCK_W suits NCHW maps (columns contiguous), wide BLOCK_C
 # channels_last ones. Weight gradient: the segment width and warps; BLOCK_C stays 32 (the row
 # splits and their partial sums are sized by it).
@@ -163,9 +167,40 @@ def _weight_grad_configs() -> list[triton.Config]:
     return [triton.Config({"BLOCK_W": block_w}, num_warps=warps) for block_w, warps in WEIGHT_GRAD_TILES]
 
 
+def forward_tiles_for(configs: list[triton.Config], named_args: dict, **_) -> list[triton.Config]:
+    """The forward tiles worth timing for a map (the autotuner's `early_config_prune`): those whose
+    block along the map's contiguous dimension (channels in channels_last, columns in NCHW) is at
+    least that dimension rounded up to a power of two, or 32, whichever is smaller, and at most
+    twice it: a narrower block reads the contiguous rows in short pieces, a wider one leaves more
+    than half its lanes idle. Three or four of the six remain per map, which halves what the first
+    call of each shape compiles and times (every tile is a compilation per kernel size, dilation
+    and dtype: XT's and T's depthwise shapes make about a hundred)."""
+    if named_args["sx_c"] == 1:
+        extent, field = named_args["C"], "BLOCK_C"
+    elif named_args["sx_w"] == 1:
+        extent, field = named_args["W"], "BLOCK_W"
+    else:  # neither layout: nothing to say which tiles read well
+        return configs
+    span = triton.next_power_of_2(max(int(extent), 1))
+    kept = [c for c in configs if min(span, 32) <= c.kwargs[field] <= 2 * span]
+    return kept or configs
+
+
+def _quick_bench(kernel_call: Callable[[], object], quantiles: tuple[float, ...]) -> list[float]:
+    """The autotuner's timing of one tile, shorter than Triton's default (25 ms of warm-up and 100 ms
+    of repetitions a tile): enough to rank tiles whose times differ by more than a few percent, and
+    the first call of a model's hundred-odd shapes should take seconds, not minutes."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
 _LAYOUT_KEY = ["H", "W", "C", "K", "DILATION", "sx_c", "sx_w"]
-_forward_tuned = triton.autotune(_forward_configs(), key=_LAYOUT_KEY)(_depthwise_forward)
-_weight_grad_tuned = triton.autotune(_weight_grad_configs(), key=_LAYOUT_KEY)(_depthwise_weight_grad)
+# cache_results: the tiles chosen per shape are kept beside Triton's compiled kernels, so a later
+# process (the next benchmark, a resumed training run) does not time them again.
+_TUNING = {"key": _LAYOUT_KEY, "do_bench": _quick_bench, "cache_results": True}
+_forward_tuned = triton.autotune(
+    _forward_configs(), prune_configs_by={"early_config_prune": forward_tiles_for}, **_TUNING
+)(_depthwise_forward)
+_weight_grad_tuned = triton.autotune(_weight_grad_configs(), **_TUNING)(_depthwise_weight_grad)
 
 
 def aot_variants(width: int, kernel_size: int, channels: int) -> list[tuple[str, dict, int]]:

@@ -134,6 +134,67 @@ def test_kernels_compile_for_h100_without_spilling(kernels):
     assert max(c["registers"] for c in compiled) <= 128  # at least 4 programs of 4 warps per SM
 
 
+def test_the_autotuner_times_only_the_tiles_that_suit_the_maps_layout(kernels):
+    """The first call of a shape compiles and times every tile it keeps: in channels_last the block
+    of channels, in NCHW the block of columns, must cover the contiguous dimension (up to 32) and
+    waste no more than half its lanes; a map in neither layout keeps all of them."""
+    configs = kernels._forward_configs()
+
+    def kept(height, width, channels, layout):
+        x = torch.empty(2, channels, height, width, device="meta")
+        if layout == "nhwc":
+            x = x.contiguous(memory_format=torch.channels_last)
+        elif layout == "strided":
+            x = x.transpose(2, 3)
+        stride = dict(zip(("sx_b", "sx_c", "sx_h", "sx_w"), x.stride(), strict=True))
+        named = {"H": height, "W": width, "C": channels, **stride}
+        return [
+            tuple(c.kwargs[f] for f in ("ROWS", "BLOCK_W", "BLOCK_C"))
+            for c in kernels.forward_tiles_for(configs, named)
+        ]
+
+    assert kept(56, 56, 56, "nhwc") == [(8, 16, 32), (4, 8, 64), (8, 32, 32)]
+    assert kept(7, 7, 336, "nhwc") == [(8, 16, 32), (4, 8, 64), (8, 32, 32)]
+    assert kept(56, 56, 56, "nchw") == [(8, 32, 16), (4, 64, 8), (8, 32, 32)]
+    assert kept(14, 14, 256, "nchw") == [(8, 16, 32), (8, 32, 16), (16, 16, 16), (8, 32, 32)]
+    assert kept(7, 7, 336, "nchw") == [(8, 16, 32), (16, 16, 16), (4, 8, 64)]
+    assert len(kept(8, 9, 16, "strided")) == len(configs)
+    for height, width, channels in ((1, 1, 1), (3, 2, 4), (5, 300, 1000)):  # never none left
+        for layout in ("nchw", "nhwc"):
+            assert kept(height, width, channels, layout), (height, width, channels, layout)
+
+
+def test_the_tuned_launcher_times_the_kept_tiles_briefly_and_runs_the_fastest(kernels, monkeypatch):
+    """Triton's autotuner as the GPU runs it, in the interpreter: Triton's own timing needs a GPU
+    driver, so a stand-in clock (which ranks the tiles by their number of programs) takes its place."""
+    import triton
+    import triton.testing
+
+    timed = []
+
+    def stand_in(kernel_call, warmup, rep, quantiles):
+        timed.append((warmup, rep))
+        kernel_call()
+        return [float(len(timed))] * len(quantiles)  # the first tile timed is the fastest
+
+    monkeypatch.setattr(triton.testing, "do_bench", stand_in)
+    monkeypatch.setattr(kernels._forward_tuned, "cache", {})
+    x = torch.randn(2, 6, 9, 7)  # NCHW, 7 columns: three tiles kept
+    weight = torch.randn(6, 1, 3, 3)
+    out = torch.empty_like(x)
+    arguments = (x, weight, weight, out, 9, 7, 6, *x.stride(), *out.stride())
+
+    def grid(tiles):
+        return triton.cdiv(9, tiles["ROWS"]) * triton.cdiv(7, tiles["BLOCK_W"]), 2, triton.cdiv(6, tiles["BLOCK_C"])
+
+    kernels._forward_tuned[grid](*arguments, K=3, DILATION=1, HAS_BIAS=False)
+    assert timed == [(5, 20)] * 3
+    assert kernels._forward_tuned.best_config.kwargs == {"ROWS": 8, "BLOCK_W": 16, "BLOCK_C": 32}
+    assert torch.allclose(out, F.conv2d(x, weight, padding=1, groups=6), atol=1e-5)
+    assert kernels._forward_tuned.early_config_prune is kernels.forward_tiles_for
+    assert kernels._weight_grad_tuned._do_bench is kernels._quick_bench
+
+
 @pytest.mark.parametrize("setting", ["pytorch", "triton"])
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 def test_the_cuda_operator_and_its_gradients_match_conv2d(kernels, monkeypatch, setting, layout):
