@@ -165,8 +165,9 @@ def test_the_autotuner_times_only_the_tiles_that_suit_the_maps_layout(kernels):
 
 
 def test_the_tuned_launcher_times_the_kept_tiles_briefly_and_runs_the_fastest(kernels, monkeypatch):
-    """Triton's autotuner as the GPU runs it, in the interpreter: Triton's own timing needs a GPU
-    driver, so a stand-in clock (which ranks the tiles by their number of programs) takes its place."""
+    """Triton's autotuner as the GPU runs it (in the interpreter on a CPU, where Triton's own timing
+    has no driver): a stand-in clock, which ranks the tiles in the order they are timed, takes the
+    place of Triton's timing."""
     import triton
     import triton.testing
 
@@ -179,8 +180,9 @@ def test_the_tuned_launcher_times_the_kept_tiles_briefly_and_runs_the_fastest(ke
 
     monkeypatch.setattr(triton.testing, "do_bench", stand_in)
     monkeypatch.setattr(kernels._forward_tuned, "cache", {})
-    x = torch.randn(2, 6, 9, 7)  # NCHW, 7 columns: three tiles kept
-    weight = torch.randn(6, 1, 3, 3)
+    monkeypatch.setattr(kernels._forward_tuned, "cache_results", False)  # on a GPU: no stand-in times on disk
+    x = torch.randn(2, 6, 9, 7, device=DEVICE)  # NCHW, 7 columns: three tiles kept
+    weight = torch.randn(6, 1, 3, 3, device=DEVICE)
     out = torch.empty_like(x)
     arguments = (x, weight, weight, out, 9, 7, 6, *x.stride(), *out.stride())
 
