@@ -138,8 +138,8 @@ def _pow2_at_most(n: int, cap: int) -> int:
 
 # On a GPU Triton's autotuner picks the tiles per map shape and layout (the first call of each times
 # the configs `forward_tiles_for` keeps for its layout; no GPU had run these when they were written,
-# so the list spans the layouts rather than being tuned). Forward: ROWS x BLOCK_W x BLOCK_C float32 accumulators, 2048-8192 (16 to 64
-# registers a thread at 4 warps); wide BLOCK_W suits NCHW maps (columns contiguous), wide BLOCK_C
+# so the list spans the layouts rather than being tuned). Forward: ROWS x BLOCK_W x BLOCK_C float32
+# accumulators, 2048-8192 (16 to 64 registers a thread at 4 warps); wide BLOCK_W suits NCHW maps (columns contiguous), wide BLOCK_C
 # channels_last ones. Weight gradient: the segment width and warps; BLOCK_C stays 32 (the row
 # splits and their partial sums are sized by it).
 FORWARD_TILES = [(8, 16, 32, 4), (8, 32, 16, 4), (4, 64, 8, 4), (16, 16, 16, 4), (4, 8, 64, 4), (8, 32, 32, 8)]
@@ -174,7 +174,7 @@ def forward_tiles_for(configs: list[triton.Config], named_args: dict, **_) -> li
     twice it: a narrower block reads the contiguous rows in short pieces, a wider one leaves more
     than half its lanes idle. Three or four of the six remain per map, which halves what the first
     call of each shape compiles and times (every tile is a compilation per kernel size, dilation
-    and dtype: XT's and T's depthwise shapes make about a hundred)."""
+    and dtype, and a timing per map shape: XT and T have about 50 depthwise shapes)."""
     if named_args["sx_c"] == 1:
         extent, field = named_args["C"], "BLOCK_C"
     elif named_args["sx_w"] == 1:
@@ -189,7 +189,8 @@ def forward_tiles_for(configs: list[triton.Config], named_args: dict, **_) -> li
 def _quick_bench(kernel_call: Callable[[], object], quantiles: tuple[float, ...]) -> list[float]:
     """The autotuner's timing of one tile, shorter than Triton's default (25 ms of warm-up and 100 ms
     of repetitions a tile): enough to rank tiles whose times differ by more than a few percent, and
-    the first call of a model's hundred-odd shapes should take seconds, not minutes."""
+    a model's first call, which tunes the forward and the weight gradient of each of its shapes,
+    should take seconds, not minutes."""
     return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
 
 
