@@ -139,9 +139,9 @@ def _pow2_at_most(n: int, cap: int) -> int:
 # On a GPU Triton's autotuner picks the tiles per map shape and layout (the first call of each times
 # the configs `forward_tiles_for` keeps for its layout; no GPU had run these when they were written,
 # so the list spans the layouts rather than being tuned). Forward: ROWS x BLOCK_W x BLOCK_C float32
-# accumulators, 2048-8192 (16 to 64 registers a thread at 4 warps); wide BLOCK_W suits NCHW maps (columns contiguous), wide BLOCK_C
-# channels_last ones. Weight gradient: the segment width and warps; BLOCK_C stays 32 (the row
-# splits and their partial sums are sized by it).
+# accumulators, 2048-8192 (16 to 64 registers a thread at 4 warps); wide BLOCK_W suits NCHW maps
+# (columns contiguous), wide BLOCK_C channels_last ones. Weight gradient: the segment width and
+# warps; BLOCK_C stays 32 (the row splits and their partial sums are sized by it).
 FORWARD_TILES = [(8, 16, 32, 4), (8, 32, 16, 4), (4, 64, 8, 4), (16, 16, 16, 4), (4, 8, 64, 4), (8, 32, 32, 8)]
 WEIGHT_GRAD_TILES = [(64, 4), (32, 4), (128, 8)]
 WEIGHT_GRAD_BLOCK_C = 32
