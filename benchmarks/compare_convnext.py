@@ -63,6 +63,7 @@ from overlock.bench import BenchSettings, LiveMemory, PeakMemory, _sync, device_
 from overlock.builder import build, layers
 from overlock.builder.flops import count_flops
 from overlock.errors import OverlockError
+from overlock.kernels import depthwise
 
 TIMM_NAMES = {"convnext_tiny": "convnext_tiny", "resnet50": "resnet50", "swin_tiny": "swin_tiny_patch4_window7_224"}
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -278,6 +279,8 @@ def run(args) -> dict:
         "memory_method": memory.method,
         "memory_calls": MEMORY_CALLS,
         "results": table,
+        # on CUDA: per depthwise shape, whether cuDNN or overlock's Triton kernel ran, and their times
+        "depthwise_cuda": depthwise.cuda_choices() if device.type == "cuda" else [],
     }
 
 
@@ -296,6 +299,7 @@ def markdown(report: dict) -> str:
             f"Left out of {mode} (torch.compile failed): {', '.join(names)}."
             for mode, names in report.get("left_out", {}).items()
         ),
+        *depthwise_line(report.get("depthwise_cuda", [])),
         "",
         "| model | mode | GFLOPs/img | median s/batch | images/s | GFLOP/s | vs convnext_tiny | peak MiB/img "
         "| live MiB/img |",
@@ -310,6 +314,20 @@ def markdown(report: dict) -> str:
                 f"{r['gflops_per_s']:.2f} | {ratio:.2f}x | {peak} | {live} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def depthwise_line(choices: list[dict]) -> list[str]:
+    """How often overlock's Triton depthwise kernels beat cuDNN in the models' shapes (`depthwise.cuda_choices`)."""
+    if not choices:
+        return []
+    counts = {
+        operation: (sum(c["choice"] == "triton" for c in rows), len(rows))
+        for operation in ("conv", "weight_grad")
+        if (rows := [c for c in choices if c["operation"] == operation])
+    }
+    names = {"conv": "forward / input-gradient", "weight_grad": "weight-gradient"}
+    parts = [f"{won} of {total} {names[operation]} shapes" for operation, (won, total) in counts.items()]
+    return [f"Depthwise convolutions: overlock's Triton kernels beat cuDNN in {' and '.join(parts)} (timed per shape)."]
 
 
 def mib(value: float | None) -> str:

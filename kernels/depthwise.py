@@ -350,6 +350,7 @@ CUDA_BACKEND_VARIABLE = "OVERLOCK_DEPTHWISE_CUDA"
 CUDA_BACKENDS = ("measure", "pytorch", "triton")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _cuda_choices: dict[tuple, str] = {}
+_cuda_timings: dict[tuple, dict[str, float]] = {}  # the device ms each candidate took when it was chosen
 
 
 def cuda_backend_setting() -> str:
@@ -405,7 +406,32 @@ def _cuda_pick(key: tuple, candidates: dict[str, Callable[[], torch.Tensor]]) ->
                     stacklevel=2,
                 )
         choice = _cuda_choices[key] = min(times, key=times.__getitem__)
+        _cuda_timings[key] = times
     return candidates[choice]()
+
+
+def cuda_choices() -> list[dict]:
+    """What the timed dispatch chose in this process, one record per operation and shape ("conv":
+    the forward and the input gradient, which is a conv of the output gradient; "weight_grad"),
+    with the device milliseconds each candidate took: what a GPU benchmark records beside its
+    table, to say where the Triton kernels won."""
+    records = []
+    for key, choice in _cuda_choices.items():
+        operation, _, dtype, shape, layout, kernel_size, dilation, *bias = key
+        records.append(
+            {
+                "operation": operation,
+                "dtype": str(dtype).removeprefix("torch."),
+                "shape": list(shape),
+                "layout": layout,
+                "kernel_size": kernel_size,
+                "dilation": dilation,
+                **({"bias": bias[0]} if bias else {}),
+                "choice": choice,
+                "ms": _cuda_timings.get(key, {}),
+            }
+        )
+    return records
 
 
 def _cuda_key(operation: str, x: torch.Tensor, *shape: int) -> tuple:

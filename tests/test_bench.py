@@ -278,15 +278,9 @@ def test_compare_convnext_can_route_timm_products_as_overlock_routes_its_own(mon
     """`compare_convnext.py --timm-products onednn`: inside the wrapped step, F.linear goes to oneDNN
     where `layers.onednn_linear_applies` (tall enough), with F.linear's gradients, and to F.linear
     elsewhere; outside the step F.linear is PyTorch's own again."""
-    import importlib.util
-    from pathlib import Path
-
     from overlock.builder import layers
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_convnext.py"
-    spec = importlib.util.spec_from_file_location("compare_convnext", path)
-    compare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare)
+    compare = load_benchmark("compare_convnext")
     routed = []
     onednn = torch.ops.mkldnn._linear_pointwise
 
@@ -317,14 +311,40 @@ def test_compare_convnext_can_route_timm_products_as_overlock_routes_its_own(mon
         torch.testing.assert_close(a, b)
 
 
-LAYERS_AB = Path(__file__).resolve().parents[1] / "benchmarks" / "layers_ab.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+LAYERS_AB = BENCHMARKS / "layers_ab.py"
+
+
+def test_compare_convnext_says_where_the_triton_depthwise_kernels_beat_cudnn():
+    """A GPU report lists the timed choice per depthwise shape (`depthwise.cuda_choices`); the
+    table's header counts them. A CPU report, or one recorded before, has no such line."""
+    compare = load_benchmark("compare_convnext")
+    recorded = BENCHMARKS / "results" / "compare_convnext_nvidia-h100-80gb-hbm3_fp32.json"
+    report = json.loads(recorded.read_text())
+    assert "Depthwise" not in compare.markdown(report)
+    shape = {"dtype": "float32", "shape": [64, 56, 56, 56], "layout": "nchw", "kernel_size": 17, "dilation": 1}
+    report["depthwise_cuda"] = [
+        {"operation": "conv", **shape, "bias": False, "choice": "triton", "ms": {"pytorch": 2.0, "triton": 0.4}},
+        {"operation": "conv", **shape, "bias": True, "choice": "pytorch", "ms": {"pytorch": 0.3, "triton": 0.4}},
+        {"operation": "weight_grad", **shape, "choice": "triton", "ms": {"pytorch": 3.0, "triton": 1.0}},
+    ]
+    line = (
+        "Depthwise convolutions: overlock's Triton kernels beat cuDNN in 1 of 2 forward / input-gradient "
+        "shapes and 1 of 1 weight-gradient shapes (timed per shape)."
+    )
+    assert line in compare.markdown(report).splitlines()
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ as a module."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def load_layers_ab():
-    spec = importlib.util.spec_from_file_location("layers_ab", LAYERS_AB)
-    layers_ab = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(layers_ab)
-    return layers_ab
+    return load_benchmark("layers_ab")
 
 
 def test_layers_ab_variants_patch_attributes_that_exist():

@@ -245,6 +245,7 @@ class StandInClock:
 @pytest.fixture
 def clock(monkeypatch):
     monkeypatch.setattr(depthwise, "_cuda_choices", {})
+    monkeypatch.setattr(depthwise, "_cuda_timings", {})
     monkeypatch.delenv(depthwise.CUDA_BACKEND_VARIABLE, raising=False)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
 
@@ -265,6 +266,40 @@ def test_the_dispatcher_times_each_candidate_once_per_key_and_runs_the_fastest(c
     stand_in.times = {"pytorch": 0.1, "triton": 0.5}
     assert depthwise._cuda_pick(("conv", 0, 3), candidates) == "pytorch"  # another shape, its own choice
     assert depthwise._cuda_choices == {("conv", 0, 17): "triton", ("conv", 0, 3): "pytorch"}
+
+
+def test_the_dispatchers_choices_are_listed_with_their_times(clock):
+    """`cuda_choices()`: what a GPU benchmark records beside its table, one record per key."""
+    stand_in = clock({"pytorch": 2.0, "triton": 0.5})
+    x = torch.empty(8, 56, 56, 56).contiguous(memory_format=torch.channels_last)
+    candidates = {"pytorch": lambda: "pytorch", "triton": lambda: "triton"}
+    depthwise._cuda_pick(depthwise._cuda_key("conv", x, 17, 1, True), candidates)
+    stand_in.times = {"pytorch": 0.1, "triton": 0.5}
+    depthwise._cuda_pick(depthwise._cuda_key("weight_grad", x.to(torch.bfloat16), 3, 4), candidates)
+    depthwise._cuda_pick(depthwise._cuda_key("conv", x, 5, 1, False), {"pytorch": lambda: "pytorch"})  # no choice
+    assert depthwise.cuda_choices() == [
+        {
+            "operation": "conv",
+            "dtype": "float32",
+            "shape": [8, 56, 56, 56],
+            "layout": "nhwc",
+            "kernel_size": 17,
+            "dilation": 1,
+            "bias": True,
+            "choice": "triton",
+            "ms": {"pytorch": 2.0, "triton": 0.5},
+        },
+        {
+            "operation": "weight_grad",
+            "dtype": "bfloat16",
+            "shape": [8, 56, 56, 56],
+            "layout": "nhwc",
+            "kernel_size": 3,
+            "dilation": 4,
+            "choice": "pytorch",
+            "ms": {"pytorch": 0.1, "triton": 0.5},
+        },
+    ]
 
 
 def test_the_setting_skips_the_timing_and_a_bad_one_is_named(clock, monkeypatch):
