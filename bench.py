@@ -6,7 +6,9 @@ on measured time too. Everything here works on any `nn.Module` that maps an imag
 (or to the dict/list the OverLoCK forward returns), so benchmarks can run timm models through it.
 
 Timing: `warmup` untimed calls, then up to `reps` timed calls (stopping early once `budget_s` is
-spent, after at least three); median and spread (min, max, interquartile range) per call.
+spent, after at least three); median and spread (min, max, interquartile range) per call. The
+first call is timed on its own (`first_call_s`): it compiles what later calls run (torch.compile;
+on a GPU the Triton kernels and their tuning per shape), which can take a minute.
 
 Peak memory (`PeakMemory`): CUDA allocator statistics, or on Linux CPUs the resident-set
 high-water mark, reset before the call (glibc malloc_trim, then 5 into /proc/self/clear_refs) and
@@ -102,6 +104,9 @@ class BenchResult:
     profile: dict | None = field(default=None)
     # On the CPU: whether overlock's compiled C kernels ran, or PyTorch's composition and why (kernels.native).
     cpu_kernels: str | None = None
+    # The first (untimed) call: it compiles what runs later (torch.compile, the Triton kernels and
+    # their tuning per shape on a GPU, cuDNN's algorithm choice), which can take a minute.
+    first_call_s: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -396,7 +401,11 @@ def bench(model: nn.Module, settings: BenchSettings, name: str = "", num_classes
     with threads(settings.threads) as count:
         model = prepare(model, settings)
         step = make_step(model, settings, num_classes)
-        for _ in range(max(1, settings.warmup)):
+        started = time.perf_counter()
+        warm_up(step, settings)
+        _sync(device)
+        first_call = time.perf_counter() - started
+        for _ in range(max(1, settings.warmup) - 1):
             warm_up(step, settings)
         times = timed(step, device, settings.reps, settings.budget_s)
         memory = PeakMemory(device)
@@ -418,6 +427,7 @@ def bench(model: nn.Module, settings: BenchSettings, name: str = "", num_classes
         live_memory_mib=live,
         profile=profile,
         cpu_kernels=native.summary() if device.type == "cpu" else None,
+        first_call_s=first_call,
         **stats,
     )
 
@@ -592,6 +602,12 @@ def profile_step(
     }
 
 
+# `render` says how long the first call took where it took this many times a timed call, and at
+# least this many seconds (a first call always does some one-time work: below that, none worth a line).
+FIRST_CALL_NOTE = 3
+FIRST_CALL_NOTE_S = 1.0
+
+
 def render(result: BenchResult) -> list:
     """Rich renderables of a result: the timing summary, and with a profile its total and the three breakdowns."""
     from rich.table import Table
@@ -627,6 +643,14 @@ def render(result: BenchResult) -> list:
             )
         summary.caption_justify = "left"
     tables = [summary]
+    worth_a_line = max(FIRST_CALL_NOTE * result.median_s, FIRST_CALL_NOTE_S)
+    if result.first_call_s is not None and result.first_call_s > worth_a_line:
+        tables.append(
+            Text(
+                f"first call: {result.first_call_s:,.1f} s (one-time work: compiling and tuning for these "
+                "shapes; not in the timings)"
+            )
+        )
     if not result.profile:
         return tables
     profile = result.profile

@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from overlock.bench import BenchSettings, LiveMemory, attribute, bench, module_scopes, profile_step, spread
+from overlock.bench import BenchSettings, LiveMemory, attribute, bench, module_scopes, profile_step, render, spread
 from overlock.builder import build
 from overlock.builder.layers import ConvMLP, hooked, observer
 from overlock.cli import app
@@ -96,6 +97,32 @@ def test_profile_attributes_time_to_every_block_part_forward_and_backward():
     # ContMix's operator: the autograd function around the C kernels that form the logits, or the custom op
     assert any(op.startswith(("ContMixFromQueries", "overlock::contmix")) for op in profile["operators"])
     assert sum(t["forward"] + t["backward"] for t in subnets.values()) <= profile["total_s"] + 1e-9
+
+
+def test_a_slow_first_call_is_reported_apart_from_the_timings():
+    """The first call compiles (torch.compile; on a GPU the Triton kernels and their tuning per
+    shape), which can take a minute: it is timed on its own, kept out of the timings and said."""
+
+    class FirstCallCompiles(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear, self.calls = nn.Linear(3, 10), 0
+
+        def forward(self, x):
+            self.calls += 1
+            if self.calls == 1:
+                time.sleep(1.2)
+            return self.linear(x.mean(dim=(2, 3)))
+
+    settings = BenchSettings(batch_size=2, img_size=8, threads=1, reps=3)
+    result = bench(FirstCallCompiles(), settings, num_classes=10)
+    assert result.first_call_s >= 1.2 and result.max_s < 1.0
+    lines = [str(item) for item in render(result)]
+    assert any(re.fullmatch(r"first call: 1\.\d s \(one-time work: .*; not in the timings\)", line) for line in lines)
+    quick = bench(nn.Sequential(nn.Flatten(), nn.Linear(192, 10)), settings, num_classes=10)
+    for first in (quick.median_s, 0.9):  # like the others, or under a second: nothing to say
+        quick.first_call_s = first
+        assert not any(str(item).startswith("first call") for item in render(quick))
 
 
 def test_profile_reports_its_median_call_not_one_that_ran_slow():
