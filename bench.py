@@ -540,11 +540,12 @@ def _part_key(name: str, module: nn.Module) -> str:
 PROFILE_CALLS = 3
 
 
-def _profile_call(model: nn.Module, step: Callable[[], object], device: torch.device | None) -> tuple[dict, dict]:
+def _profile_call(
+    model: nn.Module, step: Callable[[], object], device: torch.device | None, on_gpu: bool
+) -> tuple[dict, dict]:
     """`attribute` of one profiled call of `step`, in a profiler session of its own."""
     from torch.profiler import ProfilerActivity, profile
 
-    on_gpu = device is not None and device.type == "cuda"
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]
     with module_scopes(model), profile(activities=activities) as prof:
         step()
@@ -562,7 +563,7 @@ def profile_step(
     on_gpu = device is not None and device.type == "cuda"
     profiled = []
     for _ in range(max(1, calls)):
-        per_module, per_op = _profile_call(model, step, device)
+        per_module, per_op = _profile_call(model, step, device, on_gpu)
         total = sum(t["forward"] + t["backward"] for t in per_module.values())
         profiled.append((total, per_module, per_op))
     totals = [total for total, _, _ in profiled]

@@ -370,16 +370,12 @@ def load_benchmark(name: str):
     return module
 
 
-def load_layers_ab():
-    return load_benchmark("layers_ab")
-
-
 def test_layers_ab_variants_patch_attributes_that_exist():
     """benchmarks/layers_ab.py puts old formulations back by replacing attributes of the library:
     each one it names must still exist (a renamed helper would otherwise fail only when run), and
     the variant of round 15 gives back what that round's code kept (more maps alive after a
     training forward, the same output)."""
-    layers_ab = load_layers_ab()
+    layers_ab = load_benchmark("layers_ab")
     missing = [
         (name, attr)
         for name, patches in layers_ab.OLD.items()
@@ -411,7 +407,7 @@ def test_layers_ab_half_batch_mlp_computes_what_the_mlp_does():
     """The round-16 alternative that layers_ab measures (the MLP of a large map on two half
     batches) must compute the same training step, or its memory would not be comparable: the same
     outputs and gradients (float rounding aside), and it really splits pico's 32x32 maps."""
-    layers_ab = load_layers_ab()
+    layers_ab = load_benchmark("layers_ab")
     torch.manual_seed(0)
     model = build("pico").train()
     x = torch.randn(4, 3, 128, 128)
